@@ -1,0 +1,184 @@
+"""The one exception tree of gatewaykit.
+
+```
+GatewayKitError
+├── ConfigurationError (ValueError)   bad configuration or argument, raised where it was given
+│   ├── InvalidAmountError            negative, NaN, infinite or float money
+│   ├── InvalidScopeError             a budget scope that is not ``kind:id``
+│   └── InvalidLedgerURLError         an ``open_ledger`` URL it cannot open
+├── LedgerError                       the budget store refused or failed
+│   ├── BudgetExceeded                a reserve would pass a budget's limit
+│   ├── HoldConflictError             a hold id replayed with other parameters
+│   ├── HoldNotFoundError             an operation on a hold id the store never saw
+│   ├── HoldClosedError               extend of a hold that is no longer live
+│   ├── LedgerUnavailableError        the store cannot be reached (→ 503)
+│   └── SchemaError                   a database of an unknown version or not ours
+├── SettlementMissingError (LookupError)  get_settlement() without GatewayMiddleware
+├── ModelNotPricedError               no price for a model under the ``reject`` policy
+└── RequestRejected                   a request refused on the wire (status + error kind)
+```
+
+``RequestRejected`` carries everything needed to render the error in the endpoint's own
+envelope (see :mod:`gatewaykit.envelopes`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
+
+__all__ = [
+    "BudgetExceeded",
+    "ConfigurationError",
+    "ErrorKind",
+    "GatewayKitError",
+    "HoldClosedError",
+    "HoldConflictError",
+    "HoldNotFoundError",
+    "InvalidAmountError",
+    "InvalidLedgerURLError",
+    "InvalidScopeError",
+    "LedgerError",
+    "LedgerUnavailableError",
+    "ModelNotPricedError",
+    "RequestRejected",
+    "SchemaError",
+    "SettlementMissingError",
+]
+
+
+class GatewayKitError(Exception):
+    """Root of every error gatewaykit raises on purpose."""
+
+
+class ConfigurationError(GatewayKitError, ValueError):
+    """A configuration value or argument is invalid; the message says how to fix it."""
+
+
+class InvalidAmountError(ConfigurationError):
+    """Money must be a finite, non-negative ``Decimal``, ``int`` or decimal string."""
+
+
+class InvalidScopeError(ConfigurationError):
+    """A budget scope must look like ``kind:id`` (for example ``user:alice``)."""
+
+
+class InvalidLedgerURLError(ConfigurationError):
+    """``open_ledger`` was given a URL it does not understand."""
+
+
+class LedgerError(GatewayKitError):
+    """The budget ledger refused an operation or could not perform it."""
+
+
+class BudgetExceeded(LedgerError):
+    """A reserve would take a budget past its limit; nothing was held on any scope."""
+
+    def __init__(
+        self,
+        *,
+        scope: str,
+        limit: Decimal,
+        spent: Decimal,
+        held: Decimal,
+        requested: Decimal,
+        resets_at: datetime | None,
+    ) -> None:
+        self.scope = scope
+        self.limit = limit
+        self.spent = spent
+        self.held = held
+        self.requested = requested
+        self.resets_at = resets_at
+        super().__init__(
+            f"budget {scope} exceeded: limit ${limit}, spent ${spent}, held ${held}, "
+            f"remaining ${self.remaining}, requested ${requested}"
+            + (f", resets at {resets_at.isoformat()}" if resets_at else "")
+        )
+
+    @property
+    def remaining(self) -> Decimal:
+        """What is left in the window, never below zero for display."""
+        left = self.limit - self.spent - self.held
+        return left if left > 0 else Decimal(0)
+
+
+class HoldConflictError(LedgerError):
+    """The hold id was already used with different parameters; use a fresh id."""
+
+
+class HoldNotFoundError(LedgerError):
+    """The ledger has no hold with this id."""
+
+
+class HoldClosedError(LedgerError):
+    """The hold is no longer live (settled, released or expired), so it cannot be extended."""
+
+
+class LedgerUnavailableError(LedgerError):
+    """The budget store cannot be reached or failed; requests fail closed by default."""
+
+
+class SchemaError(LedgerError):
+    """The database is not a gatewaykit database, or was written by an unknown version."""
+
+
+class SettlementMissingError(GatewayKitError, LookupError):
+    """``get_settlement`` was called on a request that GatewayMiddleware did not handle."""
+
+
+class ModelNotPricedError(GatewayKitError):
+    """The model has no price and the unpriced-model policy is ``reject``."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        super().__init__(
+            f"model {model!r} has no price; add it to the PriceTable or choose another "
+            "unpriced-model policy"
+        )
+
+
+class ErrorKind(enum.Enum):
+    """What went wrong, independent of the wire format; maps to status and envelope type."""
+
+    AUTHENTICATION = "authentication"
+    PERMISSION = "permission"
+    BUDGET = "budget"
+    RATE_LIMIT = "rate_limit"
+    INVALID_REQUEST = "invalid_request"
+    TOO_LARGE = "too_large"
+    NOT_FOUND = "not_found"
+    NOT_PRICED = "not_priced"
+    UNAVAILABLE = "unavailable"
+    UPSTREAM_UNREACHABLE = "upstream_unreachable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_AUTH = "upstream_auth"
+
+
+class RequestRejected(GatewayKitError):
+    """A request is refused before (or instead of) reaching the provider.
+
+    ``details`` is machine-readable extra data merged into the error object (for a budget
+    denial: scope, limit, spent, held, remaining, resets_at). ``headers`` are added to the
+    response (``Retry-After``, rate-limit headers).
+    """
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> None:
+        from gatewaykit.envelopes import default_status
+
+        self.kind = kind
+        self.message = message
+        self.status = status if status is not None else default_status(kind)
+        self.headers = dict(headers or {})
+        self.details = dict(details or {})
+        super().__init__(message)

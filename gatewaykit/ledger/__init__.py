@@ -1,0 +1,25 @@
+"""Budget ledgers: the protocol, its value types, and ``open_ledger(url)``."""
+
+from __future__ import annotations
+
+from gatewaykit.ledger.base import (
+    ApiKeyRecord,
+    BudgetStatus,
+    Hold,
+    HoldState,
+    Ledger,
+    Period,
+    UsageRecord,
+)
+from gatewaykit.ledger.url import open_ledger
+
+__all__ = [
+    "ApiKeyRecord",
+    "BudgetStatus",
+    "Hold",
+    "HoldState",
+    "Ledger",
+    "Period",
+    "UsageRecord",
+    "open_ledger",
+]

@@ -1,0 +1,310 @@
+"""The ledger contract: value types and the ``Ledger`` protocol every backend implements.
+
+Semantics (DESIGN §3), shared by every backend and checked by one conformance suite:
+
+* Money is ``Decimal`` USD here and integer nano-USD in storage; a float is refused.
+* A budget is a scope string ``kind:id`` with a limit (``None`` = unlimited, spend is
+  still counted) and a :class:`Period`. Counters are kept per period window, keyed by
+  the window's start, so nothing ever has to be reset.
+* ``reserve`` holds an amount against *all* its scopes or none. A scope without a budget
+  is counted but never refuses. A refusal raises :class:`~gatewaykit.errors.BudgetExceeded`
+  and stores nothing (a replay of a refused id is evaluated afresh).
+* A hold is ``held`` until exactly one terminal transition: ``settled`` (charge the actual
+  cost; a partial charge releases the rest, an overrun is charged and recorded),
+  ``released`` (refund), or ``expired`` (its TTL passed). A settle of an expired hold is
+  recorded as a late charge; a release of an unknown id leaves a tombstone.
+* Every operation is idempotent by hold id; the same id with other parameters raises
+  :class:`~gatewaykit.errors.HoldConflictError`.
+* Time is the store's clock, never the caller's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Literal, Protocol, runtime_checkable
+
+from gatewaykit.errors import ConfigurationError, InvalidScopeError
+
+__all__ = [
+    "ApiKeyRecord",
+    "BudgetStatus",
+    "Hold",
+    "HoldState",
+    "Ledger",
+    "Period",
+    "UsageRecord",
+    "validate_hold_id",
+    "validate_scopes",
+    "validate_ttl",
+]
+
+_SCOPE = re.compile(r"^[a-z][a-z0-9_.-]{0,31}:[^\s]{1,200}$")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def validate_scopes(scopes: Sequence[str]) -> tuple[str, ...]:
+    """Check scopes are ``kind:id`` strings; return them sorted and de-duplicated."""
+    if isinstance(scopes, str):
+        raise InvalidScopeError(f"scopes must be a list of strings, not the string {scopes!r}")
+    if not scopes:
+        raise InvalidScopeError("a hold needs at least one scope, e.g. ['user:alice']")
+    for scope in scopes:
+        if not isinstance(scope, str) or not _SCOPE.match(scope):
+            raise InvalidScopeError(
+                f"invalid scope {scope!r}: expected 'kind:id' such as 'user:alice' or 'key:k_1' "
+                "(lower-case kind, no whitespace)"
+            )
+    return tuple(sorted(set(scopes)))
+
+
+def validate_hold_id(hold_id: str) -> str:
+    if not isinstance(hold_id, str) or not hold_id or len(hold_id) > 255 or hold_id.isspace():
+        raise ConfigurationError(f"a hold id must be a non-empty string of ≤255 chars: {hold_id!r}")
+    return hold_id
+
+
+def validate_ttl(ttl: float) -> float:
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not (0 < ttl < 10**8):
+        raise ConfigurationError(f"a hold TTL must be a positive number of seconds, got {ttl!r}")
+    return float(ttl)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Period:
+    """How a budget's spend is windowed: never, every N seconds, or calendar day/week/month.
+
+    Rolling periods are consecutive windows of ``seconds`` aligned to the Unix epoch;
+    calendar periods are UTC (weeks start on Monday).
+    """
+
+    kind: Literal["none", "rolling", "day", "week", "month"] = "none"
+    seconds: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "rolling":
+            if (
+                isinstance(self.seconds, bool)
+                or not isinstance(self.seconds, int)
+                or self.seconds <= 0
+            ):
+                raise ConfigurationError("a rolling period needs a positive number of seconds")
+        elif self.kind in ("none", "day", "week", "month"):
+            if self.seconds is not None:
+                raise ConfigurationError(f"a {self.kind} period takes no seconds")
+        else:
+            raise ConfigurationError(f"unknown period kind {self.kind!r}")
+
+    @classmethod
+    def parse(cls, text: str | int | None) -> Period:
+        """``None``/``"none"``, ``"day"``, ``"week"``, ``"month"``, or a number of seconds."""
+        if text is None:
+            return cls()
+        if isinstance(text, int) and not isinstance(text, bool):
+            return cls("rolling", text)
+        value = str(text).strip().lower()
+        if value in ("none", "day", "week", "month"):
+            return cls(value)  # type: ignore[arg-type]
+        if value.isdigit() and int(value) > 0:
+            return cls("rolling", int(value))
+        raise ConfigurationError(
+            f"invalid period {text!r}: use none, day, week, month or a number of seconds"
+        )
+
+    def __str__(self) -> str:
+        return str(self.seconds) if self.kind == "rolling" else self.kind
+
+    def window(self, now: datetime) -> tuple[datetime, datetime | None]:
+        """The window containing ``now``: (start, end); ``end`` is None when it never ends."""
+        now = now.astimezone(timezone.utc)
+        if self.kind == "none":
+            return _EPOCH, None
+        if self.kind == "rolling":
+            assert self.seconds is not None
+            elapsed = int((now - _EPOCH).total_seconds())
+            start = _EPOCH + timedelta(seconds=elapsed - elapsed % self.seconds)
+            return start, start + timedelta(seconds=self.seconds)
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        if self.kind == "day":
+            return day, day + timedelta(days=1)
+        if self.kind == "week":
+            start = day - timedelta(days=day.weekday())
+            return start, start + timedelta(days=7)
+        start = day.replace(day=1)
+        end = (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else start.replace(month=start.month + 1)
+        )
+        return start, end
+
+
+class HoldState(str, enum.Enum):
+    HELD = "held"
+    SETTLED = "settled"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hold:
+    """A hold as stored. ``charged`` is what was settled (0 unless ``settled``).
+
+    ``overrun`` is how much ``charged`` exceeded ``amount``; ``late`` marks a settle that
+    arrived after the hold expired. A tombstone (release before reserve) is a ``released``
+    hold with no scopes and amount 0.
+    """
+
+    hold_id: str
+    scopes: tuple[str, ...]
+    amount: Decimal
+    state: HoldState
+    created_at: datetime
+    expires_at: datetime
+    charged: Decimal = Decimal(0)
+    overrun: Decimal = Decimal(0)
+    late: bool = False
+
+    @property
+    def live(self) -> bool:
+        return self.state is HoldState.HELD
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    """A scope's budget in its current window. ``remaining`` is None when unlimited."""
+
+    scope: str
+    limit: Decimal | None
+    period: Period
+    spent: Decimal
+    held: Decimal
+    window_start: datetime
+    resets_at: datetime | None
+
+    @property
+    def remaining(self) -> Decimal | None:
+        if self.limit is None:
+            return None
+        return self.limit - self.spent - self.held
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One request's usage, written in the same transaction as its settle."""
+
+    request_id: str
+    model: str
+    endpoint: str
+    status: str  # success | error | no_usage | incomplete
+    usage_source: str  # provider | partial | estimated | none
+    key_id: str | None = None
+    user: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost: Decimal = Decimal(0)
+    error: str | None = None
+    latency_ms: int | None = None
+    created_at: datetime | None = None  # set by the store
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """A stored API key: never the key itself, only its SHA-256 hash and display prefix."""
+
+    key_id: str
+    key_hash: str = dataclasses.field(repr=False)
+    prefix: str
+    user: str
+    team: str | None = None
+    revoked: bool = False
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
+    allowed_models: tuple[str, ...] | None = None
+    rpm: int | None = None
+
+
+@runtime_checkable
+class Ledger(Protocol):
+    """The budget store. Every method is a coroutine; every write is atomic and durable.
+
+    Backends are async context managers (``async with open_ledger(url) as ledger``) and
+    also offer ``open()`` / ``aclose()`` for hosts that manage lifetimes by hand.
+    """
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    # -- budgets -----------------------------------------------------------------------
+    async def set_budget(
+        self, scope: str, *, limit: Decimal | None, period: Period = ...
+    ) -> BudgetStatus:
+        """Create or change a budget; it applies to the current window at once."""
+
+    async def delete_budget(self, scope: str) -> bool:
+        """Remove a budget's limit; counters and history stay. False if there was none."""
+
+    async def status(self, scope: str) -> BudgetStatus | None:
+        """The scope's current window, or None if the ledger never saw the scope."""
+
+    async def budgets(self) -> list[BudgetStatus]:
+        """Every known scope's current window, sorted by scope."""
+
+    # -- holds -------------------------------------------------------------------------
+    async def reserve(
+        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+    ) -> Hold:
+        """Hold ``amount`` on every scope or none; raises BudgetExceeded on refusal.
+
+        A replay returns the stored hold (whatever its state since); a tombstone left by
+        an earlier release is returned as is, so the caller must check ``hold.live``.
+        Expired holds on the same scopes are reclaimed first.
+        """
+
+    async def settle(
+        self, hold_id: str, actual: Decimal, *, record: UsageRecord | None = None
+    ) -> Hold:
+        """Charge ``actual`` and release the rest; write ``record`` in the same transaction.
+
+        A settle after expiry is charged as a late charge. A replay returns the stored
+        hold; a different ``actual`` for a settled hold raises HoldConflictError; a settle
+        of a released hold returns it unchanged. Unknown ids raise HoldNotFoundError.
+        """
+
+    async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> Hold:
+        """Refund a live hold; a release of an unknown id leaves a tombstone."""
+
+    async def extend(self, hold_id: str, *, ttl: float) -> Hold:
+        """Move a live hold's expiry to now + ``ttl`` (never earlier than it was)."""
+
+    async def get_hold(self, hold_id: str) -> Hold | None: ...
+
+    async def holds(self, *, live_only: bool = True, limit: int = 1000) -> list[Hold]:
+        """Holds, newest first."""
+
+    async def sweep(self) -> int:
+        """Expire every live hold past its TTL; return how many."""
+
+    async def check(self) -> list[str]:
+        """Invariant violations (I1–I11), each a readable sentence; empty when healthy."""
+
+    # -- usage records -----------------------------------------------------------------
+    async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
+        """Usage records, newest first."""
+
+    # -- API keys ------------------------------------------------------------------------
+    async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord: ...
+
+    async def find_key(self, key_hash: str) -> ApiKeyRecord | None: ...
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Revoke; False if no such key."""
+
+    async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]: ...

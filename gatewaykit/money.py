@@ -1,0 +1,71 @@
+"""Exact money: ``Decimal`` USD at the API, integer nano-USD in storage.
+
+A float never reaches a money path: it is rejected here, at the boundary. Conversion to
+nano-USD rounds up (ceiling), once, so a budget is never under-charged.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_CEILING, Decimal, InvalidOperation, localcontext
+
+from gatewaykit.errors import InvalidAmountError
+
+__all__ = ["NANOS_PER_USD", "from_nanos", "parse_usd", "to_nanos"]
+
+NANOS_PER_USD = 10**9
+#: Largest amount a signed 64-bit nano-USD counter holds (about $9.2 billion).
+MAX_NANOS = 2**63 - 1
+
+
+def parse_usd(value: object) -> Decimal:
+    """Validate an amount of USD: a finite, non-negative ``Decimal``, ``int`` or string.
+
+    Floats are refused because they cannot represent most cents exactly.
+    """
+    if isinstance(value, (bool, float)):
+        raise InvalidAmountError(
+            f"money must be a Decimal, int or decimal string, not {type(value).__name__} "
+            f"({value!r}); write Decimal('{value}') instead"
+        )
+    if isinstance(value, Decimal):
+        amount = value
+    elif isinstance(value, int):
+        amount = Decimal(value)
+    elif isinstance(value, str):
+        try:
+            amount = Decimal(value.strip())
+        except InvalidOperation:
+            raise InvalidAmountError(
+                f"{value!r} is not a decimal amount of USD (e.g. '12.50')"
+            ) from None
+    else:
+        raise InvalidAmountError(
+            f"money must be a Decimal, int or decimal string, not {type(value).__name__}"
+        )
+    if not amount.is_finite():
+        raise InvalidAmountError(f"money must be finite, got {amount}")
+    if amount < 0:
+        raise InvalidAmountError(f"money must not be negative, got {amount}")
+    return amount
+
+
+def to_nanos(value: object) -> int:
+    """USD → integer nano-USD, rounded up to the next nano-USD."""
+    amount = parse_usd(value)
+    with localcontext() as ctx:
+        ctx.prec = 60
+        nanos = int((amount * NANOS_PER_USD).to_integral_value(rounding=ROUND_CEILING))
+    if nanos > MAX_NANOS:
+        raise InvalidAmountError(f"amount {amount} USD is larger than a ledger can hold")
+    return nanos
+
+
+def from_nanos(nanos: int) -> Decimal:
+    """Integer nano-USD → ``Decimal`` USD, exact and normalised (no trailing zeros)."""
+    if isinstance(nanos, bool) or not isinstance(nanos, int):
+        raise InvalidAmountError(f"nano-USD must be an int, got {type(nanos).__name__}")
+    with localcontext() as ctx:
+        ctx.prec = 60
+        value = Decimal(nanos).scaleb(-9)
+        # Normalise without switching to exponent notation for whole numbers.
+        return value.quantize(Decimal(1)) if value == value.to_integral() else value.normalize()

@@ -1,0 +1,207 @@
+"""Model prices and the cost of a request, exact to the nano-USD.
+
+Prices are USD per million tokens. A cost is computed exactly in ``Decimal`` and rounded
+up to the next nano-USD once (:func:`gatewaykit.money.to_nanos`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator, Mapping
+from decimal import Decimal, localcontext
+from pathlib import Path
+from typing import Any
+
+from gatewaykit.errors import ConfigurationError, InvalidAmountError
+from gatewaykit.money import from_nanos, parse_usd, to_nanos
+from gatewaykit.usage import Usage
+
+__all__ = [
+    "DEFAULT_PRICES",
+    "DEFAULT_PRICES_DATE",
+    "ModelPrice",
+    "PriceTable",
+    "estimate_cost",
+    "estimate_prompt_tokens",
+]
+
+_MTOK = Decimal(1_000_000)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """USD per million tokens. Cache prices default to the input price when not given."""
+
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    cache_read_per_mtok: Decimal | None = None
+    cache_write_per_mtok: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            try:
+                object.__setattr__(self, field.name, parse_usd(value))
+            except InvalidAmountError as exc:
+                raise InvalidAmountError(f"ModelPrice.{field.name}: {exc}") from None
+
+    @property
+    def cache_read(self) -> Decimal:
+        return self.input_per_mtok if self.cache_read_per_mtok is None else self.cache_read_per_mtok
+
+    @property
+    def cache_write(self) -> Decimal:
+        if self.cache_write_per_mtok is None:
+            return self.input_per_mtok
+        return self.cache_write_per_mtok
+
+    @property
+    def dearest_input(self) -> Decimal:
+        """The highest rate a prompt token could be billed at (for estimates)."""
+        return max(self.input_per_mtok, self.cache_read, self.cache_write)
+
+    def cost(self, usage: Usage) -> Decimal:
+        """Exact cost of ``usage`` in USD, rounded up to the nano-USD."""
+        return from_nanos(self.cost_nanos(usage))
+
+    def cost_nanos(self, usage: Usage) -> int:
+        """Exact cost of ``usage`` in nano-USD, rounded up once."""
+        with localcontext() as ctx:
+            ctx.prec = 80
+            total = (
+                usage.input_tokens * self.input_per_mtok
+                + usage.output_tokens * self.output_per_mtok
+                + usage.cache_read_tokens * self.cache_read
+                + usage.cache_write_tokens * self.cache_write
+            ) / _MTOK
+        return to_nanos(total)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, model: str = "?") -> ModelPrice:
+        """Build from the price-file shape: ``{"input_per_mtok": "2.50", ...}``."""
+        known = {"input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok"}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigurationError(
+                f"price of {model!r}: unknown field(s) {sorted(unknown)}; expected {sorted(known)}"
+            )
+        missing = {"input_per_mtok", "output_per_mtok"} - set(data)
+        if missing:
+            raise ConfigurationError(f"price of {model!r}: missing {sorted(missing)}")
+        try:
+            return cls(**{k: parse_usd(v) for k, v in data.items()})
+        except InvalidAmountError as exc:
+            raise ConfigurationError(f"price of {model!r}: {exc}") from None
+
+
+class PriceTable(Mapping[str, ModelPrice]):
+    """Prices by model name as the client sends it; ``provider/model`` keys also match."""
+
+    def __init__(self, prices: Mapping[str, ModelPrice | Mapping[str, Any]] | None = None) -> None:
+        self._prices: dict[str, ModelPrice] = {}
+        for name, price in (prices or {}).items():
+            if not isinstance(name, str) or not name:
+                raise ConfigurationError(f"price table keys must be model names, got {name!r}")
+            self._prices[name] = (
+                price if isinstance(price, ModelPrice) else ModelPrice.from_json(price, model=name)
+            )
+
+    @classmethod
+    def from_dict(cls, prices: Mapping[str, ModelPrice | Mapping[str, Any]]) -> PriceTable:
+        return cls(prices)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PriceTable:
+        """Load the JSON price file format (DESIGN §8); prices are decimal strings."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read price file {path}: {exc.strerror}") from None
+        try:
+            data = json.loads(text, parse_float=Decimal)
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(f"price file {path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigurationError(f"price file {path} must hold a JSON object keyed by model")
+        for name, value in data.items():
+            if not isinstance(value, dict):
+                raise ConfigurationError(f"price file {path}: {name!r} must map to an object")
+        return cls(data)
+
+    @classmethod
+    def default(cls) -> PriceTable:
+        """A table of common models' list prices (see ``DEFAULT_PRICES_DATE``)."""
+        return cls(DEFAULT_PRICES)
+
+    def lookup(self, model: str, provider: str | None = None) -> ModelPrice | None:
+        """The price for ``model`` as sent, else ``provider/model``, else the bare name."""
+        if model in self._prices:
+            return self._prices[model]
+        if provider is not None and f"{provider}/{model}" in self._prices:
+            return self._prices[f"{provider}/{model}"]
+        if "/" in model:
+            return self._prices.get(model.split("/", 1)[1])
+        return None
+
+    def merged(self, other: Mapping[str, ModelPrice]) -> PriceTable:
+        """A new table with ``other``'s prices taking precedence."""
+        return PriceTable({**self._prices, **other})
+
+    def __getitem__(self, model: str) -> ModelPrice:
+        return self._prices[model]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._prices)
+
+    def __len__(self) -> int:
+        return len(self._prices)
+
+    def __repr__(self) -> str:
+        return f"PriceTable({len(self._prices)} models)"
+
+
+def estimate_prompt_tokens(chars: int) -> int:
+    """Prompt tokens ≈ ceil(chars / 4): cheap, deterministic, and errs high for English."""
+    return math.ceil(max(chars, 0) / 4)
+
+
+def estimate_cost(price: ModelPrice, *, prompt_tokens: int, max_output_tokens: int) -> Decimal:
+    """The amount to hold: every prompt token at the dearest input rate, plus max output."""
+    with localcontext() as ctx:
+        ctx.prec = 80
+        total = (
+            prompt_tokens * price.dearest_input + max_output_tokens * price.output_per_mtok
+        ) / _MTOK
+    return from_nanos(to_nanos(total))
+
+
+#: The date the default prices were read from the providers' public price pages.
+DEFAULT_PRICES_DATE = "2026-11-01"
+
+
+def _price(inp: str, out: str, cache_read: str, cache_write: str | None = None) -> ModelPrice:
+    return ModelPrice(
+        Decimal(inp),
+        Decimal(out),
+        Decimal(cache_read),
+        None if cache_write is None else Decimal(cache_write),
+    )
+
+
+DEFAULT_PRICES: dict[str, ModelPrice] = {
+    "gpt-4o": _price("2.50", "10.00", "1.25"),
+    "gpt-4o-mini": _price("0.15", "0.60", "0.075"),
+    "gpt-4.1": _price("2.00", "8.00", "0.50"),
+    "gpt-4.1-mini": _price("0.40", "1.60", "0.10"),
+    "gpt-4.1-nano": _price("0.10", "0.40", "0.025"),
+    "o3": _price("2.00", "8.00", "0.50"),
+    "o4-mini": _price("1.10", "4.40", "0.275"),
+    "claude-opus-4-1": _price("15.00", "75.00", "1.50", "18.75"),
+    "claude-sonnet-4-5": _price("3.00", "15.00", "0.30", "3.75"),
+    "claude-haiku-4-5": _price("1.00", "5.00", "0.10", "1.25"),
+    "claude-3-5-haiku-latest": _price("0.80", "4.00", "0.08", "1.00"),
+}

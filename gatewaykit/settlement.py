@@ -1,0 +1,188 @@
+"""The settlement: the one object a handler talks to about money.
+
+A settlement wraps one hold (standalone) or one correlation (platform) and moves through
+a small state machine (DESIGN §4)::
+
+    open ──on_first_chunk──▶ committed
+      │                         │
+      └──── on_success / on_error / on_no_usage / on_incomplete ────▶ finished (once)
+
+The first terminal hook wins; later calls return the first outcome. Terminal hooks run
+shielded from cancellation, so a client disconnect cannot interrupt the ledger write.
+Subclasses implement :meth:`Settlement._finish`; this base owns the state machine.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Mapping, MutableMapping
+from decimal import Decimal
+from typing import Any, Literal
+
+import anyio
+
+from gatewaykit.envelopes import WireFormat
+from gatewaykit.errors import SettlementMissingError
+from gatewaykit.upstream import Attempt
+from gatewaykit.usage import Usage
+
+__all__ = [
+    "SCOPE_KEY",
+    "GatewayContext",
+    "RequestEstimate",
+    "Settlement",
+    "SettlementOutcome",
+    "SettlementStatus",
+    "get_context",
+    "get_settlement",
+]
+
+#: The one key GatewayMiddleware writes into the ASGI scope.
+SCOPE_KEY = "gatewaykit"
+
+SettlementStatus = Literal["success", "error", "no_usage", "incomplete"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestEstimate:
+    """What the request was expected to cost when it was admitted."""
+
+    prompt_tokens: int
+    max_output_tokens: int
+    amount: Decimal  # USD held (0 when unbudgeted)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SettlementOutcome:
+    """How a request was settled. ``charged`` is 0 when the hold was refunded."""
+
+    status: SettlementStatus
+    charged: Decimal
+    usage: Usage | None
+    refunded: bool
+    error: str | None = None
+
+
+class Settlement(abc.ABC):
+    """State machine shared by every mode; see the module docstring."""
+
+    def __init__(self, *, request_id: str, estimate: RequestEstimate) -> None:
+        self.request_id = request_id
+        self.estimate = estimate
+        self.committed = False
+        self.upstream_contacted = False
+        self.output_chars = 0
+        self.partial_usage: Usage | None = None
+        self._outcome: SettlementOutcome | None = None
+        self._lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        state = "committed" if self.committed else "open"
+        if self._outcome is not None:
+            state = self._outcome.status
+        return f"<{type(self).__name__} {self.request_id} {state}>"
+
+    # -- observations (cheap, synchronous; used to estimate what was consumed) ----------
+    def note_upstream_contacted(self) -> None:
+        """The request left for the provider: from now on the prompt may be billed."""
+        self.upstream_contacted = True
+
+    def note_output(self, chars: int) -> None:
+        """``chars`` characters of generated output reached the client."""
+        self.output_chars += chars
+
+    def note_usage(self, usage: Usage) -> None:
+        """The provider reported (possibly partial) usage before the call ended."""
+        self.partial_usage = usage
+
+    @property
+    def outcome(self) -> SettlementOutcome | None:
+        return self._outcome
+
+    @property
+    def done(self) -> bool:
+        return self._outcome is not None
+
+    # -- hooks -----------------------------------------------------------------------
+    async def on_first_chunk(self) -> None:
+        """The first byte of the response is about to go out; errors are in-band after."""
+        self.upstream_contacted = True
+        self.committed = True
+
+    async def on_success(self, usage: Usage) -> SettlementOutcome:
+        return await self._terminal("success", usage, None)
+
+    async def on_error(
+        self, error: BaseException | str, usage: Usage | None = None
+    ) -> SettlementOutcome:
+        """Before commit nothing was delivered: refund. After: charge what was consumed."""
+        return await self._terminal("error", usage, _describe(error))
+
+    async def on_no_usage(self) -> SettlementOutcome:
+        return await self._terminal("no_usage", None, None)
+
+    async def on_incomplete(self, partial: Usage | None = None) -> SettlementOutcome:
+        return await self._terminal("incomplete", partial, None)
+
+    async def heartbeat(self) -> None:
+        """Keep the hold alive while a long response streams (no-op unless overridden)."""
+
+    async def _terminal(
+        self, status: SettlementStatus, usage: Usage | None, error: str | None
+    ) -> SettlementOutcome:
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                if self._outcome is None:
+                    self._outcome = await self._finish(status, usage, error)
+        assert self._outcome is not None
+        return self._outcome
+
+    @abc.abstractmethod
+    async def _finish(
+        self, status: SettlementStatus, usage: Usage | None, error: str | None
+    ) -> SettlementOutcome:
+        """Perform the terminal transition exactly once (already shielded and locked)."""
+
+
+def _describe(error: BaseException | str) -> str:
+    if isinstance(error, str):
+        return error
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+@dataclasses.dataclass(slots=True)
+class GatewayContext:
+    """What GatewayMiddleware learned about a gated request, stored in ``scope["gatewaykit"]``.
+
+    ``response_headers`` are added by the middleware to the response start message.
+    """
+
+    request_id: str
+    settlement: Settlement
+    format: WireFormat | None
+    model: str
+    stream: bool
+    body: Mapping[str, Any]
+    attempts: tuple[Attempt, ...] = ()
+    user_id: str | None = None
+    key_id: str | None = None
+    response_headers: MutableMapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def get_context(conn: Any) -> GatewayContext:
+    """The gateway context of a request (a Starlette ``Request``/``HTTPConnection`` or scope)."""
+    scope = conn if isinstance(conn, MutableMapping) else getattr(conn, "scope", None)
+    context = scope.get(SCOPE_KEY) if isinstance(scope, Mapping) else None
+    if not isinstance(context, GatewayContext):
+        raise SettlementMissingError(
+            "no gatewaykit settlement on this request: GatewayMiddleware did not handle it. "
+            "Add GatewayMiddleware to the app and list this path in its routes."
+        )
+    return context
+
+
+def get_settlement(conn: Any) -> Settlement:
+    """The settlement of a request; raises SettlementMissingError naming the middleware."""
+    return get_context(conn).settlement
