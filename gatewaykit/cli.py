@@ -1,0 +1,480 @@
+"""``gatewaykit``: the admin command line for a standalone ledger (DESIGN §8).
+
+Every command opens the ledger named by ``--db`` (default ``$GATEWAYKIT_DB``, else
+``sqlite:///gatewaykit.db``), does one thing, and closes it. Listings print a readable
+table, or JSON with ``--json`` (before or after the subcommand): money as decimal
+strings, times as ISO 8601 UTC.
+
+Exit codes: 0 success; 1 ``check`` found invariant violations; 2 a usage or connection
+error (bad URL, bad amount, unknown key id, unreachable or foreign database), reported
+as one line on stderr without a traceback.
+
+This module and the examples are the only places that read environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import click
+
+from gatewaykit import __version__
+from gatewaykit.errors import GatewayKitError
+from gatewaykit.keys import generate_key
+from gatewaykit.ledger.base import (
+    ApiKeyRecord,
+    BudgetStatus,
+    Hold,
+    Ledger,
+    Period,
+    UsageRecord,
+    validate_scopes,
+)
+from gatewaykit.ledger.url import open_ledger
+from gatewaykit.money import parse_usd
+
+__all__ = ["main"]
+
+DEFAULT_DB = "sqlite:///gatewaykit.db"
+
+T = TypeVar("T")
+
+
+class CliError(click.ClickException):
+    """A user's mistake or an unreachable store: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The file a ``sqlite:///path`` URL names (None for memory or other schemes)."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() != "sqlite" or rest in (":memory:", "/:memory:") or len(rest) < 2:
+        return None
+    return Path(rest[1:]) if rest.startswith("/") else None
+
+
+def _run(ctx: click.Context, action: Callable[[Ledger], Awaitable[T]], *, create: bool) -> T:
+    """Open the ledger, run ``action`` on it, close it; map errors to exit code 2.
+
+    Read-only commands refuse to create a SQLite file that does not exist, so a typo in
+    ``--db`` reports an error instead of listing an empty new database.
+    """
+    url: str = ctx.obj["db"]
+    path = _sqlite_path(url)
+    if not create and path is not None and not path.exists():
+        raise CliError(
+            f"no database at {path} (from --db {url}); create a key first, or pass "
+            "--db / set GATEWAYKIT_DB to an existing ledger"
+        )
+
+    async def main() -> T:
+        ledger = open_ledger(url)
+        await ledger.open()
+        try:
+            return await action(ledger)
+        finally:
+            await ledger.aclose()
+
+    try:
+        return anyio.run(main)
+    except GatewayKitError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot open the ledger at {_redact(url)}: {exc}") from None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(timezone.utc).isoformat()
+
+
+def _money(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _want_json(ctx: click.Context, flag: bool) -> bool:
+    return flag or bool(ctx.obj.get("json"))
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, empty: str) -> None:
+    if not rows:
+        click.echo(empty)
+        return
+    cells = [[("-" if cell is None else str(cell)) for cell in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _amount(text: str, *, what: str) -> Decimal:
+    try:
+        return parse_usd(text)
+    except GatewayKitError as exc:
+        raise click.BadParameter(str(exc), param_hint=what) from None
+
+
+def _period(text: str | None) -> Period | None:
+    if text is None:
+        return None
+    try:
+        return Period.parse(text)
+    except GatewayKitError as exc:
+        raise click.BadParameter(str(exc), param_hint="--period") from None
+
+
+def _scope(text: str, *, what: str = "SCOPE") -> str:
+    try:
+        return validate_scopes([text])[0]
+    except GatewayKitError as exc:
+        raise click.BadParameter(str(exc), param_hint=what) from None
+
+
+def _budget_json(status: BudgetStatus) -> dict[str, Any]:
+    return {
+        "scope": status.scope,
+        "limit": _money(status.limit),
+        "period": str(status.period),
+        "spent": _money(status.spent),
+        "held": _money(status.held),
+        "remaining": _money(status.remaining),
+        "resets_at": _iso(status.resets_at),
+    }
+
+
+def _hold_json(hold: Hold) -> dict[str, Any]:
+    return {
+        "hold_id": hold.hold_id,
+        "scopes": list(hold.scopes),
+        "amount": _money(hold.amount),
+        "state": hold.state.value,
+        "expires_at": _iso(hold.expires_at),
+    }
+
+
+def _usage_json(record: UsageRecord) -> dict[str, Any]:
+    return {
+        "request_id": record.request_id,
+        "key_id": record.key_id,
+        "user": record.user,
+        "model": record.model,
+        "endpoint": record.endpoint,
+        "input_tokens": record.input_tokens,
+        "output_tokens": record.output_tokens,
+        "cache_read_tokens": record.cache_read_tokens,
+        "cache_write_tokens": record.cache_write_tokens,
+        "cost": _money(record.cost),
+        "usage_source": record.usage_source,
+        "status": record.status,
+    }
+
+
+def _key_json(record: ApiKeyRecord) -> dict[str, Any]:
+    return {
+        "key_id": record.key_id,
+        "prefix": record.prefix,
+        "user": record.user,
+        "revoked": record.revoked,
+    }
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+PERIOD_HELP = "Budget window: none, day, week, month (UTC calendar) or a number of seconds."
+
+# -- the command tree --------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db",
+    envvar="GATEWAYKIT_DB",
+    default=DEFAULT_DB,
+    show_default=True,
+    metavar="URL",
+    help="Ledger URL: sqlite:///path.db or postgresql://user@host/db (env GATEWAYKIT_DB).",
+)
+@json_option
+@click.version_option(__version__, prog_name="gatewaykit")
+@click.pass_context
+def main(ctx: click.Context, db: str, as_json: bool) -> None:
+    """Administer a gatewaykit ledger: API keys, budgets, usage, holds."""
+    ctx.ensure_object(dict)
+    ctx.obj["db"] = db
+    ctx.obj["json"] = as_json
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.option("--user", required=True, help="The user the key belongs to.")
+@click.option("--budget", metavar="USD", help="Give the key its own budget (scope key:<key_id>).")
+@click.option("--period", metavar="PERIOD", help=PERIOD_HELP + "  [default: none]")
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute allowed.")
+@json_option
+@click.pass_context
+def keys_create(
+    ctx: click.Context,
+    user: str,
+    budget: str | None,
+    period: str | None,
+    rpm: int | None,
+    as_json: bool,
+) -> None:
+    """Create a key for USER and print it once; only its hash is stored."""
+    _scope(f"user:{user}", what="--user")  # the key's user is a scope id: no whitespace
+    limit = None if budget is None else _amount(budget, what="--budget")
+    window = _period(period)
+    if window is not None and limit is None:
+        raise click.UsageError("--period applies to --budget; give both")
+    new = generate_key()
+    record = ApiKeyRecord(
+        key_id=new.key_id, key_hash=new.key_hash, prefix=new.prefix, user=user, rpm=rpm
+    )
+
+    async def action(ledger: Ledger) -> None:
+        # The budget goes in first: a key must never exist without the cap it was given.
+        if limit is not None:
+            await ledger.set_budget(f"key:{new.key_id}", limit=limit, period=window or Period())
+        await ledger.create_key(record)
+
+    _run(ctx, action, create=True)
+    if _want_json(ctx, as_json):
+        _emit_json({"key": new.key, "key_id": new.key_id, "user": user})
+        return
+    click.echo(f"Created key {new.key_id} for user {user}:\n\n    {new.key}\n")
+    if limit is not None:
+        click.echo(f"Budget key:{new.key_id}: ${limit} per {window or Period()}.")
+    click.echo("Store it now: it is not shown again (the ledger keeps only its hash).")
+
+
+@keys.command("list")
+@click.option("--user", help="Only this user's keys.")
+@json_option
+@click.pass_context
+def keys_list(ctx: click.Context, user: str | None, as_json: bool) -> None:
+    """List keys (never the keys themselves, only their prefixes)."""
+
+    async def action(ledger: Ledger) -> list[ApiKeyRecord]:
+        return await ledger.list_keys(user=user)
+
+    records = _run(ctx, action, create=False)
+    if _want_json(ctx, as_json):
+        _emit_json([_key_json(r) for r in records])
+        return
+    _table(
+        ["key_id", "prefix", "user", "revoked"],
+        [[r.key_id, r.prefix, r.user, "yes" if r.revoked else "no"] for r in records],
+        empty="No keys.",
+    )
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@json_option
+@click.pass_context
+def keys_revoke(ctx: click.Context, key_id: str, as_json: bool) -> None:
+    """Revoke the key KEY_ID; requests with it are refused from now on."""
+
+    async def action(ledger: Ledger) -> bool:
+        return await ledger.revoke_key(key_id)
+
+    if not _run(ctx, action, create=False):
+        raise CliError(f"no key with id {key_id!r}; `gatewaykit keys list` shows the ids")
+    if _want_json(ctx, as_json):
+        _emit_json({"key_id": key_id, "revoked": True})
+    else:
+        click.echo(f"Revoked key {key_id}.")
+
+
+@main.group()
+def budgets() -> None:
+    """Set and show budgets (a scope is kind:id, e.g. user:alice, key:<key_id>, team:ml)."""
+
+
+@budgets.command("set")
+@click.argument("scope")
+@click.option(
+    "--limit", "limit_text", required=True, metavar="USD", help="Limit in USD, or 'none'."
+)
+@click.option("--period", metavar="PERIOD", help=PERIOD_HELP + "  [default: unchanged, or none]")
+@json_option
+@click.pass_context
+def budgets_set(
+    ctx: click.Context, scope: str, limit_text: str, period: str | None, as_json: bool
+) -> None:
+    """Create or change the budget of SCOPE; it applies to the current window at once."""
+    scope = _scope(scope)
+    unlimited = limit_text.strip().lower() in ("none", "unlimited")
+    limit = None if unlimited else _amount(limit_text, what="--limit")
+    window = _period(period)
+
+    async def action(ledger: Ledger) -> BudgetStatus:
+        chosen = window
+        if chosen is None:  # keep the existing window when only the limit changes
+            current = await ledger.status(scope)
+            chosen = current.period if current is not None else Period()
+        return await ledger.set_budget(scope, limit=limit, period=chosen)
+
+    status = _run(ctx, action, create=True)
+    if _want_json(ctx, as_json):
+        _emit_json(_budget_json(status))
+        return
+    cap = "no limit" if status.limit is None else f"${status.limit}"
+    click.echo(f"Budget {status.scope}: {cap} per {status.period}.")
+
+
+@budgets.command("show")
+@click.argument("scope", required=False)
+@json_option
+@click.pass_context
+def budgets_show(ctx: click.Context, scope: str | None, as_json: bool) -> None:
+    """Show every budget's current window, or only SCOPE's."""
+    wanted = None if scope is None else _scope(scope)
+
+    async def action(ledger: Ledger) -> list[BudgetStatus]:
+        if wanted is None:
+            return await ledger.budgets()
+        status = await ledger.status(wanted)
+        if status is None:
+            raise CliError(f"the ledger has no budget or spend for {wanted}")
+        return [status]
+
+    statuses = _run(ctx, action, create=False)
+    if _want_json(ctx, as_json):
+        _emit_json([_budget_json(s) for s in statuses])
+        return
+    _table(
+        ["scope", "limit", "period", "spent", "held", "remaining", "resets_at"],
+        [
+            [
+                s.scope,
+                "none" if s.limit is None else s.limit,
+                s.period,
+                s.spent,
+                s.held,
+                s.remaining,
+                _iso(s.resets_at),
+            ]
+            for s in statuses
+        ],
+        empty="No budgets.",
+    )
+
+
+@main.command()
+@click.option("--user", help="Only this user's requests.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@json_option
+@click.pass_context
+def usage(ctx: click.Context, user: str | None, limit: int, as_json: bool) -> None:
+    """Usage records, newest first."""
+
+    async def action(ledger: Ledger) -> list[UsageRecord]:
+        return await ledger.usage(user=user, limit=limit)
+
+    records = _run(ctx, action, create=False)
+    if _want_json(ctx, as_json):
+        _emit_json([_usage_json(r) for r in records])
+        return
+    _table(
+        ["request_id", "user", "model", "endpoint", "in", "out", "cost", "source", "status"],
+        [
+            [
+                r.request_id,
+                r.user,
+                r.model,
+                r.endpoint,
+                r.input_tokens,
+                r.output_tokens,
+                r.cost,
+                r.usage_source,
+                r.status,
+            ]
+            for r in records
+        ],
+        empty="No usage recorded.",
+    )
+
+
+@main.command()
+@click.option("--all", "everything", is_flag=True, help="Include settled, released, expired.")
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@json_option
+@click.pass_context
+def holds(ctx: click.Context, everything: bool, limit: int, as_json: bool) -> None:
+    """Holds, newest first (only live ones unless --all)."""
+
+    async def action(ledger: Ledger) -> list[Hold]:
+        return await ledger.holds(live_only=not everything, limit=limit)
+
+    found = _run(ctx, action, create=False)
+    if _want_json(ctx, as_json):
+        _emit_json([_hold_json(h) for h in found])
+        return
+    _table(
+        ["hold_id", "scopes", "amount", "state", "expires_at"],
+        [
+            [h.hold_id, ",".join(h.scopes), h.amount, h.state.value, _iso(h.expires_at)]
+            for h in found
+        ],
+        empty="No live holds." if not everything else "No holds.",
+    )
+
+
+@main.command()
+@json_option
+@click.pass_context
+def sweep(ctx: click.Context, as_json: bool) -> None:
+    """Expire every live hold past its TTL, returning its amount to its budgets."""
+
+    async def action(ledger: Ledger) -> int:
+        return await ledger.sweep()
+
+    count = _run(ctx, action, create=False)
+    if _want_json(ctx, as_json):
+        _emit_json({"expired": count})
+    else:
+        click.echo(f"Expired {count} hold{'s' if count != 1 else ''}.")
+
+
+@main.command()
+@json_option
+@click.pass_context
+def check(ctx: click.Context, as_json: bool) -> None:
+    """Verify the ledger's invariants; exit 1 when any is violated."""
+
+    async def action(ledger: Ledger) -> list[str]:
+        return await ledger.check()
+
+    violations = _run(ctx, action, create=False)
+    if _want_json(ctx, as_json):
+        _emit_json({"ok": not violations, "violations": violations})
+    elif violations:
+        for violation in violations:
+            click.echo(f"VIOLATION: {violation}")
+    else:
+        click.echo("OK: every invariant holds.")
+    if violations:
+        ctx.exit(1)
