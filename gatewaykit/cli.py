@@ -107,6 +107,16 @@ def _money(value: Decimal | None) -> str | None:
     return None if value is None else str(value)
 
 
+def _per(limit: Decimal | None, period: Period) -> str:
+    """A budget in words: "$5 per day", "$5 per 3600 seconds", "$5 in total"."""
+    cap = "no limit" if limit is None else f"${limit}"
+    if period.kind == "none":
+        return f"{cap} in total (never resets)"
+    if period.kind == "rolling":
+        return f"{cap} per {period.seconds} seconds"
+    return f"{cap} per {period.kind}"
+
+
 def _want_json(ctx: click.Context, flag: bool) -> bool:
     return flag or bool(ctx.obj.get("json"))
 
@@ -265,7 +275,7 @@ def keys_create(
         return
     click.echo(f"Created key {new.key_id} for user {user}:\n\n    {new.key}\n")
     if limit is not None:
-        click.echo(f"Budget key:{new.key_id}: ${limit} per {window or Period()}.")
+        click.echo(f"Budget key:{new.key_id}: {_per(limit, window or Period())}.")
     click.echo("Store it now: it is not shown again (the ledger keeps only its hash).")
 
 
@@ -341,8 +351,7 @@ def budgets_set(
     if _want_json(ctx, as_json):
         _emit_json(_budget_json(status))
         return
-    cap = "no limit" if status.limit is None else f"${status.limit}"
-    click.echo(f"Budget {status.scope}: {cap} per {status.period}.")
+    click.echo(f"Budget {status.scope}: {_per(status.limit, status.period)}.")
 
 
 @budgets.command("show")
