@@ -1,0 +1,218 @@
+# ruff: noqa: S608  -- the only interpolated name is the table, checked by validate_table.
+"""The PostgreSQL outbox (asyncpg): for gateways that already run on PostgreSQL.
+
+Many gateway processes may share one table. Claims use ``FOR UPDATE SKIP LOCKED`` and a
+lease, so concurrent senders split the work instead of racing for it; all times come from
+the database clock, so machines with skewed clocks agree on what is due.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+
+from gatewaykit.errors import ConfigurationError
+from gatewaykit.outbox.base import OutboxItem, validate_key, validate_table
+
+__all__ = ["PostgresOutbox"]
+
+_COLUMNS = "idempotency_key, payload, enqueued_at, attempts, last_error, dead_at"
+_NOW = "clock_timestamp()"
+
+
+class PostgresOutbox:
+    """A durable outbox in a PostgreSQL table (created on open if missing).
+
+    ``dsn`` is a ``postgresql://`` URL; ``pool_options`` go to ``asyncpg.create_pool``.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        table: str = "gatewaykit_outbox",
+        min_size: int = 1,
+        max_size: int = 4,
+        **pool_options: Any,
+    ) -> None:
+        if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
+            raise ConfigurationError("PostgresOutbox needs a postgresql:// URL")
+        self._dsn = dsn
+        self.table = validate_table(table)
+        self._pool_options = {"min_size": min_size, "max_size": max_size, **pool_options}
+        self._pool: asyncpg.Pool | None = None
+
+    def __repr__(self) -> str:
+        # The DSN may carry a password: show only the table.
+        return f"PostgresOutbox(table={self.table!r})"
+
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        pool = await asyncpg.create_pool(self._dsn, **self._pool_options)
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                # Serialise DDL between processes starting at once.
+                lock_id = zlib.crc32(f"gatewaykit:{self.table}".encode())
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_id)
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self.table} ("
+                    " idempotency_key text PRIMARY KEY,"
+                    " payload text NOT NULL,"
+                    " enqueued_at timestamptz NOT NULL,"
+                    " next_attempt_at timestamptz NOT NULL,"
+                    " attempts integer NOT NULL DEFAULT 0,"
+                    " last_error text,"
+                    " dead_at timestamptz)"
+                )
+                await conn.execute(
+                    f"CREATE INDEX IF NOT EXISTS {self.table}_due "
+                    f"ON {self.table} (next_attempt_at) WHERE dead_at IS NULL"
+                )
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def __aenter__(self) -> PostgresOutbox:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _p(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise ConfigurationError(
+                "the outbox is not open: enter it (or the PlatformMode using it) with "
+                "`async with` in the app's lifespan"
+            )
+        return self._pool
+
+    @staticmethod
+    def _count(status: str) -> int:
+        # asyncpg returns the command tag, e.g. "UPDATE 3" or "INSERT 0 1".
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def enqueue(self, key: str, payload: Mapping[str, Any]) -> bool:
+        validate_key(key)
+        text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
+        status = await self._p().execute(
+            f"INSERT INTO {self.table} (idempotency_key, payload, enqueued_at, next_attempt_at) "
+            f"VALUES ($1, $2, {_NOW}, {_NOW}) ON CONFLICT (idempotency_key) DO NOTHING",
+            key,
+            text,
+        )
+        return self._count(status) == 1
+
+    async def claim(self, *, limit: int, lease: float, due_only: bool = True) -> list[OutboxItem]:
+        due = f"AND next_attempt_at <= {_NOW}" if due_only else ""
+        rows = await self._p().fetch(
+            f"UPDATE {self.table} SET next_attempt_at = {_NOW} + make_interval(secs => $2) "
+            f"WHERE idempotency_key IN (SELECT idempotency_key FROM {self.table} "
+            f"WHERE dead_at IS NULL {due} ORDER BY enqueued_at, idempotency_key LIMIT $1 "
+            f"FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
+            limit,
+            float(lease),
+        )
+        items = [_item(row) for row in rows]
+        items.sort(key=lambda item: (item.enqueued_at, item.key))
+        return items
+
+    async def ack(self, key: str) -> None:
+        await self._p().execute(f"DELETE FROM {self.table} WHERE idempotency_key = $1", key)
+
+    async def retry_later(self, key: str, *, delay: float, error: str) -> None:
+        await self._p().execute(
+            f"UPDATE {self.table} SET attempts = attempts + 1, last_error = $2, "
+            f"next_attempt_at = {_NOW} + make_interval(secs => $3) "
+            "WHERE idempotency_key = $1 AND dead_at IS NULL",
+            key,
+            error,
+            max(float(delay), 0.0),
+        )
+
+    async def park(self, key: str, *, error: str) -> None:
+        await self._p().execute(
+            f"UPDATE {self.table} SET attempts = attempts + 1, last_error = $2, "
+            f"dead_at = {_NOW} WHERE idempotency_key = $1 AND dead_at IS NULL",
+            key,
+            error,
+        )
+
+    async def reschedule_all(self) -> int:
+        return self._count(
+            await self._p().execute(
+                f"UPDATE {self.table} SET next_attempt_at = {_NOW} WHERE dead_at IS NULL"
+            )
+        )
+
+    async def requeue_dead(self) -> int:
+        return self._count(
+            await self._p().execute(
+                f"UPDATE {self.table} SET dead_at = NULL, next_attempt_at = {_NOW} "
+                "WHERE dead_at IS NOT NULL"
+            )
+        )
+
+    async def size(self) -> int:
+        value = await self._p().fetchval(f"SELECT count(*) FROM {self.table} WHERE dead_at IS NULL")
+        return int(value)
+
+    async def dead_count(self) -> int:
+        value = await self._p().fetchval(
+            f"SELECT count(*) FROM {self.table} WHERE dead_at IS NOT NULL"
+        )
+        return int(value)
+
+    async def oldest_age(self) -> float | None:
+        value = await self._p().fetchval(
+            f"SELECT extract(epoch FROM {_NOW} - min(enqueued_at))::float8 "
+            f"FROM {self.table} WHERE dead_at IS NULL"
+        )
+        return None if value is None else max(float(value), 0.0)
+
+    async def next_due_in(self) -> float | None:
+        value = await self._p().fetchval(
+            f"SELECT extract(epoch FROM min(next_attempt_at) - {_NOW})::float8 "
+            f"FROM {self.table} WHERE dead_at IS NULL"
+        )
+        return None if value is None else max(float(value), 0.0)
+
+    async def dead_letters(self, *, limit: int = 100) -> list[OutboxItem]:
+        rows = await self._p().fetch(
+            f"SELECT {_COLUMNS} FROM {self.table} WHERE dead_at IS NOT NULL "
+            "ORDER BY enqueued_at, idempotency_key LIMIT $1",
+            limit,
+        )
+        return [_item(row) for row in rows]
+
+
+def _item(row: Any) -> OutboxItem:
+    return OutboxItem(
+        key=row["idempotency_key"],
+        payload=json.loads(row["payload"]),
+        enqueued_at=row["enqueued_at"],
+        attempts=int(row["attempts"]),
+        last_error=row["last_error"],
+        dead=row["dead_at"] is not None,
+    )

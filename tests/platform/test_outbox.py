@@ -1,0 +1,149 @@
+"""The Outbox contract, run against every backend (SQLite file, PostgreSQL table)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from gatewaykit.errors import ConfigurationError
+from gatewaykit.outbox import Outbox, SQLiteOutbox, open_outbox
+
+from .conftest import OutboxFactory
+
+pytestmark = pytest.mark.anyio
+
+REPORT = {"request_id": "r1", "attempt_id": "a1", "status": "success", "usage": None}
+
+
+async def test_backends_implement_the_protocol(outbox: Outbox) -> None:
+    assert isinstance(outbox, Outbox)
+    assert outbox.is_open
+
+
+async def test_enqueue_is_idempotent_by_key(outbox: Outbox) -> None:
+    assert await outbox.enqueue("r1:a1", REPORT)
+    assert not await outbox.enqueue("r1:a1", {**REPORT, "status": "error"})
+    assert await outbox.size() == 1
+    [item] = await outbox.claim(limit=10, lease=30)
+    assert item.key == "r1:a1"
+    assert item.payload == REPORT  # the first report wins
+    assert item.attempts == 0
+    assert item.last_error is None
+
+
+async def test_claim_leases_items_and_ack_removes_them(outbox: Outbox) -> None:
+    for n in range(5):
+        await outbox.enqueue(f"r{n}:a", {**REPORT, "request_id": f"r{n}"})
+    first = await outbox.claim(limit=3, lease=30)
+    assert [item.key for item in first] == ["r0:a", "r1:a", "r2:a"]  # oldest first
+    second = await outbox.claim(limit=10, lease=30)
+    assert [item.key for item in second] == ["r3:a", "r4:a"]  # leased items are hidden
+    assert await outbox.claim(limit=10, lease=30) == []
+    assert await outbox.size() == 5  # leased is still live
+    for item in first + second:
+        await outbox.ack(item.key)
+    await outbox.ack("never-enqueued")
+    assert await outbox.size() == 0
+    assert await outbox.oldest_age() is None
+    assert await outbox.next_due_in() is None
+
+
+async def test_a_lapsed_lease_makes_the_item_due_again(outbox: Outbox) -> None:
+    await outbox.enqueue("k", REPORT)
+    assert len(await outbox.claim(limit=1, lease=0.05)) == 1
+    assert await outbox.claim(limit=1, lease=0.05) == []
+    await anyio.sleep(0.1)
+    assert [item.key for item in await outbox.claim(limit=1, lease=30)] == ["k"]
+
+
+async def test_retry_later_counts_and_delays(outbox: Outbox) -> None:
+    await outbox.enqueue("k", REPORT)
+    await outbox.claim(limit=1, lease=30)
+    await outbox.retry_later("k", delay=60, error="HTTP 503: down")
+    due_in = await outbox.next_due_in()
+    assert due_in is not None and 55 < due_in <= 60
+    assert await outbox.claim(limit=1, lease=30) == []
+    [item] = await outbox.claim(limit=1, lease=30, due_only=False)
+    assert item.attempts == 1
+    assert item.last_error == "HTTP 503: down"
+    assert await outbox.reschedule_all() == 1
+    assert await outbox.next_due_in() == 0
+
+
+async def test_park_keeps_a_dead_letter_until_requeued(outbox: Outbox) -> None:
+    await outbox.enqueue("good", REPORT)
+    await outbox.enqueue("bad", REPORT)
+    await outbox.park("bad", error="HTTP 422: conflict")
+    assert await outbox.size() == 1
+    assert await outbox.dead_count() == 1
+    [dead] = await outbox.dead_letters()
+    assert (dead.key, dead.dead, dead.last_error, dead.attempts) == (
+        "bad",
+        True,
+        "HTTP 422: conflict",
+        1,
+    )
+    claimed = await outbox.claim(limit=10, lease=30, due_only=False)
+    assert [item.key for item in claimed] == ["good"]  # dead letters are never sent
+    assert await outbox.requeue_dead() == 1
+    assert await outbox.dead_count() == 0
+    assert await outbox.size() == 2
+
+
+async def test_oldest_age_grows(outbox: Outbox) -> None:
+    await outbox.enqueue("k", REPORT)
+    await anyio.sleep(0.05)
+    age = await outbox.oldest_age()
+    assert age is not None and 0.04 <= age < 5
+
+
+async def test_items_survive_reopening(outbox_factory: OutboxFactory) -> None:
+    async with outbox_factory() as first:
+        await first.enqueue("k1", REPORT)
+        await first.claim(limit=1, lease=300)  # claimed by a process that then "dies"
+        await first.enqueue("k2", REPORT)
+    async with outbox_factory() as second:
+        assert await second.size() == 2
+        assert await second.reschedule_all() == 2
+        assert {item.key for item in await second.claim(limit=10, lease=30)} == {"k1", "k2"}
+
+
+async def test_two_outboxes_on_one_store_never_claim_the_same_item(
+    outbox_factory: OutboxFactory,
+) -> None:
+    async with outbox_factory() as a, outbox_factory() as b:
+        for n in range(40):
+            await a.enqueue(f"k{n}", REPORT)
+        claimed: list[str] = []
+
+        async def drain(box: Outbox) -> None:
+            while items := await box.claim(limit=3, lease=30):
+                claimed.extend(item.key for item in items)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, a)
+            tg.start_soon(drain, b)
+        assert sorted(claimed) == sorted(f"k{n}" for n in range(40))
+
+
+async def test_not_open_is_a_clear_error(tmp_path: Path) -> None:
+    box = SQLiteOutbox(str(tmp_path / "x.db"))
+    with pytest.raises(ConfigurationError, match="async with"):
+        await box.enqueue("k", REPORT)
+
+
+def test_open_outbox_urls(tmp_path: Path) -> None:
+    box = open_outbox(f"sqlite:///{tmp_path}/o.db", table="my_outbox")
+    assert isinstance(box, SQLiteOutbox)
+    assert box.path == f"{tmp_path}/o.db"
+    assert box.table == "my_outbox"
+    assert isinstance(open_outbox("sqlite://:memory:"), SQLiteOutbox)
+    pg = open_outbox("postgresql://u:pw@h/db")
+    assert "pw" not in repr(pg)
+    for bad in ("outbox.db", "sqlite://relative.db", "mysql://x/y"):
+        with pytest.raises(ConfigurationError):
+            open_outbox(bad)
+    with pytest.raises(ConfigurationError, match="identifier"):
+        SQLiteOutbox("x.db", table="bad; drop")
