@@ -18,6 +18,8 @@ class GatewayRequest:
 
     ``headers`` has lower-cased names. ``prompt_chars`` is the size of the prompt text
     (for the estimate); ``max_output_tokens`` is the request's own cap, if it set one.
+    ``user`` is the end user the body names (OpenAI ``user``, Anthropic
+    ``metadata.user_id``), if any.
     """
 
     request_id: str
@@ -29,6 +31,7 @@ class GatewayRequest:
     stream: bool
     prompt_chars: int
     max_output_tokens: int | None
+    user: str | None = None
 
 
 @runtime_checkable

@@ -1,0 +1,432 @@
+"""GatewayMiddleware: admits gated LLM requests and guarantees each is settled once.
+
+A pure ASGI middleware (DESIGN §2, §9). For a gated route (POST to a configured path) it
+
+1. reads the body once, capped at ``max_body_bytes`` (413 beyond), and parses it for the
+   route's wire format (400 when unusable);
+2. asks the mode (``StandaloneMode``, ``PlatformMode`` or your own
+   :class:`~gatewaykit.modes.base.RequestModeStrategy`) to admit it; a
+   :class:`~gatewaykit.errors.RequestRejected` becomes an error in the route's own
+   envelope (OpenAI or Anthropic), so official SDKs raise the right exception;
+3. stores the :class:`~gatewaykit.settlement.GatewayContext` in ``scope["gatewaykit"]``
+   (read it with ``get_settlement(request)``), replays the body to the app, and adds the
+   context's response headers and the request id to ``http.response.start``;
+4. settles the request exactly once whatever happens — see *Backstop* below.
+
+Everything else (other paths and methods, websockets, lifespan) passes through untouched.
+
+Contract for endpoint handlers (adapters and custom handlers)
+--------------------------------------------------------------
+* **Observations.** Call ``settlement.note_upstream_contacted()`` just before the request
+  leaves for the provider, and keep ``note_usage(partial)`` / ``note_output(chars)``
+  current while streaming (:func:`gatewaykit.streams.settle_stream` does the latter).
+  They are what a stream that never finishes is charged on.
+* **Disconnects.** The middleware itself listens for ``http.disconnect`` from the moment
+  the body has been read, even while the upstream is silent. When the client goes away
+  before the response is complete it *cancels the app* (an anyio cancel scope around the
+  app call): the handler's pending upstream read raises the cancellation, its
+  ``async with`` blocks close the upstream response, and the middleware then calls
+  ``on_incomplete()`` shielded from cancellation. A handler therefore needs no disconnect
+  logic of its own; it must not swallow the cancellation. Handlers that poll instead
+  still can: after the replayed body, every ``receive()`` the app makes returns
+  ``http.disconnect`` as soon as the middleware has seen it (the one server message is
+  handed to every caller), so Starlette's own ``listen_for_disconnect`` keeps working.
+  A disconnect after the final body message was sent cancels nothing (background tasks
+  run on).
+* **Hooks.** Settle with the settlement's hooks; call ``on_first_chunk()`` before the first
+  byte of a successful response goes out and settle before sending the final message
+  where you can. The first terminal hook wins, so settling "too much" is harmless.
+
+Backstop (when the handler did not settle)
+------------------------------------------
+=============================================  ==========================================
+the app …                                       the middleware calls
+=============================================  ==========================================
+returns after a 2xx/3xx response                ``on_no_usage()`` (missing-usage policy)
+returns after a ≥400 response / no response     ``on_error(...)`` (refund before commit)
+raises before the response started              ``on_error(exc)`` (refund), re-raises
+raises after the response started               ``on_error(exc)``, re-raises
+is cancelled by a client disconnect             ``on_incomplete()`` (disconnect policy)
+is cancelled from outside (shutdown)            ``on_incomplete()``, cancellation propagates
+=============================================  ==========================================
+
+The first non-empty body chunk of a response with status < 400 marks the settlement
+committed (``on_first_chunk``) if the handler did not, so a later failure is charged for
+what was delivered rather than refunded. While the response is alive the middleware calls
+``settlement.heartbeat()`` every ``heartbeat_interval`` seconds (default: the settlement's
+own ``heartbeat_interval`` attribute, a third of the hold TTL in standalone mode) so the
+hold cannot expire under a long stream.
+
+Precedence: a body that cannot be parsed (400/413) is reported only after the credential
+was checked, when the mode offers ``authenticate(headers)`` (:class:`SupportsAuthenticate`),
+so 401 wins over 400 (DESIGN §6).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Protocol, runtime_checkable
+
+import anyio
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gatewaykit.envelopes import WireFormat, error_body
+from gatewaykit.errors import (
+    ConfigurationError,
+    ErrorKind,
+    LedgerUnavailableError,
+    RequestRejected,
+)
+from gatewaykit.modes.base import GatewayRequest, RequestModeStrategy
+from gatewaykit.parsing import Estimator, ParsedRequest, parse_body, parse_request
+from gatewaykit.settlement import SCOPE_KEY, GatewayContext, Settlement
+
+__all__ = ["DEFAULT_ROUTES", "GatewayMiddleware", "SupportsAuthenticate"]
+
+logger = logging.getLogger("gatewaykit.middleware")
+
+#: The gated routes when none are given: the three provider endpoints.
+DEFAULT_ROUTES: Mapping[str, WireFormat] = {
+    "/v1/chat/completions": WireFormat.OPENAI_CHAT,
+    "/v1/messages": WireFormat.ANTHROPIC_MESSAGES,
+    "/v1/responses": WireFormat.OPENAI_RESPONSES,
+}
+
+_UNAVAILABLE = "the budget ledger is unavailable; please retry shortly"
+
+
+@runtime_checkable
+class SupportsAuthenticate(Protocol):
+    """Optional mode method: check the credential alone (raise RequestRejected 401).
+
+    Called only when the body could not be parsed, so that a bad credential is reported
+    before a bad body (401 > 400).
+    """
+
+    async def authenticate(self, headers: Mapping[str, str]) -> object: ...
+
+
+class GatewayMiddleware:
+    """Pure ASGI middleware that gates LLM routes; see the module docstring.
+
+    ``routes`` maps a path to its :class:`~gatewaykit.envelopes.WireFormat`, or to an
+    :data:`~gatewaykit.parsing.Estimator` (a callable that parses a custom route's JSON
+    body; its errors use the OpenAI envelope). The request id (also the hold id) is
+    generated by ``request_id_factory`` — never taken from the client, since it is an
+    idempotency key — and returned in ``request_id_header``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        mode: RequestModeStrategy,
+        routes: Mapping[str, WireFormat | Estimator] | None = None,
+        max_body_bytes: int = 4 * 1024 * 1024,
+        request_id_header: str = "x-request-id",
+        heartbeat_interval: float | None = None,
+        request_id_factory: Callable[[], str] | None = None,
+    ) -> None:
+        if not isinstance(mode, RequestModeStrategy):
+            raise ConfigurationError(
+                f"mode must be a RequestModeStrategy (an object with async resolve(request)), "
+                f"got {type(mode).__name__}"
+            )
+        table = dict(DEFAULT_ROUTES if routes is None else routes)
+        for path, route in table.items():
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ConfigurationError(f"gated route paths must start with '/': {path!r}")
+            if not isinstance(route, WireFormat) and not callable(route):
+                raise ConfigurationError(
+                    f"route {path!r} must map to a WireFormat or an estimator callable"
+                )
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int):
+            raise ConfigurationError("max_body_bytes must be a positive int")
+        if max_body_bytes <= 0:
+            raise ConfigurationError("max_body_bytes must be a positive int")
+        if heartbeat_interval is not None and not heartbeat_interval > 0:
+            raise ConfigurationError("heartbeat_interval must be a positive number of seconds")
+        if not request_id_header or request_id_header != request_id_header.strip():
+            raise ConfigurationError(f"invalid request_id_header {request_id_header!r}")
+        self.app = app
+        self.mode = mode
+        self.routes: Mapping[str, WireFormat | Estimator] = table
+        self.max_body_bytes = max_body_bytes
+        self.request_id_header = request_id_header.lower()
+        self.heartbeat_interval = heartbeat_interval
+        self.request_id_factory = request_id_factory or _new_request_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        route = self._match(scope)
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        await _GatedCall(self, scope, receive, send, route).run()
+
+    def _match(self, scope: Scope) -> WireFormat | Estimator | None:
+        path: str = scope["path"]
+        route = self.routes.get(path)
+        root: str = scope.get("root_path", "")
+        if route is None and root and path.startswith(root):
+            route = self.routes.get(path[len(root) :])
+        return route
+
+
+def _new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+class _GatedCall:
+    """The per-request state of one gated call (the middleware itself stays stateless)."""
+
+    def __init__(
+        self,
+        middleware: GatewayMiddleware,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        route: WireFormat | Estimator,
+    ) -> None:
+        self.mw = middleware
+        self.scope = scope
+        self.server_receive = receive
+        self.server_send = send
+        self.route = route
+        self.fmt = route if isinstance(route, WireFormat) else None
+        self.request_id = middleware.request_id_factory()
+        self.headers = _headers(scope)
+        self.body = b""
+        self.replayed = False
+        self.context: GatewayContext | None = None
+        self.response_started = False
+        self.status = 0
+        self.response_complete = False
+        self.sent_body = False
+        self.disconnected = anyio.Event()
+        self.disconnect_message: Message = {"type": "http.disconnect"}
+        self.cancelled_by_disconnect = False
+        self.app_scope = anyio.CancelScope()
+
+    async def run(self) -> None:
+        try:
+            request = await self._read_and_parse()
+        except RequestRejected as rejection:
+            await self._send_error(await self._authenticate_first(rejection))
+            return
+        if request is None:
+            return  # the client left before the body arrived: nothing was admitted
+        try:
+            context = await self.mw.mode.resolve(request)
+        except RequestRejected as rejection:
+            await self._send_error(rejection)
+            return
+        except LedgerUnavailableError:
+            logger.warning("request %s refused: ledger unavailable", self.request_id)
+            await self._send_error(RequestRejected(ErrorKind.UNAVAILABLE, _UNAVAILABLE))
+            return
+        self.context = context
+        await self._serve(context)
+
+    # -- admission -------------------------------------------------------------------
+    async def _read_and_parse(self) -> GatewayRequest | None:
+        limit = self.mw.max_body_bytes
+        declared = self.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.server_receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        self.body = b"".join(chunks)
+        body = parse_body(self.body)
+        if isinstance(self.route, WireFormat):
+            parsed = parse_request(self.route, body)
+        else:
+            try:
+                parsed = self.route(body)
+            except ValueError as exc:
+                raise RequestRejected(ErrorKind.INVALID_REQUEST, str(exc)) from None
+            if not isinstance(parsed, ParsedRequest):
+                raise TypeError(f"estimator for {self.scope['path']} must return ParsedRequest")
+        return GatewayRequest(
+            request_id=self.request_id,
+            path=self.scope["path"],
+            format=self.fmt,
+            headers=self.headers,
+            body=body,
+            model=parsed.model,
+            stream=parsed.stream,
+            prompt_chars=parsed.prompt_chars,
+            max_output_tokens=parsed.max_output_tokens,
+            user=parsed.user,
+        )
+
+    async def _authenticate_first(self, rejection: RequestRejected) -> RequestRejected:
+        """A bad credential outranks a bad body (401 > 400/413)."""
+        mode = self.mw.mode
+        if not isinstance(mode, SupportsAuthenticate):
+            return rejection
+        try:
+            await mode.authenticate(self.headers)
+        except RequestRejected as auth_rejection:
+            return auth_rejection
+        except LedgerUnavailableError:
+            return RequestRejected(ErrorKind.UNAVAILABLE, _UNAVAILABLE)
+        return rejection
+
+    async def _send_error(self, rejection: RequestRejected) -> None:
+        fmt = self.fmt or WireFormat.OPENAI_CHAT
+        payload = error_body(fmt, rejection.kind, rejection.message, rejection.details)
+        headers = MutableHeaders()
+        headers["content-type"] = "application/json"
+        headers["content-length"] = str(len(payload))
+        for name, value in rejection.headers.items():
+            headers[name] = value
+        headers[self.mw.request_id_header] = self.request_id
+        logger.debug(
+            "request %s rejected: %s %s", self.request_id, rejection.status, rejection.kind.value
+        )
+        await self.server_send(
+            {"type": "http.response.start", "status": rejection.status, "headers": headers.raw}
+        )
+        await self.server_send({"type": "http.response.body", "body": payload})
+
+    # -- serving ---------------------------------------------------------------------
+    async def _serve(self, context: GatewayContext) -> None:
+        settlement = context.settlement
+        scope = {**self.scope, SCOPE_KEY: context}
+        interval = self.mw.heartbeat_interval
+        if interval is None:
+            interval = getattr(settlement, "heartbeat_interval", None)
+        app_error: Exception | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_disconnect)
+                if interval:
+                    tg.start_soon(self._heartbeat, settlement, float(interval))
+                try:
+                    with self.app_scope:
+                        await self.mw.app(scope, self._receive, self._send)
+                except Exception as exc:
+                    app_error = exc
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseException:
+            # Cancelled from outside (server shutdown, task cancellation): charge what
+            # was consumed, shielded, and let the cancellation continue.
+            await self._settle(settlement, "incomplete", None)
+            raise
+        if self.cancelled_by_disconnect:
+            await self._settle(settlement, "incomplete", None)
+        elif app_error is not None:
+            await self._settle(settlement, "error", app_error)
+        elif not self.response_started or self.status >= 400:
+            reason = f"the app answered HTTP {self.status} without settling"
+            if not self.response_started:
+                reason = "the app returned without a response"
+            await self._settle(settlement, "error", reason)
+        else:
+            await self._settle(settlement, "no_usage", None)
+        if app_error is not None:
+            raise app_error
+
+    async def _settle(
+        self, settlement: Settlement, path: str, error: BaseException | str | None
+    ) -> None:
+        if settlement.done:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                if path == "incomplete":
+                    await settlement.on_incomplete()
+                elif path == "error":
+                    assert error is not None
+                    await settlement.on_error(error)
+                else:
+                    await settlement.on_no_usage()
+            except Exception:
+                logger.exception("settling request %s failed", self.request_id)
+
+    async def _receive(self) -> Message:
+        if not self.replayed:
+            self.replayed = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self.disconnected.wait()
+        return self.disconnect_message
+
+    async def _watch_disconnect(self) -> None:
+        while True:
+            try:
+                message = await self.server_receive()
+            except Exception:
+                logger.debug("receive() failed for %s; treating as disconnect", self.request_id)
+                message = {"type": "http.disconnect"}
+            if message["type"] == "http.disconnect":
+                break
+        self.disconnect_message = message
+        self.disconnected.set()
+        if not self.response_complete:
+            self.cancelled_by_disconnect = True
+            self.app_scope.cancel()
+
+    async def _heartbeat(self, settlement: Settlement, interval: float) -> None:
+        while True:
+            await anyio.sleep(interval)
+            if settlement.done:
+                return
+            try:
+                await settlement.heartbeat()
+            except Exception:
+                logger.warning("heartbeat for %s failed", self.request_id, exc_info=True)
+
+    async def _send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" and not self.response_started:
+            self.response_started = True
+            self.status = int(message["status"])
+            message = {**message, "headers": list(message.get("headers", ()))}
+            headers = MutableHeaders(scope=message)
+            assert self.context is not None
+            for name, value in self.context.response_headers.items():
+                if name not in headers:
+                    headers.append(name, value)
+            headers[self.mw.request_id_header] = self.request_id
+        elif kind == "http.response.body":
+            if not message.get("more_body", False):
+                self.response_complete = True
+            if not self.sent_body and message.get("body") and self.status < 400:
+                self.sent_body = True
+                assert self.context is not None
+                if not self.context.settlement.committed:
+                    await self.context.settlement.on_first_chunk()
+        await self.server_send(message)
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers", ()):
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+def _too_large(limit: int) -> RequestRejected:
+    return RequestRejected(
+        ErrorKind.TOO_LARGE, f"the request body is larger than the gateway's limit of {limit} bytes"
+    )

@@ -1,0 +1,567 @@
+"""StandaloneMode: keys, budgets and usage in a local ledger; upstreams from configuration.
+
+``resolve`` admits a request in the order that gives DESIGN §6's precedence
+(401 > 400 > 403 > 429 > 404 > 402):
+
+1. credential (``Authorization: Bearer`` or ``x-api-key``) → 401 when missing, unknown,
+   revoked or expired;
+2. a master key must name the user (body ``user`` / Anthropic ``metadata.user_id``) → 400;
+   an unpriced model under the ``reject`` policy → 400;
+3. an ordinary key naming another user, or a model outside the key's ``allowed_models``
+   → 403;
+4. the key's requests-per-minute limit → 429 with ``Retry-After``;
+5. no upstream serves the model → 404;
+6. one atomic hold of the estimate on every scope that applies (``key:<key_id>``,
+   ``user:<user>``, ``team:<team>``) → 402 with the refusing budget's numbers, or 503 when
+   the ledger is unreachable.
+
+The request id is the hold id. :class:`StandaloneSettlement` settles that hold and writes
+the usage record in the same ledger call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Literal
+
+from gatewaykit.envelopes import WireFormat
+from gatewaykit.errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    ErrorKind,
+    HoldClosedError,
+    LedgerUnavailableError,
+    RequestRejected,
+)
+from gatewaykit.keys import hash_key
+from gatewaykit.ledger.base import ApiKeyRecord, Ledger, UsageRecord, validate_ttl
+from gatewaykit.modes.base import GatewayRequest
+from gatewaykit.money import parse_usd
+from gatewaykit.pricing import ModelPrice, PriceTable, estimate_cost, estimate_prompt_tokens
+from gatewaykit.ratelimit import RateLimiter
+from gatewaykit.settlement import (
+    GatewayContext,
+    RequestEstimate,
+    Settlement,
+    SettlementOutcome,
+    SettlementStatus,
+)
+from gatewaykit.upstream import Attempt, Upstream
+from gatewaykit.usage import Usage, UsageSource
+
+__all__ = [
+    "DisconnectPolicy",
+    "MissingUsagePolicy",
+    "StandaloneMode",
+    "StandaloneSettlement",
+    "UnpricedPolicy",
+]
+
+logger = logging.getLogger("gatewaykit.standalone")
+
+MissingUsagePolicy = Literal["estimate", "hold", "allow_free", "fail"]
+DisconnectPolicy = Literal["charge_observed", "release"]
+#: ``"reject"`` (400), ``"allow"`` (served unbudgeted: held and charged 0), or a fallback
+#: price: a :class:`ModelPrice`, or a ``Decimal`` USD per million tokens for input and
+#: output alike.
+UnpricedPolicy = Literal["reject", "allow"] | ModelPrice | Decimal
+
+_ENDPOINTS = {
+    WireFormat.OPENAI_CHAT: "chat.completions",
+    WireFormat.ANTHROPIC_MESSAGES: "messages",
+    WireFormat.OPENAI_RESPONSES: "responses",
+}
+_PROVIDER = {
+    WireFormat.OPENAI_CHAT: "openai",
+    WireFormat.ANTHROPIC_MESSAGES: "anthropic",
+    WireFormat.OPENAI_RESPONSES: "openai",
+}
+_KEY_CACHE_SIZE = 10_000
+_NO_USAGE_ERROR = "stream completed without usage data"
+
+
+class _Master:
+    """Marker for a request authenticated with the master key."""
+
+
+_MASTER = _Master()
+
+
+class StandaloneMode:
+    """Admit requests against a local :class:`~gatewaykit.ledger.base.Ledger`.
+
+    See the module docstring for the admission order, and docs/configuration.md for every
+    option. ``teams`` maps a user to a team for requests whose key names no team (and for
+    master-key requests); a key's own ``team`` wins. ``default_rpm`` applies to keys
+    without their own ``rpm``; the master key is never rate limited.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        prices: PriceTable | Mapping[str, ModelPrice],
+        upstreams: Sequence[Upstream],
+        master_key: str | None = None,
+        unpriced: UnpricedPolicy = "reject",
+        missing_usage: MissingUsagePolicy = "estimate",
+        disconnect: DisconnectPolicy = "charge_observed",
+        hold_ttl: float = 600,
+        default_max_output_tokens: int = 4096,
+        key_cache_ttl: float = 5.0,
+        default_rpm: int | None = None,
+        teams: Mapping[str, str] | None = None,
+        budget_headers: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not isinstance(ledger, Ledger):
+            raise ConfigurationError("ledger must implement gatewaykit.ledger.Ledger")
+        if isinstance(upstreams, Upstream) or not all(isinstance(u, Upstream) for u in upstreams):
+            raise ConfigurationError("upstreams must be a sequence of Upstream")
+        if missing_usage not in ("estimate", "hold", "allow_free", "fail"):
+            raise ConfigurationError(
+                f"missing_usage must be estimate, hold, allow_free or fail, not {missing_usage!r}"
+            )
+        if disconnect not in ("charge_observed", "release"):
+            raise ConfigurationError(
+                f"disconnect must be charge_observed or release, not {disconnect!r}"
+            )
+        if isinstance(default_max_output_tokens, bool) or not isinstance(
+            default_max_output_tokens, int
+        ):
+            raise ConfigurationError("default_max_output_tokens must be an int")
+        if default_max_output_tokens < 0:
+            raise ConfigurationError("default_max_output_tokens must not be negative")
+        if not key_cache_ttl >= 0:
+            raise ConfigurationError("key_cache_ttl must be ≥ 0 seconds")
+        if default_rpm is not None and (isinstance(default_rpm, bool) or default_rpm < 1):
+            raise ConfigurationError("default_rpm must be a positive int or None")
+        if master_key is not None and len(master_key) < 16:
+            raise ConfigurationError("master_key must be at least 16 characters")
+        self.ledger = ledger
+        self.prices = prices if isinstance(prices, PriceTable) else PriceTable(prices)
+        self.upstreams = tuple(upstreams)
+        self.unpriced_price = _unpriced_price(unpriced)
+        self.unpriced: Literal["reject", "allow", "fallback"] = (
+            unpriced if unpriced in ("reject", "allow") else "fallback"  # type: ignore[assignment]
+        )
+        self.missing_usage: MissingUsagePolicy = missing_usage
+        self.disconnect: DisconnectPolicy = disconnect
+        self.hold_ttl = validate_ttl(hold_ttl)
+        self.default_max_output_tokens = default_max_output_tokens
+        self.key_cache_ttl = float(key_cache_ttl)
+        self.default_rpm = default_rpm
+        self.teams = dict(teams or {})
+        self.budget_headers = budget_headers
+        self._master_hash = hash_key(master_key) if master_key is not None else None
+        self._clock = clock
+        self._keys: OrderedDict[str, tuple[ApiKeyRecord | None, float]] = OrderedDict()
+        self._limiter = RateLimiter(clock=clock)
+
+    def __repr__(self) -> str:
+        return (
+            f"StandaloneMode(ledger={type(self.ledger).__name__}, upstreams={len(self.upstreams)}, "
+            f"prices={len(self.prices)}, master_key={'set' if self._master_hash else 'unset'})"
+        )
+
+    # -- keys ------------------------------------------------------------------------
+    async def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key in the ledger and forget it in this process's cache at once."""
+        revoked = await self.ledger.revoke_key(key_id)
+        self.invalidate_key(key_id)
+        return revoked
+
+    def invalidate_key(self, key_id: str | None = None) -> None:
+        """Drop cached lookups of ``key_id`` (or of every key, and every cached miss)."""
+        if key_id is None:
+            self._keys.clear()
+            return
+        for digest in [d for d, (rec, _) in self._keys.items() if rec and rec.key_id == key_id]:
+            del self._keys[digest]
+
+    async def _find_key(self, digest: str) -> ApiKeyRecord | None:
+        now = self._clock()
+        cached = self._keys.get(digest)
+        if cached is not None and cached[1] > now:
+            self._keys.move_to_end(digest)
+            return cached[0]
+        record = await self.ledger.find_key(digest)
+        if self.key_cache_ttl > 0:
+            self._keys[digest] = (record, now + self.key_cache_ttl)
+            self._keys.move_to_end(digest)
+            while len(self._keys) > _KEY_CACHE_SIZE:
+                self._keys.popitem(last=False)
+        return record
+
+    async def authenticate(self, headers: Mapping[str, str]) -> ApiKeyRecord | _Master:
+        """The key record (or the master key) the request's credential names; 401 if none."""
+        presented = _credential(headers)
+        if presented is None:
+            raise RequestRejected(
+                ErrorKind.AUTHENTICATION,
+                "missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'",
+            )
+        digest = hash_key(presented)
+        if self._master_hash is not None and hmac.compare_digest(digest, self._master_hash):
+            return _MASTER
+        record = await self._find_key(digest)
+        if record is None or not hmac.compare_digest(record.key_hash, digest):
+            raise RequestRejected(ErrorKind.AUTHENTICATION, "invalid API key")
+        if record.revoked:
+            raise RequestRejected(ErrorKind.AUTHENTICATION, "this API key has been revoked")
+        if record.expires_at is not None and record.expires_at <= datetime.now(timezone.utc):
+            raise RequestRejected(ErrorKind.AUTHENTICATION, "this API key has expired")
+        return record
+
+    # -- admission -------------------------------------------------------------------
+    async def resolve(self, request: GatewayRequest) -> GatewayContext:
+        identity = await self.authenticate(request.headers)
+        fmt = request.format
+        user_field = "metadata.user_id" if fmt is WireFormat.ANTHROPIC_MESSAGES else "user"
+        if isinstance(identity, _Master):
+            if request.user is None:
+                raise RequestRejected(
+                    ErrorKind.INVALID_REQUEST,
+                    f"requests made with the master key must name the user in '{user_field}'",
+                )
+            user, key_id, team = request.user, None, self.teams.get(request.user)
+        else:
+            user, key_id = identity.user, identity.key_id
+            team = identity.team or self.teams.get(user)
+
+        upstream = self._upstream(fmt, request.model)
+        price = self._price(request.model, upstream)
+
+        if isinstance(identity, ApiKeyRecord):
+            if request.user is not None and request.user != identity.user:
+                raise RequestRejected(
+                    ErrorKind.PERMISSION,
+                    f"'{user_field}' does not match the user of this API key",
+                )
+            if identity.allowed_models is not None and request.model not in identity.allowed_models:
+                raise RequestRejected(
+                    ErrorKind.PERMISSION, f"this API key may not use model {request.model!r}"
+                )
+        headers: dict[str, str] = {}
+        rpm = (
+            None
+            if isinstance(identity, _Master)
+            else (identity.rpm if identity.rpm is not None else self.default_rpm)
+        )
+        if rpm is not None and key_id is not None:
+            decision = self._limiter.hit(key_id, rpm)
+            headers.update(decision.headers)
+            if not decision.allowed:
+                raise RequestRejected(
+                    ErrorKind.RATE_LIMIT,
+                    f"rate limit of {rpm} requests per minute exceeded; retry after "
+                    f"{decision.retry_after}s",
+                    headers=decision.headers,
+                )
+        if upstream is None:
+            raise RequestRejected(
+                ErrorKind.NOT_FOUND, f"no upstream serves model {request.model!r}"
+            )
+
+        prompt_tokens = estimate_prompt_tokens(request.prompt_chars)
+        max_output = request.max_output_tokens
+        if max_output is None:
+            max_output = self.default_max_output_tokens
+        amount = (
+            Decimal(0)
+            if price is None
+            else estimate_cost(price, prompt_tokens=prompt_tokens, max_output_tokens=max_output)
+        )
+        scopes = [f"user:{user}"]
+        if key_id is not None:
+            scopes.append(f"key:{key_id}")
+        if team:
+            scopes.append(f"team:{team}")
+        try:
+            hold = await self.ledger.reserve(request.request_id, scopes, amount, ttl=self.hold_ttl)
+        except BudgetExceeded as exc:
+            raise _budget_rejection(exc) from None
+        except LedgerUnavailableError:
+            logger.warning("request %s refused: ledger unavailable", request.request_id)
+            raise
+        if not hold.live:
+            raise RequestRejected(
+                ErrorKind.UNAVAILABLE, "the request id was already used; retry the request"
+            )
+        if self.budget_headers:
+            headers.update(await self._headroom(scopes))
+        settlement = StandaloneSettlement(
+            self.ledger,
+            request_id=request.request_id,
+            estimate=RequestEstimate(
+                prompt_tokens=prompt_tokens, max_output_tokens=max_output, amount=amount
+            ),
+            price=price,
+            model=request.model,
+            endpoint=_ENDPOINTS.get(fmt, request.path) if fmt else request.path,
+            key_id=key_id,
+            user=user,
+            missing_usage=self.missing_usage,
+            disconnect=self.disconnect,
+            hold_ttl=self.hold_ttl,
+        )
+        return GatewayContext(
+            request_id=request.request_id,
+            settlement=settlement,
+            format=fmt,
+            model=request.model,
+            stream=request.stream,
+            body=request.body,
+            attempts=(Attempt(attempt_id="1", upstream=upstream, model=request.model),),
+            user_id=user,
+            key_id=key_id,
+            response_headers=headers,
+        )
+
+    def _upstream(self, fmt: WireFormat | None, model: str) -> Upstream | None:
+        provider = _PROVIDER.get(fmt) if fmt is not None else None
+        for upstream in self.upstreams:
+            if (provider is None or upstream.provider == provider) and upstream.serves(model):
+                return upstream
+        return None
+
+    def _price(self, model: str, upstream: Upstream | None) -> ModelPrice | None:
+        """The price to hold and charge at; None means unbudgeted (``allow``)."""
+        price = self.prices.lookup(model, upstream.provider if upstream else None)
+        if price is not None:
+            return price
+        if self.unpriced == "reject":
+            raise RequestRejected(
+                ErrorKind.NOT_PRICED,
+                f"model {model!r} has no price configured on this gateway",
+            )
+        return self.unpriced_price
+
+    async def _headroom(self, scopes: Sequence[str]) -> dict[str, str]:
+        tightest: tuple[Decimal, str] | None = None
+        for scope in scopes:
+            try:
+                status = await self.ledger.status(scope)
+            except LedgerUnavailableError:
+                return {}
+            if status is None or status.remaining is None:
+                continue
+            if tightest is None or status.remaining < tightest[0]:
+                tightest = (status.remaining, scope)
+        if tightest is None:
+            return {}
+        remaining = max(tightest[0], Decimal(0))
+        return {
+            "x-gatewaykit-budget-remaining": str(remaining),
+            "x-gatewaykit-budget-scope": tightest[1],
+        }
+
+
+class StandaloneSettlement(Settlement):
+    """Settles one ledger hold; writes the usage record in the same ledger call.
+
+    ``price`` None means the request is unbudgeted (held and charged 0, usage still
+    recorded). A ledger failure while settling is logged (request id only) and the hold
+    is left to expire: the response is never broken by bookkeeping.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        request_id: str,
+        estimate: RequestEstimate,
+        price: ModelPrice | None,
+        model: str,
+        endpoint: str,
+        key_id: str | None = None,
+        user: str | None = None,
+        missing_usage: MissingUsagePolicy = "estimate",
+        disconnect: DisconnectPolicy = "charge_observed",
+        hold_ttl: float = 600,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(request_id=request_id, estimate=estimate)
+        self.ledger = ledger
+        self.price = price
+        self.model = model
+        self.endpoint = endpoint
+        self.key_id = key_id
+        self.user = user
+        self.missing_usage = missing_usage
+        self.disconnect = disconnect
+        self.hold_ttl = hold_ttl
+        #: How often GatewayMiddleware should extend the hold while the response lives.
+        self.heartbeat_interval = hold_ttl / 3
+        self._clock = clock
+        self._started = clock()
+
+    async def heartbeat(self) -> None:
+        if self.done:
+            return
+        with contextlib.suppress(HoldClosedError):
+            await self.ledger.extend(self.request_id, ttl=self.hold_ttl)
+
+    def _cost(self, usage: Usage) -> Decimal:
+        return Decimal(0) if self.price is None else self.price.cost(usage)
+
+    def _observed(self, reported: Usage | None) -> Usage | None:
+        """What was consumed by a call that did not finish; None when nothing was."""
+        partial = reported or self.partial_usage
+        output = math.ceil(self.output_chars / 4)
+        if partial is not None:
+            return Usage(
+                input_tokens=partial.input_tokens,
+                output_tokens=max(partial.output_tokens, output),
+                cache_read_tokens=partial.cache_read_tokens,
+                cache_write_tokens=partial.cache_write_tokens,
+                source=UsageSource.PARTIAL,
+            )
+        if not self.upstream_contacted and output == 0:
+            return None
+        return Usage(
+            input_tokens=self.estimate.prompt_tokens,
+            output_tokens=output,
+            source=UsageSource.ESTIMATED,
+        )
+
+    async def _finish(
+        self, status: SettlementStatus, usage: Usage | None, error: str | None
+    ) -> SettlementOutcome:
+        charge: Usage | None
+        amount: Decimal | None = None  # None: release the hold
+        if status == "success":
+            assert usage is not None
+            charge = usage
+        elif status == "no_usage":
+            if self.missing_usage == "allow_free":
+                charge = None
+                amount = Decimal(0)
+            elif self.missing_usage == "hold":
+                charge = Usage(
+                    input_tokens=self.estimate.prompt_tokens,
+                    output_tokens=self.estimate.max_output_tokens,
+                    source=UsageSource.ESTIMATED,
+                )
+                amount = self.estimate.amount
+            else:
+                observed = self._observed(None)
+                charge = observed or Usage(
+                    input_tokens=self.estimate.prompt_tokens, source=UsageSource.ESTIMATED
+                )
+                if charge.source is UsageSource.PARTIAL:
+                    charge = _with_source(charge, UsageSource.ESTIMATED)
+                if self.missing_usage == "fail":
+                    error = _NO_USAGE_ERROR
+        elif status == "error" and not self.committed:
+            charge = None  # nothing was delivered: refund
+        elif self.disconnect == "release":
+            charge = None
+        else:  # incomplete, or error after commit: charge what was consumed
+            charge = self._observed(usage)
+        if charge is not None and amount is None:
+            amount = self._cost(charge)
+        record = UsageRecord(
+            request_id=self.request_id,
+            model=self.model,
+            endpoint=self.endpoint,
+            status=status,
+            usage_source=(charge.source.value if charge else UsageSource.NONE.value),
+            key_id=self.key_id,
+            user=self.user,
+            input_tokens=charge.input_tokens if charge else 0,
+            output_tokens=charge.output_tokens if charge else 0,
+            cache_read_tokens=charge.cache_read_tokens if charge else 0,
+            cache_write_tokens=charge.cache_write_tokens if charge else 0,
+            cost=amount if amount is not None else Decimal(0),
+            error=error,
+            latency_ms=int((self._clock() - self._started) * 1000),
+        )
+        try:
+            if amount is None:
+                await self.ledger.release(self.request_id, record=record)
+            else:
+                hold = await self.ledger.settle(self.request_id, amount, record=record)
+                amount = hold.charged
+        except Exception as exc:
+            logger.error(
+                "could not settle request %s (%s): %s; the hold will expire on its own",
+                self.request_id,
+                status,
+                type(exc).__name__,
+            )
+            return SettlementOutcome(
+                status=status,
+                charged=Decimal(0),
+                usage=charge,
+                refunded=False,
+                error=f"settlement not recorded: {type(exc).__name__}",
+            )
+        return SettlementOutcome(
+            status=status,
+            charged=amount if amount is not None else Decimal(0),
+            usage=charge,
+            refunded=amount is None,
+            error=error,
+        )
+
+
+def _with_source(usage: Usage, source: UsageSource) -> Usage:
+    return Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_tokens=usage.cache_read_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        source=source,
+    )
+
+
+def _credential(headers: Mapping[str, str]) -> str | None:
+    authorization = headers.get("authorization", "").strip()
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    api_key = headers.get("x-api-key", "").strip()
+    return api_key or None
+
+
+def _unpriced_price(policy: object) -> ModelPrice | None:
+    if policy in ("reject", "allow"):
+        return None
+    if isinstance(policy, ModelPrice):
+        return policy
+    if isinstance(policy, Decimal):
+        rate = parse_usd(policy)
+        return ModelPrice(input_per_mtok=rate, output_per_mtok=rate)
+    raise ConfigurationError(
+        "unpriced must be 'reject', 'allow', a ModelPrice or a Decimal USD per million tokens, "
+        f"not {policy!r}"
+    )
+
+
+def _budget_rejection(exc: BudgetExceeded) -> RequestRejected:
+    details: dict[str, object] = {
+        "scope": exc.scope,
+        "limit": str(exc.limit),
+        "spent": str(exc.spent),
+        "held": str(exc.held),
+        "remaining": str(exc.remaining),
+        "requested": str(exc.requested),
+        "resets_at": exc.resets_at.isoformat() if exc.resets_at else None,
+    }
+    message = (
+        f"budget exceeded for {exc.scope}: ${exc.remaining} of ${exc.limit} remaining, "
+        f"this request needs up to ${exc.requested}"
+    )
+    if exc.resets_at is not None:
+        message += f"; the budget resets at {exc.resets_at.isoformat()}"
+    return RequestRejected(ErrorKind.BUDGET, message, details=details)
