@@ -73,8 +73,13 @@ class RetryPolicy:
 
 
 def is_permanent_rejection(status: int) -> bool:
-    """A 4xx other than 408/409/425/429 says the report itself is refused: retrying is futile."""
-    return 400 <= status < 500 and status not in (408, 409, 425, 429)
+    """A 4xx says the report itself is refused, so retrying it is futile — except:
+
+    401 (the control plane refused *this gateway's* token: a configuration problem, fixed by
+    the operator, after which every queued report must still go out), and 408/409/425/429
+    (try again later).
+    """
+    return 400 <= status < 500 and status not in (401, 408, 409, 425, 429)
 
 
 def parse_retry_after(value: str | None) -> float | None:

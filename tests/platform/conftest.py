@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import inspect
+import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -67,3 +70,15 @@ async def plane_url(plane: FakeControlPlane) -> AsyncIterator[str]:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient() as http:
         yield http
+
+
+async def until(check: Callable[[], Awaitable[object] | object], within: float = 5.0) -> None:
+    """Wait until ``check()`` (sync or async) is truthy; fail after ``within`` seconds."""
+    with anyio.fail_after(within):
+        for _ in itertools.count():
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(0.02)

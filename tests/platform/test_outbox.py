@@ -63,7 +63,8 @@ async def test_retry_later_counts_and_delays(outbox: Outbox) -> None:
     await outbox.claim(limit=1, lease=30)
     await outbox.retry_later("k", delay=60, error="HTTP 503: down")
     due_in = await outbox.next_due_in()
-    assert due_in is not None and 55 < due_in <= 60
+    assert due_in is not None
+    assert 55 < due_in <= 60
     assert await outbox.claim(limit=1, lease=30) == []
     [item] = await outbox.claim(limit=1, lease=30, due_only=False)
     assert item.attempts == 1
@@ -96,7 +97,8 @@ async def test_oldest_age_grows(outbox: Outbox) -> None:
     await outbox.enqueue("k", REPORT)
     await anyio.sleep(0.05)
     age = await outbox.oldest_age()
-    assert age is not None and 0.04 <= age < 5
+    assert age is not None
+    assert 0.04 <= age < 5
 
 
 async def test_items_survive_reopening(outbox_factory: OutboxFactory) -> None:
