@@ -221,7 +221,7 @@ class ModelLedger:
                 )
         for scope, key in windows.items():
             self.counters.setdefault((scope, key), Counter()).reserved += nanos
-        hold = MHold(hold_id, scope_t, windows, nanos, HoldState.HELD, now, now + to_us(ttl))
+        hold = MHold(hold_id, scope_t, windows, nanos, HoldState.HELD, now, now + max(1, to_us(ttl)))
         self.holds_[hold_id] = hold
         self.order.append(hold_id)
         return hold.view()
@@ -290,7 +290,7 @@ class ModelLedger:
         self._touch(hold, now)
         if hold.state is not HoldState.HELD:
             raise HoldClosedError(f"hold {hold_id!r} is {hold.state.value}")
-        hold.expires_us = max(hold.expires_us, now + to_us(ttl))
+        hold.expires_us = max(hold.expires_us, now + max(1, to_us(ttl)))
         return hold.view()
 
     async def get_hold(self, hold_id: str) -> Hold | None:

@@ -1,0 +1,147 @@
+"""The SQLite ledger's schema and its versioned migrations.
+
+Every money column is an integer number of nano-USD and every time an integer number of
+microseconds of the store clock; ``CHECK`` constraints make a float or a negative total
+impossible to store (invariants I9 and I11 are enforced by the database, not just checked).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from gatewaykit.errors import SchemaError
+
+__all__ = ["APPLICATION_ID", "LATEST_VERSION", "MIGRATIONS", "prepare"]
+
+#: ``PRAGMA application_id`` of a gatewaykit ledger ("gwkt"), so a foreign file is recognised.
+APPLICATION_ID = 0x67776B74
+
+_INT = "CHECK (typeof({0}) = 'integer' AND {0} >= 0)"
+
+#: version -> statements that upgrade the previous version to it.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE gatewaykit_schema (version INTEGER NOT NULL)",
+        f"""CREATE TABLE budgets (
+            scope TEXT PRIMARY KEY,
+            limit_nanos INTEGER CHECK (limit_nanos IS NULL OR
+                (typeof(limit_nanos) = 'integer' AND limit_nanos >= 0)),
+            period_kind TEXT NOT NULL
+                CHECK (period_kind IN ('none', 'rolling', 'day', 'week', 'month')),
+            period_seconds INTEGER,
+            updated_at INTEGER NOT NULL {_INT.format("updated_at")}
+        )""",
+        f"""CREATE TABLE counters (
+            scope TEXT NOT NULL,
+            window_start INTEGER NOT NULL,
+            spent INTEGER NOT NULL DEFAULT 0 {_INT.format("spent")},
+            reserved INTEGER NOT NULL DEFAULT 0 {_INT.format("reserved")},
+            PRIMARY KEY (scope, window_start)
+        ) WITHOUT ROWID""",
+        f"""CREATE TABLE holds (
+            seq INTEGER PRIMARY KEY,
+            hold_id TEXT NOT NULL UNIQUE,
+            scopes TEXT NOT NULL,
+            amount INTEGER NOT NULL {_INT.format("amount")},
+            state TEXT NOT NULL CHECK (state IN ('held', 'settled', 'released', 'expired')),
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            ended_at INTEGER,
+            charged INTEGER NOT NULL DEFAULT 0 {_INT.format("charged")},
+            overrun INTEGER NOT NULL DEFAULT 0 {_INT.format("overrun")},
+            late INTEGER NOT NULL DEFAULT 0 CHECK (late IN (0, 1))
+        )""",
+        "CREATE INDEX holds_live_expiry ON holds (expires_at) WHERE state = 'held'",
+        "CREATE INDEX holds_created ON holds (created_at)",
+        """CREATE TABLE hold_scopes (
+            hold_id TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            window_start INTEGER NOT NULL,
+            PRIMARY KEY (hold_id, scope)
+        ) WITHOUT ROWID""",
+        f"""CREATE TABLE usage_records (
+            seq INTEGER PRIMARY KEY,
+            request_id TEXT NOT NULL UNIQUE,
+            key_id TEXT,
+            user TEXT,
+            model TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            status TEXT NOT NULL,
+            usage_source TEXT NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            cache_read_tokens INTEGER NOT NULL,
+            cache_write_tokens INTEGER NOT NULL,
+            cost_nanos INTEGER NOT NULL {_INT.format("cost_nanos")},
+            error TEXT,
+            latency_ms INTEGER,
+            created_at INTEGER NOT NULL
+        )""",
+        "CREATE INDEX usage_user ON usage_records (user, seq)",
+        """CREATE TABLE api_keys (
+            seq INTEGER PRIMARY KEY,
+            key_id TEXT NOT NULL UNIQUE,
+            key_hash TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,
+            user TEXT NOT NULL,
+            team TEXT,
+            revoked INTEGER NOT NULL DEFAULT 0,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER,
+            allowed_models TEXT,
+            rpm INTEGER
+        )""",
+        "CREATE INDEX api_keys_user ON api_keys (user, seq)",
+    ),
+}
+LATEST_VERSION = max(MIGRATIONS)
+
+
+def _version(conn: sqlite3.Connection, where: str) -> int:
+    """The file's schema version; 0 for an empty database. Raises SchemaError if not ours."""
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as exc:
+        raise SchemaError(
+            f"{where} is not a readable SQLite database ({exc}); restore it from a backup "
+            "or point the ledger at another file"
+        ) from None
+    if not tables and app_id == 0:
+        return 0
+    if app_id != APPLICATION_ID or "gatewaykit_schema" not in tables:
+        raise SchemaError(
+            f"{where} is a SQLite database that gatewaykit did not create; "
+            "use a new file for the ledger"
+        )
+    row = conn.execute("SELECT max(version) FROM gatewaykit_schema").fetchone()
+    if row is None or not isinstance(row[0], int):
+        raise SchemaError(f"{where} has no schema version; it is damaged, restore a backup")
+    version: int = row[0]
+    return version
+
+
+def prepare(conn: sqlite3.Connection, where: str) -> int:
+    """Create or upgrade the schema in ``conn`` (autocommit mode); return the version."""
+    version = _version(conn, where)
+    if version > LATEST_VERSION:
+        raise SchemaError(
+            f"{where} was written by a newer gatewaykit (schema version {version}; this "
+            f"version knows up to {LATEST_VERSION}); upgrade gatewaykit to open it"
+        )
+    if version == LATEST_VERSION:
+        return version
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = _version(conn, where)  # another process may have migrated meanwhile
+        for target in range(version + 1, LATEST_VERSION + 1):
+            for statement in MIGRATIONS[target]:
+                conn.execute(statement)
+            conn.execute("DELETE FROM gatewaykit_schema")
+            conn.execute("INSERT INTO gatewaykit_schema (version) VALUES (?)", (target,))
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return LATEST_VERSION

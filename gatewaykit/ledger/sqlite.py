@@ -1,0 +1,998 @@
+# SQL text is assembled only from constant column lists and "?" placeholders.
+# ruff: noqa: S608
+"""SQLiteLedger: the embedded default ledger, durable and group-committed.
+
+One dedicated writer thread owns a stdlib ``sqlite3`` connection. Operations from any
+number of tasks are queued; the writer drains the queue and runs everything waiting in
+ONE ``BEGIN IMMEDIATE … COMMIT`` (one fsync), each operation in its own ``SAVEPOINT`` so
+a refusal or error undoes only that operation. Callers are resolved only after the
+commit succeeded; a failed commit fails every operation of its batch. This is what turns
+~2K durable lifecycles/s (one transaction per operation) into tens of thousands.
+
+The ledger is meant for one gateway process per database file (other processes work
+through SQLite's file lock, serialised); never put the file on a network filesystem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+from gatewaykit.errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    GatewayKitError,
+    HoldClosedError,
+    HoldConflictError,
+    HoldNotFoundError,
+    LedgerError,
+    LedgerUnavailableError,
+)
+from gatewaykit.ledger._sqlite_schema import prepare
+from gatewaykit.ledger.base import (
+    ApiKeyRecord,
+    BudgetStatus,
+    Hold,
+    HoldState,
+    Period,
+    UsageRecord,
+    validate_hold_id,
+    validate_scopes,
+    validate_ttl,
+)
+from gatewaykit.money import from_nanos, to_nanos
+
+__all__ = ["SQLiteLedger"]
+
+logger = logging.getLogger("gatewaykit.ledger")
+
+T = TypeVar("T")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NO_PERIOD = Period()
+_STATES = {s.value: s for s in HoldState}
+_HOLD_COLUMNS = "hold_id, scopes, amount, state, created_at, expires_at, charged, overrun, late"
+_USAGE_COLUMNS = (
+    "request_id, key_id, user, model, endpoint, status, usage_source, input_tokens, "
+    "output_tokens, cache_read_tokens, cache_write_tokens, cost_nanos, error, latency_ms, "
+    "created_at"
+)
+_KEY_COLUMNS = (
+    "key_id, key_hash, prefix, user, team, revoked, created_at, expires_at, allowed_models, rpm"
+)
+_MAX_BATCH = 512
+_MAX_CACHED = 100_000
+_NEVER = 2**62
+
+HoldRow = tuple[str, str, int, str, int, int, int, int, int]
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+def _dt(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _dt_us(value: datetime) -> int:
+    if value.tzinfo is None:
+        raise ConfigurationError(f"timestamps must be timezone-aware, got {value!r}")
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _window_key(period: Period, now_us: int) -> int:
+    """Start of ``period``'s window at ``now_us``, in epoch seconds (the counter key)."""
+    if period.kind == "none":
+        return 0
+    seconds = now_us // 1_000_000
+    if period.kind == "rolling":
+        assert period.seconds is not None
+        return seconds - seconds % period.seconds
+    start, _ = period.window(_dt(now_us))
+    return int((start - _EPOCH).total_seconds())
+
+
+_usd = functools.lru_cache(maxsize=4096)(from_nanos)
+
+
+def _hold(row: HoldRow) -> Hold:
+    hold_id, scopes, amount, state, created, expires, charged, overrun, late = row
+    return Hold(
+        hold_id=hold_id,
+        scopes=tuple(scopes.split(" ")) if scopes else (),
+        amount=_usd(amount),
+        state=_STATES[state],
+        created_at=_dt(created),
+        expires_at=_dt(expires),
+        charged=_usd(charged),
+        overrun=_usd(overrun),
+        late=bool(late),
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Fail:
+    """An operation that committed its side effects (e.g. a reclaim) and then refuses."""
+
+    error: GatewayKitError
+
+
+class _Store:
+    """The operations, run on the writer thread inside the batch transaction.
+
+    Operations check everything before their first write and raise only before it (or
+    return :class:`_Fail` after writes that must stand). The caches below make the hot
+    path cheap; they are dropped whenever another connection committed (``PRAGMA
+    data_version``) or a batch rolled back, so SQLite stays the only source of truth.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.c = conn
+        self.budget_cache: dict[str, tuple[int | None, Period]] = {}
+        #: (scope, window) -> [spent, reserved], exactly as committed plus this batch.
+        self.counters: dict[tuple[str, int], list[int]] = {}
+        #: Live holds this connection wrote or read: id -> (row, windows).
+        self.live: dict[str, tuple[HoldRow, list[tuple[str, int]]]] = {}
+        #: A lower bound of every live hold's expiry (None: unknown).
+        self.next_expiry: int | None = None
+
+    def forget(self) -> None:
+        self.budget_cache.clear()
+        self.counters.clear()
+        self.live.clear()
+        self.next_expiry = None
+
+    # -- helpers -----------------------------------------------------------------------
+    def budget(self, scope: str) -> tuple[int | None, Period] | None:
+        cached = self.budget_cache.get(scope)
+        if cached is not None:
+            return cached
+        row = self.c.execute(
+            "SELECT limit_nanos, period_kind, period_seconds FROM budgets WHERE scope = ?",
+            (scope,),
+        ).fetchone()
+        if row is None:
+            return None
+        budget = (row[0], Period(row[1], row[2]))
+        self.budget_cache[scope] = budget
+        return budget
+
+    def counter(self, scope: str, key: int) -> list[int]:
+        cached = self.counters.get((scope, key))
+        if cached is None:
+            row = self.c.execute(
+                "SELECT spent, reserved FROM counters WHERE scope = ? AND window_start = ?",
+                (scope, key),
+            ).fetchone()
+            cached = self.counters[(scope, key)] = list(row) if row else [0, 0]
+        return cached
+
+    def move(self, windows: list[tuple[str, int]], spent: int, reserved: int) -> None:
+        """Add to the counters of ``windows`` (rows exist: the hold's reserve made them)."""
+        self.c.executemany(
+            "UPDATE counters SET spent = spent + ?, reserved = reserved + ? "
+            "WHERE scope = ? AND window_start = ?",
+            [(spent, reserved, scope, key) for scope, key in windows],
+        )
+        for window in windows:
+            cached = self.counters.get(window)
+            if cached is not None:
+                cached[0] += spent
+                cached[1] += reserved
+
+    def status(self, scope: str, now: int) -> BudgetStatus:
+        limit, period = self.budget(scope) or (None, _NO_PERIOD)
+        start, end = period.window(_dt(now))
+        spent, reserved = self.counter(scope, _window_key(period, now))
+        return BudgetStatus(
+            scope=scope,
+            limit=None if limit is None else _usd(limit),
+            period=period,
+            spent=_usd(spent),
+            held=_usd(reserved),
+            window_start=start,
+            resets_at=end,
+        )
+
+    def get(self, hold_id: str) -> HoldRow | None:
+        cached = self.live.get(hold_id)
+        if cached is not None:
+            return cached[0]
+        row: HoldRow | None = self.c.execute(
+            f"SELECT {_HOLD_COLUMNS} FROM holds WHERE hold_id = ?", (hold_id,)
+        ).fetchone()
+        return row
+
+    def windows(self, hold_id: str) -> list[tuple[str, int]]:
+        cached = self.live.get(hold_id)
+        if cached is not None:
+            return cached[1]
+        rows: list[tuple[str, int]] = self.c.execute(
+            "SELECT scope, window_start FROM hold_scopes WHERE hold_id = ?", (hold_id,)
+        ).fetchall()
+        return rows
+
+    def end(self, hold_id: str, amount: int, state: str, now: int) -> None:
+        """Move a live hold to ``state`` (released or expired), freeing its reservation."""
+        windows = self.windows(hold_id)
+        self.c.execute(
+            "UPDATE holds SET state = ?, ended_at = ? WHERE hold_id = ?", (state, now, hold_id)
+        )
+        self.move(windows, 0, -amount)
+        self.live.pop(hold_id, None)
+
+    def touch(self, row: HoldRow, now: int) -> HoldRow:
+        """Expire ``row``'s hold first if its TTL has passed (no operation sees it live)."""
+        if row[3] == "held" and now >= row[5]:
+            self.end(row[0], row[2], "expired", now)
+            return (*row[:3], "expired", *row[4:])
+        return row
+
+    def reclaim(self, scopes: tuple[str, ...], now: int) -> None:
+        """Expire the due holds sharing a scope with a new reserve (lazy sweeping)."""
+        if self.next_expiry is not None and now < self.next_expiry:
+            return
+        marks = ", ".join("?" * len(scopes))
+        due = self.c.execute(
+            "SELECT h.hold_id, h.amount FROM holds h WHERE h.state = 'held' AND "
+            "h.expires_at <= ? AND EXISTS (SELECT 1 FROM hold_scopes s WHERE "
+            f"s.hold_id = h.hold_id AND s.scope IN ({marks}))",
+            (now, *scopes),
+        ).fetchall()
+        for hold_id, amount in due:
+            self.end(hold_id, amount, "expired", now)
+        first = self.c.execute("SELECT min(expires_at) FROM holds WHERE state = 'held'")
+        value = first.fetchone()[0]
+        self.next_expiry = _NEVER if value is None else value
+
+    def record(self, record: UsageRecord | None, cost: int, now: int) -> None:
+        if record is None:
+            return
+        self.c.execute(
+            f"INSERT OR IGNORE INTO usage_records ({_USAGE_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.request_id,
+                record.key_id,
+                record.user,
+                record.model,
+                record.endpoint,
+                record.status,
+                record.usage_source,
+                record.input_tokens,
+                record.output_tokens,
+                record.cache_read_tokens,
+                record.cache_write_tokens,
+                cost,
+                record.error,
+                record.latency_ms,
+                now,
+            ),
+        )
+
+    # -- budgets -----------------------------------------------------------------------
+    def set_budget(self, now: int, scope: str, limit: int | None, period: Period) -> BudgetStatus:
+        self.c.execute(
+            "INSERT INTO budgets (scope, limit_nanos, period_kind, period_seconds, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope) DO UPDATE SET "
+            "limit_nanos = excluded.limit_nanos, period_kind = excluded.period_kind, "
+            "period_seconds = excluded.period_seconds, updated_at = excluded.updated_at",
+            (scope, limit, period.kind, period.seconds, now),
+        )
+        self.budget_cache[scope] = (limit, period)
+        return self.status(scope, now)
+
+    def delete_budget(self, now: int, scope: str) -> bool:
+        self.budget_cache.pop(scope, None)
+        return self.c.execute("DELETE FROM budgets WHERE scope = ?", (scope,)).rowcount > 0
+
+    def get_status(self, now: int, scope: str) -> BudgetStatus | None:
+        known = (
+            self.budget(scope) is not None
+            or self.c.execute("SELECT 1 FROM counters WHERE scope = ? LIMIT 1", (scope,)).fetchone()
+        )
+        return self.status(scope, now) if known else None
+
+    def all_budgets(self, now: int) -> list[BudgetStatus]:
+        rows = self.c.execute(
+            "SELECT scope FROM budgets UNION SELECT scope FROM counters ORDER BY scope"
+        ).fetchall()
+        return [self.status(r[0], now) for r in rows]
+
+    # -- holds -------------------------------------------------------------------------
+    def reserve(
+        self, now: int, hold_id: str, scopes: tuple[str, ...], amount: int, ttl: int
+    ) -> Hold | _Fail:
+        text = " ".join(scopes)
+        expires = now + ttl
+        c = self.c
+        # Insert first: a fresh id (the common case) costs no lookup; a replay conflicts.
+        try:
+            c.execute(
+                "INSERT INTO holds (hold_id, scopes, amount, state, created_at, expires_at) "
+                "VALUES (?, ?, ?, 'held', ?, ?)",
+                (hold_id, text, amount, now, expires),
+            )
+        except sqlite3.IntegrityError:
+            row = self.get(hold_id)
+            if row is None:
+                raise
+            if row[3] == "released" and not row[1]:
+                return _hold(row)  # a tombstone: the release came first
+            if row[1] != text or row[2] != amount:
+                raise HoldConflictError(
+                    f"hold {hold_id!r} was reserved with other scopes or another amount; "
+                    "use a fresh hold id for a new request"
+                ) from None
+            return _hold(self.touch(row, now))
+        self.reclaim(scopes, now)
+        windows = []
+        for scope in scopes:
+            limit, period = self.budget(scope) or (None, _NO_PERIOD)
+            key = _window_key(period, now)
+            if limit is not None:
+                spent, reserved = self.counter(scope, key)
+                if spent + reserved + amount > limit:
+                    c.execute("DELETE FROM holds WHERE hold_id = ?", (hold_id,))
+                    return _Fail(
+                        BudgetExceeded(
+                            scope=scope,
+                            limit=_usd(limit),
+                            spent=_usd(spent),
+                            held=_usd(reserved),
+                            requested=_usd(amount),
+                            resets_at=period.window(_dt(now))[1],
+                        )
+                    )
+            windows.append((scope, key))
+        c.executemany(
+            "INSERT INTO hold_scopes (hold_id, scope, window_start) VALUES (?, ?, ?)",
+            [(hold_id, scope, key) for scope, key in windows],
+        )
+        c.executemany(
+            "INSERT INTO counters (scope, window_start, reserved) VALUES (?, ?, ?) "
+            "ON CONFLICT (scope, window_start) DO UPDATE SET reserved = reserved + ?",
+            [(scope, key, amount, amount) for scope, key in windows],
+        )
+        for window in windows:
+            cached = self.counters.get(window)
+            if cached is not None:
+                cached[1] += amount
+        if self.next_expiry is not None:
+            self.next_expiry = min(self.next_expiry, expires)
+        row = (hold_id, text, amount, "held", now, expires, 0, 0, 0)
+        if len(self.live) < _MAX_CACHED:
+            self.live[hold_id] = (row, windows)
+        return _hold(row)
+
+    def settle(
+        self, now: int, hold_id: str, actual: int, record: UsageRecord | None, cost: int
+    ) -> Hold:
+        row = self.get(hold_id)
+        if row is None:
+            raise HoldNotFoundError(f"no hold {hold_id!r}; reserve before settling")
+        row = self.touch(row, now)
+        state = row[3]
+        if state == "settled":
+            if row[6] != actual:
+                raise HoldConflictError(
+                    f"hold {hold_id!r} was already settled at ${_usd(row[6])}, not ${_usd(actual)}"
+                )
+            return _hold(row)
+        if state == "released":
+            return _hold(row)
+        late = state == "expired"
+        amount = row[2]
+        overrun = max(0, actual - amount)
+        windows = self.windows(hold_id)
+        self.c.execute(
+            "UPDATE holds SET state = 'settled', charged = ?, overrun = ?, late = ?, "
+            "ended_at = coalesce(ended_at, ?) WHERE hold_id = ?",
+            (actual, overrun, int(late), now, hold_id),
+        )
+        self.move(windows, actual, 0 if late else -amount)
+        self.live.pop(hold_id, None)
+        self.record(record, cost, now)
+        return _hold((*row[:3], "settled", row[4], row[5], actual, overrun, int(late)))
+
+    def release(self, now: int, hold_id: str, record: UsageRecord | None, cost: int) -> Hold:
+        row = self.get(hold_id)
+        if row is None:
+            self.c.execute(
+                "INSERT INTO holds (hold_id, scopes, amount, state, created_at, expires_at, "
+                "ended_at) VALUES (?, '', 0, 'released', ?, ?, ?)",
+                (hold_id, now, now, now),
+            )
+            self.record(record, cost, now)
+            return _hold((hold_id, "", 0, "released", now, now, 0, 0, 0))
+        row = self.touch(row, now)
+        if row[3] != "held":
+            return _hold(row)
+        self.end(hold_id, row[2], "released", now)
+        self.record(record, cost, now)
+        return _hold((*row[:3], "released", *row[4:]))
+
+    def extend(self, now: int, hold_id: str, ttl: int) -> Hold | _Fail:
+        row = self.get(hold_id)
+        if row is None:
+            raise HoldNotFoundError(f"no hold {hold_id!r}")
+        row = self.touch(row, now)
+        if row[3] != "held":
+            return _Fail(HoldClosedError(f"hold {hold_id!r} is {row[3]}; it cannot be extended"))
+        expires = max(row[5], now + ttl)
+        windows = self.windows(hold_id)
+        self.c.execute("UPDATE holds SET expires_at = ? WHERE hold_id = ?", (expires, hold_id))
+        row = (*row[:5], expires, *row[6:])
+        if hold_id in self.live:
+            self.live[hold_id] = (row, windows)
+        return _hold(row)
+
+    def get_hold(self, now: int, hold_id: str) -> Hold | None:
+        row = self.get(hold_id)
+        return None if row is None else _hold(row)
+
+    def list_holds(self, now: int, live_only: bool, limit: int) -> list[Hold]:
+        where = "WHERE state = 'held' " if live_only else ""
+        rows = self.c.execute(
+            f"SELECT {_HOLD_COLUMNS} FROM holds {where}ORDER BY created_at DESC, seq DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [_hold(r) for r in rows]
+
+    def sweep(self, now: int) -> int:
+        due = self.c.execute(
+            "SELECT hold_id, amount FROM holds WHERE state = 'held' AND expires_at <= ?", (now,)
+        ).fetchall()
+        for hold_id, amount in due:
+            self.end(hold_id, amount, "expired", now)
+        self.next_expiry = None
+        return len(due)
+
+    def check(self, now: int) -> list[str]:
+        c = self.c
+        problems: list[str] = []
+        expected: dict[tuple[str, int], tuple[int, int]] = {
+            (scope, key): (live, charged)
+            for scope, key, live, charged in c.execute(
+                "SELECT s.scope, s.window_start, "
+                "total(CASE WHEN h.state = 'held' THEN h.amount ELSE 0 END), "
+                "total(CASE WHEN h.state = 'settled' THEN h.charged ELSE 0 END) "
+                "FROM hold_scopes s JOIN holds h ON h.hold_id = s.hold_id "
+                "GROUP BY s.scope, s.window_start"
+            )
+        }
+        counters = c.execute("SELECT scope, window_start, spent, reserved FROM counters")
+        for scope, key, spent, reserved in counters:
+            live, charged = expected.pop((scope, key), (0, 0))
+            where = f"{scope} (window starting {_dt(key * 1_000_000).isoformat()})"
+            if reserved != live:
+                problems.append(
+                    f"I2: {where} has reserved {reserved} nano-USD but its live "
+                    f"holds total {int(live)}"
+                )
+            if spent != charged:
+                problems.append(
+                    f"I3: {where} has spent {spent} nano-USD but its settled "
+                    f"holds charged {int(charged)}"
+                )
+            if spent < 0 or reserved < 0:
+                problems.append(f"I9: {where} has a negative total")
+        for scope, key in expected:
+            problems.append(f"I10: holds were taken on {scope} window {key} with no counter")
+        checks = {
+            "I4: {} holds carry a charge or late mark without being settled": (
+                "SELECT count(*) FROM holds WHERE state != 'settled' AND (charged != 0 OR late)"
+            ),
+            "I4: {} settled holds record a wrong overrun": (
+                "SELECT count(*) FROM holds WHERE state = 'settled' AND overrun != "
+                "max(0, charged - amount)"
+            ),
+            "I6: {} holds expired before their TTL": (
+                "SELECT count(*) FROM holds WHERE state = 'expired' AND "
+                "(ended_at IS NULL OR ended_at < expires_at)"
+            ),
+            "I8: {} holds do not cover exactly their scopes": (
+                "SELECT count(*) FROM holds h WHERE (SELECT count(*) FROM hold_scopes s "
+                "WHERE s.hold_id = h.hold_id) != (CASE WHEN h.scopes = '' THEN 0 ELSE "
+                "length(h.scopes) - length(replace(h.scopes, ' ', '')) + 1 END)"
+            ),
+            "I11: {} money values are not integers": (
+                "SELECT (SELECT count(*) FROM counters WHERE typeof(spent) != 'integer' "
+                "OR typeof(reserved) != 'integer') + (SELECT count(*) FROM holds WHERE "
+                "typeof(amount) != 'integer' OR typeof(charged) != 'integer')"
+            ),
+        }
+        for message, sql in checks.items():
+            count = c.execute(sql).fetchone()[0]
+            if count:
+                problems.append(message.format(count))
+        return problems
+
+    # -- usage and keys ----------------------------------------------------------------
+    def usage(self, now: int, user: str | None, limit: int) -> list[UsageRecord]:
+        where = "WHERE user = ? " if user is not None else ""
+        args: tuple[Any, ...] = (user, limit) if user is not None else (limit,)
+        rows = self.c.execute(
+            f"SELECT {_USAGE_COLUMNS} FROM usage_records {where}ORDER BY seq DESC LIMIT ?", args
+        ).fetchall()
+        return [
+            UsageRecord(
+                request_id=r[0],
+                key_id=r[1],
+                user=r[2],
+                model=r[3],
+                endpoint=r[4],
+                status=r[5],
+                usage_source=r[6],
+                input_tokens=r[7],
+                output_tokens=r[8],
+                cache_read_tokens=r[9],
+                cache_write_tokens=r[10],
+                cost=from_nanos(r[11]),
+                error=r[12],
+                latency_ms=r[13],
+                created_at=_dt(r[14]),
+            )
+            for r in rows
+        ]
+
+    @staticmethod
+    def _key(r: tuple[Any, ...]) -> ApiKeyRecord:
+        return ApiKeyRecord(
+            key_id=r[0],
+            key_hash=r[1],
+            prefix=r[2],
+            user=r[3],
+            team=r[4],
+            revoked=bool(r[5]),
+            created_at=_dt(r[6]),
+            expires_at=None if r[7] is None else _dt(r[7]),
+            allowed_models=None if r[8] is None else tuple(json.loads(r[8])),
+            rpm=r[9],
+        )
+
+    def create_key(self, now: int, record: ApiKeyRecord) -> ApiKeyRecord:
+        created = now if record.created_at is None else _dt_us(record.created_at)
+        try:
+            self.c.execute(
+                f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.key_id,
+                    record.key_hash,
+                    record.prefix,
+                    record.user,
+                    record.team,
+                    int(record.revoked),
+                    created,
+                    None if record.expires_at is None else _dt_us(record.expires_at),
+                    None if record.allowed_models is None else json.dumps(record.allowed_models),
+                    record.rpm,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise ConfigurationError(
+                f"API key {record.key_id!r} already exists (same id or same key hash)"
+            ) from None
+        return dataclasses.replace(record, created_at=_dt(created))
+
+    def find_key(self, now: int, key_hash: str) -> ApiKeyRecord | None:
+        row = self.c.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ?", (key_hash,)
+        ).fetchone()
+        return None if row is None else self._key(row)
+
+    def revoke_key(self, now: int, key_id: str) -> bool:
+        cursor = self.c.execute("UPDATE api_keys SET revoked = 1 WHERE key_id = ?", (key_id,))
+        return cursor.rowcount > 0
+
+    def list_keys(self, now: int, user: str | None) -> list[ApiKeyRecord]:
+        where = "WHERE user = ? " if user is not None else ""
+        rows = self.c.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys {where}ORDER BY seq",
+            (user,) if user is not None else (),
+        ).fetchall()
+        return [self._key(r) for r in rows]
+
+
+_Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+
+
+def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in results:
+        if future.done():
+            continue  # the caller was cancelled; the outcome stands in the store
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class _Writer(threading.Thread):
+    """Owns the connection; runs queued operations in group-committed batches."""
+
+    def __init__(self, ledger: SQLiteLedger, ready: asyncio.Future[None]) -> None:
+        super().__init__(name=f"gatewaykit-sqlite-ledger:{ledger.path}", daemon=True)
+        self.ledger = ledger
+        self.queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self.ready = ready
+        self.ready_loop = ready.get_loop()
+        self.closed: asyncio.Future[None] | None = None
+        self.last_now = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        ledger = self.ledger
+        where = "the in-memory ledger" if ledger.path == ":memory:" else f"ledger {ledger.path!r}"
+        try:
+            conn = sqlite3.connect(
+                ledger.path,
+                timeout=ledger.busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise LedgerUnavailableError(f"cannot open {where}: {exc}") from None
+        try:
+            prepare(conn, where)
+            if ledger.path != ":memory:":
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise LedgerUnavailableError(f"{where} cannot use WAL (journal mode {mode})")
+            conn.execute(f"PRAGMA synchronous = {ledger.synchronous}")
+            conn.execute(f"PRAGMA busy_timeout = {int(ledger.busy_timeout * 1000)}")
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise LedgerUnavailableError(f"cannot open {where}: {exc}") from None
+            raise
+        return conn
+
+    def run(self) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:
+            self.ready_loop.call_soon_threadsafe(_set_exc, self.ready, exc)
+            return
+        self.ready_loop.call_soon_threadsafe(_set_ok, self.ready)
+        store = _Store(conn)
+        try:
+            self._loop(conn, store)
+        finally:
+            conn.close()
+            if self.closed is not None:
+                self.closed.get_loop().call_soon_threadsafe(_set_ok, self.closed)
+
+    def _loop(self, conn: sqlite3.Connection, store: _Store) -> None:
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        get, get_nowait = self.queue.get, self.queue.get_nowait
+        stopping = False
+        while not stopping:
+            first = get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            batch = [op for op in batch if not op[2].cancelled()]  # cancelled before running
+            if not batch:
+                continue
+            nows = self._times(len(batch))
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                current = conn.execute("PRAGMA data_version").fetchone()[0]
+            except sqlite3.Error as exc:
+                self._rollback(conn, store)
+                self._fail(batch, self.ledger._unavailable(exc))
+                continue
+            if current != version:  # another connection committed: caches may be stale
+                store.forget()
+                version = current
+            try:
+                results = self._run(conn, store, batch, nows, isolate=False)
+                if results is None:  # an operation raised: redo the batch, each op isolated
+                    self._rollback(conn, store)
+                    conn.execute("BEGIN IMMEDIATE")
+                    results = self._run(conn, store, batch, nows, isolate=True)
+                    assert results is not None
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback(conn, store)
+                self._fail(batch, self.ledger._unavailable(exc))
+                continue
+            except BaseException as exc:  # a bug: never commit half an operation
+                self._rollback(conn, store)
+                logger.exception("SQLite ledger batch failed unexpectedly")
+                self._fail(batch, LedgerError(f"internal ledger error: {exc!r}"))
+                continue
+            self._resolve(results)
+        while True:  # operations queued while closing
+            try:
+                item = get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._fail([item], LedgerUnavailableError("the SQLite ledger is closed"))
+
+    def _times(self, count: int) -> list[int]:
+        """One store-clock reading per operation; store time never runs backwards here."""
+        clock, last, out = self.ledger.clock, self.last_now, []
+        for _ in range(count):
+            now = _us(clock())
+            last = now if now > last else last
+            out.append(last)
+        self.last_now = last
+        return out
+
+    @staticmethod
+    def _run(
+        conn: sqlite3.Connection,
+        store: _Store,
+        batch: list[_Op],
+        nows: list[int],
+        *,
+        isolate: bool,
+    ) -> list[tuple[_Op, bool, Any]] | None:
+        """Run a batch in the open transaction.
+
+        Optimistically (``isolate=False``) operations run back to back, and any exception
+        returns None so the caller can roll back and redo the batch with ``isolate=True``:
+        each operation in its own SAVEPOINT, an exception undoing only that operation.
+        """
+        results: list[tuple[_Op, bool, Any]] = []
+        execute = conn.execute
+        for op, now in zip(batch, nows, strict=True):
+            fn, args, _, _ = op
+            if isolate:
+                execute("SAVEPOINT op")
+            try:
+                value = fn(store, now, *args)
+            except (sqlite3.IntegrityError, GatewayKitError, ValueError) as exc:
+                if not isolate:
+                    return None
+                execute("ROLLBACK TO op")
+                execute("RELEASE op")
+                store.forget()
+                if isinstance(exc, sqlite3.IntegrityError):
+                    exc = LedgerError(f"the ledger refused a write breaking an invariant: {exc}")
+                results.append((op, False, exc))
+                continue
+            if isolate:
+                execute("RELEASE op")
+            if isinstance(value, _Fail):
+                results.append((op, False, value.error))
+            else:
+                results.append((op, True, value))
+        return results
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection, store: _Store) -> None:
+        store.forget()
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            logger.warning("SQLite ledger rollback failed", exc_info=True)
+
+    @staticmethod
+    def _resolve(results: list[tuple[_Op, bool, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for (_, _, future, loop), ok, value in results:
+            by_loop.setdefault(loop, []).append((future, ok, value))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the caller's loop closed: nobody waits
+                loop.call_soon_threadsafe(_deliver, items)
+
+    def _fail(self, batch: list[_Op], error: BaseException) -> None:
+        self._resolve([(op, False, error) for op in batch])
+
+
+def _set_ok(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _set_exc(future: asyncio.Future[None], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class SQLiteLedger:
+    """The embedded ledger: one SQLite file (or ``:memory:``), WAL, durable by default.
+
+    ``synchronous="FULL"`` (default) makes every acknowledged operation survive power
+    loss; ``"NORMAL"`` may lose the last commits on power loss (never on a crash).
+    ``clock`` is the store clock (seconds since the epoch; default :func:`time.time`):
+    callers never pass time into operations. Use asyncio.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        clock: Callable[[], float] | None = None,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        if not isinstance(path, str) or not path:
+            raise ConfigurationError(f"SQLiteLedger needs a file path or ':memory:', got {path!r}")
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ConfigurationError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
+        if (
+            isinstance(busy_timeout, bool)
+            or not isinstance(busy_timeout, (int, float))
+            or (busy_timeout < 0)
+        ):
+            raise ConfigurationError(f"busy_timeout must be seconds ≥ 0, got {busy_timeout!r}")
+        self.path = path
+        self.synchronous = synchronous
+        self.clock: Callable[[], float] = clock or time.time
+        self.busy_timeout = float(busy_timeout)
+        self._writer: _Writer | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteLedger({self.path!r}, synchronous={self.synchronous!r})"
+
+    def _unavailable(self, exc: sqlite3.Error) -> LedgerUnavailableError:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            hint = f"locked by another connection for longer than busy_timeout={self.busy_timeout}s"
+        else:
+            hint = text
+        return LedgerUnavailableError(f"the SQLite ledger {self.path!r} is unavailable: {hint}")
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._writer is not None:
+            return
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        writer = _Writer(self, ready)
+        writer.start()
+        try:
+            await ready
+        except BaseException:
+            writer.join()
+            raise
+        self._writer = writer
+
+    async def aclose(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        writer.closed = asyncio.get_running_loop().create_future()
+        writer.queue.put(None)
+        await asyncio.shield(writer.closed)
+
+    async def __aenter__(self) -> SQLiteLedger:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _call(self, fn: Callable[..., T | _Fail], *args: Any) -> T:
+        writer = self._writer
+        if writer is None:
+            raise LedgerUnavailableError(
+                "the SQLite ledger is not open; use 'async with ledger' or 'await ledger.open()'"
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        writer.queue.put((fn, args, future, loop))
+        return await future
+
+    # -- budgets -----------------------------------------------------------------------
+    async def set_budget(
+        self, scope: str, *, limit: Decimal | None, period: Period = _NO_PERIOD
+    ) -> BudgetStatus:
+        (scope,) = validate_scopes([scope])
+        if not isinstance(period, Period):
+            period = Period.parse(period)
+        nanos = None if limit is None else to_nanos(limit)
+        return await self._call(_Store.set_budget, scope, nanos, period)
+
+    async def delete_budget(self, scope: str) -> bool:
+        (scope,) = validate_scopes([scope])
+        return await self._call(_Store.delete_budget, scope)
+
+    async def status(self, scope: str) -> BudgetStatus | None:
+        (scope,) = validate_scopes([scope])
+        return await self._call(_Store.get_status, scope)
+
+    async def budgets(self) -> list[BudgetStatus]:
+        return await self._call(_Store.all_budgets)
+
+    # -- holds -------------------------------------------------------------------------
+    async def reserve(
+        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+    ) -> Hold:
+        hold_id = validate_hold_id(hold_id)
+        scope_t = validate_scopes(scopes)
+        nanos = to_nanos(amount)
+        ttl_us = max(1, _us(validate_ttl(ttl)))
+        return await self._call(_Store.reserve, hold_id, scope_t, nanos, ttl_us)
+
+    async def settle(
+        self, hold_id: str, actual: Decimal, *, record: UsageRecord | None = None
+    ) -> Hold:
+        hold_id = validate_hold_id(hold_id)
+        nanos = to_nanos(actual)
+        return await self._call(_Store.settle, hold_id, nanos, record, _record_cost(record))
+
+    async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> Hold:
+        hold_id = validate_hold_id(hold_id)
+        return await self._call(_Store.release, hold_id, record, _record_cost(record))
+
+    async def extend(self, hold_id: str, *, ttl: float) -> Hold:
+        hold_id = validate_hold_id(hold_id)
+        ttl_us = max(1, _us(validate_ttl(ttl)))
+        return await self._call(_Store.extend, hold_id, ttl_us)
+
+    async def get_hold(self, hold_id: str) -> Hold | None:
+        return await self._call(_Store.get_hold, validate_hold_id(hold_id))
+
+    async def holds(self, *, live_only: bool = True, limit: int = 1000) -> list[Hold]:
+        return await self._call(_Store.list_holds, bool(live_only), _limit(limit))
+
+    async def sweep(self) -> int:
+        return await self._call(_Store.sweep)
+
+    async def check(self) -> list[str]:
+        return await self._call(_Store.check)
+
+    # -- usage records -----------------------------------------------------------------
+    async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
+        return await self._call(_Store.usage, user, _limit(limit))
+
+    # -- API keys ------------------------------------------------------------------------
+    async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord:
+        if not isinstance(record, ApiKeyRecord):
+            raise ConfigurationError("create_key needs an ApiKeyRecord")
+        return await self._call(_Store.create_key, record)
+
+    async def find_key(self, key_hash: str) -> ApiKeyRecord | None:
+        return await self._call(_Store.find_key, key_hash)
+
+    async def revoke_key(self, key_id: str) -> bool:
+        return await self._call(_Store.revoke_key, key_id)
+
+    async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]:
+        return await self._call(_Store.list_keys, user)
+
+
+def _limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigurationError(f"limit must be a positive int, got {limit!r}")
+    return limit
+
+
+def _record_cost(record: UsageRecord | None) -> int:
+    """Validate a usage record before it is queued; return its cost in nano-USD."""
+    if record is None:
+        return 0
+    if not isinstance(record, UsageRecord):
+        raise ConfigurationError("record must be a UsageRecord")
+    return to_nanos(record.cost)
