@@ -511,9 +511,7 @@ def _git(*args: str) -> str:
 
 
 async def _reserve_p50(url: str, n: int) -> float:
-    from gatewaykit.ledger.url import open_ledger
-
-    ledger = open_ledger(url)
+    ledger = gw_gateway.open_target(url)
     await ledger.open()
     try:
         await ledger.set_budget("user:bench-reserve", limit=Decimal("1000000"))

@@ -11,12 +11,24 @@ import asyncio
 import contextlib
 import os
 import uuid
+from collections.abc import AsyncIterator
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp
 
-__all__ = ["cleanup", "gateway_app", "ledger_url", "live_holds", "new_key", "unavailable"]
+if TYPE_CHECKING:
+    from gatewaykit.ledger.base import Ledger
+
+__all__ = [
+    "cleanup",
+    "gateway_app",
+    "ledger_url",
+    "live_holds",
+    "new_key",
+    "open_target",
+    "unavailable",
+]
 
 _URLS: dict[str, str] = {}  # kind -> ledger URL in use
 _SCHEMAS: list[tuple[str, str]] = []  # (dsn, schema) to drop at cleanup
@@ -40,6 +52,14 @@ def unavailable(kind: str) -> str | None:
     return None
 
 
+def open_target(target: str) -> Ledger:
+    """A ledger for a target made by :func:`ledger_url` (``URL`` or ``URL#schema=NAME``)."""
+    from gatewaykit.ledger.url import open_ledger
+
+    url, _, schema = target.partition("#schema=")
+    return open_ledger(url, schema=schema) if schema else open_ledger(url)
+
+
 def new_key() -> str:
     from gatewaykit.keys import generate_key
 
@@ -54,11 +74,10 @@ def ledger_url(kind: str, tmpdir: str, dsn: str, *, fresh: bool = False) -> str 
         schema = f"gk_bench_{uuid.uuid4().hex[:10]}"
         try:
             asyncio.run(_create_schema(dsn, schema))
-        except (OSError, Exception):  # unreachable server, auth, ...
+        except Exception:  # unreachable server, auth, ...
             return None
         _SCHEMAS.append((dsn, schema))
-        sep = "&" if "?" in dsn else "?"
-        url = f"{dsn}{sep}search_path={schema}"
+        url = f"{dsn}#schema={schema}"
     if not fresh:
         _URLS[kind] = url
     return url
@@ -100,9 +119,7 @@ def live_holds(kind: str) -> int | None:
         return None
 
     async def count() -> int:
-        from gatewaykit.ledger.url import open_ledger
-
-        ledger = open_ledger(url)
+        ledger = open_target(url)
         await ledger.open()
         try:
             return len(await ledger.holds(live_only=True))
@@ -116,4 +133,47 @@ def live_holds(kind: str) -> int | None:
 
 
 def gateway_app(kind: str, upstream: str, options: dict[str, Any]) -> ASGIApp:
-    raise NotImplementedError("wired once GatewayMiddleware, StandaloneMode and the adapters land")
+    """gatewaykit as a user would mount it: Starlette + the adapters + GatewayMiddleware."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+
+    from gatewaykit import GatewayMiddleware, ModelPrice, StandaloneMode, Upstream
+    from gatewaykit.adapters import default_client, gateway_routes
+    from gatewaykit.keys import display_prefix, hash_key
+    from gatewaykit.ledger.base import ApiKeyRecord
+
+    ledger = open_target(options["db"])
+    key: str = options["key"]
+    key_id = key.split("_")[1]
+    price = ModelPrice(input_per_mtok=Decimal("2.50"), output_per_mtok=Decimal("10.00"))
+    mode = StandaloneMode(
+        ledger,
+        prices={"bench": price, "bench-hold": price},
+        upstreams=[Upstream(base_url=upstream, api_key="sk-fake-upstream", provider="openai")],
+    )
+    client = default_client()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await ledger.open()
+        try:
+            async with client:
+                await ledger.create_key(
+                    ApiKeyRecord(
+                        key_id=key_id,
+                        key_hash=hash_key(key),
+                        prefix=display_prefix(key),
+                        user="bench",
+                    )
+                )
+                await ledger.set_budget(f"key:{key_id}", limit=BUDGET_USD)
+                await ledger.set_budget("user:bench", limit=BUDGET_USD)
+                yield
+        finally:
+            await ledger.aclose()
+
+    return Starlette(
+        routes=gateway_routes(client=client),
+        middleware=[Middleware(GatewayMiddleware, mode=mode)],
+        lifespan=lifespan,
+    )
