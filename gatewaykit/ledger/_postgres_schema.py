@@ -1,0 +1,158 @@
+"""Versioned migrations of the PostgreSQL ledger schema.
+
+Migration *n* (1-based) is ``MIGRATIONS[n - 1]``; the applied version is recorded in
+``gatewaykit_schema``. Every migration runs in one transaction under an advisory lock,
+so many gateway processes may open the same schema at once. A database written by a
+newer gatewaykit (a version this code does not know) is refused, never downgraded.
+
+Money columns are ``BIGINT`` nano-USD (I11). Times come from ``gk_now()``: the
+database's ``now()``, unless a test set ``gatewaykit.now`` for the session.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gatewaykit.errors import SchemaError
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
+
+_V1 = r"""
+CREATE TABLE gatewaykit_schema (
+    version    integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The store clock. Tests may pin it per session with set_config('gatewaykit.now', ...).
+CREATE FUNCTION gk_now() RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT coalesce(nullif(current_setting('gatewaykit.now', true), '')::timestamptz, now())
+$$;
+
+-- Start of the window containing t, for a budget period (mirrors Period.window).
+CREATE FUNCTION gk_window_start(kind text, seconds bigint, t timestamptz)
+RETURNS timestamptz LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE coalesce(kind, 'none')
+        WHEN 'none' THEN timestamptz '1970-01-01 00:00:00+00'
+        WHEN 'rolling' THEN to_timestamp(
+            (floor(extract(epoch FROM t))::bigint / seconds) * seconds)
+        WHEN 'day' THEN date_trunc('day', t, 'UTC')
+        WHEN 'week' THEN date_trunc('week', t, 'UTC')
+        WHEN 'month' THEN date_trunc('month', t, 'UTC')
+    END
+$$;
+
+CREATE TABLE budgets (
+    scope          text PRIMARY KEY,
+    limit_nanos    bigint CHECK (limit_nanos >= 0),
+    period_kind    text NOT NULL DEFAULT 'none'
+                   CHECK (period_kind IN ('none', 'rolling', 'day', 'week', 'month')),
+    period_seconds bigint CHECK (period_seconds > 0),
+    updated_at     timestamptz NOT NULL
+);
+
+-- One row per scope and period window: a cache of the holds, updated in the same
+-- statement as the hold row. No reset job: a new window is a new row.
+CREATE TABLE counters (
+    scope        text NOT NULL,
+    window_start timestamptz NOT NULL,
+    spent        bigint NOT NULL DEFAULT 0,
+    reserved     bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, window_start)
+) WITH (fillfactor = 50);
+
+CREATE TABLE holds (
+    seq        bigserial NOT NULL UNIQUE,
+    hold_id    text PRIMARY KEY,
+    scopes     text[] NOT NULL,
+    windows    timestamptz[] NOT NULL,  -- window start per scope, aligned with scopes
+    amount     bigint NOT NULL CHECK (amount >= 0),
+    state      text NOT NULL CHECK (state IN ('held', 'settled', 'released', 'expired')),
+    created_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL,
+    charged    bigint NOT NULL DEFAULT 0 CHECK (charged >= 0),
+    late       boolean NOT NULL DEFAULT false,
+    ended_at   timestamptz,
+    CHECK (cardinality(scopes) = cardinality(windows))
+);
+CREATE INDEX holds_due ON holds (expires_at) WHERE state = 'held';
+CREATE INDEX holds_recent ON holds (created_at DESC, seq DESC);
+
+CREATE TABLE usage_records (
+    seq                bigserial NOT NULL UNIQUE,
+    request_id         text PRIMARY KEY,
+    key_id             text,
+    user_id            text,
+    model              text NOT NULL,
+    endpoint           text NOT NULL,
+    status             text NOT NULL,
+    usage_source       text NOT NULL,
+    input_tokens       bigint NOT NULL,
+    output_tokens      bigint NOT NULL,
+    cache_read_tokens  bigint NOT NULL,
+    cache_write_tokens bigint NOT NULL,
+    cost_nanos         bigint NOT NULL,
+    error              text,
+    latency_ms         bigint,
+    created_at         timestamptz NOT NULL
+);
+CREATE INDEX usage_records_user ON usage_records (user_id, seq DESC);
+
+CREATE TABLE api_keys (
+    seq            bigserial NOT NULL UNIQUE,
+    key_id         text PRIMARY KEY,
+    key_hash       text NOT NULL UNIQUE,
+    prefix         text NOT NULL,
+    user_id        text NOT NULL,
+    team           text,
+    revoked        boolean NOT NULL DEFAULT false,
+    created_at     timestamptz NOT NULL,
+    expires_at     timestamptz,
+    allowed_models text[],
+    rpm            integer
+);
+"""
+
+#: Migration scripts in order; never edit a released one, append a new one.
+MIGRATIONS: tuple[str, ...] = (_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_OURS = ("budgets", "counters", "holds", "usage_records", "api_keys")
+
+
+async def migrate(conn: Any, schema: str) -> int:
+    """Bring ``schema`` to :data:`SCHEMA_VERSION`; return the version found before.
+
+    ``conn`` is an asyncpg connection whose ``search_path`` is ``schema``. Raises
+    :class:`SchemaError` for a schema written by a newer gatewaykit, or one that holds
+    tables of the same names but no version record (not ours).
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", "gatewaykit:" + schema)
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(f'SET LOCAL search_path TO "{schema}"')
+        tables = {
+            r["table_name"]
+            for r in await conn.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
+                schema,
+            )
+        }
+        if "gatewaykit_schema" in tables:
+            found = await conn.fetchval("SELECT coalesce(max(version), 0) FROM gatewaykit_schema")
+        elif tables.intersection(_OURS):
+            raise SchemaError(
+                f"schema {schema!r} has tables named like gatewaykit's but no gatewaykit_schema "
+                "version table; it was not created by gatewaykit — use another schema"
+            )
+        else:
+            found = 0
+        if found > SCHEMA_VERSION:
+            raise SchemaError(
+                f"schema {schema!r} is at gatewaykit ledger version {found}, newer than this "
+                f"gatewaykit understands ({SCHEMA_VERSION}); upgrade gatewaykit"
+            )
+        for version in range(found + 1, SCHEMA_VERSION + 1):
+            await conn.execute(MIGRATIONS[version - 1])
+            await conn.execute("INSERT INTO gatewaykit_schema (version) VALUES ($1)", version)
+        return int(found)

@@ -1,0 +1,1097 @@
+# ruff: noqa: S608  (SQL is assembled from constant fragments only; values are parameters)
+"""The scale-out ledger: many gateway processes on many machines share one PostgreSQL.
+
+Every hold operation is one SQL statement (one round trip, one commit) under READ
+COMMITTED: a reserve locks its scopes' counter rows in a fixed sorted order, re-checks
+``spent + reserved + amount <= limit`` on the locked row versions, and inserts the hold
+only if every scope passed. PostgreSQL re-evaluates a waiting row lock against the
+newest committed version, so concurrent reserves can neither over-admit nor deadlock,
+and no retry loop is needed. Time is the database's clock (``now()``), never the
+caller's, so skew between gateway hosts does not matter.
+
+Expired holds are reclaimed lazily by the next reserve on one of their scopes, and by
+:meth:`PostgresLedger.sweep`, which uses ``FOR UPDATE SKIP LOCKED`` so any number of
+instances may sweep at once and each expired hold is released exactly once.
+
+Reserves and settles queued at the same moment in one process for the same budgets are
+sent together (one round trip and one commit for the whole group): that keeps a hot
+budget's throughput from collapsing as more tasks contend for its row.
+
+asyncpg is imported here only: ``pip install 'gatewaykit[postgres]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from types import TracebackType
+from typing import Any
+
+import anyio
+import asyncpg
+
+from gatewaykit.errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    GatewayKitError,
+    HoldClosedError,
+    HoldConflictError,
+    HoldNotFoundError,
+    LedgerUnavailableError,
+)
+from gatewaykit.ledger._postgres_schema import migrate
+from gatewaykit.ledger.base import (
+    ApiKeyRecord,
+    BudgetStatus,
+    Hold,
+    HoldState,
+    Period,
+    UsageRecord,
+    validate_hold_id,
+    validate_scopes,
+    validate_ttl,
+)
+from gatewaykit.money import from_nanos, parse_usd, to_nanos
+
+__all__ = ["PostgresLedger"]
+
+logger = logging.getLogger("gatewaykit.ledger.postgres")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NO_PERIOD = Period()
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_DEADLOCK_RETRIES = 5
+
+# Errors that mean "the store cannot be reached or failed": fail closed.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # e.g. a connection the server terminated while idle
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+)
+
+# -- SQL -------------------------------------------------------------------------------
+# A CTE named ``expired`` (scopes, windows, amount) of holds this statement moved out of
+# ``held`` is turned into counter releases: lock the rows in sorted order, then update.
+# ``(SELECT count(*) FROM x) >= 0`` is a one-time filter: every lock is taken before the
+# first row is written.
+_RELEASE = """
+rel AS (
+    SELECT u.scope, u.ws, sum(e.amount)::bigint AS amt
+    FROM expired e, unnest(e.scopes, e.windows) AS u(scope, ws)
+    GROUP BY u.scope, u.ws
+),
+rel_locked AS (
+    SELECT c.scope FROM counters c JOIN rel ON c.scope = rel.scope AND c.window_start = rel.ws
+    ORDER BY c.scope, c.window_start FOR UPDATE OF c
+),
+rel_upd AS (
+    UPDATE counters c SET reserved = c.reserved - rel.amt FROM rel
+    WHERE c.scope = rel.scope AND c.window_start = rel.ws
+      AND (SELECT count(*) FROM rel_locked) >= 0
+    RETURNING 1
+)"""
+
+# $1 hold id, $2 sorted scopes, $3 amount, $4 ttl. Reclaims due holds on the scopes,
+# then admits all-or-none. Returns one row per scope (in $2 order).
+_RESERVE = """
+WITH clock AS (SELECT gk_now() AS t),
+fresh AS (SELECT NOT EXISTS (SELECT 1 FROM holds WHERE hold_id = $1) AS yes),
+tgt AS (
+    SELECT s.scope, s.ord, b.limit_nanos, b.period_kind, b.period_seconds,
+           gk_window_start(b.period_kind, b.period_seconds, clock.t) AS ws
+    FROM clock CROSS JOIN unnest($2::text[]) WITH ORDINALITY AS s(scope, ord)
+    LEFT JOIN budgets b ON b.scope = s.scope
+),
+due AS (
+    SELECT h.hold_id FROM holds h, clock, fresh
+    WHERE fresh.yes AND h.state = 'held' AND h.expires_at <= clock.t
+      AND h.scopes && $2::text[]
+    FOR UPDATE OF h SKIP LOCKED
+),
+expired AS (
+    UPDATE holds h SET state = 'expired', ended_at = clock.t FROM due, clock
+    WHERE h.hold_id = due.hold_id
+    RETURNING h.scopes, h.windows, h.amount
+),
+rel AS (
+    SELECT u.scope, u.ws, sum(e.amount)::bigint AS amt
+    FROM expired e, unnest(e.scopes, e.windows) AS u(scope, ws)
+    GROUP BY u.scope, u.ws
+),
+keys AS (
+    SELECT tgt.scope, tgt.ws FROM tgt, fresh WHERE fresh.yes
+    UNION
+    SELECT rel.scope, rel.ws FROM rel
+),
+locked AS (
+    SELECT c.scope, c.window_start, c.spent, c.reserved
+    FROM counters c JOIN keys k ON c.scope = k.scope AND c.window_start = k.ws
+    ORDER BY c.scope, c.window_start FOR UPDATE OF c
+),
+chk AS (
+    SELECT t.ord, t.scope, t.ws, t.limit_nanos, t.period_kind, t.period_seconds,
+           l.scope IS NOT NULL AS present,
+           coalesce(l.spent, 0) AS spent,
+           coalesce(l.reserved, 0) - coalesce(r.amt, 0) AS reserved
+    FROM tgt t
+    LEFT JOIN locked l ON l.scope = t.scope AND l.window_start = t.ws
+    LEFT JOIN rel r ON r.scope = t.scope AND r.ws = t.ws
+),
+verdict AS (
+    SELECT bool_and(fresh.yes AND c.present AND (c.limit_nanos IS NULL
+               OR c.spent::numeric + c.reserved + $3 <= c.limit_nanos)) AS admit
+    FROM chk c, fresh
+),
+ins AS (
+    INSERT INTO holds (hold_id, scopes, windows, amount, state, created_at, expires_at)
+    SELECT $1, $2::text[], (SELECT array_agg(ws ORDER BY ord) FROM tgt), $3, 'held',
+           clock.t, clock.t + $4::interval
+    FROM clock, verdict WHERE verdict.admit
+    ON CONFLICT (hold_id) DO NOTHING
+    RETURNING created_at, expires_at
+),
+upd AS (
+    UPDATE counters c
+    SET reserved = c.reserved - coalesce(r.amt, 0)
+        + CASE WHEN t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins) THEN $3 ELSE 0 END
+    FROM keys k
+    LEFT JOIN rel r ON r.scope = k.scope AND r.ws = k.ws
+    LEFT JOIN tgt t ON t.scope = k.scope AND t.ws = k.ws
+    WHERE c.scope = k.scope AND c.window_start = k.ws
+      AND (SELECT count(*) FROM locked) >= 0
+    RETURNING 1
+)
+SELECT c.scope, c.ws, c.limit_nanos, c.period_kind, c.period_seconds, c.present,
+       c.spent, c.reserved, f.yes AS fresh, v.admit, i.created_at, i.expires_at,
+       (SELECT count(*) FROM upd) AS touched
+FROM chk c CROSS JOIN fresh f CROSS JOIN verdict v LEFT JOIN ins i ON true
+ORDER BY c.ord
+"""
+
+# Create the counter rows a reserve needs (in sorted order, so inserters never deadlock).
+_ENSURE_COUNTERS = """
+INSERT INTO counters (scope, window_start)
+SELECT k.scope, k.ws FROM unnest($1::text[], $2::timestamptz[]) AS k(scope, ws)
+ORDER BY k.scope, k.ws
+ON CONFLICT (scope, window_start) DO NOTHING
+"""
+
+_HOLD_COLUMNS = "hold_id, scopes, amount, state, created_at, expires_at, charged, late"
+
+# $1 hold id: expire the hold if it is live and due ("touch"); return it as it is now.
+_TOUCH = f"""
+WITH clock AS (SELECT gk_now() AS t),
+h AS (SELECT {_HOLD_COLUMNS} FROM holds WHERE hold_id = $1 FOR UPDATE),
+expired AS (
+    UPDATE holds x SET state = 'expired', ended_at = clock.t FROM h, clock
+    WHERE x.hold_id = h.hold_id AND h.state = 'held' AND h.expires_at <= clock.t
+    RETURNING x.scopes, x.windows, x.amount
+),
+{_RELEASE}
+SELECT h.*, (SELECT count(*) FROM expired) AS expired_now,
+       (SELECT count(*) FROM rel_upd) AS touched
+FROM h
+"""
+
+_RECORD_INSERT = """
+rec AS (
+    INSERT INTO usage_records (request_id, key_id, user_id, model, endpoint, status,
+        usage_source, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+        cost_nanos, error, latency_ms, created_at)
+    SELECT r.*, clock.t FROM clock, unnest(
+        $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
+        $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[],
+        $15::text[], $16::bigint[]) AS r
+    WHERE {when}
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING 1
+)"""
+
+# $1 hold id, $2 actual, $3..$16 the usage record as one-element arrays (or empty).
+_SETTLE = f"""
+WITH clock AS (SELECT gk_now() AS t),
+h AS (SELECT {_HOLD_COLUMNS} FROM holds WHERE hold_id = $1 FOR UPDATE),
+claim AS (
+    UPDATE holds x SET state = 'settled', charged = $2,
+        late = (h.state = 'expired' OR h.expires_at <= clock.t),
+        ended_at = CASE WHEN h.state = 'held' THEN clock.t ELSE x.ended_at END
+    FROM h, clock
+    WHERE x.hold_id = h.hold_id AND h.state IN ('held', 'expired')
+    RETURNING x.scopes, x.windows, x.amount, x.late, h.state AS was
+),
+delta AS (
+    SELECT u.scope, u.ws, CASE WHEN c.was = 'held' THEN c.amount ELSE 0 END AS rel
+    FROM claim c, unnest(c.scopes, c.windows) AS u(scope, ws)
+),
+locked AS (
+    SELECT c.scope FROM counters c JOIN delta d ON c.scope = d.scope AND c.window_start = d.ws
+    ORDER BY c.scope, c.window_start FOR UPDATE OF c
+),
+upd AS (
+    UPDATE counters c SET reserved = c.reserved - d.rel, spent = c.spent + $2 FROM delta d
+    WHERE c.scope = d.scope AND c.window_start = d.ws AND (SELECT count(*) FROM locked) >= 0
+    RETURNING 1
+),
+{_RECORD_INSERT.format(when="EXISTS (SELECT 1 FROM claim)")}
+SELECT h.*, c.late AS new_late, c.was, (SELECT count(*) FROM upd) AS touched,
+       (SELECT count(*) FROM rec) AS recorded
+FROM (SELECT 1) one LEFT JOIN h ON true LEFT JOIN claim c ON true
+"""
+
+_RELEASE_RECORD = _RECORD_INSERT.format(
+    when="EXISTS (SELECT 1 FROM claim WHERE state = 'released') OR EXISTS (SELECT 1 FROM tomb)"
+)
+
+# $1 hold id, $2 true (leave a tombstone for an unknown id), $3..$16 the record.
+_RELEASE_HOLD = f"""
+WITH clock AS (SELECT gk_now() AS t),
+h AS (SELECT {_HOLD_COLUMNS} FROM holds WHERE hold_id = $1 FOR UPDATE),
+claim AS (
+    UPDATE holds x
+    SET state = CASE WHEN h.expires_at <= clock.t THEN 'expired' ELSE 'released' END,
+        ended_at = clock.t
+    FROM h, clock
+    WHERE x.hold_id = h.hold_id AND h.state = 'held'
+    RETURNING x.scopes, x.windows, x.amount, x.state
+),
+expired AS (SELECT scopes, windows, amount FROM claim),
+{_RELEASE},
+tomb AS (
+    INSERT INTO holds (hold_id, scopes, windows, amount, state, created_at, expires_at,
+                       ended_at)
+    SELECT $1, '{{}}', '{{}}', 0, 'released', clock.t, clock.t, clock.t
+    FROM clock WHERE NOT EXISTS (SELECT 1 FROM h) AND $2::bool
+    ON CONFLICT (hold_id) DO NOTHING
+    RETURNING created_at
+),
+{_RELEASE_RECORD}
+SELECT h.*, c.state AS new_state, t.created_at AS tomb_at,
+       (SELECT count(*) FROM rel_upd) AS touched, (SELECT count(*) FROM rec) AS recorded
+FROM (SELECT 1) one
+LEFT JOIN h ON true LEFT JOIN claim c ON true LEFT JOIN tomb t ON true
+"""
+
+# $1 hold id, $2 ttl.
+_EXTEND = f"""
+WITH clock AS (SELECT gk_now() AS t),
+h AS (SELECT {_HOLD_COLUMNS} FROM holds WHERE hold_id = $1 FOR UPDATE),
+ext AS (
+    UPDATE holds x SET expires_at = greatest(h.expires_at, clock.t + $2::interval)
+    FROM h, clock
+    WHERE x.hold_id = h.hold_id AND h.state = 'held' AND h.expires_at > clock.t
+    RETURNING x.expires_at
+),
+expired AS (
+    UPDATE holds x SET state = 'expired', ended_at = clock.t FROM h, clock
+    WHERE x.hold_id = h.hold_id AND h.state = 'held' AND h.expires_at <= clock.t
+    RETURNING x.scopes, x.windows, x.amount
+),
+{_RELEASE}
+SELECT h.*, (SELECT expires_at FROM ext) AS new_expires,
+       (SELECT count(*) FROM expired) AS expired_now, (SELECT count(*) FROM rel_upd) AS touched
+FROM h
+"""
+
+# $1 batch size. SKIP LOCKED: concurrent sweepers split the due holds between them.
+_SWEEP = f"""
+WITH clock AS (SELECT gk_now() AS t),
+due AS (
+    SELECT h.hold_id FROM holds h, clock
+    WHERE h.state = 'held' AND h.expires_at <= clock.t
+    ORDER BY h.expires_at LIMIT $1
+    FOR UPDATE OF h SKIP LOCKED
+),
+expired AS (
+    UPDATE holds x SET state = 'expired', ended_at = clock.t FROM due, clock
+    WHERE x.hold_id = due.hold_id
+    RETURNING x.scopes, x.windows, x.amount
+),
+{_RELEASE}
+SELECT (SELECT count(*) FROM expired) AS expired, (SELECT count(*) FROM rel_upd) AS touched
+"""
+
+_STATUS_ROWS = """
+WITH clock AS (SELECT gk_now() AS t),
+s AS ({scopes})
+SELECT s.scope, clock.t, b.scope IS NOT NULL AS has_budget, b.limit_nanos, b.period_kind,
+       b.period_seconds, c.spent, c.reserved,
+       EXISTS (SELECT 1 FROM counters k WHERE k.scope = s.scope) AS counted
+FROM s CROSS JOIN clock
+LEFT JOIN budgets b ON b.scope = s.scope
+LEFT JOIN counters c ON c.scope = s.scope
+    AND c.window_start = gk_window_start(b.period_kind, b.period_seconds, clock.t)
+"""
+_STATUS_ONE = _STATUS_ROWS.format(scopes="SELECT $1::text AS scope")
+_STATUS_ALL = _STATUS_ROWS.format(
+    scopes="SELECT scope FROM budgets UNION SELECT DISTINCT scope FROM counters"
+)
+
+_CHECK_COUNTERS = """
+WITH per AS (
+    SELECT u.scope, u.ws,
+           sum(CASE WHEN h.state = 'held' THEN h.amount ELSE 0 END) AS live,
+           sum(CASE WHEN h.state = 'settled' THEN h.charged ELSE 0 END) AS charged
+    FROM holds h, unnest(h.scopes, h.windows) AS u(scope, ws)
+    GROUP BY u.scope, u.ws
+)
+SELECT coalesce(c.scope, p.scope) AS scope, coalesce(c.window_start, p.ws) AS ws,
+       c.scope IS NOT NULL AS present, c.spent, c.reserved,
+       coalesce(p.live, 0) AS live, coalesce(p.charged, 0) AS charged
+FROM counters c FULL JOIN per p ON p.scope = c.scope AND p.ws = c.window_start
+WHERE c.scope IS NULL OR c.spent < 0 OR c.reserved < 0
+   OR c.reserved != coalesce(p.live, 0) OR c.spent != coalesce(p.charged, 0)
+ORDER BY 1, 2
+"""
+
+_CHECK_HOLDS = {
+    "I4: {} holds carry a charge or late mark without being settled": (
+        "SELECT count(*) FROM holds WHERE state != 'settled' AND (charged != 0 OR late)"
+    ),
+    "I6: {} holds expired before their TTL": (
+        "SELECT count(*) FROM holds WHERE state = 'expired' "
+        "AND (ended_at IS NULL OR ended_at < expires_at)"
+    ),
+    "I8: {} holds do not cover exactly their scopes": (
+        "SELECT count(*) FROM holds WHERE cardinality(scopes) != cardinality(windows) "
+        "OR (state != 'released' AND cardinality(scopes) = 0)"
+    ),
+    "I11: {} money columns are not integers": (
+        "SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() "
+        "AND ((table_name = 'counters' AND column_name IN ('spent', 'reserved')) "
+        "OR (table_name = 'holds' AND column_name IN ('amount', 'charged'))) "
+        "AND data_type != 'bigint'"
+    ),
+}
+
+_KEY_COLUMNS = (
+    "key_id, key_hash, prefix, user_id, team, revoked, created_at, expires_at, allowed_models, rpm"
+)
+_USAGE_COLUMNS = (
+    "request_id, key_id, user_id, model, endpoint, status, usage_source, input_tokens, "
+    "output_tokens, cache_read_tokens, cache_write_tokens, cost_nanos, error, latency_ms, "
+    "created_at"
+)
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+def _hold(row: Any, **changes: Any) -> Hold:
+    """A :class:`Hold` from a row with the ``_HOLD_COLUMNS`` (and optional overrides)."""
+    values = {
+        k: row[k]
+        for k in (
+            "hold_id",
+            "scopes",
+            "amount",
+            "state",
+            "created_at",
+            "expires_at",
+            "charged",
+            "late",
+        )
+    }
+    values.update(changes)
+    amount, charged = values["amount"], values["charged"]
+    return Hold(
+        hold_id=values["hold_id"],
+        scopes=tuple(values["scopes"]),
+        amount=from_nanos(amount),
+        state=HoldState(values["state"]),
+        created_at=values["created_at"],
+        expires_at=values["expires_at"],
+        charged=from_nanos(charged),
+        overrun=from_nanos(max(0, charged - amount)),
+        late=bool(values["late"]),
+    )
+
+
+def _period(kind: str | None, seconds: int | None) -> Period:
+    if kind is None or kind == "none":
+        return _NO_PERIOD
+    return Period(kind, None if seconds is None else int(seconds))  # type: ignore[arg-type]
+
+
+def _record_args(record: UsageRecord | None) -> list[list[Any]]:
+    """A usage record as 14 one-element arrays (``unnest`` turns them into one row)."""
+    if record is None:
+        return [[] for _ in range(14)]
+    values = (
+        record.request_id,
+        record.key_id,
+        record.user,
+        record.model,
+        record.endpoint,
+        record.status,
+        record.usage_source,
+        record.input_tokens,
+        record.output_tokens,
+        record.cache_read_tokens,
+        record.cache_write_tokens,
+        to_nanos(record.cost),
+        record.error,
+        record.latency_ms,
+    )
+    return [[v] for v in values]
+
+
+def _check_record(record: UsageRecord | None) -> None:
+    if record is None:
+        return
+    if not isinstance(record, UsageRecord):
+        raise ConfigurationError("record must be a UsageRecord")
+    parse_usd(record.cost)
+
+
+def _limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigurationError(f"limit must be a positive int, got {limit!r}")
+    return limit
+
+
+def _positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _key(r: Any) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key_id=r["key_id"],
+        key_hash=r["key_hash"],
+        prefix=r["prefix"],
+        user=r["user_id"],
+        team=r["team"],
+        revoked=r["revoked"],
+        created_at=r["created_at"],
+        expires_at=r["expires_at"],
+        allowed_models=None if r["allowed_models"] is None else tuple(r["allowed_models"]),
+        rpm=r["rpm"],
+    )
+
+
+@dataclasses.dataclass(eq=False)
+class _Op:
+    """One queued reserve or settle waiting for its group's round trip."""
+
+    args: tuple[Any, ...]
+    done: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+    row: list[Any] | None = None
+    error: BaseException | None = None
+    lead: bool = False
+
+
+class PostgresLedger:
+    """A budget ledger in PostgreSQL, shared safely by any number of gateway processes.
+
+    ``url`` is a libpq URL (``postgresql://user:pass@host:5432/dbname``). The tables live
+    in ``schema`` (created on open, migrated by version). ``pool_min``/``pool_max`` size
+    the connection pool of *this* process: the total over all instances must stay below
+    the server's ``max_connections``. ``command_timeout`` bounds every statement and
+    ``connect_timeout`` every connection attempt; past either, or whenever the server is
+    unreachable, operations raise :class:`~gatewaykit.errors.LedgerUnavailableError`
+    (fail closed).
+
+    ``batch_max`` caps how many queued reserves (or settles) on the same budgets one
+    round trip carries; ``batch_max=1`` turns the combiner off.
+
+    ``clock`` is for tests only: it replaces the database clock (seconds since the
+    epoch) for this ledger's own statements. Production leaves it unset, so every
+    instance shares the database's ``now()``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str = "public",
+        pool_min: int = 1,
+        pool_max: int = 10,
+        connect_timeout: float = 10.0,
+        command_timeout: float = 10.0,
+        sweep_batch: int = 1000,
+        batch_max: int = 64,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if not isinstance(url, str) or not url.startswith(("postgresql://", "postgres://")):
+            raise ConfigurationError(
+                "PostgresLedger needs a postgresql://user@host/dbname URL, got "
+                f"{_redact(url) if isinstance(url, str) else url!r}"
+            )
+        if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
+            raise ConfigurationError(
+                f"schema must be a plain SQL identifier (letters, digits, _), got {schema!r}"
+            )
+        for name, value in (
+            ("pool_min", pool_min),
+            ("pool_max", pool_max),
+            ("sweep_batch", sweep_batch),
+            ("batch_max", batch_max),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigurationError(f"{name} must be a non-negative int, got {value!r}")
+        if pool_max < 1 or pool_min > pool_max:
+            raise ConfigurationError(
+                f"need 0 <= pool_min <= pool_max and pool_max >= 1, got {pool_min}..{pool_max}"
+            )
+        if sweep_batch < 1 or batch_max < 1:
+            raise ConfigurationError("sweep_batch and batch_max must be at least 1")
+        self.url = url
+        self.schema = schema
+        self.pool_min = pool_min
+        self.pool_max = pool_max
+        self.connect_timeout = _positive("connect_timeout", connect_timeout)
+        self.command_timeout = _positive("command_timeout", command_timeout)
+        self.sweep_batch = sweep_batch
+        self.batch_max = batch_max
+        self.clock = clock
+        self._pool: Any = None
+        # The combiner: ops queued per (statement, scopes); at most two groups in flight.
+        self._queues: dict[tuple[str, tuple[str, ...]], collections.deque[_Op]] = {}
+        self._inflight: dict[tuple[str, tuple[str, ...]], int] = {}
+        # Scopes of holds this process reserved, so their settles can be grouped too.
+        self._hold_scopes: collections.OrderedDict[str, tuple[str, ...]] = collections.OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"PostgresLedger({_redact(self.url)!r}, schema={self.schema!r})"
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def open(self) -> None:
+        """Connect the pool and migrate the schema; idempotent."""
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self.url,
+                min_size=self.pool_min,
+                max_size=self.pool_max,
+                timeout=self.connect_timeout,
+                command_timeout=self.command_timeout,
+                server_settings={
+                    "search_path": self.schema,
+                    "default_transaction_isolation": "read committed",
+                    "application_name": "gatewaykit",
+                    "jit": "off",
+                },
+            )
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(exc) from None
+        try:
+            async with pool.acquire(timeout=self.connect_timeout) as conn:
+                await migrate(conn, self.schema)
+        except BaseException as exc:
+            pool.terminate()
+            if isinstance(exc, _UNAVAILABLE):
+                raise self._unavailable(exc) from None
+            raise
+        self._pool = pool
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+
+    async def __aenter__(self) -> PostgresLedger:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _unavailable(self, exc: BaseException) -> LedgerUnavailableError:
+        detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")
+        return LedgerUnavailableError(
+            f"the PostgreSQL ledger at {_redact(self.url)} is unavailable ({detail})"
+        )
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Any]:
+        """A pooled connection (with the test clock pinned); store errors fail closed."""
+        pool = self._pool
+        if pool is None:
+            raise LedgerUnavailableError(
+                "the PostgreSQL ledger is not open; use 'async with ledger' or "
+                "'await ledger.open()'"
+            )
+        try:
+            async with pool.acquire(timeout=self.connect_timeout) as conn:
+                if self.clock is not None:
+                    now = _EPOCH + timedelta(microseconds=_us(self.clock()))
+                    await conn.execute(
+                        "SELECT set_config('gatewaykit.now', $1, false)", now.isoformat()
+                    )
+                yield conn
+        except GatewayKitError:
+            raise
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(exc) from exc
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        """Run one statement (its own transaction); retry the rare deadlock."""
+        for attempt in range(_DEADLOCK_RETRIES):
+            try:
+                async with self._conn() as conn:
+                    return list(await conn.fetch(sql, *args))
+            except LedgerUnavailableError as exc:
+                if not _deadlock(exc) or attempt == _DEADLOCK_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    # -- budgets -----------------------------------------------------------------------
+    async def set_budget(
+        self, scope: str, *, limit: Decimal | None, period: Period = _NO_PERIOD
+    ) -> BudgetStatus:
+        (scope,) = validate_scopes([scope])
+        if not isinstance(period, Period):
+            period = Period.parse(period)
+        nanos = None if limit is None else to_nanos(limit)
+        await self._fetch(
+            "INSERT INTO budgets (scope, limit_nanos, period_kind, period_seconds, updated_at) "
+            "VALUES ($1, $2, $3, $4, gk_now()) ON CONFLICT (scope) DO UPDATE SET "
+            "limit_nanos = EXCLUDED.limit_nanos, period_kind = EXCLUDED.period_kind, "
+            "period_seconds = EXCLUDED.period_seconds, updated_at = EXCLUDED.updated_at",
+            scope,
+            nanos,
+            period.kind,
+            period.seconds,
+        )
+        status = await self.status(scope)
+        assert status is not None
+        return status
+
+    async def delete_budget(self, scope: str) -> bool:
+        (scope,) = validate_scopes([scope])
+        rows = await self._fetch("DELETE FROM budgets WHERE scope = $1 RETURNING 1", scope)
+        return bool(rows)
+
+    async def status(self, scope: str) -> BudgetStatus | None:
+        (scope,) = validate_scopes([scope])
+        rows = await self._fetch(_STATUS_ONE, scope)
+        row = rows[0]
+        if not (row["has_budget"] or row["counted"]):
+            return None
+        return _status(row)
+
+    async def budgets(self) -> list[BudgetStatus]:
+        rows = await self._fetch(_STATUS_ALL)
+        return sorted((_status(r) for r in rows), key=lambda s: s.scope)
+
+    # -- holds -------------------------------------------------------------------------
+    async def reserve(
+        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+    ) -> Hold:
+        hold_id = validate_hold_id(hold_id)
+        scope_t = validate_scopes(scopes)
+        nanos = to_nanos(amount)
+        ttl_td = timedelta(microseconds=_us(validate_ttl(ttl)))
+        args = (hold_id, list(scope_t), nanos, ttl_td)
+        for _ in range(_DEADLOCK_RETRIES):
+            rows = await self._combined("reserve", scope_t, args)
+            first = rows[0]
+            if not first["fresh"] or (first["admit"] and first["created_at"] is None):
+                return await self._replay_reserve(hold_id, scope_t, nanos)
+            if first["admit"]:
+                self._remember(hold_id, scope_t)
+                return Hold(
+                    hold_id=hold_id,
+                    scopes=scope_t,
+                    amount=from_nanos(nanos),
+                    state=HoldState.HELD,
+                    created_at=first["created_at"],
+                    expires_at=first["expires_at"],
+                )
+            refusal = _refusal(rows, nanos)
+            if refusal is not None:
+                raise refusal
+            # Some scope has no counter row for this window yet: create the rows and
+            # reserve in one transaction, so a refusal leaves no trace of them.
+            missing = [r for r in rows if not r["present"]]
+            if await self._reserve_creating(args, missing):
+                continue
+        raise LedgerUnavailableError(
+            f"could not reserve hold {hold_id!r}: its budget windows kept changing; retry"
+        )
+
+    async def _reserve_creating(self, args: tuple[Any, ...], missing: list[Any]) -> bool:
+        """Create missing counter rows and reserve; roll back unless admitted.
+
+        Returns True when the caller should run the reserve again (it will find the
+        hold, a refusal, or rows created by someone else meanwhile).
+        """
+
+        class _Rollback(Exception):
+            pass
+
+        try:
+            async with self._conn() as conn, conn.transaction():
+                await conn.execute(
+                    _ENSURE_COUNTERS, [r["scope"] for r in missing], [r["ws"] for r in missing]
+                )
+                rows = await conn.fetch(_RESERVE, *args)
+                if not rows[0]["admit"]:
+                    raise _Rollback
+        except _Rollback:
+            pass
+        return True
+
+    async def _replay_reserve(self, hold_id: str, scopes: tuple[str, ...], nanos: int) -> Hold:
+        rows = await self._fetch(f"SELECT {_HOLD_COLUMNS} FROM holds WHERE hold_id = $1", hold_id)
+        if not rows:  # the competing insert rolled back: nothing to replay
+            raise LedgerUnavailableError(f"hold {hold_id!r} changed during reserve; retry")
+        row = rows[0]
+        if row["state"] == "released" and not row["scopes"]:
+            return _hold(row)  # a tombstone: the release came first
+        if tuple(row["scopes"]) != scopes or row["amount"] != nanos:
+            raise HoldConflictError(
+                f"hold {hold_id!r} was reserved with other scopes or another amount; "
+                "use a fresh hold id for a new request"
+            )
+        return await self._touch(hold_id)
+
+    async def _touch(self, hold_id: str) -> Hold:
+        rows = await self._fetch(_TOUCH, hold_id)
+        if not rows:
+            raise HoldNotFoundError(f"no hold {hold_id!r}")
+        row = rows[0]
+        if row["expired_now"]:
+            return _hold(row, state="expired")
+        return _hold(row)
+
+    async def settle(
+        self, hold_id: str, actual: Decimal, *, record: UsageRecord | None = None
+    ) -> Hold:
+        hold_id = validate_hold_id(hold_id)
+        nanos = to_nanos(actual)
+        _check_record(record)
+        args = (hold_id, nanos, *_record_args(record))
+        scopes = self._hold_scopes.get(hold_id)
+        if scopes is not None:
+            rows = await self._combined("settle", scopes, args)
+        else:
+            rows = await self._fetch(_SETTLE, *args)
+        row = rows[0]
+        if row["hold_id"] is None:
+            raise HoldNotFoundError(f"no hold {hold_id!r}; reserve before settling")
+        self._hold_scopes.pop(hold_id, None)
+        if row["was"] is not None:
+            return _hold(row, state="settled", charged=nanos, late=row["new_late"])
+        if row["state"] == "settled" and row["charged"] != nanos:
+            raise HoldConflictError(
+                f"hold {hold_id!r} was already settled at ${from_nanos(row['charged'])}, "
+                f"not ${from_nanos(nanos)}"
+            )
+        return _hold(row)
+
+    async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> Hold:
+        hold_id = validate_hold_id(hold_id)
+        _check_record(record)
+        args = (hold_id, True, *_record_args(record))
+        for _ in range(_DEADLOCK_RETRIES):
+            row = (await self._fetch(_RELEASE_HOLD, *args))[0]
+            if row["hold_id"] is None:
+                if row["tomb_at"] is None:
+                    continue  # a reserve of this id committed meanwhile: release it
+                return Hold(
+                    hold_id=hold_id,
+                    scopes=(),
+                    amount=Decimal(0),
+                    state=HoldState.RELEASED,
+                    created_at=row["tomb_at"],
+                    expires_at=row["tomb_at"],
+                )
+            self._hold_scopes.pop(hold_id, None)
+            if row["new_state"] is not None:
+                return _hold(row, state=row["new_state"])
+            return _hold(row)
+        raise LedgerUnavailableError(f"could not release hold {hold_id!r}; retry")
+
+    async def extend(self, hold_id: str, *, ttl: float) -> Hold:
+        hold_id = validate_hold_id(hold_id)
+        ttl_td = timedelta(microseconds=_us(validate_ttl(ttl)))
+        rows = await self._fetch(_EXTEND, hold_id, ttl_td)
+        if not rows:
+            raise HoldNotFoundError(f"no hold {hold_id!r}")
+        row = rows[0]
+        state = "expired" if row["expired_now"] else row["state"]
+        if state != "held" or row["new_expires"] is None:
+            raise HoldClosedError(f"hold {hold_id!r} is {state}; it cannot be extended")
+        return _hold(row, expires_at=row["new_expires"])
+
+    async def get_hold(self, hold_id: str) -> Hold | None:
+        hold_id = validate_hold_id(hold_id)
+        rows = await self._fetch(f"SELECT {_HOLD_COLUMNS} FROM holds WHERE hold_id = $1", hold_id)
+        return _hold(rows[0]) if rows else None
+
+    async def holds(self, *, live_only: bool = True, limit: int = 1000) -> list[Hold]:
+        where = "WHERE state = 'held' " if live_only else ""
+        rows = await self._fetch(
+            f"SELECT {_HOLD_COLUMNS} FROM holds {where}ORDER BY created_at DESC, seq DESC LIMIT $1",
+            _limit(limit),
+        )
+        return [_hold(r) for r in rows]
+
+    async def sweep(self) -> int:
+        """Expire every due hold (in batches of ``sweep_batch``); return how many.
+
+        Safe to run from every instance at once: each due hold is expired exactly once.
+        """
+        total = 0
+        while True:
+            row = (await self._fetch(_SWEEP, self.sweep_batch))[0]
+            swept: int = row["expired"]
+            total += swept
+            if swept < self.sweep_batch:
+                return total
+
+    async def check(self) -> list[str]:
+        problems: list[str] = []
+        for row in await self._fetch(_CHECK_COUNTERS):
+            where = f"{row['scope']} (window starting {row['ws'].isoformat()})"
+            if not row["present"]:
+                problems.append(f"I10: holds were taken on {where} with no counter")
+                continue
+            if row["reserved"] != row["live"]:
+                problems.append(
+                    f"I2: {where} has reserved {row['reserved']} nano-USD but its live holds "
+                    f"total {row['live']}"
+                )
+            if row["spent"] != row["charged"]:
+                problems.append(
+                    f"I3: {where} has spent {row['spent']} nano-USD but its settled holds "
+                    f"charged {row['charged']}"
+                )
+            if row["spent"] < 0 or row["reserved"] < 0:
+                problems.append(f"I9: {where} has a negative total")
+        for message, sql in _CHECK_HOLDS.items():
+            count = (await self._fetch(sql))[0][0]
+            if count:
+                problems.append(message.format(count))
+        return problems
+
+    # -- the combiner ------------------------------------------------------------------
+    def _remember(self, hold_id: str, scopes: tuple[str, ...]) -> None:
+        self._hold_scopes[hold_id] = scopes
+        if len(self._hold_scopes) > 100_000:
+            self._hold_scopes.popitem(last=False)
+
+    async def _combined(self, kind: str, scopes: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        """Run a reserve/settle, grouped with others queued for the same scopes.
+
+        The first caller to find fewer than two groups in flight leads: it takes its own
+        op and up to ``batch_max - 1`` queued ones, sends them in one round trip, and
+        hands the lead to the next queued op. Shielded, so a cancelled caller never
+        strands the ops it carries; ``command_timeout`` bounds the wait.
+        """
+        sql = _RESERVE if kind == "reserve" else _SETTLE
+        if self.batch_max == 1:
+            return await self._fetch(sql, *args)
+        key = (kind, scopes)
+        queue = self._queues.setdefault(key, collections.deque())
+        op = _Op(args)
+        with anyio.CancelScope(shield=True):
+            if self._inflight.get(key, 0) < 2:
+                self._inflight[key] = self._inflight.get(key, 0) + 1
+            else:
+                queue.append(op)
+                await op.done.wait()
+                if not op.lead:
+                    return _result(op)
+            try:
+                batch = [op]
+                while queue and len(batch) < self.batch_max:
+                    batch.append(queue.popleft())
+                await self._run_batch(sql, batch)
+            finally:
+                if queue:
+                    heir = queue.popleft()
+                    heir.lead = True
+                    heir.done.set()
+                else:
+                    self._inflight[key] -= 1
+                    if not self._inflight[key]:
+                        del self._inflight[key]
+                        if not queue:
+                            self._queues.pop(key, None)
+        return _result(op)
+
+    async def _run_batch(self, sql: str, batch: list[_Op]) -> None:
+        """One round trip and one commit for the whole group; fall back one by one."""
+        try:
+            if len(batch) == 1:
+                batch[0].row = await self._fetch(sql, *batch[0].args)
+            else:
+                async with self._conn() as conn:
+                    results = await conn.fetchmany(sql, [op.args for op in batch])
+                # fetchmany flattens the rows: regroup them per op.
+                _distribute(results, batch)
+        except LedgerUnavailableError as exc:
+            if len(batch) == 1 or not _deadlock(exc):
+                for op in batch:
+                    op.error = exc
+            else:
+                logger.debug("batched ledger statement deadlocked; running one by one")
+                for op in batch:
+                    try:
+                        op.row = await self._fetch(sql, *op.args)
+                    except Exception as inner:
+                        op.error = inner
+        except Exception as exc:
+            for op in batch:
+                op.error = exc
+        finally:
+            for op in batch[1:]:
+                op.done.set()
+
+    # -- usage records -----------------------------------------------------------------
+    async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
+        where = "WHERE user_id = $2 " if user is not None else ""
+        args: tuple[Any, ...] = (_limit(limit), user) if user is not None else (_limit(limit),)
+        rows = await self._fetch(
+            f"SELECT {_USAGE_COLUMNS} FROM usage_records {where}ORDER BY seq DESC LIMIT $1",
+            *args,
+        )
+        return [
+            UsageRecord(
+                request_id=r["request_id"],
+                key_id=r["key_id"],
+                user=r["user_id"],
+                model=r["model"],
+                endpoint=r["endpoint"],
+                status=r["status"],
+                usage_source=r["usage_source"],
+                input_tokens=r["input_tokens"],
+                output_tokens=r["output_tokens"],
+                cache_read_tokens=r["cache_read_tokens"],
+                cache_write_tokens=r["cache_write_tokens"],
+                cost=from_nanos(r["cost_nanos"]),
+                error=r["error"],
+                latency_ms=r["latency_ms"],
+                created_at=r["created_at"],
+            )
+            for r in rows
+        ]
+
+    # -- API keys ------------------------------------------------------------------------
+    async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord:
+        if not isinstance(record, ApiKeyRecord):
+            raise ConfigurationError("create_key needs an ApiKeyRecord")
+        try:
+            rows = await self._fetch(
+                f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES "
+                "($1, $2, $3, $4, $5, $6, coalesce($7, gk_now()), $8, $9, $10) "
+                "RETURNING created_at",
+                record.key_id,
+                record.key_hash,
+                record.prefix,
+                record.user,
+                record.team,
+                record.revoked,
+                record.created_at,
+                record.expires_at,
+                None if record.allowed_models is None else list(record.allowed_models),
+                record.rpm,
+            )
+        except LedgerUnavailableError as exc:
+            if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
+                raise ConfigurationError(
+                    f"API key {record.key_id!r} already exists (same id or same key hash)"
+                ) from None
+            raise
+        return dataclasses.replace(record, created_at=rows[0]["created_at"])
+
+    async def find_key(self, key_hash: str) -> ApiKeyRecord | None:
+        rows = await self._fetch(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1", key_hash
+        )
+        return _key(rows[0]) if rows else None
+
+    async def revoke_key(self, key_id: str) -> bool:
+        rows = await self._fetch(
+            "UPDATE api_keys SET revoked = true WHERE key_id = $1 RETURNING 1", key_id
+        )
+        return bool(rows)
+
+    async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]:
+        if user is None:
+            rows = await self._fetch(f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY seq")
+        else:
+            rows = await self._fetch(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE user_id = $1 ORDER BY seq", user
+            )
+        return [_key(r) for r in rows]
+
+
+def _status(row: Any) -> BudgetStatus:
+    period = _period(row["period_kind"], row["period_seconds"])
+    start, end = period.window(row["t"])
+    limit = row["limit_nanos"]
+    return BudgetStatus(
+        scope=row["scope"],
+        limit=None if limit is None else from_nanos(limit),
+        period=period,
+        spent=from_nanos(row["spent"] or 0),
+        held=from_nanos(row["reserved"] or 0),
+        window_start=start,
+        resets_at=end,
+    )
+
+
+def _refusal(rows: list[Any], nanos: int) -> BudgetExceeded | None:
+    """The first refusing scope in sorted order, as the model reports it."""
+    for r in rows:  # rows are in the sorted scope order
+        limit = r["limit_nanos"]
+        if limit is not None and r["spent"] + r["reserved"] + nanos > limit:
+            period = _period(r["period_kind"], r["period_seconds"])
+            return BudgetExceeded(
+                scope=r["scope"],
+                limit=from_nanos(limit),
+                spent=from_nanos(r["spent"]),
+                held=from_nanos(r["reserved"]),
+                requested=from_nanos(nanos),
+                resets_at=period.window(r["ws"])[1],
+            )
+    return None
+
+
+def _distribute(results: list[Any], batch: list[_Op]) -> None:
+    """Split fetchmany's flat row list back into each op's rows.
+
+    A settle returns exactly one row; a reserve one row per scope, and every op in a
+    group has the same scopes.
+    """
+    width = len(results) // len(batch)
+    assert width * len(batch) == len(results)
+    for i, op in enumerate(batch):
+        op.row = results[i * width : (i + 1) * width]
+
+
+def _result(op: _Op) -> Any:
+    if op.error is not None:
+        raise op.error
+    return op.row
+
+
+def _deadlock(exc: BaseException) -> bool:
+    return isinstance(exc.__cause__, asyncpg.DeadlockDetectedError)
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and reprs."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

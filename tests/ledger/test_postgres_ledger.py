@@ -1,0 +1,323 @@
+"""PostgresLedger beyond the shared conformance suite: concurrency, sweepers, failure.
+
+Every test gets its own schema on the server named by GATEWAYKIT_TEST_POSTGRES_DSN.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+
+from gatewaykit.errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    HoldConflictError,
+    LedgerUnavailableError,
+    SchemaError,
+)
+from gatewaykit.ledger import open_ledger
+from gatewaykit.ledger.base import HoldState, Period, UsageRecord
+from gatewaykit.ledger.postgres import PostgresLedger
+from tests.ledger.backend_postgres import DSN, fresh_schema
+from tests.ledger.backends import FakeClock
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+AMOUNT = Decimal("0.01")
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    async with fresh_schema() as name:
+        yield name
+
+
+async def _reserve_all(
+    ledgers: list[PostgresLedger], n: int, scopes: list[str], *, prefix: str = "h"
+) -> tuple[list[str], int]:
+    """``n`` concurrent reserves spread round-robin over ``ledgers``; (admitted ids, refused)."""
+    admitted: list[str] = []
+    refused = 0
+
+    async def one(i: int) -> None:
+        nonlocal refused
+        try:
+            hold = await ledgers[i % len(ledgers)].reserve(f"{prefix}{i}", scopes, AMOUNT, ttl=60)
+        except BudgetExceeded:
+            refused += 1
+        else:
+            assert hold.live
+            admitted.append(hold.hold_id)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(one, i)
+    return admitted, refused
+
+
+@pytest.mark.parametrize("batch_max", [1, 64])
+async def test_f1_concurrent_reserves_admit_exactly_the_capacity(
+    schema: str, batch_max: int
+) -> None:
+    async with PostgresLedger(DSN, schema=schema, pool_max=8, batch_max=batch_max) as ledger:
+        await ledger.set_budget("user:a", limit=AMOUNT * 50)
+        admitted, refused = await _reserve_all([ledger], 200, ["user:a"])
+        assert (len(admitted), refused) == (50, 150)
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert (status.held, status.spent) == (AMOUNT * 50, Decimal(0))
+        assert await ledger.check() == []
+
+
+async def test_two_instances_with_separate_pools_never_over_admit(schema: str) -> None:
+    async with (
+        PostgresLedger(DSN, schema=schema, pool_max=4) as one,
+        PostgresLedger(DSN, schema=schema, pool_max=4) as two,
+    ):
+        await one.set_budget("team:t", limit=AMOUNT * 37)
+        admitted, refused = await _reserve_all([one, two], 200, ["team:t", "user:u"])
+        assert (len(admitted), refused) == (37, 163)
+
+        # Settle everything from the *other* instance than the one that reserved.
+        async def settle(i: int, hold_id: str) -> None:
+            await (two if i % 2 == 0 else one).settle(hold_id, AMOUNT / 2)
+
+        async with anyio.create_task_group() as tg:
+            for i, hold_id in enumerate(admitted):
+                tg.start_soon(settle, i, hold_id)
+        status = await two.status("team:t")
+        assert status is not None
+        assert (status.spent, status.held) == (AMOUNT / 2 * 37, Decimal(0))
+        assert await one.check() == []
+
+
+async def test_multi_scope_holds_in_opposite_orders_do_not_deadlock(schema: str) -> None:
+    """Reserves over overlapping scope sets, all at once: all-or-none, no deadlock."""
+    async with PostgresLedger(DSN, schema=schema, pool_max=8, batch_max=1) as ledger:
+        scopes = ["team:t", "user:a", "user:b", "key:k"]
+        for scope in scopes:
+            await ledger.set_budget(scope, limit=AMOUNT * 40)
+        sets = [["team:t", "user:a"], ["user:b", "team:t"], ["key:k", "user:a", "user:b"]]
+        admitted: list[list[str]] = []
+
+        async def one(i: int) -> None:
+            chosen = sets[i % len(sets)]
+            try:
+                await ledger.reserve(f"m{i}", chosen, AMOUNT, ttl=60)
+            except BudgetExceeded:
+                return
+            admitted.append(chosen)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for i in range(150):
+                    tg.start_soon(one, i)
+        for scope in scopes:
+            status = await ledger.status(scope)
+            assert status is not None
+            count = sum(scope in chosen for chosen in admitted)
+            assert status.held == AMOUNT * count <= AMOUNT * 40
+        assert await ledger.check() == []
+
+
+async def test_f17_replay_storm_gives_one_hold_and_identical_replies(schema: str) -> None:
+    async with PostgresLedger(DSN, schema=schema, pool_max=8) as ledger:
+        replies = []
+
+        async def one() -> None:
+            replies.append(await ledger.reserve("same", ["user:a"], AMOUNT, ttl=60))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(100):
+                tg.start_soon(one)
+        assert len(set(replies)) == 1
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert status.held == AMOUNT
+        with pytest.raises(HoldConflictError):
+            await ledger.reserve("same", ["user:a"], AMOUNT * 2, ttl=60)
+        assert await ledger.check() == []
+
+
+async def test_f18_concurrent_sweepers_release_each_expired_hold_once(schema: str) -> None:
+    clock = FakeClock()
+    ledgers = [
+        PostgresLedger(DSN, schema=schema, pool_max=3, clock=clock, sweep_batch=7) for _ in range(4)
+    ]
+    async with ledgers[0], ledgers[1], ledgers[2], ledgers[3]:
+        await ledgers[0].set_budget("user:a", limit=Decimal(100))
+        admitted, _ = await _reserve_all(ledgers, 120, ["user:a", "team:t"])
+        assert len(admitted) == 120
+        clock.advance(61)
+        counts: list[int] = []
+
+        async def sweep(ledger: PostgresLedger) -> None:
+            counts.append(await ledger.sweep())
+
+        async with anyio.create_task_group() as tg:
+            for ledger in ledgers * 3:
+                tg.start_soon(sweep, ledger)
+        assert sum(counts) == 120
+        assert len([c for c in counts if c]) > 1, "expected the sweepers to share the work"
+        assert await ledgers[1].holds() == []
+        assert all(h.state is HoldState.EXPIRED for h in await ledgers[2].holds(live_only=False))
+        status = await ledgers[3].status("user:a")
+        assert status is not None
+        assert status.held == 0
+        assert await ledgers[0].check() == []
+
+
+async def test_batched_settles_and_records(schema: str) -> None:
+    async with PostgresLedger(DSN, schema=schema, pool_max=2) as ledger:
+        admitted, _ = await _reserve_all([ledger], 60, ["user:a"])
+
+        async def settle(hold_id: str) -> None:
+            record = UsageRecord(
+                request_id=hold_id,
+                model="m",
+                endpoint="/v1/chat/completions",
+                status="success",
+                usage_source="provider",
+                user="a",
+                cost=AMOUNT,
+            )
+            hold = await ledger.settle(hold_id, AMOUNT, record=record)
+            assert hold.state is HoldState.SETTLED
+            assert await ledger.settle(hold_id, AMOUNT) == hold
+
+        async with anyio.create_task_group() as tg:
+            for hold_id in admitted:
+                tg.start_soon(settle, hold_id)
+        assert len(await ledger.usage(user="a", limit=1000)) == 60
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert (status.spent, status.held) == (AMOUNT * 60, Decimal(0))
+        assert await ledger.check() == []
+
+
+async def test_rolling_windows_follow_the_database_clock(schema: str) -> None:
+    clock = FakeClock()
+    async with PostgresLedger(DSN, schema=schema, clock=clock) as ledger:
+        await ledger.set_budget("user:a", limit=AMOUNT, period=Period.parse(3600))
+        hold = await ledger.reserve("a", ["user:a"], AMOUNT, ttl=7200)
+        with pytest.raises(BudgetExceeded) as refused:
+            await ledger.reserve("b", ["user:a"], AMOUNT, ttl=60)
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert refused.value.resets_at == status.resets_at
+        clock.advance(3600)
+        await ledger.reserve("c", ["user:a"], AMOUNT, ttl=60)  # a new window
+        settled = await ledger.settle(hold.hold_id, AMOUNT)  # into the old window (I10)
+        assert not settled.late
+        now = await ledger.status("user:a")
+        assert now is not None
+        assert (now.spent, now.held) == (Decimal(0), AMOUNT)
+        assert await ledger.check() == []
+
+
+async def test_refused_reserve_leaves_no_counter_behind(schema: str) -> None:
+    async with PostgresLedger(DSN, schema=schema) as ledger:
+        await ledger.set_budget("user:a", limit=Decimal(0))
+        with pytest.raises(BudgetExceeded):
+            await ledger.reserve("x", ["user:a", "key:new"], AMOUNT, ttl=60)
+        assert await ledger.status("key:new") is None
+        assert [s.scope for s in await ledger.budgets()] == ["user:a"]
+
+
+async def test_unreachable_server_fails_closed() -> None:
+    ledger = PostgresLedger("postgresql://postgres:secret@127.0.0.1:1/nothing", connect_timeout=2.0)
+    with pytest.raises(LedgerUnavailableError) as info:
+        await ledger.open()
+    assert "secret" not in str(info.value)
+    assert "secret" not in repr(ledger)
+    with pytest.raises(LedgerUnavailableError, match="not open"):
+        await ledger.reserve("h", ["user:a"], AMOUNT, ttl=60)
+
+
+async def test_lost_connections_fail_closed_then_recover(schema: str) -> None:
+    async with PostgresLedger(DSN, schema=schema, pool_min=2, pool_max=2) as ledger:
+        await ledger.reserve("before", ["user:a"], AMOUNT, ttl=60)
+        admin: Any = await asyncpg.connect(DSN)
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'gatewaykit' AND pid != pg_backend_pid() "
+                "AND query LIKE '%' || $1 || '%'",
+                "",
+            )
+        finally:
+            await admin.close()
+        failures = 0
+        for i in range(3):
+            try:
+                await ledger.reserve(f"after{i}", ["user:a"], AMOUNT, ttl=60)
+            except LedgerUnavailableError:
+                failures += 1
+        assert failures <= 2  # each dead pooled connection fails one call, then reconnects
+        assert await ledger.get_hold("after2") is not None
+        assert await ledger.check() == []
+
+
+async def test_schema_of_a_newer_version_is_refused(schema: str) -> None:
+    async with PostgresLedger(DSN, schema=schema):
+        pass
+    admin: Any = await asyncpg.connect(DSN)
+    try:
+        await admin.execute(f'INSERT INTO "{schema}".gatewaykit_schema (version) VALUES (99)')
+    finally:
+        await admin.close()
+    with pytest.raises(SchemaError, match="newer"):
+        await PostgresLedger(DSN, schema=schema).open()
+
+
+async def test_foreign_tables_are_refused(schema: str) -> None:
+    admin: Any = await asyncpg.connect(DSN)
+    try:
+        await admin.execute(f'CREATE TABLE "{schema}".holds (id int)')
+    finally:
+        await admin.close()
+    with pytest.raises(SchemaError, match="not created by gatewaykit"):
+        await PostgresLedger(DSN, schema=schema).open()
+
+
+async def test_many_instances_migrate_one_schema_at_once(schema: str) -> None:
+    ledgers = [PostgresLedger(DSN, schema=schema, pool_min=0, pool_max=1) for _ in range(6)]
+    try:
+        async with anyio.create_task_group() as tg:
+            for ledger in ledgers:
+                tg.start_soon(ledger.open)
+        assert await ledgers[0].check() == []
+    finally:
+        for ledger in ledgers:
+            await ledger.aclose()
+
+
+async def test_open_ledger_routes_postgres_urls(schema: str) -> None:
+    ledger = open_ledger(DSN, schema=schema)
+    assert isinstance(ledger, PostgresLedger)
+    async with ledger:
+        assert await ledger.budgets() == []
+
+
+def test_bad_options_are_refused_where_given() -> None:
+    with pytest.raises(ConfigurationError):
+        PostgresLedger("sqlite:///x.db")
+    with pytest.raises(ConfigurationError):
+        PostgresLedger(DSN, schema="x; DROP TABLE y")
+    with pytest.raises(ConfigurationError):
+        PostgresLedger(DSN, pool_min=5, pool_max=2)
+
+
+def test_importing_gatewaykit_does_not_import_asyncpg() -> None:
+    code = "import sys, gatewaykit, gatewaykit.ledger; print('asyncpg' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "False"
