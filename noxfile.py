@@ -56,5 +56,5 @@ def bench(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def example(session: nox.Session) -> None:
     """Install gatewaykit and run the example gateway against the built-in fake provider."""
-    install(session, "-e", ".")
+    install(session, "-e", ".", "--group", "examples")
     session.run("python", "examples/app.py", *session.posargs)

@@ -1,0 +1,309 @@
+"""An LLM gateway in one file: gatewaykit's example app.
+
+    python examples/app.py [--host 127.0.0.1] [--port 8000] [--db URL] [--prices FILE]
+                           [--hold-ttl SECONDS] [--platform URL]
+
+Serves ``POST /v1/chat/completions``, ``/v1/messages``, ``/v1/responses`` and
+``GET /healthz``. Standalone by default: API keys and budgets in the ledger named by
+``--db`` (default ``$GATEWAYKIT_DB``, else ``sqlite:///gatewaykit.db``), managed with the
+``gatewaykit`` command line. ``--platform URL`` asks a control plane instead, with the
+gateway token from ``GATEWAYKIT_PLATFORM_TOKEN``; ``--db`` then names the database of the
+durable usage-report outbox.
+
+Upstreams come from the variables the official SDKs read: ``OPENAI_BASE_URL`` (ending in
+``/v1``) and ``OPENAI_API_KEY`` for chat completions and responses, ``ANTHROPIC_BASE_URL``
+(no ``/v1``) and ``ANTHROPIC_API_KEY`` for messages. With none of them set, the app starts
+gatewaykit's fake provider on a side port, so it runs offline. ``GATEWAYKIT_MASTER_KEY``
+sets a master key (at least 16 characters) that may act for any user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import shutil
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from gatewaykit import (
+    GatewayKitError,
+    GatewayMiddleware,
+    PlatformMode,
+    PriceTable,
+    StandaloneMode,
+    Upstream,
+    open_ledger,
+)
+from gatewaykit.adapters import default_client, gateway_routes
+from gatewaykit.errors import ConfigurationError
+from gatewaykit.ledger import Ledger
+from gatewaykit.modes.base import RequestModeStrategy
+from gatewaykit.outbox import open_outbox
+from gatewaykit.testing import FakeProvider
+
+DEFAULT_DB = "sqlite:///gatewaykit.db"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the app is configured with; built from the command line and environment."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db: str = DEFAULT_DB
+    prices: Path | None = None
+    hold_ttl: float = 600.0
+    platform: str | None = None
+    platform_token: str | None = dataclasses.field(default=None, repr=False)
+    master_key: str | None = dataclasses.field(default=None, repr=False)
+    openai_base_url: str | None = None
+    openai_api_key: str | None = dataclasses.field(default=None, repr=False)
+    anthropic_base_url: str | None = None
+    anthropic_api_key: str | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def offline(self) -> bool:
+        """No real upstream configured: serve the built-in fake provider."""
+        return self.platform is None and not any(
+            (self.openai_base_url, self.openai_api_key, self.anthropic_base_url,
+             self.anthropic_api_key)
+        )  # fmt: skip
+
+
+def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
+    parser = argparse.ArgumentParser(
+        prog="python examples/app.py", description="gatewaykit's example LLM gateway."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--db",
+        default=environ.get("GATEWAYKIT_DB") or DEFAULT_DB,
+        help="ledger URL (standalone) or outbox URL (platform); default $GATEWAYKIT_DB, "
+        f"else {DEFAULT_DB}",
+    )
+    parser.add_argument("--prices", type=Path, help="JSON price file, merged over the defaults")
+    parser.add_argument("--hold-ttl", type=float, default=600.0, help="seconds (default 600)")
+    parser.add_argument(
+        "--platform", metavar="URL", help="control plane URL (token: GATEWAYKIT_PLATFORM_TOKEN)"
+    )
+    args = parser.parse_args(argv)
+    return Settings(
+        host=args.host,
+        port=args.port,
+        db=args.db,
+        prices=args.prices,
+        hold_ttl=args.hold_ttl,
+        platform=args.platform,
+        platform_token=environ.get("GATEWAYKIT_PLATFORM_TOKEN"),
+        master_key=environ.get("GATEWAYKIT_MASTER_KEY") or None,
+        openai_base_url=environ.get("OPENAI_BASE_URL") or None,
+        openai_api_key=environ.get("OPENAI_API_KEY") or None,
+        anthropic_base_url=environ.get("ANTHROPIC_BASE_URL") or None,
+        anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
+    )
+
+
+def configured_upstreams(settings: Settings, fake_port: int | None) -> list[Upstream]:
+    """The providers to forward to, with the meaning the official SDKs give the variables."""
+    if fake_port is not None:
+        fake = f"http://127.0.0.1:{fake_port}"
+        return [
+            Upstream(base_url=f"{fake}/v1", provider="openai", name="fake-openai"),
+            Upstream(base_url=fake, provider="anthropic", name="fake-anthropic"),
+        ]
+    upstreams = []
+    if settings.openai_base_url or settings.openai_api_key:
+        upstreams.append(
+            Upstream(
+                base_url=settings.openai_base_url or "https://api.openai.com/v1",
+                api_key=settings.openai_api_key,
+                provider="openai",
+            )
+        )
+    if settings.anthropic_base_url or settings.anthropic_api_key:
+        upstreams.append(
+            Upstream(
+                base_url=settings.anthropic_base_url or "https://api.anthropic.com",
+                api_key=settings.anthropic_api_key,
+                provider="anthropic",
+            )
+        )
+    return upstreams
+
+
+def load_prices(settings: Settings) -> PriceTable:
+    prices = PriceTable.default()
+    return (
+        prices if settings.prices is None else prices.merged(PriceTable.from_file(settings.prices))
+    )
+
+
+class _SideServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the main server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -> Starlette:
+    """The gateway: adapters behind GatewayMiddleware, resources opened in the lifespan.
+
+    ``fake_socket``: a listening socket to serve the built-in fake provider on.
+    """
+    client = default_client()
+    prices = load_prices(settings)
+    fake_port: int | None = fake_socket.getsockname()[1] if fake_socket is not None else None
+    ledger: Ledger | None = None
+    platform: PlatformMode | None = None
+    mode: RequestModeStrategy
+    if settings.platform is not None:
+        if not settings.platform_token:
+            raise ConfigurationError(
+                "--platform needs the gateway token in GATEWAYKIT_PLATFORM_TOKEN"
+            )
+        mode = platform = PlatformMode(
+            base_url=settings.platform,
+            gateway_token=settings.platform_token,
+            client=client,
+            outbox=open_outbox(settings.db),
+            prices=prices,
+        )
+    else:
+        ledger = open_ledger(settings.db)
+        mode = StandaloneMode(
+            ledger,
+            prices=prices,
+            upstreams=configured_upstreams(settings, fake_port),
+            master_key=settings.master_key,
+            hold_ttl=settings.hold_ttl,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Exit order: ledger/outbox, then the upstream client, then the fake provider.
+        async with anyio.create_task_group() as tasks, contextlib.AsyncExitStack() as stack:
+            if fake_socket is not None:
+                # log_config/log_level None: leave the main server's logging as it is.
+                config = uvicorn.Config(
+                    FakeProvider(), log_config=None, log_level=None, lifespan="off"
+                )
+                fake_server = _SideServer(config)
+                tasks.start_soon(fake_server.serve, [fake_socket])
+                stack.callback(setattr, fake_server, "should_exit", True)
+            await stack.enter_async_context(client)
+            if ledger is not None:
+                await ledger.open()
+                stack.push_async_callback(ledger.aclose)
+            if platform is not None:
+                await stack.enter_async_context(platform)
+            yield
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "mode": type(mode).__name__})
+
+    return Starlette(
+        routes=[Route("/healthz", healthz), *gateway_routes(client=client)],
+        middleware=[Middleware(GatewayMiddleware, mode=mode)],
+        lifespan=lifespan,
+    )
+
+
+def absolute_db_url(url: str) -> str:
+    """``sqlite:///relative.db`` made absolute, so the printed commands work from anywhere."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        path = url[len("sqlite:///") :]
+        if path and path != ":memory:":
+            return f"sqlite:///{Path(path).resolve()}"
+    return url
+
+
+def cli_command() -> str:
+    """How to run the ``gatewaykit`` command line installed beside this interpreter."""
+    script = Path(sys.executable).parent / "gatewaykit"
+    if not script.exists():
+        return f"{sys.executable} -m gatewaykit"
+    with contextlib.suppress(ValueError):
+        return str(script.absolute().relative_to(Path.cwd()))
+    on_path = shutil.which("gatewaykit")
+    return "gatewaykit" if on_path and Path(on_path).samefile(script) else str(script)
+
+
+async def preflight(settings: Settings) -> None:
+    """Open the database once before serving, so a bad --db fails here, readably."""
+    if settings.platform is not None:
+        async with open_outbox(settings.db):
+            return
+    ledger = open_ledger(settings.db)
+    await ledger.open()
+    await ledger.aclose()
+
+
+def banner(settings: Settings, fake_port: int | None) -> str:
+    base = f"http://{settings.host}:{settings.port}"
+    db = absolute_db_url(settings.db)
+    lines = [f"gatewaykit example gateway on {base}"]
+    lines.append(
+        "  routes     POST /v1/chat/completions  /v1/messages  /v1/responses, GET /healthz"
+    )
+    if settings.platform is not None:
+        lines.append(f"  mode       platform: control plane {settings.platform}")
+        lines.append(f"  outbox     {db}")
+        lines.append(
+            "Keys, budgets and upstreams are the control plane's; clients send its tokens."
+        )
+        return "\n".join(lines)
+    lines.append(f"  mode       standalone, ledger {db}")
+    if fake_port is not None:
+        lines.append(
+            f"  upstreams  built-in fake provider on http://127.0.0.1:{fake_port} (offline: set "
+            "OPENAI_BASE_URL/OPENAI_API_KEY or ANTHROPIC_BASE_URL/ANTHROPIC_API_KEY for real ones)"
+        )
+    else:
+        for upstream in configured_upstreams(settings, None):
+            served = "chat completions + responses" if upstream.provider == "openai" else "messages"
+            lines.append(f"  upstream   {upstream.provider} {upstream.base_url} ({served})")
+    prices = f"defaults + {settings.prices}" if settings.prices else "built-in defaults"
+    lines.append(f"  prices     {prices}; hold TTL {settings.hold_ttl:g} s")
+    lines.append(f"  master key {'set' if settings.master_key else 'not set'}")
+    lines.append("Create a key (printed once) with:")
+    lines.append(f"  {cli_command()} --db {db} keys create --user alice --budget 5")
+    lines.append("then use it with the SDK you already have:")
+    lines.append(f'  OpenAI(base_url="{base}/v1", api_key="gk_...")')
+    lines.append(f'  Anthropic(base_url="{base}", api_key="gk_...")')
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings(argv, os.environ)
+    fake_socket = None
+    try:
+        anyio.run(preflight, settings)
+        if settings.offline:
+            fake_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            fake_socket.bind(("127.0.0.1", 0))
+            fake_socket.listen(128)
+        app = build_app(settings, fake_socket=fake_socket)
+    except (GatewayKitError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    fake_port = fake_socket.getsockname()[1] if fake_socket is not None else None
+    print(banner(settings, fake_port), flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port)
+
+
+if __name__ == "__main__":
+    main()
