@@ -70,7 +70,8 @@ class FakeControlPlane:
     ``attempts`` maps a model name (or ``"*"``) to attempt specs: mappings with
     ``provider``, ``base_url``, and optionally ``model``, ``api_key``, ``headers``,
     ``attempt_id``. A missing ``attempt_id`` is generated per request (``att_<n>``).
-    A model with no entry (and no ``"*"``) resolves to 404.
+    A model with no entry (and no ``"*"``) resolves to 404; an empty list answers 200 with
+    no attempts (a protocol violation the gateway must turn into 503).
     """
 
     def __init__(
@@ -191,11 +192,11 @@ class FakeControlPlane:
                 headers={"Retry-After": str(user.retry_after)},
             )
         specs = self.attempts.get(model, self.attempts.get("*"))
-        if not specs:
+        if specs is None:
             return _error(404, "not_found_error", f"model {model} is not served")
         if user.budget_usd is not None:
             remaining = user.budget_usd - user.held_usd
-            if estimate > remaining:
+            if remaining <= 0 or estimate > remaining:
                 return _error(
                     402,
                     "billing_error",

@@ -1,0 +1,543 @@
+"""PlatformMode: a remote control plane owns users, keys, budgets and provider credentials.
+
+Per request the gateway makes one *resolve* call (the user's token, the model and an
+estimate → the upstream attempts to try, in order) and, when the request ends, one *usage
+report* (keyed ``<request_id>:<attempt_id>``). Reports are written to a durable
+:class:`~gatewaykit.outbox.Outbox` before the settlement returns and delivered by a
+background :class:`~gatewaykit.outbox.OutboxSender` until the control plane acknowledges
+them, so a report survives control-plane outages, crashes and restarts. The wire protocol
+is specified in docs/platform-protocol.md.
+
+The host enters the mode in its lifespan; that opens the outbox and runs the sender::
+
+    outbox = open_outbox("sqlite:///outbox.db")
+    mode = PlatformMode(base_url=..., gateway_token=..., client=client, outbox=outbox)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async with mode:
+            yield
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+
+from gatewaykit.envelopes import WireFormat
+from gatewaykit.errors import ConfigurationError, ErrorKind, RequestRejected
+from gatewaykit.modes.base import GatewayRequest
+from gatewaykit.outbox.base import Outbox
+from gatewaykit.outbox.sender import OutboxSender, RetryPolicy
+from gatewaykit.pricing import PriceTable, estimate_cost, estimate_prompt_tokens
+from gatewaykit.settlement import (
+    GatewayContext,
+    RequestEstimate,
+    Settlement,
+    SettlementOutcome,
+    SettlementStatus,
+)
+from gatewaykit.upstream import Attempt, Upstream
+from gatewaykit.usage import Usage
+
+__all__ = [
+    "ATTEMPT_ID_HEADER",
+    "PlatformMode",
+    "PlatformSettlement",
+    "usage_report",
+]
+
+logger = logging.getLogger("gatewaykit.platform")
+
+#: Response header naming the attempt that served the request (set by the adapters as
+#: they try each attempt; PlatformMode presets it to the first).
+ATTEMPT_ID_HEADER = "x-gatewaykit-attempt-id"
+
+#: The ``endpoint`` names sent to the control plane (the same as usage records use).
+_ENDPOINTS = {
+    WireFormat.OPENAI_CHAT: "chat.completions",
+    WireFormat.ANTHROPIC_MESSAGES: "messages",
+    WireFormat.OPENAI_RESPONSES: "responses",
+}
+_PROVIDERS: dict[str, Literal["openai", "anthropic"]] = {
+    "openai": "openai",
+    "openai-compatible": "openai",
+    "openai_compatible": "openai",
+    "anthropic": "anthropic",
+}
+_RELAYED = {
+    401: ErrorKind.AUTHENTICATION,
+    402: ErrorKind.BUDGET,
+    403: ErrorKind.PERMISSION,
+    404: ErrorKind.NOT_FOUND,
+    429: ErrorKind.RATE_LIMIT,
+}
+_DEFAULT_MESSAGES = {
+    401: "invalid API key",
+    402: "budget exceeded",
+    403: "this key may not make this request",
+    404: "model not found",
+    429: "rate limit exceeded",
+}
+_RESERVED_ERROR_FIELDS = frozenset({"type", "message", "code", "param"})
+_MAX_MESSAGE = 500
+
+
+class _MalformedAnswer(ValueError):
+    """The control plane's resolve answer does not follow the protocol."""
+
+
+class PlatformMode:
+    """Admit requests by asking a control plane; report usage through a durable outbox.
+
+    ``base_url`` is the control plane's root (``{base_url}/v1/resolve``,
+    ``{base_url}/v1/usage``); ``gateway_token`` authenticates this gateway to it (sent as
+    ``Authorization: Bearer``; never logged). ``client`` is the injected
+    ``httpx.AsyncClient`` (``httpx2`` works too) used for both calls. ``outbox`` holds the
+    usage reports (``open_outbox("sqlite:///outbox.db")``); entering the mode opens it if
+    needed and closes it on exit if it opened it.
+
+    ``prices`` (optional): with a price table the resolve call carries an estimate in USD
+    (every prompt token at the dearest input rate plus the request's max output tokens,
+    else ``default_max_output_tokens``); without one, or for an unpriced model, the
+    estimate is ``"0"`` and the control plane prices the request itself.
+
+    ``resolve_timeout`` bounds the whole resolve call; past it the request fails 503.
+    ``retry``, ``report_timeout``, ``report_concurrency`` and ``shutdown_timeout``
+    configure the outbox sender (see :class:`~gatewaykit.outbox.OutboxSender`).
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        gateway_token: str,
+        client: Any,
+        outbox: Outbox,
+        prices: PriceTable | None = None,
+        default_max_output_tokens: int = 4096,
+        resolve_timeout: float = 5.0,
+        retry: RetryPolicy | None = None,
+        report_timeout: float = 10.0,
+        report_concurrency: int = 8,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"control plane base_url must be an http(s) URL: {base_url!r}")
+        if not isinstance(gateway_token, str) or not gateway_token.strip():
+            raise ConfigurationError("gateway_token must be a non-empty string")
+        if not isinstance(outbox, Outbox):
+            raise ConfigurationError("outbox must implement gatewaykit.outbox.Outbox")
+        if prices is not None and not isinstance(prices, PriceTable):
+            raise ConfigurationError("prices must be a PriceTable or None")
+        if isinstance(default_max_output_tokens, bool) or not isinstance(
+            default_max_output_tokens, int
+        ):
+            raise ConfigurationError("default_max_output_tokens must be an int")
+        if default_max_output_tokens < 0:
+            raise ConfigurationError("default_max_output_tokens must not be negative")
+        if not resolve_timeout > 0:
+            raise ConfigurationError("resolve_timeout must be a positive number of seconds")
+        self.base_url = base_url.rstrip("/")
+        self.outbox = outbox
+        self.prices = prices
+        self.default_max_output_tokens = default_max_output_tokens
+        self.resolve_timeout = float(resolve_timeout)
+        self._token = gateway_token
+        self._client = client
+        self._resolve_url = f"{self.base_url}/v1/resolve"
+        self.sender = OutboxSender(
+            outbox,
+            client=client,
+            base_url=self.base_url,
+            gateway_token=gateway_token,
+            path="/v1/usage",
+            retry=retry,
+            request_timeout=report_timeout,
+            concurrency=report_concurrency,
+            shutdown_timeout=shutdown_timeout,
+        )
+        self._opened_outbox = False
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<PlatformMode {self.base_url} {state}>"
+
+    @property
+    def running(self) -> bool:
+        return self.sender.running
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def __aenter__(self) -> PlatformMode:
+        if not self.outbox.is_open:
+            await self.outbox.open()
+            self._opened_outbox = True
+        try:
+            await self.sender.__aenter__()
+        except BaseException:
+            await self._close_outbox()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.sender.__aexit__(exc_type, exc, tb)
+        finally:
+            await self._close_outbox()
+
+    async def _close_outbox(self) -> None:
+        if self._opened_outbox:
+            self._opened_outbox = False
+            with anyio.CancelScope(shield=True):
+                await self.outbox.close()
+
+    # -- admission ---------------------------------------------------------------------
+    async def authenticate(self, headers: Mapping[str, str]) -> None:
+        """401 when the request carries no credential (checked before a bad body's 400)."""
+        if _credential(headers) is None:
+            raise _missing_credential()
+
+    async def resolve(self, request: GatewayRequest) -> GatewayContext:
+        token = _credential(request.headers)
+        if token is None:
+            raise _missing_credential()
+        if not self.running or not self.outbox.is_open:
+            logger.error(
+                "PlatformMode is not running: enter `async with mode:` in the app's lifespan; "
+                "refusing request %s so that its usage report cannot be lost",
+                request.request_id,
+            )
+            raise RequestRejected(ErrorKind.UNAVAILABLE, "the gateway is not ready; retry shortly")
+        estimate = self._estimate(request)
+        endpoint = _ENDPOINTS.get(request.format, request.path) if request.format else request.path
+        payload = {
+            "request_id": request.request_id,
+            "user_token": token,
+            "model": request.model,
+            "endpoint": endpoint,
+            "estimate_usd": str(estimate.amount),
+        }
+        answer = await self._post_resolve(request.request_id, payload)
+        try:
+            user_id, attempts = _parse_answer(answer, request)
+        except _MalformedAnswer as exc:
+            logger.warning("resolve of %s: malformed answer: %s", request.request_id, exc)
+            raise _unavailable(f"the control plane gave a malformed answer ({exc})") from None
+        settlement = PlatformSettlement(
+            mode=self,
+            request_id=request.request_id,
+            estimate=estimate,
+            attempts=attempts,
+        )
+        context = GatewayContext(
+            request_id=request.request_id,
+            settlement=settlement,
+            format=request.format,
+            model=request.model,
+            stream=request.stream,
+            body=request.body,
+            attempts=attempts,
+            user_id=user_id,
+        )
+        context.response_headers[ATTEMPT_ID_HEADER] = attempts[0].attempt_id
+        settlement.bind(context)
+        return context
+
+    def _estimate(self, request: GatewayRequest) -> RequestEstimate:
+        prompt_tokens = estimate_prompt_tokens(request.prompt_chars)
+        max_output = request.max_output_tokens
+        if max_output is None:
+            max_output = self.default_max_output_tokens
+        amount = Decimal(0)
+        price = None if self.prices is None else self.prices.lookup(request.model)
+        if price is not None:
+            amount = estimate_cost(price, prompt_tokens=prompt_tokens, max_output_tokens=max_output)
+        return RequestEstimate(
+            prompt_tokens=prompt_tokens, max_output_tokens=max_output, amount=amount
+        )
+
+    async def _post_resolve(self, request_id: str, payload: Mapping[str, Any]) -> Any:
+        headers = {
+            "authorization": f"Bearer {self._token}",
+            "content-type": "application/json",
+        }
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        try:
+            with anyio.fail_after(self.resolve_timeout):
+                response = await self._client.post(
+                    self._resolve_url, content=body, headers=headers, timeout=self.resolve_timeout
+                )
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
+                logger.warning("resolve of %s timed out", request_id)
+                raise _unavailable(
+                    f"the control plane did not answer within {self.resolve_timeout:g}s"
+                ) from None
+            logger.warning("resolve of %s failed: %s", request_id, type(exc).__name__)
+            raise _unavailable(f"the control plane is unreachable ({type(exc).__name__})") from None
+        status = int(response.status_code)
+        data = _json_or_none(response)
+        if status == 200:
+            return data
+        error = data.get("error") if isinstance(data, dict) else None
+        error = error if isinstance(error, dict) else {}
+        if status == 401 and error.get("type") == "invalid_gateway_token":
+            logger.error("the control plane refused this gateway's token (resolve answered 401)")
+            raise _unavailable("the control plane refused this gateway's credentials")
+        kind = _RELAYED.get(status)
+        if kind is None:
+            logger.warning("resolve of %s: control plane answered HTTP %d", request_id, status)
+            raise _unavailable(f"the control plane answered HTTP {status}")
+        message = error.get("message")
+        if not isinstance(message, str) or not message.strip():
+            message = _DEFAULT_MESSAGES[status]
+        details = {
+            name: value
+            for name, value in error.items()
+            if name not in _RESERVED_ERROR_FIELDS
+            and isinstance(name, str)
+            and (value is None or isinstance(value, (str, int, bool)))
+        }
+        relay_headers: dict[str, str] = {}
+        retry_after = response.headers.get("retry-after")
+        if status == 429 and retry_after:
+            relay_headers["retry-after"] = retry_after
+        raise RequestRejected(
+            kind,
+            message[:_MAX_MESSAGE],
+            status=status,
+            headers=relay_headers,
+            details=details,
+        )
+
+    # -- reporting ---------------------------------------------------------------------
+    async def enqueue_report(self, key: str, payload: Mapping[str, Any]) -> None:
+        """Durably queue one usage report and wake the sender."""
+        await self.outbox.enqueue(key, payload)
+        self.sender.notify()
+
+
+def _credential(headers: Mapping[str, str]) -> str | None:
+    authorization = headers.get("authorization", "").strip()
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    api_key = headers.get("x-api-key", "").strip()
+    return api_key or None
+
+
+def _missing_credential() -> RequestRejected:
+    return RequestRejected(
+        ErrorKind.AUTHENTICATION,
+        "missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'",
+    )
+
+
+def _unavailable(message: str) -> RequestRejected:
+    return RequestRejected(ErrorKind.UNAVAILABLE, f"{message}; please retry shortly")
+
+
+def _json_or_none(response: Any) -> Any:
+    try:
+        return json.loads(response.content)
+    except (ValueError, TypeError):
+        return None
+
+
+def _serves(provider: str, fmt: WireFormat | None) -> bool:
+    if fmt is None:
+        return True
+    return (provider == "anthropic") == (fmt is WireFormat.ANTHROPIC_MESSAGES)
+
+
+def _parse_answer(data: Any, request: GatewayRequest) -> tuple[str | None, tuple[Attempt, ...]]:
+    if not isinstance(data, dict):
+        raise _MalformedAnswer("not a JSON object")
+    echoed = data.get("request_id")
+    if echoed is not None and echoed != request.request_id:
+        raise _MalformedAnswer("request_id does not match the one sent")
+    user_id = data.get("user_id")
+    if user_id is not None and not isinstance(user_id, str):
+        raise _MalformedAnswer("user_id must be a string")
+    raw = data.get("attempts")
+    if not isinstance(raw, list) or not raw:
+        raise _MalformedAnswer("no attempts")
+    attempts: list[Attempt] = []
+    seen: set[str] = set()
+    for index, item in enumerate(raw):
+        attempt = _parse_attempt(item, index, request.model)
+        if attempt.attempt_id in seen:
+            raise _MalformedAnswer(f"attempt_id {attempt.attempt_id!r} repeated")
+        seen.add(attempt.attempt_id)
+        if _serves(attempt.upstream.provider, request.format):
+            attempts.append(attempt)
+        else:
+            logger.warning(
+                "resolve of %s: skipping attempt %s (%s cannot serve %s)",
+                request.request_id,
+                attempt.attempt_id,
+                attempt.upstream.provider,
+                request.format.value if request.format else request.path,
+            )
+    if not attempts:
+        raise _MalformedAnswer("no attempt can serve this endpoint")
+    return user_id, tuple(attempts)
+
+
+def _parse_attempt(item: Any, index: int, default_model: str) -> Attempt:
+    where = f"attempts[{index}]"
+    if not isinstance(item, dict):
+        raise _MalformedAnswer(f"{where} is not an object")
+    attempt_id = item.get("attempt_id")
+    if not isinstance(attempt_id, str) or not attempt_id.strip() or len(attempt_id) > 255:
+        raise _MalformedAnswer(f"{where}.attempt_id must be a non-empty string")
+    provider = _PROVIDERS.get(str(item.get("provider", "")).lower())
+    if provider is None:
+        raise _MalformedAnswer(f"{where}.provider must be 'openai' or 'anthropic'")
+    model = item.get("model", default_model)
+    if model is None:
+        model = default_model
+    if not isinstance(model, str) or not model:
+        raise _MalformedAnswer(f"{where}.model must be a string")
+    base_url = item.get("base_url")
+    if not isinstance(base_url, str):
+        raise _MalformedAnswer(f"{where}.base_url must be a string")
+    api_key = item.get("api_key")
+    if api_key is not None and not isinstance(api_key, str):
+        raise _MalformedAnswer(f"{where}.api_key must be a string or null")
+    headers = item.get("headers") or {}
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise _MalformedAnswer(f"{where}.headers must map strings to strings")
+    try:
+        upstream = Upstream(
+            base_url=base_url,
+            api_key=api_key,
+            provider=provider,
+            headers=dict(headers),
+            name=attempt_id,
+        )
+    except ConfigurationError:
+        raise _MalformedAnswer(f"{where}.base_url must be an http(s) URL") from None
+    return Attempt(attempt_id=attempt_id, upstream=upstream, model=model)
+
+
+def usage_report(
+    *,
+    request_id: str,
+    attempt_id: str,
+    status: SettlementStatus,
+    usage: Usage | None,
+    error: str | None = None,
+    observed: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON body of one usage report (docs/platform-protocol.md)."""
+    report: dict[str, Any] = {
+        "request_id": request_id,
+        "attempt_id": attempt_id,
+        "status": status,
+        "usage": None,
+        "usage_source": "none",
+    }
+    if usage is not None:
+        report["usage"] = {
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_read_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        }
+        report["usage_source"] = usage.source.value
+    if error is not None:
+        report["error"] = error[:_MAX_MESSAGE]
+    if observed is not None:
+        report["observed"] = dict(observed)
+    return report
+
+
+class PlatformSettlement(Settlement):
+    """Settles by queueing one usage report in the mode's durable outbox.
+
+    The reported attempt is the one that served, or the last one tried: the adapters set
+    ``context.response_headers["x-gatewaykit-attempt-id"]`` as they try each attempt.
+    ``charged`` in the outcome is always 0 — the control plane prices the report.
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: PlatformMode,
+        request_id: str,
+        estimate: RequestEstimate,
+        attempts: tuple[Attempt, ...],
+    ) -> None:
+        super().__init__(request_id=request_id, estimate=estimate)
+        if not attempts:
+            raise ConfigurationError("a PlatformSettlement needs at least one attempt")
+        self._mode = mode
+        self._attempts = attempts
+        self._context: GatewayContext | None = None
+        self.report_key: str | None = None
+
+    def bind(self, context: GatewayContext) -> None:
+        """Read the serving attempt from this context's response headers at settlement."""
+        self._context = context
+
+    @property
+    def attempt_id(self) -> str:
+        """The attempt that served (or was tried last); the first until an adapter says."""
+        if self._context is not None:
+            named = self._context.response_headers.get(ATTEMPT_ID_HEADER)
+            if named and any(a.attempt_id == named for a in self._attempts):
+                return named
+        return self._attempts[0].attempt_id
+
+    async def _finish(
+        self, status: SettlementStatus, usage: Usage | None, error: str | None
+    ) -> SettlementOutcome:
+        if usage is None and status in ("error", "incomplete"):
+            usage = self.partial_usage
+        attempt_id = self.attempt_id
+        report = usage_report(
+            request_id=self.request_id,
+            attempt_id=attempt_id,
+            status=status,
+            usage=usage,
+            error=error,
+            observed={
+                "upstream_contacted": self.upstream_contacted,
+                "committed": self.committed,
+                "output_chars": self.output_chars,
+                "prompt_tokens_estimate": self.estimate.prompt_tokens,
+            },
+        )
+        key = f"{self.request_id}:{attempt_id}"
+        self.report_key = key
+        try:
+            await self._mode.enqueue_report(key, report)
+        except Exception:
+            # Nothing durable could be written: the log line is the last copy of the report.
+            logger.exception(
+                "could not store usage report %s; report: %s",
+                key,
+                json.dumps(report, separators=(",", ":")),
+            )
+        return SettlementOutcome(
+            status=status,
+            charged=Decimal(0),
+            usage=usage,
+            refunded=status == "error" and not self.committed,
+            error=error,
+        )
