@@ -1,0 +1,542 @@
+"""StandaloneMode admission: credentials, users, limits, prices, budgets and their errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import anthropic
+import httpx
+import httpx2
+import openai
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from gatewaykit import GatewayMiddleware, get_settlement
+from gatewaykit.errors import ConfigurationError
+from gatewaykit.ledger.base import Ledger, Period
+from gatewaykit.modes.standalone import StandaloneMode
+from gatewaykit.pricing import ModelPrice
+from gatewaykit.settlement import get_context
+from gatewaykit.upstream import Upstream
+from gatewaykit.usage import Usage
+from tests.middleware.conftest import MASTER_KEY, MakeKey, bearer, chat, messages
+from tests.middleware.fake_ledger import FakeLedger
+
+pytestmark = pytest.mark.anyio
+MICRO = Decimal("0.000001")
+Seen = list[dict[str, Any]]
+
+
+def app_for(mode: StandaloneMode, seen: Seen | None = None) -> ASGIApp:
+    async def endpoint(request: Request) -> Response:
+        context = get_context(request)
+        if seen is not None:
+            seen.append(
+                {
+                    "user": context.user_id,
+                    "key_id": context.key_id,
+                    "estimate": context.settlement.estimate,
+                    "upstream": context.attempts[0].upstream,
+                    "request_id": context.request_id,
+                }
+            )
+        await get_settlement(request).on_success(Usage(1, 1))
+        if request.url.path == "/v1/messages":
+            return JSONResponse(
+                {
+                    "id": "msg_1",
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [],
+                    "model": context.model,
+                    "stop_reason": "end_turn",
+                    "usage": {"input_tokens": 1, "output_tokens": 1},
+                }
+            )
+        return JSONResponse(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": context.model,
+                "choices": [],
+            }
+        )
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", endpoint, methods=["POST"]),
+            Route("/v1/messages", endpoint, methods=["POST"]),
+            Route("/v1/responses", endpoint, methods=["POST"]),
+        ],
+        middleware=[Middleware(GatewayMiddleware, mode=mode)],
+    )
+
+
+@pytest.fixture
+async def client_for() -> AsyncIterator[Callable[[ASGIApp], httpx.AsyncClient]]:
+    clients: list[httpx.AsyncClient] = []
+
+    def make(app: ASGIApp) -> httpx.AsyncClient:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+def sdk_openai(app: ASGIApp, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        api_key=key,
+        base_url="http://testserver/v1",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app)),
+    )
+
+
+def sdk_anthropic(app: ASGIApp, key: str) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(
+        api_key=key,
+        base_url="http://testserver",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app)),
+    )
+
+
+async def openai_chat(app: ASGIApp, key: str, **body: Any) -> Any:
+    async with sdk_openai(app, key) as client:
+        body.setdefault("model", "gpt-test")
+        body.setdefault("messages", [{"role": "user", "content": "hi"}])
+        return await client.chat.completions.create(**body)
+
+
+async def anthropic_message(app: ASGIApp, key: str, **body: Any) -> Any:
+    async with sdk_anthropic(app, key) as client:
+        body.setdefault("model", "claude-test")
+        body.setdefault("max_tokens", 10)
+        body.setdefault("messages", [{"role": "user", "content": "hi"}])
+        return await client.messages.create(**body)
+
+
+async def test_valid_key_is_admitted_and_billed_to_its_user(
+    ledger: Ledger, make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+) -> None:
+    key, record = await make_key("alice")
+    seen: Seen = []
+    app = app_for(make_mode(), seen)
+    completion = await openai_chat(app, key, max_tokens=10)
+    assert completion.id == "c1"
+    assert seen[0]["user"] == "alice"
+    assert seen[0]["key_id"] == record.key_id
+    assert seen[0]["upstream"].provider == "openai"
+    message = await anthropic_message(app, key)
+    assert message.id == "msg_1"
+    assert seen[1]["upstream"].provider == "anthropic"
+    for scope in ("user:alice", f"key:{record.key_id}"):
+        status = await ledger.status(scope)
+        assert status is not None
+        assert status.spent == 6 * MICRO  # two requests, Usage(1, 1) each
+    assert await ledger.holds() == []
+
+
+async def test_missing_and_unknown_keys_are_401_in_both_envelopes(
+    make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+) -> None:
+    real, _ = await make_key("alice")
+    # same prefix, key id and length; only the secret differs
+    forged = real[:-6] + ("AAAAAA" if not real.endswith("AAAAAA") else "BBBBBB")
+    app = app_for(make_mode())
+    for key in ("nonsense", forged):
+        with pytest.raises(openai.AuthenticationError) as oa:
+            await openai_chat(app, key)
+        assert oa.value.code == "invalid_api_key"
+        assert oa.value.type == "invalid_request_error"
+        with pytest.raises(anthropic.AuthenticationError) as an:
+            await anthropic_message(app, key)
+        assert an.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    # the forged key gets exactly the unknown-key answer
+    with pytest.raises(openai.AuthenticationError) as a:
+        await openai_chat(app, forged)
+    with pytest.raises(openai.AuthenticationError) as b:
+        await openai_chat(app, "gk_000000000000_" + "x" * 43)
+    assert a.value.message == b.value.message
+
+
+async def test_x_api_key_header_authenticates(
+    make_mode: Callable[..., StandaloneMode],
+    make_key: MakeKey,
+    client_for: Callable[[ASGIApp], httpx.AsyncClient],
+) -> None:
+    key, _ = await make_key("alice")
+    client = client_for(app_for(make_mode()))
+    response = await client.post("/v1/messages", json=messages(), headers={"x-api-key": key})
+    assert response.status_code == 200
+    missing = await client.post("/v1/messages", json=messages())
+    assert missing.status_code == 401
+    assert missing.json() == {
+        "type": "error",
+        "error": {
+            "type": "authentication_error",
+            "message": "missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'",
+        },
+    }
+    response = await client.post(
+        "/v1/chat/completions", json=chat(), headers={"authorization": f"Basic {key}"}
+    )
+    assert response.status_code == 401
+
+
+async def test_revoked_and_expired_keys_are_401(
+    ledger: Ledger, make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+) -> None:
+    mode = make_mode(key_cache_ttl=60)
+    app = app_for(mode)
+    key, record = await make_key("alice")
+    await openai_chat(app, key)  # cached now
+    assert await mode.revoke_key(record.key_id)
+    with pytest.raises(openai.AuthenticationError, match="revoked"):
+        await openai_chat(app, key)
+    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    expired, _ = await make_key("alice", expires_at=past)
+    with pytest.raises(openai.AuthenticationError, match="expired"):
+        await openai_chat(app, expired)
+
+
+async def test_key_cache_expires_revocations_made_elsewhere(
+    ledger: Ledger, make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+) -> None:
+    clock = [0.0]
+    mode = make_mode(key_cache_ttl=5, clock=lambda: clock[0])
+    app = app_for(mode)
+    key, record = await make_key("alice")
+    await openai_chat(app, key)
+    await ledger.revoke_key(record.key_id)  # e.g. the CLI, in another process
+    await openai_chat(app, key)  # still cached
+    clock[0] += 5.1
+    with pytest.raises(openai.AuthenticationError):
+        await openai_chat(app, key)
+
+
+async def test_master_key_must_name_the_user(
+    ledger: Ledger, make_mode: Callable[..., StandaloneMode]
+) -> None:
+    seen: Seen = []
+    app = app_for(make_mode(), seen)
+    with pytest.raises(openai.BadRequestError, match="'user'"):
+        await openai_chat(app, MASTER_KEY)
+    with pytest.raises(anthropic.BadRequestError, match=r"metadata\.user_id"):
+        await anthropic_message(app, MASTER_KEY)
+    await openai_chat(app, MASTER_KEY, user="bob")
+    await anthropic_message(app, MASTER_KEY, metadata={"user_id": "carol"})
+    assert [(s["user"], s["key_id"]) for s in seen] == [("bob", None), ("carol", None)]
+    bob = await ledger.status("user:bob")
+    assert bob is not None
+    assert bob.spent == 3 * MICRO
+
+
+async def test_an_ordinary_key_may_not_bill_another_user(
+    make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+) -> None:
+    key, _ = await make_key("alice")
+    app = app_for(make_mode())
+    await openai_chat(app, key, user="alice")  # naming yourself is fine
+    with pytest.raises(openai.PermissionDeniedError) as oa:
+        await openai_chat(app, key, user="bob")
+    assert oa.value.type == "permission_error"
+    with pytest.raises(anthropic.PermissionDeniedError):
+        await anthropic_message(app, key, metadata={"user_id": "bob"})
+
+
+async def test_allowed_models_are_enforced(
+    make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+) -> None:
+    key, _ = await make_key("alice", allowed_models=("claude-test",))
+    app = app_for(make_mode())
+    await anthropic_message(app, key)
+    with pytest.raises(openai.PermissionDeniedError, match="gpt-test"):
+        await openai_chat(app, key)
+
+
+async def test_rpm_limit_answers_429_with_rate_limit_headers(
+    make_mode: Callable[..., StandaloneMode],
+    make_key: MakeKey,
+    client_for: Callable[[ASGIApp], httpx.AsyncClient],
+) -> None:
+    key, _ = await make_key("alice", rpm=2)
+    app = app_for(make_mode())
+    client = client_for(app)
+    first = await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+    assert first.headers["x-ratelimit-limit"] == "2"
+    assert first.headers["x-ratelimit-remaining"] == "1"
+    assert int(first.headers["x-ratelimit-reset"]) > 0
+    second = await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+    assert second.headers["x-ratelimit-remaining"] == "0"
+    third = await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+    assert third.status_code == 429
+    assert 1 <= int(third.headers["retry-after"]) <= 60
+    assert third.headers["x-ratelimit-remaining"] == "0"
+    assert third.json()["error"]["type"] == "rate_limit_error"
+    with pytest.raises(openai.RateLimitError) as limited:
+        await openai_chat(app, key)
+    assert limited.value.response.headers["retry-after"] == third.headers["retry-after"]
+    # the master key is never rate limited
+    for _ in range(3):
+        ok = await client.post(
+            "/v1/chat/completions", json=chat(user="x"), headers=bearer(MASTER_KEY)
+        )
+        assert ok.status_code == 200
+
+
+async def test_default_rpm_applies_to_keys_without_their_own(
+    make_mode: Callable[..., StandaloneMode],
+    make_key: MakeKey,
+    client_for: Callable[[ASGIApp], httpx.AsyncClient],
+) -> None:
+    key, _ = await make_key("alice")
+    client = client_for(app_for(make_mode(default_rpm=1)))
+    assert (
+        await client.post("/v1/messages", json=messages(), headers=bearer(key))
+    ).status_code == 200
+    limited = await client.post("/v1/messages", json=messages(), headers=bearer(key))
+    assert limited.status_code == 429
+    assert limited.json()["error"]["type"] == "rate_limit_error"
+
+
+async def test_unknown_model_is_404_and_unpriced_model_is_400(
+    ledger: Ledger, make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+) -> None:
+    key, _ = await make_key("alice")
+    upstreams = [
+        Upstream("https://o.example/v1", provider="openai", models=frozenset({"gpt-test"}))
+    ]
+    app = app_for(make_mode(upstreams=upstreams, unpriced="allow"))
+    with pytest.raises(openai.NotFoundError) as nf:
+        await openai_chat(app, key, model="gpt-nowhere")
+    assert nf.value.code == "model_not_found"
+    with pytest.raises(anthropic.NotFoundError):  # no anthropic upstream at all
+        await anthropic_message(app, key)
+    app = app_for(make_mode())
+    with pytest.raises(openai.BadRequestError) as np:
+        await openai_chat(app, key, model="gpt-unpriced")
+    assert np.value.code == "model_not_priced"
+    assert await ledger.holds(live_only=False) == []
+
+
+async def test_unpriced_allow_serves_unbudgeted_and_fallback_prices(
+    ledger: Ledger, make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+) -> None:
+    key, _ = await make_key("alice")
+    seen: Seen = []
+    await openai_chat(app_for(make_mode(unpriced="allow"), seen), key, model="free-model")
+    assert seen[-1]["estimate"].amount == 0
+    (record,) = await ledger.usage()
+    assert (record.model, record.cost, record.input_tokens) == ("free-model", Decimal(0), 1)
+    fallback = make_mode(unpriced=Decimal(1000))  # $1000 per million tokens, in and out
+    await openai_chat(app_for(fallback, seen), key, model="odd-model", max_tokens=1)
+    assert seen[-1]["estimate"].amount == 2 * Decimal("0.001")
+    status = await ledger.status("user:alice")
+    assert status is not None
+    assert status.spent == 2 * Decimal("0.001")
+    explicit = make_mode(unpriced=ModelPrice(Decimal(0), Decimal(1)))
+    await openai_chat(app_for(explicit, seen), key, model="odd-model", max_tokens=1)
+    assert seen[-1]["estimate"].amount == MICRO
+
+
+async def test_budget_denial_is_402_with_machine_readable_numbers(
+    ledger: Ledger, make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+) -> None:
+    key, _ = await make_key("alice")
+    await ledger.set_budget("user:alice", limit=Decimal("0.00003"), period=Period("day"))
+    app = app_for(make_mode())
+    await openai_chat(app, key, max_tokens=10)  # holds 21 µUSD, charges 3 µUSD
+    with pytest.raises(openai.APIStatusError) as denied:
+        await openai_chat(app, key, max_tokens=20)  # needs 41 µUSD
+    error = denied.value
+    assert error.status_code == 402
+    assert error.code == "budget_exceeded"
+    assert error.type == "insufficient_quota"
+    body = error.body
+    assert isinstance(body, dict)
+    assert body["scope"] == "user:alice"
+    assert Decimal(body["limit"]) == Decimal("0.00003")
+    assert Decimal(body["spent"]) == 3 * MICRO
+    assert Decimal(body["held"]) == 0
+    assert Decimal(body["remaining"]) == 27 * MICRO
+    if not isinstance(ledger, FakeLedger):  # the fake has no periods
+        assert datetime.fromisoformat(body["resets_at"]) > datetime.now(timezone.utc)
+    with pytest.raises(anthropic.PaymentRequiredError) as an:
+        await anthropic_message(app, key, max_tokens=20)
+    assert an.value.body["error"]["type"] == "billing_error"  # type: ignore[index]
+    assert an.value.body["error"]["scope"] == "user:alice"  # type: ignore[index]
+    assert await ledger.holds() == []
+
+
+async def test_team_and_key_budgets_are_held_atomically(
+    ledger: Ledger,
+    make_mode: Callable[..., StandaloneMode],
+    make_key: MakeKey,
+    client_for: Callable[[ASGIApp], httpx.AsyncClient],
+) -> None:
+    key, record = await make_key("alice", team="red")
+    await ledger.set_budget("team:red", limit=Decimal("0.00002"))
+    client = client_for(app_for(make_mode()))
+    denied = await client.post(
+        "/v1/chat/completions", json=chat(max_tokens=10), headers=bearer(key)
+    )
+    assert denied.status_code == 402
+    assert denied.json()["error"]["scope"] == "team:red"
+    await ledger.set_budget("team:red", limit=Decimal(1))
+    await ledger.set_budget(f"key:{record.key_id}", limit=Decimal("0.0001"))
+    ok = await client.post("/v1/chat/completions", json=chat(max_tokens=10), headers=bearer(key))
+    assert ok.status_code == 200
+    assert ok.headers["x-gatewaykit-budget-scope"] == f"key:{record.key_id}"
+    assert Decimal(ok.headers["x-gatewaykit-budget-remaining"]) == Decimal("0.0001") - 21 * MICRO
+    for scope in ("team:red", "user:alice", f"key:{record.key_id}"):
+        status = await ledger.status(scope)
+        assert status is not None
+        assert status.spent == 3 * MICRO, scope
+
+
+async def test_master_key_requests_use_the_configured_team(
+    ledger: Ledger, make_mode: Callable[..., StandaloneMode]
+) -> None:
+    app = app_for(make_mode(teams={"bob": "blue"}))
+    await openai_chat(app, MASTER_KEY, user="bob")
+    status = await ledger.status("team:blue")
+    assert status is not None
+    assert status.spent == 3 * MICRO
+
+
+async def test_ledger_outage_is_503(
+    make_mode: Callable[..., StandaloneMode], make_key: MakeKey, ledger: Ledger
+) -> None:
+    if not isinstance(ledger, FakeLedger):
+        pytest.skip("outage is simulated with the fake ledger")
+    key, _ = await make_key("alice")
+    app = app_for(make_mode(key_cache_ttl=0))
+    ledger.down = True
+    with pytest.raises(openai.InternalServerError) as down:
+        await openai_chat(app, key)
+    assert down.value.status_code == 503
+    assert down.value.type == "api_error"
+    ledger.down = False
+
+
+async def test_precedence_401_400_403_429_404_402(
+    ledger: Ledger,
+    make_mode: Callable[..., StandaloneMode],
+    make_key: MakeKey,
+    client_for: Callable[[ASGIApp], httpx.AsyncClient],
+) -> None:
+    upstreams = [
+        Upstream("https://o.example/v1", provider="openai", models=frozenset({"gpt-test"}))
+    ]
+    client = client_for(app_for(make_mode(upstreams=upstreams, unpriced="allow")))
+    strict = client_for(app_for(make_mode(upstreams=upstreams)))
+    key, _ = await make_key("alice", rpm=1, allowed_models=("gpt-test", "gpt-gone"))
+
+    async def status(c: httpx.AsyncClient, body: Any, headers: dict[str, str]) -> int:
+        if isinstance(body, bytes):
+            r = await c.post("/v1/chat/completions", content=body, headers=headers)
+        else:
+            r = await c.post("/v1/chat/completions", json=body, headers=headers)
+        return r.status_code
+
+    # 401 beats a broken body, a missing model and an oversized body
+    assert await status(client, b"{not json", bearer("bad")) == 401
+    assert await status(client, {"messages": []}, {}) == 401
+    assert await status(client, b"{not json", bearer(key)) == 400
+    # 400 (unpriced) beats 403 (other user, model not allowed)
+    assert await status(strict, chat(model="gpt-unpriced", user="bob"), bearer(key)) == 400
+    # 403 beats 429: use up the one request per minute first
+    assert await status(client, chat(), bearer(key)) == 200
+    assert await status(client, chat(user="bob"), bearer(key)) == 403
+    # 429 beats 404
+    assert await status(client, chat(model="gpt-gone"), bearer(key)) == 429
+    # 404 beats 402
+    await ledger.set_budget("user:alice", limit=Decimal(0))
+    key2, _ = await make_key("alice")
+    assert await status(client, chat(model="gpt-nowhere"), bearer(key2)) == 404
+    assert await status(client, chat(), bearer(key2)) == 402
+
+
+async def test_request_id_is_ours_and_on_every_gated_response(
+    ledger: Ledger,
+    make_mode: Callable[..., StandaloneMode],
+    make_key: MakeKey,
+    client_for: Callable[[ASGIApp], httpx.AsyncClient],
+) -> None:
+    key, _ = await make_key("alice")
+    client = client_for(app_for(make_mode()))
+    forged = {"x-request-id": "attacker-chosen", **bearer(key)}
+    ok = await client.post("/v1/chat/completions", json=chat(), headers=forged)
+    assert ok.headers["x-request-id"].startswith("req_")
+    assert await ledger.get_hold("attacker-chosen") is None
+    assert await ledger.get_hold(ok.headers["x-request-id"]) is not None
+    bad = await client.post("/v1/chat/completions", json=chat(), headers=bearer("nope"))
+    assert bad.headers["x-request-id"].startswith("req_")
+
+
+async def test_no_key_material_in_logs_reprs_or_error_bodies(
+    caplog: pytest.LogCaptureFixture,
+    ledger: Ledger,
+    make_mode: Callable[..., StandaloneMode],
+    make_key: MakeKey,
+    client_for: Callable[[ASGIApp], httpx.AsyncClient],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    key, record = await make_key("alice", rpm=1)
+    secret = key.rsplit("_", 1)[1]
+    mode = make_mode()
+    client = client_for(app_for(mode))
+    bodies = []
+    for headers in (bearer(key), bearer(key), bearer(key[:-1] + "Z"), bearer(MASTER_KEY)):
+        response = await client.post("/v1/chat/completions", json=chat(user="bob"), headers=headers)
+        bodies.append(response.text + str(response.headers))
+    await ledger.set_budget("user:alice", limit=Decimal(0))
+    mode.invalidate_key()
+    response = await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+    bodies.append(response.text)
+    reprs = [repr(mode), repr(record), repr(await ledger.usage())]
+    for text in [caplog.text, *bodies, *reprs]:
+        for material in (key, secret, MASTER_KEY, record.key_hash, "sk-upstream-secret"):
+            assert material not in text
+
+
+async def test_configuration_is_validated(ledger: Ledger) -> None:
+    base: dict[str, Any] = {"prices": {}, "upstreams": []}
+    for bad in (
+        {"missing_usage": "guess"},
+        {"disconnect": "ignore"},
+        {"unpriced": "maybe"},
+        {"unpriced": 0.5},
+        {"hold_ttl": 0},
+        {"master_key": "short"},
+        {"default_rpm": 0},
+        {"upstreams": Upstream("https://x.example/v1")},
+    ):
+        with pytest.raises(ConfigurationError):
+            StandaloneMode(ledger, **{**base, **bad})
+    with pytest.raises(ConfigurationError):
+        StandaloneMode(object(), **base)  # type: ignore[arg-type]
+
+
+async def test_repr_does_not_leak(ledger: Ledger) -> None:
+    mode = StandaloneMode(ledger, prices={}, upstreams=[], master_key=MASTER_KEY)
+    assert MASTER_KEY not in repr(mode)
+    assert "master_key=set" in repr(mode)
+    assert dataclasses.is_dataclass(Upstream)
