@@ -1,0 +1,160 @@
+"""Anthropic messages (``/v1/messages``).
+
+Streaming usage comes in two parts: ``message_start`` carries the input and cache counts
+(cache creation and cache reads are separate from ``input_tokens``, as in gatewaykit's
+``Usage``), and each ``message_delta`` carries the cumulative output count. The adapter
+forwards the client's ``anthropic-version`` and ``anthropic-beta`` headers and sends the
+gateway's own ``x-api-key``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from gatewaykit.adapters._proxy import (
+    EventKind,
+    PreparedBody,
+    ProxyEndpoint,
+    StreamUsage,
+    UpstreamClient,
+    base_headers,
+    count,
+    text_len,
+)
+from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
+from gatewaykit.envelopes import WireFormat
+from gatewaykit.upstream import Attempt, Upstream
+from gatewaykit.usage import Usage, UsageSource
+
+__all__ = [
+    "DEFAULT_ANTHROPIC_VERSION",
+    "MessagesStreamUsage",
+    "anthropic_messages",
+    "messages_usage",
+]
+
+#: Sent upstream when the client did not send ``anthropic-version``.
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+
+
+def messages_usage(usage: Any, source: UsageSource = UsageSource.PROVIDER) -> Usage | None:
+    """gatewaykit ``Usage`` from an Anthropic ``usage`` object (None if there is none)."""
+    if not isinstance(usage, Mapping):
+        return None
+    return Usage(
+        input_tokens=count(usage.get("input_tokens")),
+        output_tokens=count(usage.get("output_tokens")),
+        cache_read_tokens=count(usage.get("cache_read_input_tokens")),
+        cache_write_tokens=count(usage.get("cache_creation_input_tokens")),
+        source=source,
+    )
+
+
+def _block_chars(block: Any) -> int:
+    if not isinstance(block, Mapping):
+        return 0
+    return (
+        text_len(block.get("text"))
+        + text_len(block.get("partial_json"))
+        + text_len(block.get("thinking"))
+    )
+
+
+class MessagesStreamUsage(StreamUsage):
+    """Usage of an Anthropic messages stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start: Mapping[str, Any] = {}
+
+    def observe(self, event: SSEEvent) -> EventKind:
+        if event.data is None:
+            return EventKind.FORWARD
+        payload = event.json()
+        if not isinstance(payload, Mapping):
+            raise MalformedStreamError("an Anthropic stream event is not a JSON object")
+        kind = payload.get("type", event.event)
+        if kind == "content_block_delta":
+            self.output_chars += _block_chars(payload.get("delta"))
+        elif kind == "message_start":
+            message = payload.get("message")
+            usage = message.get("usage") if isinstance(message, Mapping) else None
+            if isinstance(usage, Mapping):
+                self._start = usage
+                self.partial = messages_usage(usage, UsageSource.PARTIAL)
+        elif kind == "message_delta":
+            usage = payload.get("usage")
+            if isinstance(usage, Mapping):
+                # Output is cumulative; input/cache fields, when present, override the start.
+                merged = {**self._start, **{k: v for k, v in usage.items() if v is not None}}
+                self._final = messages_usage(merged)
+                self.partial = messages_usage(merged, UsageSource.PARTIAL)
+        elif kind == "message_stop":
+            return EventKind.FINAL
+        elif kind == "error":
+            error = payload.get("error")
+            message = error.get("message") if isinstance(error, Mapping) else None
+            self.error = str(message or error or "error event")
+            return EventKind.ERROR
+        return EventKind.FORWARD
+
+
+class _MessagesSpec:
+    wire = WireFormat.ANTHROPIC_MESSAGES
+    provider = "anthropic"
+
+    def url(self, upstream: Upstream) -> str:
+        return f"{upstream.base_url}/v1/messages"
+
+    def headers(self, upstream: Upstream, client_headers: Mapping[str, str]) -> dict[str, str]:
+        headers = base_headers()
+        headers["anthropic-version"] = client_headers.get(
+            "anthropic-version", DEFAULT_ANTHROPIC_VERSION
+        )
+        beta = client_headers.get("anthropic-beta")
+        if beta:
+            headers["anthropic-beta"] = beta
+        if upstream.api_key:
+            headers["x-api-key"] = upstream.api_key
+        headers.update(upstream.headers)
+        return headers
+
+    def prepare(self, body: Mapping[str, Any], attempt: Attempt, stream: bool) -> PreparedBody:
+        prepared = dict(body)
+        prepared["model"] = attempt.model
+        return PreparedBody(prepared, MessagesStreamUsage)
+
+    def usage_from_body(self, body: Mapping[str, Any]) -> Usage | None:
+        return messages_usage(body.get("usage"))
+
+    def output_chars_from_body(self, body: Mapping[str, Any]) -> int:
+        content = body.get("content")
+        if not isinstance(content, list):
+            return 0
+        chars = 0
+        for block in content:
+            chars += _block_chars(block)
+            if isinstance(block, Mapping) and isinstance(block.get("input"), Mapping):
+                chars += len(str(block["input"]))
+        return chars
+
+
+def anthropic_messages(
+    *,
+    client: UpstreamClient,
+    connect_timeout: float | None = 10.0,
+    read_timeout: float | None = 600.0,
+    first_chunk_timeout: float | None = None,
+) -> ProxyEndpoint:
+    """The ``/v1/messages`` endpoint: an ASGI app to mount behind GatewayMiddleware.
+
+    Arguments as for :func:`gatewaykit.adapters.openai_chat_completions`.
+    """
+    return ProxyEndpoint(
+        _MessagesSpec(),
+        client=client,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        first_chunk_timeout=first_chunk_timeout,
+    )

@@ -1,0 +1,141 @@
+"""OpenAI responses (``/v1/responses``).
+
+Streaming usage arrives in the terminal event — ``response.completed``,
+``response.incomplete`` or ``response.failed`` — under ``response.usage``; there is no
+``[DONE]``. ``input_tokens`` includes ``input_tokens_details.cached_tokens``; gatewaykit's
+``Usage`` keeps them apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from gatewaykit.adapters._proxy import (
+    EventKind,
+    PreparedBody,
+    ProxyEndpoint,
+    StreamUsage,
+    UpstreamClient,
+    base_headers,
+    count,
+    text_len,
+)
+from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
+from gatewaykit.envelopes import WireFormat
+from gatewaykit.upstream import Attempt, Upstream
+from gatewaykit.usage import Usage
+
+__all__ = [
+    "ResponsesStreamUsage",
+    "openai_responses",
+    "responses_usage",
+]
+
+_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_TEXT_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_text.delta",
+    }
+)
+
+
+def responses_usage(usage: Any) -> Usage | None:
+    """gatewaykit ``Usage`` from a responses ``usage`` object (None if there is none)."""
+    if not isinstance(usage, Mapping):
+        return None
+    prompt = count(usage.get("input_tokens"))
+    details = usage.get("input_tokens_details")
+    cached = count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+    cached = min(cached, prompt)
+    return Usage(
+        input_tokens=prompt - cached,
+        output_tokens=count(usage.get("output_tokens")),
+        cache_read_tokens=cached,
+    )
+
+
+class ResponsesStreamUsage(StreamUsage):
+    """Usage of an OpenAI responses stream."""
+
+    def observe(self, event: SSEEvent) -> EventKind:
+        if event.data is None:
+            return EventKind.FORWARD
+        payload = event.json()
+        if not isinstance(payload, Mapping):
+            raise MalformedStreamError("a responses stream event is not a JSON object")
+        kind = payload.get("type", event.event)
+        if kind in _TEXT_DELTAS:
+            self.output_chars += text_len(payload.get("delta"))
+        elif kind in _TERMINAL:
+            response = payload.get("response")
+            if isinstance(response, Mapping):
+                self._final = responses_usage(response.get("usage"))
+            if kind == "response.failed":
+                error = response.get("error") if isinstance(response, Mapping) else None
+                message = error.get("message") if isinstance(error, Mapping) else None
+                self.error = str(message or "response.failed")
+                return EventKind.ERROR
+            return EventKind.FINAL
+        elif kind == "error":
+            self.error = str(payload.get("message") or "error event")
+            return EventKind.ERROR
+        return EventKind.FORWARD
+
+
+class _ResponsesSpec:
+    wire = WireFormat.OPENAI_RESPONSES
+    provider = "openai"
+
+    def url(self, upstream: Upstream) -> str:
+        return f"{upstream.base_url}/responses"
+
+    def headers(self, upstream: Upstream, client_headers: Mapping[str, str]) -> dict[str, str]:
+        headers = base_headers()
+        if upstream.api_key:
+            headers["authorization"] = f"Bearer {upstream.api_key}"
+        headers.update(upstream.headers)
+        return headers
+
+    def prepare(self, body: Mapping[str, Any], attempt: Attempt, stream: bool) -> PreparedBody:
+        prepared = dict(body)
+        prepared["model"] = attempt.model
+        return PreparedBody(prepared, ResponsesStreamUsage)
+
+    def usage_from_body(self, body: Mapping[str, Any]) -> Usage | None:
+        return responses_usage(body.get("usage"))
+
+    def output_chars_from_body(self, body: Mapping[str, Any]) -> int:
+        chars = 0
+        for item in body.get("output") or ():
+            if not isinstance(item, Mapping):
+                continue
+            chars += text_len(item.get("arguments"))
+            for part in item.get("content") or ():
+                if isinstance(part, Mapping):
+                    chars += text_len(part.get("text")) + text_len(part.get("refusal"))
+        return chars
+
+
+def openai_responses(
+    *,
+    client: UpstreamClient,
+    connect_timeout: float | None = 10.0,
+    read_timeout: float | None = 600.0,
+    first_chunk_timeout: float | None = None,
+) -> ProxyEndpoint:
+    """The ``/v1/responses`` endpoint: an ASGI app to mount behind GatewayMiddleware.
+
+    Arguments as for :func:`gatewaykit.adapters.openai_chat_completions`.
+    """
+    return ProxyEndpoint(
+        _ResponsesSpec(),
+        client=client,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        first_chunk_timeout=first_chunk_timeout,
+    )

@@ -1,0 +1,122 @@
+"""An incremental server-sent-events splitter that never re-chunks what it forwards.
+
+The adapters forward upstream bytes as they arrive. To read usage on the side, hide the
+chat usage chunk the client did not ask for, and hold back the stream's final event until
+the settlement is done, they must know where each event ends. :class:`SSESplitter` finds
+event boundaries (a blank line: ``\\n\\n``, ``\\r\\n\\r\\n`` or ``\\r\\r``) in each chunk and
+hands back complete events whose ``raw`` bytes are exactly what the upstream sent.
+Nothing is decoded or re-encoded; an event split across reads is returned once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from gatewaykit.errors import GatewayKitError
+
+__all__ = ["MalformedStreamError", "SSEEvent", "SSESplitter"]
+
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE = re.compile(rb"\r\n|\r|\n")
+
+
+class MalformedStreamError(GatewayKitError, ValueError):
+    """The upstream sent a stream the gateway cannot read (bad framing or bad JSON)."""
+
+
+class SSEEvent:
+    """One complete event: its exact bytes, and its ``event`` and ``data`` fields."""
+
+    __slots__ = ("_data", "_name", "_parsed", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._parsed = False
+        self._name: str | None = None
+        self._data: str | None = None
+
+    def __repr__(self) -> str:
+        return f"SSEEvent({self.raw!r})"
+
+    def _parse(self) -> None:
+        name: str | None = None
+        data: list[bytes] = []
+        for line in _LINE.split(self.raw):
+            if not line or line.startswith(b":"):
+                continue
+            field, sep, value = line.partition(b":")
+            if sep and value.startswith(b" "):
+                value = value[1:]
+            if field == b"data":
+                data.append(value)
+            elif field == b"event":
+                name = value.decode("utf-8", "replace")
+        self._name = name
+        self._data = b"\n".join(data).decode("utf-8", "replace") if data else None
+        self._parsed = True
+
+    @property
+    def event(self) -> str | None:
+        """The ``event:`` field, or None (SSE's default type ``message``)."""
+        if not self._parsed:
+            self._parse()
+        return self._name
+
+    @property
+    def data(self) -> str | None:
+        """The ``data:`` lines joined with newlines, or None when the event has none."""
+        if not self._parsed:
+            self._parse()
+        return self._data
+
+    def json(self) -> Any:
+        """The ``data`` field parsed as JSON; :class:`MalformedStreamError` if it is not."""
+        data = self.data
+        if data is None:
+            raise MalformedStreamError(f"event {self.event or 'message'!r} has no data")
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise MalformedStreamError(
+                f"event {self.event or 'message'!r} carries data that is not JSON"
+            ) from None
+
+
+class SSESplitter:
+    """Split a byte stream into complete SSE events, incrementally.
+
+    ``feed(chunk)`` returns the events completed by ``chunk``; bytes of an unfinished
+    event stay in :attr:`pending` until a later chunk completes them.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes received that do not yet end an event."""
+        return self._buffer
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if self._buffer:
+            # Re-scan a little of the old tail: a boundary may straddle the two reads.
+            start = max(0, len(self._buffer) - 3)
+            buffer = self._buffer + chunk
+        else:
+            start = 0
+            buffer = chunk
+        events: list[SSEEvent] = []
+        begin = 0
+        while True:
+            match = _BOUNDARY.search(buffer, start)
+            if match is None:
+                break
+            end = match.end()
+            events.append(SSEEvent(buffer[begin:end]))
+            begin = start = end
+        self._buffer = buffer[begin:] if begin < len(buffer) else b""
+        return events
