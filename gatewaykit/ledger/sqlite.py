@@ -631,7 +631,6 @@ class _Writer(threading.Thread):
         self.ready = ready
         self.ready_loop = ready.get_loop()
         self.closed: asyncio.Future[None] | None = None
-        self.last_now = 0
 
     def _connect(self) -> sqlite3.Connection:
         ledger = self.ledger
@@ -734,14 +733,9 @@ class _Writer(threading.Thread):
                 self._fail([item], LedgerUnavailableError("the SQLite ledger is closed"))
 
     def _times(self, count: int) -> list[int]:
-        """One store-clock reading per operation; store time never runs backwards here."""
-        clock, last, out = self.ledger.clock, self.last_now, []
-        for _ in range(count):
-            now = _us(clock())
-            last = now if now > last else last
-            out.append(last)
-        self.last_now = last
-        return out
+        """One store-clock reading per operation, taken as the batch starts."""
+        clock = self.ledger.clock
+        return [_us(clock()) for _ in range(count)]
 
     @staticmethod
     def _run(

@@ -221,7 +221,9 @@ class ModelLedger:
                 )
         for scope, key in windows.items():
             self.counters.setdefault((scope, key), Counter()).reserved += nanos
-        hold = MHold(hold_id, scope_t, windows, nanos, HoldState.HELD, now, now + max(1, to_us(ttl)))
+        hold = MHold(
+            hold_id, scope_t, windows, nanos, HoldState.HELD, now, now + max(1, to_us(ttl))
+        )
         self.holds_[hold_id] = hold
         self.order.append(hold_id)
         return hold.view()
