@@ -24,10 +24,11 @@ from tests.ledger.backends import Backend, FakeClock, Opener
 pytestmark = pytest.mark.anyio
 
 D = Decimal
+Z = Decimal(0)
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=timezone.utc)  # type: ignore[misc]
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, sec: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, sec, tzinfo=timezone.utc)
 
 
 # -- budgets, periods and windows ----------------------------------------------------------
@@ -138,7 +139,7 @@ async def test_windows_roll_without_reset(
     clock.t = end.timestamp()
     status = await ledger.status("user:a")
     assert status is not None
-    assert (status.window_start, status.spent) == (end, 0)
+    assert (status.window_start, status.spent) == (end, Z)
     assert (await ledger.reserve("r2", ["user:a"], D("1"), ttl=60)).live
     await ledger.release("r2")
 
@@ -159,15 +160,15 @@ async def test_hold_settles_into_the_window_it_was_taken_in(
     clock.advance(20)  # 00:00:10 the next day
     fresh = await ledger.status("user:a")
     assert fresh is not None
-    assert (fresh.window_start, fresh.spent, fresh.held) == (utc(2026, 1, 16), 0, 0)
+    assert (fresh.window_start, fresh.spent, fresh.held) == (utc(2026, 1, 16), Z, Z)
     await ledger.settle("r1", D("3"))
     fresh = await ledger.status("user:a")
     assert fresh is not None
-    assert (fresh.spent, fresh.held) == (0, 0)
+    assert (fresh.spent, fresh.held) == (Z, Z)
     clock.t = utc(2026, 1, 15, 23, 59, 59).timestamp()  # look back at the old window
     old = await ledger.status("user:a")
     assert old is not None
-    assert (old.spent, old.held) == (D(3), 0)
+    assert (old.spent, old.held) == (D(3), Z)
 
 
 # -- the hold state machine -----------------------------------------------------------------
@@ -178,10 +179,10 @@ async def test_partial_settle_releases_the_rest(ledger: Ledger) -> None:
     await ledger.reserve("r1", ["user:a"], D("4"), ttl=60)
     hold = await ledger.settle("r1", D("1.25"))
     assert hold.state is HoldState.SETTLED
-    assert (hold.amount, hold.charged, hold.overrun, hold.late) == (D(4), D("1.25"), 0, False)
+    assert (hold.amount, hold.charged, hold.overrun, hold.late) == (D(4), D("1.25"), Z, False)
     status = await ledger.status("user:a")
     assert status is not None
-    assert (status.spent, status.held, status.remaining) == (D("1.25"), 0, D("8.75"))
+    assert (status.spent, status.held, status.remaining) == (D("1.25"), Z, D("8.75"))
 
 
 async def test_overrun_is_charged_and_recorded(ledger: Ledger) -> None:
@@ -205,7 +206,7 @@ async def test_release_refunds(ledger: Ledger) -> None:
     assert hold.charged == 0
     status = await ledger.status("user:a")
     assert status is not None
-    assert (status.spent, status.held) == (0, 0)
+    assert (status.spent, status.held) == (Z, Z)
 
 
 async def test_late_charge_after_expiry(ledger: Ledger, clock: FakeClock) -> None:
@@ -225,7 +226,7 @@ async def test_late_charge_after_expiry(ledger: Ledger, clock: FakeClock) -> Non
     )
     status = await ledger.status("user:a")
     assert status is not None
-    assert (status.spent, status.held) == (D(5), 0)
+    assert (status.spent, status.held) == (D(5), Z)
     assert (await ledger.settle("r1", D("5"))) == hold  # replay
 
 
@@ -236,7 +237,7 @@ async def test_settle_past_ttl_without_sweep_is_late(ledger: Ledger, clock: Fake
     assert hold.late
     status = await ledger.status("user:a")
     assert status is not None
-    assert (status.spent, status.held) == (D(2), 0)
+    assert (status.spent, status.held) == (D(2), Z)
 
 
 async def test_release_of_expired_hold_returns_it(ledger: Ledger, clock: FakeClock) -> None:
@@ -251,7 +252,7 @@ async def test_tombstone_blocks_a_late_reserve(ledger: Ledger) -> None:
     """F8: the release arrives first; the late reserve must not create a live hold."""
     tomb = await ledger.release("r1")
     assert tomb.state is HoldState.RELEASED
-    assert (tomb.scopes, tomb.amount) == ((), 0)
+    assert (tomb.scopes, tomb.amount) == ((), Z)
     hold = await ledger.reserve("r1", ["user:a"], D("3"), ttl=60)
     assert hold == tomb
     assert not hold.live
@@ -281,7 +282,7 @@ async def test_replays_and_conflicts(ledger: Ledger, clock: FakeClock) -> None:
     assert await ledger.settle("r2", D("2")) == released
     status = await ledger.status("user:a")
     assert status is not None
-    assert (status.spent, status.held) == (D(1), 0)
+    assert (status.spent, status.held) == (D(1), Z)
 
 
 async def test_unknown_holds(ledger: Ledger) -> None:
@@ -374,7 +375,7 @@ async def test_f1_concurrent_reserves_admit_exactly_k(ledger: Ledger) -> None:
     assert all(isinstance(r, BudgetExceeded) for r in refused)
     status = await ledger.status("user:a")
     assert status is not None
-    assert (status.held, status.remaining) == (D("0.37"), 0)
+    assert (status.held, status.remaining) == (D("0.37"), Z)
     await asyncio.gather(
         *(
             ledger.settle(h, D("0.005")) if i % 2 else ledger.release(h)
@@ -383,7 +384,7 @@ async def test_f1_concurrent_reserves_admit_exactly_k(ledger: Ledger) -> None:
     )
     status = await ledger.status("user:a")
     assert status is not None
-    assert (status.held, status.spent) == (0, D("0.005") * 18)
+    assert (status.held, status.spent) == (Z, D("0.005") * 18)
 
 
 async def test_f7_two_settlement_sites_race(ledger: Ledger) -> None:
@@ -401,7 +402,7 @@ async def test_f7_two_settlement_sites_race(ledger: Ledger) -> None:
         settled += first.state is HoldState.SETTLED
     status = await ledger.status("user:a")
     assert status is not None
-    assert (status.held, status.spent) == (0, D("0.5") * settled)
+    assert (status.held, status.spent) == (Z, D("0.5") * settled)
 
 
 async def test_f17_replay_storm(ledger: Ledger) -> None:
@@ -418,7 +419,7 @@ async def test_f17_replay_storm(ledger: Ledger) -> None:
     assert all(s == settles[0] for s in settles)
     status = await ledger.status("user:a")
     assert status is not None
-    assert (status.held, status.spent) == (0, D(1))
+    assert (status.held, status.spent) == (Z, D(1))
 
 
 POINTS = ["before-reserve", "in-reserve", "between", "in-settle", "after-settle"]
