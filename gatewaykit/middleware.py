@@ -135,14 +135,17 @@ class GatewayMiddleware:
                 f"mode must be a RequestModeStrategy (an object with async resolve(request)), "
                 f"got {type(mode).__name__}"
             )
-        table = dict(DEFAULT_ROUTES if routes is None else routes)
-        for path, route in table.items():
+        table: dict[str, WireFormat | Estimator] = {}
+        for path, route in (DEFAULT_ROUTES if routes is None else routes).items():
             if not isinstance(path, str) or not path.startswith("/"):
                 raise ConfigurationError(f"gated route paths must start with '/': {path!r}")
+            if isinstance(route, str) and route in {f.value for f in WireFormat}:
+                route = WireFormat(route)
             if not isinstance(route, WireFormat) and not callable(route):
                 raise ConfigurationError(
                     f"route {path!r} must map to a WireFormat or an estimator callable"
                 )
+            table[path] = route
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int):
             raise ConfigurationError("max_body_bytes must be a positive int")
         if max_body_bytes <= 0:

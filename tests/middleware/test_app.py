@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import ASGIApp, Message
 
 from gatewaykit import GatewayMiddleware, get_settlement, settle_stream
+from gatewaykit.envelopes import WireFormat
 from gatewaykit.errors import ConfigurationError, ErrorKind, RequestRejected, SettlementMissingError
 from gatewaykit.ledger.base import HoldState, Ledger
 from gatewaykit.modes.standalone import StandaloneMode
@@ -438,18 +439,21 @@ async def test_middleware_configuration_is_validated(
     async def app(scope: Any, receive: Any, send: Any) -> None: ...  # pragma: no cover
 
     mode = make_mode()
-    bad: dict[str, Any]
-    for bad in (
+    cases: list[dict[str, Any]] = [
         {"mode": object()},
         {"mode": mode, "routes": {"v1/x": "openai_chat"}},
         {"mode": mode, "routes": {"/x": 3}},
+        {"mode": mode, "routes": {"/x": "openai_chatt"}},
         {"mode": mode, "max_body_bytes": 0},
         {"mode": mode, "max_body_bytes": True},
         {"mode": mode, "heartbeat_interval": 0},
         {"mode": mode, "request_id_header": ""},
-    ):
+    ]
+    for bad in cases:
         with pytest.raises(ConfigurationError):
             GatewayMiddleware(app, **bad)
+    by_name = GatewayMiddleware(app, mode=mode, routes={"/x": "anthropic_messages"})  # type: ignore[dict-item]
+    assert by_name.routes == {"/x": WireFormat.ANTHROPIC_MESSAGES}
 
 
 def test_usage_extractor_protocol() -> None:
