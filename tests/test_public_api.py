@@ -1,0 +1,64 @@
+"""The public surface (DESIGN §8) is pinned: adding or removing a name is a decision."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+import gatewaykit
+
+EXPECTED = [
+    "BudgetExceeded",
+    "GatewayKitError",
+    "GatewayMiddleware",
+    "ModelPrice",
+    "PlatformMode",
+    "PostgresLedger",
+    "PriceTable",
+    "RequestModeStrategy",
+    "SQLiteLedger",
+    "Settlement",
+    "StandaloneMode",
+    "Upstream",
+    "Usage",
+    "__version__",
+    "get_settlement",
+    "open_ledger",
+    "settle_stream",
+]
+
+
+def test_all_is_pinned() -> None:
+    assert sorted(gatewaykit.__all__) == EXPECTED
+    assert sorted(dir(gatewaykit)) == EXPECTED
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_every_public_name_resolves(name: str) -> None:
+    value = getattr(gatewaykit, name)
+    assert value is not None
+    if name != "__version__":
+        assert getattr(value, "__name__", name) == name
+
+
+def test_unknown_names_raise_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        gatewaykit.Nope  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "gatewaykit.middleware",
+        "gatewaykit.modes.standalone",
+        "gatewaykit.parsing",
+        "gatewaykit.ratelimit",
+        "gatewaykit.streams",
+        "gatewaykit.testing.settlement",
+    ],
+)
+def test_modules_declare_all(module: str) -> None:
+    mod = importlib.import_module(module)
+    for name in mod.__all__:
+        assert hasattr(mod, name), f"{module}.__all__ names missing {name}"
