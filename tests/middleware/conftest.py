@@ -29,7 +29,7 @@ UPSTREAMS = (
 MakeKey = Callable[..., Awaitable[tuple[str, ApiKeyRecord]]]
 
 
-@pytest.fixture(params=["fake"])
+@pytest.fixture(params=["fake", "sqlite"])
 async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[Ledger]:
     if request.param == "fake":
         fake = FakeLedger()
