@@ -10,7 +10,8 @@
 3. an ordinary key naming another user, or a model outside the key's ``allowed_models``
    → 403;
 4. the key's requests-per-minute limit → 429 with ``Retry-After``;
-5. no upstream serves the model → 404;
+5. no upstream serves the model → 404 (every upstream that does becomes an attempt, in
+   configuration order: the adapters fall back to the next one before the first chunk);
 6. one atomic hold of the estimate on every scope that applies (``key:<key_id>``,
    ``user:<user>``, ``team:<team>``) → 402 with the refusing budget's numbers, or 503 when
    the ledger is unreachable.
@@ -237,7 +238,8 @@ class StandaloneMode:
             user, key_id = identity.user, identity.key_id
             team = identity.team or self.teams.get(user)
 
-        upstream = self._upstream(fmt, request.model)
+        serving = self._upstreams(fmt, request.model)
+        upstream = serving[0] if serving else None
         price = self._price(request.model, upstream)
 
         if isinstance(identity, ApiKeyRecord):
@@ -320,18 +322,23 @@ class StandaloneMode:
             model=request.model,
             stream=request.stream,
             body=request.body,
-            attempts=(Attempt(attempt_id="1", upstream=upstream, model=request.model),),
+            attempts=tuple(
+                Attempt(attempt_id=str(n), upstream=u, model=request.model)
+                for n, u in enumerate(serving, start=1)
+            ),
             user_id=user,
             key_id=key_id,
             response_headers=headers,
         )
 
-    def _upstream(self, fmt: WireFormat | None, model: str) -> Upstream | None:
+    def _upstreams(self, fmt: WireFormat | None, model: str) -> list[Upstream]:
+        """The configured upstreams that serve ``model`` in ``fmt``, in order (fallbacks)."""
         provider = _PROVIDER.get(fmt) if fmt is not None else None
-        for upstream in self.upstreams:
-            if (provider is None or upstream.provider == provider) and upstream.serves(model):
-                return upstream
-        return None
+        return [
+            upstream
+            for upstream in self.upstreams
+            if (provider is None or upstream.provider == provider) and upstream.serves(model)
+        ]
 
     def _price(self, model: str, upstream: Upstream | None) -> ModelPrice | None:
         """The price to hold and charge at; None means unbudgeted (``allow``)."""

@@ -47,6 +47,7 @@ def app_for(mode: StandaloneMode, seen: Seen | None = None) -> ASGIApp:
                     "key_id": context.key_id,
                     "estimate": context.settlement.estimate,
                     "upstream": context.attempts[0].upstream,
+                    "attempts": context.attempts,
                     "request_id": context.request_id,
                 }
             )
@@ -540,3 +541,22 @@ async def test_repr_does_not_leak(ledger: Ledger) -> None:
     assert MASTER_KEY not in repr(mode)
     assert "master_key=set" in repr(mode)
     assert dataclasses.is_dataclass(Upstream)
+
+
+async def test_every_serving_upstream_is_an_attempt_in_order(
+    make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+) -> None:
+    key, _ = await make_key("alice")
+    upstreams = [
+        Upstream("https://a.example/v1", provider="openai", models=frozenset({"other"})),
+        Upstream("https://b.example/v1", provider="openai", name="primary"),
+        Upstream("https://c.example", provider="anthropic"),
+        Upstream("https://d.example/v1", provider="openai", name="backup"),
+    ]
+    seen: Seen = []
+    await openai_chat(app_for(make_mode(upstreams=upstreams), seen), key)
+    attempts = seen[0]["attempts"]
+    assert [(a.attempt_id, a.upstream.label, a.model) for a in attempts] == [
+        ("1", "primary", "gpt-test"),
+        ("2", "backup", "gpt-test"),
+    ]
