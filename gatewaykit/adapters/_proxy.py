@@ -480,6 +480,7 @@ class _Exchange:
         """The part of ``chunk`` to forward now; updates usage, the held tail, the notes."""
         extractor = self.extractor
         assert extractor is not None
+        aligned = not self.splitter.pending  # does this read start at an event boundary?
         events = self.splitter.feed(chunk)
         if self.held is not None:
             for event in events:  # still read usage (e.g. response.failed after error)
@@ -503,7 +504,7 @@ class _Exchange:
             self.held.append(self.splitter.pending)
             break
         self._note(extractor)
-        if whole and not self.splitter.pending and events:
+        if whole and aligned and not self.splitter.pending:
             return chunk  # the common case: forwarded as received, no copy
         return b"".join(out)
 

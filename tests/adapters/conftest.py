@@ -133,7 +133,7 @@ class Shim:
     """
 
     def __init__(
-        self, endpoint: _ASGIApp, fmt: Format, attempts: list[Upstream] | None = None
+        self, endpoint: _ASGIApp, fmt: Format, attempts: list[Upstream | Attempt] | None = None
     ) -> None:
         self.endpoint = endpoint
         self.fmt = fmt
@@ -165,8 +165,8 @@ class Shim:
         settlement = RecordingSettlement(self._probe)
         self.settlements.append(settlement)
         attempts = tuple(
-            Attempt(f"att-{i}", upstream, body["model"])
-            for i, upstream in enumerate(self.upstreams)
+            u if isinstance(u, Attempt) else Attempt(f"att-{i}", u, body["model"])
+            for i, u in enumerate(self.upstreams)
         )
         scope[SCOPE_KEY] = GatewayContext(
             request_id=f"req-{len(self.settlements)}",
