@@ -298,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             fake_socket.listen(128)
         app = build_app(settings, fake_socket=fake_socket)
     except (GatewayKitError, OSError) as exc:
+        if fake_socket is not None:
+            fake_socket.close()
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     fake_port = fake_socket.getsockname()[1] if fake_socket is not None else None
