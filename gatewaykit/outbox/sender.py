@@ -300,7 +300,6 @@ class OutboxSender:
                 )
 
     async def _failed(self, item: OutboxItem, reason: str, retry_after: float | None) -> None:
-        self.failed_attempts += 1
         delay = self.retry.delay(item.attempts + 1, retry_after=retry_after, rng=self._rng)
         log = logger.warning if item.attempts >= 3 else logger.info
         log(
@@ -316,6 +315,7 @@ class OutboxSender:
             except Exception as exc:
                 # The lease runs out instead and the item comes round again.
                 logger.warning("outbox: could not reschedule %s: %s", item.key, _describe(exc))
+        self.failed_attempts += 1
 
 
 def _snippet(response: Any) -> str:
