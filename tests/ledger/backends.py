@@ -56,6 +56,8 @@ class Backend:
     persistent: bool = False
     #: pytest marks applied to every test parametrised with this backend.
     marks: tuple[Any, ...] = ()
+    #: Hypothesis examples for the stateful test (each opens a fresh store; keep it short).
+    stateful_examples: int = 30
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -96,3 +98,8 @@ register(Backend("sqlite-memory", _sqlite_memory))
 for _module in ("tests.ledger.backend_postgres",):
     if importlib.util.find_spec(_module) is not None:
         importlib.import_module(_module)
+
+# A networked store costs a schema and a pool per example: keep its stateful run bounded
+# unless its registration chose a number itself.
+if "postgres" in BACKENDS and BACKENDS["postgres"].stateful_examples == Backend.stateful_examples:
+    BACKENDS["postgres"] = dataclasses.replace(BACKENDS["postgres"], stateful_examples=6)
