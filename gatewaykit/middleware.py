@@ -70,6 +70,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 import anyio
+import anyio.lowlevel
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -225,7 +226,10 @@ class _GatedCall:
         if request is None:
             return  # the client left before the body arrived: nothing was admitted
         try:
-            context = await self.mw.mode.resolve(request)
+            # Shielded: a cancellation landing between "hold written" and "context
+            # returned" would leak the hold until its TTL. It is delivered just below.
+            with anyio.CancelScope(shield=True):
+                context = await self.mw.mode.resolve(request)
         except RequestRejected as rejection:
             await self._send_error(rejection)
             return
@@ -234,6 +238,11 @@ class _GatedCall:
             await self._send_error(RequestRejected(ErrorKind.UNAVAILABLE, _UNAVAILABLE))
             return
         self.context = context
+        try:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            await self._settle(context.settlement, "incomplete", None)
+            raise
         await self._serve(context)
 
     # -- admission -------------------------------------------------------------------

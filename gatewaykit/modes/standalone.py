@@ -33,17 +33,26 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Literal
 
+import anyio
+
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.errors import (
     BudgetExceeded,
     ConfigurationError,
     ErrorKind,
     HoldClosedError,
+    LedgerError,
     LedgerUnavailableError,
     RequestRejected,
 )
 from gatewaykit.keys import hash_key
-from gatewaykit.ledger.base import ApiKeyRecord, Ledger, UsageRecord, validate_ttl
+from gatewaykit.ledger.base import (
+    ApiKeyRecord,
+    BudgetStatus,
+    Ledger,
+    UsageRecord,
+    validate_ttl,
+)
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.money import parse_usd
 from gatewaykit.pricing import ModelPrice, PriceTable, estimate_cost, estimate_prompt_tokens
@@ -353,22 +362,25 @@ class StandaloneMode:
         return self.unpriced_price
 
     async def _headroom(self, scopes: Sequence[str]) -> dict[str, str]:
-        tightest: tuple[Decimal, str] | None = None
-        for scope in scopes:
-            try:
-                status = await self.ledger.status(scope)
-            except LedgerUnavailableError:
-                return {}
-            if status is None or status.remaining is None:
-                continue
-            if tightest is None or status.remaining < tightest[0]:
-                tightest = (status.remaining, scope)
-        if tightest is None:
+        """The tightest limited budget after the hold; read concurrently (one ledger batch)."""
+        statuses: list[BudgetStatus | None] = [None] * len(scopes)
+
+        async def read(index: int, scope: str) -> None:
+            with contextlib.suppress(LedgerError):
+                statuses[index] = await self.ledger.status(scope)
+
+        async with anyio.create_task_group() as tg:
+            for index, scope in enumerate(scopes):
+                tg.start_soon(read, index, scope)
+        limited = [
+            (s.remaining, s.scope) for s in statuses if s is not None and s.remaining is not None
+        ]
+        if not limited:
             return {}
-        remaining = max(tightest[0], Decimal(0))
+        remaining, scope = min(limited)
         return {
-            "x-gatewaykit-budget-remaining": str(remaining),
-            "x-gatewaykit-budget-scope": tightest[1],
+            "x-gatewaykit-budget-remaining": str(max(remaining, Decimal(0))),
+            "x-gatewaykit-budget-scope": scope,
         }
 
 

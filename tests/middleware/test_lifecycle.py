@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gatewaykit import GatewayMiddleware, get_settlement
 from gatewaykit.ledger.base import HoldState, Ledger
+from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.settlement import SCOPE_KEY, GatewayContext
 from gatewaykit.usage import Usage, UsageSource
@@ -420,4 +421,32 @@ async def test_heartbeats_extend_the_hold_while_the_response_lives(
     ex = await call(app, json_body=BODY, headers=bearer(key))
     assert ex.status == 200
     assert expiries[0] < expiries[1] < expiries[2]
+    await no_live_holds(ledger)
+
+
+async def test_cancellation_while_admitting_does_not_leak_the_hold(
+    ledger: Ledger, make_mode: Callable[..., StandaloneMode], key: str
+) -> None:
+    inner = make_mode()
+    admitted = anyio.Event()
+
+    class SlowToReturn:
+        async def resolve(self, request: GatewayRequest) -> GatewayContext:
+            context = await inner.resolve(request)  # the hold exists from here
+            admitted.set()
+            await anyio.sleep(0.05)
+            return context
+
+    async def endpoint(request: Request) -> Response:  # pragma: no cover - never reached
+        raise AssertionError
+
+    app = Starlette(
+        routes=[Route("/v1/chat/completions", endpoint, methods=["POST"])],
+        middleware=[Middleware(GatewayMiddleware, mode=SlowToReturn())],
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: call(app, json_body=BODY, headers=bearer(key)))
+        await admitted.wait()
+        tg.cancel_scope.cancel()
+    assert await only_hold(ledger) is HoldState.RELEASED
     await no_live_holds(ledger)
