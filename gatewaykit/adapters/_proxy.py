@@ -389,6 +389,16 @@ class _Exchange:
                 f"the upstream provider sent {reason}",
                 code="upstream_bad_response",
             )
+        if not first and self.terminal is EventKind.ERROR:
+            # The provider's in-band error came before any output: nothing was delivered,
+            # so this is still a failure before the first chunk (next attempt, refund).
+            await self._close_upstream()
+            error = self.extractor.error if self.extractor else None
+            return self._gateway_failure(
+                f"in-band error before any output: {error}",
+                ErrorKind.UPSTREAM_UNREACHABLE,
+                f"the upstream provider failed: {error}",
+            )
         await self._stream(first)
         return None
 

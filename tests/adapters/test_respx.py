@@ -230,3 +230,18 @@ def test_timeouts_are_validated() -> None:
 
     with pytest.raises(ConfigurationError, match="read_timeout"):
         openai_chat_completions(client=cast(Any, None), read_timeout=0)
+
+
+async def test_an_in_band_error_before_any_output_falls_back_and_refunds(
+    client: httpx.AsyncClient,
+) -> None:
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+    overloaded = b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
+    with respx.mock:
+        respx.post(f"{ANTHROPIC}/v1/messages").mock(return_value=sse_response([overloaded]))
+        shim = Shim(anthropic_messages(client=client), MESSAGES, [upstream_for(MESSAGES)])
+        ex = await call(shim, MESSAGES.path, json_body=MESSAGES.body(stream=True))
+    assert ex.status == 502
+    assert ex.json()["error"]["message"] == "the upstream provider failed: busy"
+    assert shim.settlement.outcome is not None
+    assert shim.settlement.outcome.refunded
