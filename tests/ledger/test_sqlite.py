@@ -1,0 +1,333 @@
+"""SQLiteLedger specifics: schema versions, foreign files, durability settings, group
+commit failure handling, lock timeouts, several connections, crash safety (F14)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gatewaykit.errors import (
+    BudgetExceeded,
+    InvalidLedgerURLError,
+    LedgerError,
+    LedgerUnavailableError,
+    SchemaError,
+)
+from gatewaykit.ledger import open_ledger
+from gatewaykit.ledger import sqlite as sqlite_module
+from gatewaykit.ledger._sqlite_schema import APPLICATION_ID, LATEST_VERSION
+from gatewaykit.ledger.base import HoldState, Period
+from gatewaykit.ledger.sqlite import SQLiteLedger
+from tests.ledger.backends import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+D = Decimal
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_open_ledger_urls(tmp_path: Path) -> None:
+    ledger = open_ledger(f"sqlite:///{tmp_path}/a.db")
+    assert isinstance(ledger, SQLiteLedger)
+    async with ledger:
+        await ledger.reserve("r1", ["user:a"], D(1), ttl=60)
+    assert (tmp_path / "a.db").exists()
+    memory = open_ledger("sqlite://:memory:", synchronous="NORMAL")
+    assert isinstance(memory, SQLiteLedger)
+    assert memory.synchronous == "NORMAL"
+    with pytest.raises(InvalidLedgerURLError):
+        open_ledger("sqlite://relative.db")
+    with pytest.raises(InvalidLedgerURLError):
+        open_ledger("mysql://x")
+
+
+async def test_durable_settings(tmp_path: Path) -> None:
+    async with SQLiteLedger(str(tmp_path / "a.db")) as ledger:
+        await ledger.reserve("r1", ["user:a"], D(1), ttl=60)
+    conn = sqlite3.connect(tmp_path / "a.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    assert conn.execute("SELECT version FROM gatewaykit_schema").fetchall() == [(LATEST_VERSION,)]
+    conn.close()
+    assert "FULL" in repr(SQLiteLedger(str(tmp_path / "a.db")))
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    async with SQLiteLedger(str(path)):
+        pass
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE gatewaykit_schema SET version = ?", (LATEST_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaError, match=r"newer gatewaykit.*upgrade"):
+        await SQLiteLedger(str(path)).open()
+
+
+async def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaError, match="did not create; use a new file"):
+        await SQLiteLedger(str(path)).open()
+    # Nothing was written to the foreign file.
+    conn = sqlite3.connect(path)
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+    conn.close()
+    assert tables == ["notes"]
+
+
+async def test_corrupt_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "junk.db"
+    path.write_bytes(os.urandom(8192))
+    with pytest.raises(SchemaError, match="not a readable SQLite database"):
+        await SQLiteLedger(str(path)).open()
+
+
+async def test_unopenable_path(tmp_path: Path) -> None:
+    with pytest.raises(LedgerUnavailableError):
+        await SQLiteLedger(str(tmp_path / "missing-dir" / "a.db")).open()
+
+
+async def test_not_open(tmp_path: Path) -> None:
+    ledger = SQLiteLedger(str(tmp_path / "a.db"))
+    with pytest.raises(LedgerUnavailableError, match="not open"):
+        await ledger.status("user:a")
+    await ledger.aclose()  # closing a closed ledger is harmless
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"synchronous": "OFF"}, {"busy_timeout": -1}, {"busy_timeout": True}],
+    ids=str,
+)
+def test_bad_constructor_arguments(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        SQLiteLedger(":memory:", **kwargs)
+
+
+async def test_check_detects_a_corrupted_counter(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    async with SQLiteLedger(str(path)) as ledger:
+        await ledger.reserve("r1", ["user:a"], D(1), ttl=60)
+        await ledger.reserve("r2", ["user:a"], D(1), ttl=60)
+        await ledger.settle("r2", D("0.5"))
+        assert await ledger.check() == []
+        conn = sqlite3.connect(path)
+        conn.execute("UPDATE counters SET reserved = reserved + 7, spent = spent + 1")
+        conn.execute("UPDATE holds SET late = 1 WHERE hold_id = 'r1'")
+        conn.commit()
+        conn.close()
+        problems = await ledger.check()
+    assert any(p.startswith("I2: user:a") for p in problems), problems
+    assert any(p.startswith("I3: user:a") for p in problems), problems
+    assert any(p.startswith("I4:") for p in problems), problems
+
+
+async def test_negative_totals_are_refused_not_clamped(tmp_path: Path) -> None:
+    """I9 is enforced by the database: a write that would go negative fails loudly."""
+    path = tmp_path / "a.db"
+    async with SQLiteLedger(str(path)) as ledger:
+        await ledger.reserve("r1", ["user:a"], D(1), ttl=60)
+        conn = sqlite3.connect(path)
+        conn.execute("UPDATE counters SET reserved = 0")
+        conn.commit()
+        conn.close()
+        with pytest.raises(LedgerError, match="invariant"):
+            await ledger.release("r1")
+        hold = await ledger.get_hold("r1")
+        assert hold is not None
+        assert hold.live  # the failed release changed nothing
+    conn = sqlite3.connect(path)
+    with pytest.raises(sqlite3.IntegrityError):  # I11: a float cannot even be stored
+        conn.execute("UPDATE counters SET spent = 0.5")
+    conn.close()
+
+
+async def test_other_connections_changes_are_seen(tmp_path: Path) -> None:
+    """Two ledgers on one file: cached budgets and counters follow the other's commits."""
+    path = str(tmp_path / "a.db")
+    async with SQLiteLedger(path) as first, SQLiteLedger(path) as second:
+        await first.set_budget("user:a", limit=D(2))
+        await second.reserve("r1", ["user:a"], D(2), ttl=60)
+        with pytest.raises(BudgetExceeded):
+            await first.reserve("r2", ["user:a"], D(1), ttl=60)
+        await first.set_budget("user:a", limit=D(3))
+        await second.reserve("r2", ["user:a"], D(1), ttl=60)
+        await first.settle("r1", D(1))
+        with pytest.raises(BudgetExceeded):
+            await second.reserve("r3", ["user:a"], D("1.5"), ttl=60)
+        await second.reserve("r3", ["user:a"], D(1), ttl=60)
+        assert await first.check() == []
+        status = await second.status("user:a")
+        assert status is not None
+        assert (status.spent, status.held) == (D(1), D(2))
+
+
+async def test_locked_database_fails_closed_then_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    async with SQLiteLedger(str(path), busy_timeout=0.05) as ledger:
+        await ledger.set_budget("user:a", limit=D(5))
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(LedgerUnavailableError, match="locked"):
+                await ledger.reserve("r1", ["user:a"], D(1), ttl=60)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        hold = await ledger.reserve("r1", ["user:a"], D(1), ttl=60)
+        assert hold.live
+        assert await ledger.check() == []
+
+
+class _FailingCommit:
+    """A connection proxy whose next COMMIT fails like a full disk would."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.fail_next = False
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and self.fail_next:
+            self.fail_next = False
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+async def test_commit_failure_fails_every_operation_of_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxies: list[_FailingCommit] = []
+    connect = sqlite_module._Writer._connect
+
+    def wrapped(self: Any) -> Any:
+        proxy = _FailingCommit(connect(self))
+        proxies.append(proxy)
+        return proxy
+
+    monkeypatch.setattr(sqlite_module._Writer, "_connect", wrapped)
+    async with SQLiteLedger(str(tmp_path / "a.db")) as ledger:
+        await ledger.set_budget("user:a", limit=D(100))
+        proxies[0].fail_next = True
+        results = await asyncio.gather(
+            *(ledger.reserve(f"r{i}", ["user:a"], D(1), ttl=60) for i in range(20)),
+            return_exceptions=True,
+        )
+        failed = [r for r in results if isinstance(r, LedgerUnavailableError)]
+        assert failed, "the failing commit failed nobody"
+        assert all("disk I/O error" in str(r) for r in failed)
+        for i, result in enumerate(results):  # never acknowledged and gone, nor the reverse
+            stored = await ledger.get_hold(f"r{i}")
+            assert (stored is not None) == (not isinstance(result, BaseException))
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert status.held == D(20 - len(failed))
+        assert await ledger.check() == []
+
+
+async def test_cancelled_reserve_is_an_unknown_outcome(tmp_path: Path) -> None:
+    """F15: a cancelled caller's reserve may still commit; an idempotent release cures it."""
+    async with SQLiteLedger(str(tmp_path / "a.db")) as ledger:
+        tasks = [
+            asyncio.ensure_future(ledger.reserve(f"r{i}", ["user:a"], D(1), ttl=60))
+            for i in range(50)
+        ]
+        await asyncio.sleep(0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(ledger.release(f"r{i}") for i in range(50)))
+        status = await ledger.status("user:a")
+        assert status is None or status.held == 0
+        assert await ledger.holds() == []
+        assert await ledger.check() == []
+
+
+async def test_in_memory_ledgers_are_independent() -> None:
+    async with SQLiteLedger(":memory:") as a, SQLiteLedger(":memory:") as b:
+        await a.reserve("r1", ["user:a"], D(1), ttl=60)
+        assert await b.get_hold("r1") is None
+
+
+async def test_period_change_keeps_holds_in_their_window(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with SQLiteLedger(str(tmp_path / "a.db"), clock=clock) as ledger:
+        await ledger.set_budget("user:a", limit=D(5), period=Period("day"))
+        await ledger.reserve("r1", ["user:a"], D(2), ttl=60)
+        await ledger.set_budget("user:a", limit=D(5), period=Period("month"))
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert status.held == 0  # the month window is a different counter
+        assert (await ledger.settle("r1", D(1))).state is HoldState.SETTLED
+        assert await ledger.check() == []
+
+
+_WORKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from decimal import Decimal
+    from gatewaykit.ledger.sqlite import SQLiteLedger
+
+    async def main(path):
+        async with SQLiteLedger(path) as ledger:
+            await ledger.set_budget("user:a", limit=Decimal(10**6))
+            i = 0
+            while True:
+                batch = [f"{sys.argv[2]}-{i + j}" for j in range(8)]
+                await asyncio.gather(*(
+                    ledger.reserve(h, ["user:a", "key:k"], Decimal("0.01"), ttl=3600)
+                    for h in batch))
+                await asyncio.gather(*(
+                    ledger.settle(h, Decimal("0.005")) for h in batch[::2]))
+                i += 8
+                print(i, flush=True)
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+def _run_and_kill(path: Path, runs: int) -> None:
+    """Start a writer process, let it acknowledge some work, SIGKILL it mid-flight."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for run in range(runs):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(path), f"run{run}"],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        assert proc.stdout is not None
+        for _ in range(5 + 7 * run):  # kill at a different point each run
+            assert proc.stdout.readline(), "worker died early"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+
+
+@pytest.mark.slow
+async def test_f14_killed_mid_transaction_reopens_consistent(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    _run_and_kill(path, runs=3)
+    async with SQLiteLedger(str(path)) as ledger:
+        assert await ledger.check() == []
+        live = await ledger.holds(limit=10_000)
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert status.held == D("0.01") * len(live)
+        assert len(live) >= 4 * 3  # each run acknowledged unsettled holds before dying
