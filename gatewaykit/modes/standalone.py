@@ -69,6 +69,7 @@ from gatewaykit.usage import Usage, UsageSource
 
 __all__ = [
     "DisconnectPolicy",
+    "LedgerUnavailablePolicy",
     "MissingUsagePolicy",
     "StandaloneMode",
     "StandaloneSettlement",
@@ -78,6 +79,7 @@ __all__ = [
 logger = logging.getLogger("gatewaykit.standalone")
 
 MissingUsagePolicy = Literal["estimate", "hold", "allow_free", "fail"]
+LedgerUnavailablePolicy = Literal["fail_closed", "fail_open"]
 DisconnectPolicy = Literal["charge_observed", "release"]
 #: ``"reject"`` (400), ``"allow"`` (served unbudgeted: held and charged 0), or a fallback
 #: price: a :class:`ModelPrice`, or a ``Decimal`` USD per million tokens for input and
@@ -130,6 +132,7 @@ class StandaloneMode:
         default_rpm: int | None = None,
         teams: Mapping[str, str] | None = None,
         budget_headers: bool = True,
+        ledger_unavailable: LedgerUnavailablePolicy = "fail_closed",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(ledger, Ledger):
@@ -154,6 +157,10 @@ class StandaloneMode:
             raise ConfigurationError("key_cache_ttl must be ≥ 0 seconds")
         if default_rpm is not None and (isinstance(default_rpm, bool) or default_rpm < 1):
             raise ConfigurationError("default_rpm must be a positive int or None")
+        if ledger_unavailable not in ("fail_closed", "fail_open"):
+            raise ConfigurationError(
+                f"ledger_unavailable must be fail_closed or fail_open, not {ledger_unavailable!r}"
+            )
         if master_key is not None and len(master_key) < 16:
             raise ConfigurationError("master_key must be at least 16 characters")
         self.ledger = ledger
@@ -171,6 +178,7 @@ class StandaloneMode:
         self.default_rpm = default_rpm
         self.teams = dict(teams or {})
         self.budget_headers = budget_headers
+        self.ledger_unavailable: LedgerUnavailablePolicy = ledger_unavailable
         self._master_hash = hash_key(master_key) if master_key is not None else None
         self._clock = clock
         self._keys: OrderedDict[str, tuple[ApiKeyRecord | None, float]] = OrderedDict()
@@ -203,7 +211,12 @@ class StandaloneMode:
         if cached is not None and cached[1] > now:
             self._keys.move_to_end(digest)
             return cached[0]
-        record = await self.ledger.find_key(digest)
+        try:
+            record = await self.ledger.find_key(digest)
+        except LedgerUnavailableError:
+            if self.ledger_unavailable == "fail_open" and cached is not None and cached[0]:
+                return cached[0]  # a key seen recently; never admit an unknown key
+            raise
         if self.key_cache_ttl > 0:
             self._keys[digest] = (record, now + self.key_cache_ttl)
             self._keys.move_to_end(digest)
@@ -296,18 +309,26 @@ class StandaloneMode:
             scopes.append(f"key:{key_id}")
         if team:
             scopes.append(f"team:{team}")
+        held = True
         try:
             hold = await self.ledger.reserve(request.request_id, scopes, amount, ttl=self.hold_ttl)
         except BudgetExceeded as exc:
             raise _budget_rejection(exc) from None
         except LedgerUnavailableError:
-            logger.warning("request %s refused: ledger unavailable", request.request_id)
-            raise
-        if not hold.live:
-            raise RequestRejected(
-                ErrorKind.UNAVAILABLE, "the request id was already used; retry the request"
+            if self.ledger_unavailable != "fail_open":
+                logger.warning("request %s refused: ledger unavailable", request.request_id)
+                raise
+            logger.warning(
+                "request %s admitted without a hold: ledger unavailable (fail_open)",
+                request.request_id,
             )
-        if self.budget_headers:
+            held = False
+        else:
+            if not hold.live:
+                raise RequestRejected(
+                    ErrorKind.UNAVAILABLE, "the request id was already used; retry the request"
+                )
+        if self.budget_headers and held:
             headers.update(await self._headroom(scopes))
         settlement = StandaloneSettlement(
             self.ledger,
@@ -323,6 +344,7 @@ class StandaloneMode:
             missing_usage=self.missing_usage,
             disconnect=self.disconnect,
             hold_ttl=self.hold_ttl,
+            scopes=None if held else tuple(scopes),
         )
         return GatewayContext(
             request_id=request.request_id,
@@ -390,6 +412,10 @@ class StandaloneSettlement(Settlement):
     ``price`` None means the request is unbudgeted (held and charged 0, usage still
     recorded). A ledger failure while settling is logged (request id only) and the hold
     is left to expire: the response is never broken by bookkeeping.
+
+    ``scopes`` is given only for a request admitted without a hold (``fail_open`` while
+    the ledger was down): its charge is then booked afterwards as a zero hold settled at
+    the actual cost (an overrun), if the ledger is back.
     """
 
     def __init__(
@@ -406,6 +432,7 @@ class StandaloneSettlement(Settlement):
         missing_usage: MissingUsagePolicy = "estimate",
         disconnect: DisconnectPolicy = "charge_observed",
         hold_ttl: float = 600,
+        scopes: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(request_id=request_id, estimate=estimate)
@@ -418,13 +445,14 @@ class StandaloneSettlement(Settlement):
         self.missing_usage = missing_usage
         self.disconnect = disconnect
         self.hold_ttl = hold_ttl
+        self.unheld_scopes = None if scopes is None else tuple(scopes)
         #: How often GatewayMiddleware should extend the hold while the response lives.
-        self.heartbeat_interval = hold_ttl / 3
+        self.heartbeat_interval = hold_ttl / 3 if scopes is None else None
         self._clock = clock
         self._started = clock()
 
     async def heartbeat(self) -> None:
-        if self.done:
+        if self.done or self.unheld_scopes is not None:
             return
         with contextlib.suppress(HoldClosedError):
             await self.ledger.extend(self.request_id, ttl=self.hold_ttl)
@@ -508,6 +536,10 @@ class StandaloneSettlement(Settlement):
             if amount is None:
                 await self.ledger.release(self.request_id, record=record)
             else:
+                if self.unheld_scopes is not None:
+                    await self.ledger.reserve(
+                        self.request_id, self.unheld_scopes, Decimal(0), ttl=self.hold_ttl
+                    )
                 hold = await self.ledger.settle(self.request_id, amount, record=record)
                 amount = hold.charged
         except Exception as exc:

@@ -560,3 +560,55 @@ async def test_every_serving_upstream_is_an_attempt_in_order(
         ("1", "primary", "gpt-test"),
         ("2", "backup", "gpt-test"),
     ]
+
+
+async def test_fail_open_admits_known_keys_without_a_hold_and_books_later(
+    make_mode: Callable[..., StandaloneMode],
+    make_key: MakeKey,
+    ledger: Ledger,
+    client_for: Callable[[ASGIApp], httpx.AsyncClient],
+) -> None:
+    if not isinstance(ledger, FakeLedger):
+        pytest.skip("outage is simulated with the fake ledger")
+    key, _ = await make_key("alice")
+    clock = [0.0]
+    mode = make_mode(ledger_unavailable="fail_open", key_cache_ttl=1, clock=lambda: clock[0])
+    recover = [False]
+    outcomes: list[Any] = []
+
+    async def endpoint(request: Request) -> Response:
+        settlement = get_settlement(request)
+        if recover[0]:
+            ledger.down = False
+        outcomes.append(await settlement.on_success(Usage(10, 5)))
+        return JSONResponse({"ok": True})
+
+    app = Starlette(
+        routes=[Route("/v1/chat/completions", endpoint, methods=["POST"])],
+        middleware=[Middleware(GatewayMiddleware, mode=mode, heartbeat_interval=None)],
+    )
+    client = client_for(app)
+    assert (
+        await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+    ).status_code == 200
+    clock[0] += 10  # the cached key is stale now
+    ledger.down = True
+    # still down when it settles: served, nothing recorded, nothing broken
+    served = await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+    assert served.status_code == 200
+    assert "x-gatewaykit-budget-remaining" not in served.headers
+    assert outcomes[-1].error == "settlement not recorded: LedgerUnavailableError"
+    # an unknown key is never admitted
+    unknown = await client.post("/v1/chat/completions", json=chat(), headers=bearer("gk_x_y"))
+    assert unknown.status_code == 503
+    # back before it settles: the charge is booked as a zero hold settled with an overrun
+    recover[0] = True
+    booked = await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+    assert booked.status_code == 200
+    assert outcomes[-1].charged == 20 * MICRO
+    hold = await ledger.get_hold(booked.headers["x-request-id"])
+    assert hold is not None
+    assert (hold.amount, hold.charged, hold.overrun) == (0, 20 * MICRO, 20 * MICRO)
+    status = await ledger.status("user:alice")
+    assert status is not None
+    assert status.spent == 2 * 20 * MICRO
