@@ -608,7 +608,7 @@ async def test_fail_open_admits_known_keys_without_a_hold_and_books_later(
     assert outcomes[-1].charged == 20 * MICRO
     hold = await ledger.get_hold(booked.headers["x-request-id"])
     assert hold is not None
-    assert (hold.amount, hold.charged, hold.overrun) == (0, 20 * MICRO, 20 * MICRO)
+    assert (hold.amount, hold.charged, hold.overrun) == (Decimal(0), 20 * MICRO, 20 * MICRO)
     status = await ledger.status("user:alice")
     assert status is not None
     assert status.spent == 2 * 20 * MICRO
