@@ -1,0 +1,102 @@
+"""Money is exact: Decimal at the API, integer nano-USD in storage, rounded up once."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gatewaykit.errors import ConfigurationError, GatewayKitError, InvalidAmountError
+from gatewaykit.money import MAX_NANOS, NANOS_PER_USD, from_nanos, parse_usd, to_nanos
+
+amounts = st.decimals(min_value=0, max_value=10**9, places=12, allow_nan=False)
+
+
+def ceil_nanos(value: Decimal) -> int:
+    """An independent integer computation of ceil(value × 10⁹)."""
+    sign, digits, exponent = value.as_tuple()
+    assert sign == 0
+    assert isinstance(exponent, int)
+    numerator: int = int("".join(map(str, digits)) or "0") * 10**9
+    if exponent >= 0:
+        scaled: int = numerator * pow(10, exponent)
+        return scaled
+    denominator: int = pow(10, -exponent)
+    return -(-numerator // denominator)
+
+
+@given(amounts)
+def test_to_nanos_rounds_up_exactly_once(value: Decimal) -> None:
+    nanos = to_nanos(value)
+    assert nanos == ceil_nanos(value)
+    assert from_nanos(nanos) >= value
+    assert from_nanos(nanos) - value < Decimal(1) / NANOS_PER_USD
+
+
+@given(st.integers(min_value=0, max_value=MAX_NANOS))
+def test_nanos_round_trip(nanos: int) -> None:
+    assert to_nanos(from_nanos(nanos)) == nanos
+
+
+@given(st.integers(min_value=0, max_value=10**15))
+def test_from_nanos_is_exact_and_normalised(nanos: int) -> None:
+    value = from_nanos(nanos)
+    assert value * NANOS_PER_USD == nanos
+    assert value == value.normalize()
+    text = format(value, "f")  # how amounts are shown: no exponent
+    assert "E" not in text.upper()
+    assert Decimal(text) == value
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_floats_are_refused(value: float) -> None:
+    with pytest.raises(InvalidAmountError, match="Decimal"):
+        parse_usd(value)
+    with pytest.raises(InvalidAmountError):
+        to_nanos(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        Decimal(-1),
+        Decimal("-0.000000001"),
+        Decimal("NaN"),
+        Decimal("sNaN"),
+        Decimal("Infinity"),
+        "-1",
+        "nan",
+        "1e",
+        "",
+        "12,50",
+        True,
+        None,
+        [1],
+        b"1",
+    ],
+    ids=repr,
+)
+def test_bad_amounts(value: object) -> None:
+    with pytest.raises(InvalidAmountError) as info:
+        parse_usd(value)
+    assert isinstance(info.value, ConfigurationError)
+    assert isinstance(info.value, GatewayKitError)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("12.50", Decimal("12.50")), (" 3 ", Decimal(3)), (7, Decimal(7)), (Decimal("0"), 0)],
+)
+def test_good_amounts(value: object, expected: Decimal) -> None:
+    assert parse_usd(value) == expected
+
+
+def test_too_large_and_non_int_nanos() -> None:
+    with pytest.raises(InvalidAmountError, match="larger"):
+        to_nanos(Decimal(MAX_NANOS) / NANOS_PER_USD + 1)
+    with pytest.raises(InvalidAmountError):
+        from_nanos(1.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidAmountError):
+        from_nanos(True)
