@@ -149,3 +149,42 @@ def test_open_outbox_urls(tmp_path: Path) -> None:
             open_outbox(bad)
     with pytest.raises(ConfigurationError, match="identifier"):
         SQLiteOutbox("x.db", table="bad; drop")
+
+
+async def test_concurrent_enqueues_are_group_committed_correctly(outbox: Outbox) -> None:
+    results: dict[int, bool] = {}
+
+    async def put(n: int) -> None:
+        results[n] = await outbox.enqueue(f"k{n % 150}", {**REPORT, "n": n})
+
+    async with anyio.create_task_group() as tg:
+        for n in range(300):
+            tg.start_soon(put, n)
+    assert sum(results.values()) == 150  # each key stored once, duplicates refused
+    assert await outbox.size() == 150
+    items = await outbox.claim(limit=500, lease=30)
+    for item in items:
+        winner = int(item.payload["n"])
+        assert results[winner]  # the stored report is the one whose enqueue said True
+
+
+async def test_a_failing_write_spoils_only_itself(tmp_path: Path) -> None:
+    import sqlite3
+
+    async with SQLiteOutbox(str(tmp_path / "o.db")) as box:
+        outcomes: list[object] = []
+
+        async def put(n: int) -> None:
+            outcomes.append(await box.enqueue(f"k{n}", REPORT))
+
+        async def bad() -> None:
+            with pytest.raises(sqlite3.OperationalError):
+                await box._write("INSERT INTO no_such_table VALUES (1)", ())
+
+        async with anyio.create_task_group() as tg:
+            for n in range(20):
+                tg.start_soon(put, n)
+                if n == 10:
+                    tg.start_soon(bad)
+        assert outcomes == [True] * 20
+        assert await box.size() == 20
