@@ -1,0 +1,4 @@
+"""Benchmarks, never part of the test run.
+
+``python -m tests.benchmarks [ledger|postgres|gateway|all]``
+"""
