@@ -6,7 +6,7 @@ so many gateway processes may open the same schema at once. A database written b
 newer gatewaykit (a version this code does not know) is refused, never downgraded.
 
 Money columns are ``BIGINT`` nano-USD (I11). Times come from ``gk_now()``: the
-database's ``now()``, unless a test set ``gatewaykit.now`` for the session.
+database server's clock, unless a test set ``gatewaykit.now`` for the session.
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ CREATE TABLE gatewaykit_schema (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 
--- The store clock. Tests may pin it per session with set_config('gatewaykit.now', ...).
+-- The store clock: the server's wall clock when the statement reads it (not the start of
+-- its transaction, which may have waited on locks). Statements read it once, in a CTE.
+-- Tests may pin it per session with set_config('gatewaykit.now', ...).
 CREATE FUNCTION gk_now() RETURNS timestamptz
-LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT coalesce(nullif(current_setting('gatewaykit.now', true), '')::timestamptz, now())
+LANGUAGE sql VOLATILE AS $$
+    SELECT coalesce(nullif(current_setting('gatewaykit.now', true), '')::timestamptz,
+                    clock_timestamp())
 $$;
 
 -- Start of the window containing t, for a budget period (mirrors Period.window).
@@ -58,6 +61,9 @@ CREATE TABLE counters (
     window_start timestamptz NOT NULL,
     spent        bigint NOT NULL DEFAULT 0,
     reserved     bigint NOT NULL DEFAULT 0,
+    -- false until a hold is admitted: rows made ready by a reserve that was then refused
+    -- do not make the scope known.
+    used         boolean NOT NULL DEFAULT false,
     PRIMARY KEY (scope, window_start)
 ) WITH (fillfactor = 50);
 

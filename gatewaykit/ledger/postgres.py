@@ -6,7 +6,7 @@ COMMITTED: a reserve locks its scopes' counter rows in a fixed sorted order, re-
 ``spent + reserved + amount <= limit`` on the locked row versions, and inserts the hold
 only if every scope passed. PostgreSQL re-evaluates a waiting row lock against the
 newest committed version, so concurrent reserves can neither over-admit nor deadlock,
-and no retry loop is needed. Time is the database's clock (``now()``), never the
+and no retry loop is needed. Time is the database server's clock, never the
 caller's, so skew between gateway hosts does not matter.
 
 Expired holds are reclaimed lazily by the next reserve on one of their scopes, and by
@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -163,7 +164,8 @@ ins AS (
 upd AS (
     UPDATE counters c
     SET reserved = c.reserved - coalesce(r.amt, 0)
-        + CASE WHEN t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins) THEN $3 ELSE 0 END
+            + CASE WHEN t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins) THEN $3 ELSE 0 END,
+        used = c.used OR (t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins))
     FROM keys k
     LEFT JOIN rel r ON r.scope = k.scope AND r.ws = k.ws
     LEFT JOIN tgt t ON t.scope = k.scope AND t.ws = k.ws
@@ -178,7 +180,7 @@ FROM chk c CROSS JOIN fresh f CROSS JOIN verdict v LEFT JOIN ins i ON true
 ORDER BY c.ord
 """
 
-# Create the counter rows a reserve needs (in sorted order, so inserters never deadlock).
+# Create the counter rows a reserve needs, sorted so concurrent inserters never deadlock.
 _ENSURE_COUNTERS = """
 INSERT INTO counters (scope, window_start)
 SELECT k.scope, k.ws FROM unnest($1::text[], $2::timestamptz[]) AS k(scope, ws)
@@ -325,7 +327,7 @@ WITH clock AS (SELECT gk_now() AS t),
 s AS ({scopes})
 SELECT s.scope, clock.t, b.scope IS NOT NULL AS has_budget, b.limit_nanos, b.period_kind,
        b.period_seconds, c.spent, c.reserved,
-       EXISTS (SELECT 1 FROM counters k WHERE k.scope = s.scope) AS counted
+       EXISTS (SELECT 1 FROM counters k WHERE k.scope = s.scope AND k.used) AS counted
 FROM s CROSS JOIN clock
 LEFT JOIN budgets b ON b.scope = s.scope
 LEFT JOIN counters c ON c.scope = s.scope
@@ -333,7 +335,7 @@ LEFT JOIN counters c ON c.scope = s.scope
 """
 _STATUS_ONE = _STATUS_ROWS.format(scopes="SELECT $1::text AS scope")
 _STATUS_ALL = _STATUS_ROWS.format(
-    scopes="SELECT scope FROM budgets UNION SELECT DISTINCT scope FROM counters"
+    scopes="SELECT scope FROM budgets UNION SELECT DISTINCT scope FROM counters WHERE used"
 )
 
 _CHECK_COUNTERS = """
@@ -496,7 +498,9 @@ class PostgresLedger:
     """A budget ledger in PostgreSQL, shared safely by any number of gateway processes.
 
     ``url`` is a libpq URL (``postgresql://user:pass@host:5432/dbname``). The tables live
-    in ``schema`` (created on open, migrated by version). ``pool_min``/``pool_max`` size
+    in ``schema`` (created on open, migrated by version); it may also be given in the URL
+    as ``?schema=name``, so ``open_ledger`` and the command line can reach it. Default
+    ``public``. ``pool_min``/``pool_max`` size
     the connection pool of *this* process: the total over all instances must stay below
     the server's ``max_connections``. ``command_timeout`` bounds every statement and
     ``connect_timeout`` every connection attempt; past either, or whenever the server is
@@ -508,14 +512,14 @@ class PostgresLedger:
 
     ``clock`` is for tests only: it replaces the database clock (seconds since the
     epoch) for this ledger's own statements. Production leaves it unset, so every
-    instance shares the database's ``now()``.
+    instance shares the database server's clock.
     """
 
     def __init__(
         self,
         url: str,
         *,
-        schema: str = "public",
+        schema: str | None = None,
         pool_min: int = 1,
         pool_max: int = 10,
         connect_timeout: float = 10.0,
@@ -529,6 +533,8 @@ class PostgresLedger:
                 "PostgresLedger needs a postgresql://user@host/dbname URL, got "
                 f"{_redact(url) if isinstance(url, str) else url!r}"
             )
+        url, url_schema = _split_schema(url)
+        schema = schema if schema is not None else url_schema or "public"
         if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
             raise ConfigurationError(
                 f"schema must be a plain SQL identifier (letters, digits, _), got {schema!r}"
@@ -720,36 +726,15 @@ class PostgresLedger:
             refusal = _refusal(rows, nanos)
             if refusal is not None:
                 raise refusal
-            # Some scope has no counter row for this window yet: create the rows and
-            # reserve in one transaction, so a refusal leaves no trace of them.
+            # Some scope has no counter row for this window yet: create it (unused, so
+            # invisible until a hold is admitted on it) and reserve again.
             missing = [r for r in rows if not r["present"]]
-            if await self._reserve_creating(args, missing):
-                continue
+            await self._fetch(
+                _ENSURE_COUNTERS, [r["scope"] for r in missing], [r["ws"] for r in missing]
+            )
         raise LedgerUnavailableError(
             f"could not reserve hold {hold_id!r}: its budget windows kept changing; retry"
         )
-
-    async def _reserve_creating(self, args: tuple[Any, ...], missing: list[Any]) -> bool:
-        """Create missing counter rows and reserve; roll back unless admitted.
-
-        Returns True when the caller should run the reserve again (it will find the
-        hold, a refusal, or rows created by someone else meanwhile).
-        """
-
-        class _Rollback(Exception):
-            pass
-
-        try:
-            async with self._conn() as conn, conn.transaction():
-                await conn.execute(
-                    _ENSURE_COUNTERS, [r["scope"] for r in missing], [r["ws"] for r in missing]
-                )
-                rows = await conn.fetch(_RESERVE, *args)
-                if not rows[0]["admit"]:
-                    raise _Rollback
-        except _Rollback:
-            pass
-        return True
 
     async def _replay_reserve(self, hold_id: str, scopes: tuple[str, ...], nanos: int) -> Hold:
         rows = await self._fetch(f"SELECT {_HOLD_COLUMNS} FROM holds WHERE hold_id = $1", hold_id)
@@ -1090,6 +1075,17 @@ def _result(op: _Op) -> Any:
 
 def _deadlock(exc: BaseException) -> bool:
     return isinstance(exc.__cause__, asyncpg.DeadlockDetectedError)
+
+
+def _split_schema(url: str) -> tuple[str, str | None]:
+    """Take a ``schema=`` query parameter out of the URL (asyncpg would send it as a GUC)."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [value for name, value in query if name == "schema"]
+    if not schemas:
+        return url, None
+    rest = urllib.parse.urlencode([(n, v) for n, v in query if n != "schema"])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), schemas[-1]
 
 
 def _redact(url: str) -> str:

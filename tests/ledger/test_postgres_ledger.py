@@ -303,7 +303,12 @@ async def test_open_ledger_routes_postgres_urls(schema: str) -> None:
     ledger = open_ledger(DSN, schema=schema)
     assert isinstance(ledger, PostgresLedger)
     async with ledger:
-        assert await ledger.budgets() == []
+        await ledger.set_budget("user:a", limit=AMOUNT)
+    by_url = open_ledger(f"{DSN}?schema={schema}")
+    assert isinstance(by_url, PostgresLedger)
+    assert (by_url.schema, by_url.url) == (schema, DSN)
+    async with by_url:
+        assert [b.scope for b in await by_url.budgets()] == ["user:a"]
 
 
 def test_bad_options_are_refused_where_given() -> None:
