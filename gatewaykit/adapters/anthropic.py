@@ -69,7 +69,7 @@ class MessagesStreamUsage(StreamUsage):
         self._start: Mapping[str, Any] = {}
 
     def observe(self, event: SSEEvent) -> EventKind:
-        if event.data is None:
+        if event.data_bytes is None:
             return EventKind.FORWARD
         payload = event.json()
         if not isinstance(payload, Mapping):

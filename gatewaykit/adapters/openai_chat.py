@@ -75,10 +75,10 @@ class ChatStreamUsage(StreamUsage):
         self.hide_usage = hide_usage
 
     def observe(self, event: SSEEvent) -> EventKind:
-        data = event.data
+        data = event.data_bytes
         if data is None:
             return EventKind.FORWARD  # a comment or keep-alive
-        if data.strip() == "[DONE]":
+        if data.strip() == b"[DONE]":
             return EventKind.FINAL
         chunk = event.json()
         if not isinstance(chunk, Mapping):

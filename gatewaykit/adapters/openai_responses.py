@@ -63,7 +63,7 @@ class ResponsesStreamUsage(StreamUsage):
     """Usage of an OpenAI responses stream."""
 
     def observe(self, event: SSEEvent) -> EventKind:
-        if event.data is None:
+        if event.data_bytes is None:
             return EventKind.FORWARD
         payload = event.json()
         if not isinstance(payload, Mapping):

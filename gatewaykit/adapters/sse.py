@@ -27,7 +27,10 @@ class MalformedStreamError(GatewayKitError, ValueError):
 
 
 class SSEEvent:
-    """One complete event: its exact bytes, and its ``event`` and ``data`` fields."""
+    """One complete event: its exact bytes, and its ``event`` and ``data`` fields.
+
+    Fields are parsed on first access; ``data_bytes`` and :meth:`json` avoid decoding.
+    """
 
     __slots__ = ("_data", "_name", "_parsed", "raw")
 
@@ -35,26 +38,29 @@ class SSEEvent:
         self.raw = raw
         self._parsed = False
         self._name: str | None = None
-        self._data: str | None = None
+        self._data: bytes | None = None
 
     def __repr__(self) -> str:
         return f"SSEEvent({self.raw!r})"
 
     def _parse(self) -> None:
+        raw = self.raw
+        lines = raw.split(b"\n") if b"\r" not in raw else _LINE.split(raw)
         name: str | None = None
         data: list[bytes] = []
-        for line in _LINE.split(self.raw):
-            if not line or line.startswith(b":"):
+        for line in lines:
+            if not line or line[0] == 58:  # b":" starts a comment
                 continue
             field, sep, value = line.partition(b":")
-            if sep and value.startswith(b" "):
+            if sep and value[:1] == b" ":
                 value = value[1:]
             if field == b"data":
                 data.append(value)
             elif field == b"event":
                 name = value.decode("utf-8", "replace")
         self._name = name
-        self._data = b"\n".join(data).decode("utf-8", "replace") if data else None
+        if data:
+            self._data = data[0] if len(data) == 1 else b"\n".join(data)
         self._parsed = True
 
     @property
@@ -65,20 +71,26 @@ class SSEEvent:
         return self._name
 
     @property
-    def data(self) -> str | None:
-        """The ``data:`` lines joined with newlines, or None when the event has none."""
+    def data_bytes(self) -> bytes | None:
+        """The ``data:`` lines joined with newlines, undecoded; None when there are none."""
         if not self._parsed:
             self._parse()
         return self._data
 
+    @property
+    def data(self) -> str | None:
+        """The ``data:`` lines joined with newlines, or None when the event has none."""
+        data = self.data_bytes
+        return None if data is None else data.decode("utf-8", "replace")
+
     def json(self) -> Any:
         """The ``data`` field parsed as JSON; :class:`MalformedStreamError` if it is not."""
-        data = self.data
+        data = self.data_bytes
         if data is None:
             raise MalformedStreamError(f"event {self.event or 'message'!r} has no data")
         try:
             return json.loads(data)
-        except ValueError:
+        except ValueError:  # includes UnicodeDecodeError
             raise MalformedStreamError(
                 f"event {self.event or 'message'!r} carries data that is not JSON"
             ) from None
@@ -111,12 +123,21 @@ class SSESplitter:
             buffer = chunk
         events: list[SSEEvent] = []
         begin = 0
-        while True:
-            match = _BOUNDARY.search(buffer, start)
-            if match is None:
-                break
-            end = match.end()
-            events.append(SSEEvent(buffer[begin:end]))
-            begin = start = end
+        if b"\r" not in buffer:  # the common case: LF line endings, plain find
+            while True:
+                found = buffer.find(b"\n\n", start)
+                if found < 0:
+                    break
+                end = found + 2
+                events.append(SSEEvent(buffer[begin:end]))
+                begin = start = end
+        else:
+            while True:
+                match = _BOUNDARY.search(buffer, start)
+                if match is None:
+                    break
+                end = match.end()
+                events.append(SSEEvent(buffer[begin:end]))
+                begin = start = end
         self._buffer = buffer[begin:] if begin < len(buffer) else b""
         return events
