@@ -231,32 +231,45 @@ class OutboxSender:
 
     # -- the loop ----------------------------------------------------------------------
     async def _pump(self, drain: bool) -> None:
-        """Claim due items and deliver them; sleep until the next is due or a notify.
+        """Keep up to ``concurrency`` deliveries in flight; sleep until the next item is due,
+        a delivery finishes, or a notify. A slow POST holds only its own slot.
 
         ``drain``: return once the store is empty instead of running forever.
         """
-        while True:
-            self._wakeup = anyio.Event()
-            wait = self._poll_interval
-            try:
-                items = await self.outbox.claim(limit=self._concurrency, lease=self._lease)
-                if items:
-                    await self._deliver_all(items)
-                    continue
-                if drain and await self.outbox.size() == 0:
-                    return
-                due_in = await self.outbox.next_due_in()
-                if due_in is not None:
-                    wait = min(wait, due_in)
-            except Exception as exc:
-                logger.warning("outbox: store error, retrying in %.1fs: %s", wait, _describe(exc))
-            with anyio.move_on_after(wait):
-                await self._wakeup.wait()
+        in_flight = 0
 
-    async def _deliver_all(self, items: list[OutboxItem]) -> None:
+        async def deliver(item: OutboxItem) -> None:
+            nonlocal in_flight
+            try:
+                await self._deliver(item)
+            finally:
+                in_flight -= 1
+                self._wakeup.set()
+
         async with anyio.create_task_group() as tg:
-            for item in items:
-                tg.start_soon(self._deliver, item)
+            while True:
+                self._wakeup = anyio.Event()
+                wait = self._poll_interval
+                try:
+                    free = self._concurrency - in_flight
+                    if free > 0:
+                        items = await self.outbox.claim(limit=free, lease=self._lease)
+                        for item in items:
+                            in_flight += 1
+                            tg.start_soon(deliver, item)
+                        if items:
+                            continue
+                        if drain and in_flight == 0 and await self.outbox.size() == 0:
+                            return
+                        due_in = await self.outbox.next_due_in()
+                        if due_in is not None:
+                            wait = min(wait, due_in)
+                except Exception as exc:
+                    logger.warning(
+                        "outbox: store error, retrying in %.1fs: %s", wait, _describe(exc)
+                    )
+                with anyio.move_on_after(wait):
+                    await self._wakeup.wait()
 
     async def _deliver(self, item: OutboxItem) -> None:
         headers = {

@@ -307,3 +307,22 @@ def test_logs_never_carry_the_gateway_token(caplog: pytest.LogCaptureFixture) ->
         SQLiteOutbox(":memory:"), client=None, base_url="http://x", gateway_token="tok-secret"
     )
     assert "tok-secret" not in repr(s)
+
+
+async def test_a_stalled_post_does_not_hold_up_the_others(
+    sqlite_outbox: SQLiteOutbox,
+    plane: FakeControlPlane,
+    plane_url: str,
+    client: httpx.AsyncClient,
+) -> None:
+    plane.stall_usage_posts = 1
+    plane.stall_seconds = 5
+    async with sender(sqlite_outbox, client, plane_url, request_timeout=4, concurrency=2) as s:
+        for n in range(6):
+            await sqlite_outbox.enqueue(*report(n))
+        s.notify()
+        started = time.monotonic()
+        await until(lambda: s.delivered == 5, 3)
+        assert time.monotonic() - started < 3  # not waiting for the stalled post's timeout
+        assert await sqlite_outbox.size() == 1
+        assert len(plane.reports) == 6  # the stalled one was stored, its answer is late
