@@ -41,8 +41,10 @@ _USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_wr
 
 @dataclasses.dataclass(slots=True)
 class FakeUser:
-    """A user token the fake knows. ``budget_usd`` None is unlimited; ``models`` None
-    allows every model; ``retry_after`` set makes every resolve a 429 with that header."""
+    """A user token the fake knows. ``budget_usd`` None is unlimited; otherwise every
+    admitted request's ``estimate_usd`` is taken from it for good (``held_usd``), and a
+    request is refused 402 once nothing is left. ``models`` None allows every model;
+    ``retry_after`` set makes every resolve a 429 with that header."""
 
     user_id: str
     budget_usd: Decimal | None = None
