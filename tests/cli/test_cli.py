@@ -8,7 +8,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -422,3 +423,47 @@ def test_python_dash_m_gatewaykit(db: str) -> None:
         [sys.executable, "-m", "gatewaykit", "--help"],
         env=env, capture_output=True, text=True, check=True, timeout=30,
     ).stdout  # fmt: skip
+
+
+# -- PostgreSQL -------------------------------------------------------------------------
+
+DSN = os.environ.get("GATEWAYKIT_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_db() -> Iterator[str]:
+    asyncpg = pytest.importorskip("asyncpg")
+    schema = f"cli_{uuid.uuid4().hex[:12]}"
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(DSN)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
+
+    yield f"{DSN}?schema={schema}"
+    anyio.run(drop)
+
+
+@pytest.mark.postgres
+def test_the_cli_on_postgres(pg_db: str) -> None:
+    key_id = seed_traffic(pg_db)
+    assert [k["key_id"] for k in cli_json("--db", pg_db, "keys", "list", "--json")] == [key_id]
+    [budget] = cli_json("--db", pg_db, "budgets", "show", f"key:{key_id}", "--json")
+    assert (budget["spent"], budget["held"]) == ("0.0000258", "0.02")
+    assert [h["hold_id"] for h in cli_json("--db", pg_db, "holds", "--json")] == ["req-2"]
+    assert cli_json("--db", pg_db, "check", "--json") == {"ok": True, "violations": []}
+
+    asyncpg = pytest.importorskip("asyncpg")
+    schema = pg_db.rsplit("=", 1)[1]
+
+    async def corrupt() -> None:
+        conn = await asyncpg.connect(DSN)
+        try:
+            await conn.execute(f"UPDATE {schema}.counters SET spent = spent + 12345")
+        finally:
+            await conn.close()
+
+    anyio.run(corrupt)
+    assert cli("--db", pg_db, "check").exit_code == 1
