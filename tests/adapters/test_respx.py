@@ -11,9 +11,10 @@ import pytest
 import respx
 
 from gatewaykit.adapters import anthropic_messages, openai_chat_completions, openai_responses
+from gatewaykit.testing import FakeBehavior, FakeProvider
 from gatewaykit.upstream import Attempt
 from gatewaykit.usage import Usage
-from tests.adapters.conftest import CHAT, MESSAGES, RESPONSES, Format, Shim
+from tests.adapters.conftest import CHAT, MESSAGES, PRICE, RESPONSES, Format, Shim
 from tests.asgi import call
 
 pytestmark = pytest.mark.anyio
@@ -245,3 +246,70 @@ async def test_an_in_band_error_before_any_output_falls_back_and_refunds(
     assert ex.json()["error"]["message"] == "the upstream provider failed: busy"
     assert shim.settlement.outcome is not None
     assert shim.settlement.outcome.refunded
+
+
+# -- every format through respx, the upstream's bytes made by the fake provider ---------------
+
+
+def fake_upstream(behavior: FakeBehavior) -> Any:
+    """A respx side effect answering like the fake provider, one read per SSE event."""
+    fake = FakeProvider(behavior=behavior)
+
+    async def respond(request: httpx.Request) -> httpx.Response:
+        transport = httpx.ASGITransport(app=fake)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fake") as inner:
+            answer = await inner.post(
+                request.url.path, content=request.content, headers=request.headers
+            )
+        body = answer.content
+        if not answer.headers["content-type"].startswith("text/event-stream"):
+            return httpx.Response(answer.status_code, headers=answer.headers, content=body)
+        reads = [part + b"\n\n" for part in body.split(b"\n\n") if part]
+        return sse_response(reads)
+
+    return respond
+
+
+SCENARIOS = {
+    "ok": FakeBehavior(events=3, input_tokens=9, cache_read_tokens=4, cache_write_tokens=2),
+    "no-usage": FakeBehavior(events=3, omit_usage=True),
+    "status-429": FakeBehavior(fail_status=429, retry_after="2"),
+    "in-band-error": FakeBehavior(events=3, fail_after=1, fail_mode="error"),
+}
+
+
+@pytest.mark.parametrize("fmt", [CHAT, MESSAGES, RESPONSES], ids=lambda f: f.name)
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+async def test_each_format_over_respx(
+    fmt: Format, stream: bool, scenario: str, client: httpx.AsyncClient
+) -> None:
+    behavior = SCENARIOS[scenario]
+    base = OPENAI if fmt.provider == "openai" else ANTHROPIC
+    with respx.mock:
+        respx.route(host=httpx.URL(base).host).mock(side_effect=fake_upstream(behavior))
+        shim = Shim(endpoint_for(fmt, client), fmt, [upstream_for(fmt)])
+        ex = await call(shim, fmt.path, json_body=fmt.body(stream=stream))
+    settlement = shim.settlement
+    outcome = settlement.outcome
+    assert outcome is not None
+    if scenario == "ok":
+        assert ex.status == 200
+        assert settlement.call.status == "success"
+        assert settlement.call.usage == behavior.expected_usage(fmt.wire.value)
+        assert outcome.charged == PRICE.cost(behavior.expected_usage(fmt.wire.value))
+    elif scenario == "no-usage":
+        assert ex.status == 200
+        assert settlement.call.status == "no_usage"
+        assert settlement.output_chars == len(behavior.output_text)
+    elif scenario == "status-429":
+        assert ex.status == 429
+        assert ex.headers["retry-after"] == "2"
+        assert outcome.refunded
+    elif stream:
+        assert ex.status == 200
+        assert settlement.call.status == "error"
+        assert settlement.committed
+        assert settlement.output_chars == len(behavior.piece(0))
+    else:  # the in-band knob only affects streams
+        assert settlement.call.status == "success"
