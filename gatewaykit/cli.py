@@ -242,6 +242,14 @@ def keys() -> None:
 @click.option("--budget", metavar="USD", help="Give the key its own budget (scope key:<key_id>).")
 @click.option("--period", metavar="PERIOD", help=PERIOD_HELP + "  [default: none]")
 @click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute allowed.")
+@click.option("--team", help="The key's team: a team:<TEAM> budget then applies too.")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    metavar="MODEL",
+    help="Allow only this model (repeat for several); default: any model.",
+)
 @json_option
 @click.pass_context
 def keys_create(
@@ -250,17 +258,27 @@ def keys_create(
     budget: str | None,
     period: str | None,
     rpm: int | None,
+    team: str | None,
+    models: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Create a key for USER and print it once; only its hash is stored."""
     _scope(f"user:{user}", what="--user")  # the key's user is a scope id: no whitespace
+    if team is not None:
+        _scope(f"team:{team}", what="--team")
     limit = None if budget is None else _amount(budget, what="--budget")
     window = _period(period)
     if window is not None and limit is None:
         raise click.UsageError("--period applies to --budget; give both")
     new = generate_key()
     record = ApiKeyRecord(
-        key_id=new.key_id, key_hash=new.key_hash, prefix=new.prefix, user=user, rpm=rpm
+        key_id=new.key_id,
+        key_hash=new.key_hash,
+        prefix=new.prefix,
+        user=user,
+        team=team,
+        rpm=rpm,
+        allowed_models=tuple(models) or None,
     )
 
     async def action(ledger: Ledger) -> None:
@@ -294,8 +312,8 @@ def keys_list(ctx: click.Context, user: str | None, as_json: bool) -> None:
         _emit_json([_key_json(r) for r in records])
         return
     _table(
-        ["key_id", "prefix", "user", "revoked"],
-        [[r.key_id, r.prefix, r.user, "yes" if r.revoked else "no"] for r in records],
+        ["key_id", "prefix", "user", "team", "revoked"],
+        [[r.key_id, r.prefix, r.user, r.team, "yes" if r.revoked else "no"] for r in records],
         empty="No keys.",
     )
 

@@ -115,6 +115,22 @@ def test_keys_create_with_budget_makes_a_key_scope(db: str) -> None:
     assert record.rpm == 60
 
 
+def test_keys_create_with_team_and_models(db: str) -> None:
+    created = cli_json(
+        "--db", db, "keys", "create", "--user", "alice", "--team", "ml",
+        "--model", "gpt-4o-mini", "--model", "gpt-4o", "--json",
+    )  # fmt: skip
+
+    async def find(ledger: Ledger) -> Any:
+        return await ledger.list_keys(user="alice")
+
+    [record] = with_ledger(db, find)
+    assert record.key_id == created["key_id"]
+    assert record.team == "ml"
+    assert record.allowed_models == ("gpt-4o-mini", "gpt-4o")
+    assert "ml" in cli("--db", db, "keys", "list").stdout
+
+
 def test_keys_list_table_and_user_filter(db: str) -> None:
     cli_json("--db", db, "keys", "create", "--user", "alice", "--json")
     bob = cli_json("--db", db, "keys", "create", "--user", "bob", "--json")
@@ -122,7 +138,7 @@ def test_keys_list_table_and_user_filter(db: str) -> None:
     assert [k["key_id"] for k in only_bob] == [bob["key_id"]]
     table = cli("--db", db, "keys", "list")
     assert table.exit_code == 0
-    assert table.stdout.splitlines()[0].split() == ["KEY_ID", "PREFIX", "USER", "REVOKED"]
+    assert table.stdout.splitlines()[0].split() == ["KEY_ID", "PREFIX", "USER", "TEAM", "REVOKED"]
     assert "alice" in table.stdout
     assert "bob" in table.stdout
 
@@ -311,6 +327,7 @@ def test_db_from_the_environment(tmp_path: Path) -> None:
         ["keys", "create", "--user", "alice", "--budget", "5", "--period", "fortnight"],
         ["keys", "create", "--user", "alice", "--period", "day"],
         ["keys", "create", "--user", "has space"],
+        ["keys", "create", "--user", "alice", "--team", "a b"],
         ["keys", "create", "--user", "alice", "--rpm", "0"],
         ["keys", "create"],
         ["budgets", "set", "alice", "--limit", "5"],
