@@ -114,9 +114,9 @@ tgt AS (
     LEFT JOIN budgets b ON b.scope = s.scope
 ),
 due AS (
-    SELECT h.hold_id FROM holds h, clock, fresh
-    WHERE fresh.yes AND h.state = 'held' AND h.expires_at <= clock.t
-      AND h.scopes && $2::text[]
+    SELECT h.hold_id FROM holds h
+    WHERE (SELECT yes FROM fresh) AND h.state = 'held'
+      AND h.expires_at <= (SELECT t FROM clock) AND h.scopes && $2::text[]
     FOR UPDATE OF h SKIP LOCKED
 ),
 expired AS (
@@ -308,8 +308,8 @@ FROM h
 _SWEEP = f"""
 WITH clock AS (SELECT gk_now() AS t),
 due AS (
-    SELECT h.hold_id FROM holds h, clock
-    WHERE h.state = 'held' AND h.expires_at <= clock.t
+    SELECT h.hold_id FROM holds h
+    WHERE h.state = 'held' AND h.expires_at <= (SELECT t FROM clock)
     ORDER BY h.expires_at LIMIT $1
     FOR UPDATE OF h SKIP LOCKED
 ),
@@ -589,6 +589,9 @@ class PostgresLedger:
                     "default_transaction_isolation": "read committed",
                     "application_name": "gatewaykit",
                     "jit": "off",
+                    # Every statement is a few primary-key lookups: plan once per
+                    # connection, not on every execution.
+                    "plan_cache_mode": "force_generic_plan",
                 },
             )
         except _UNAVAILABLE as exc:
