@@ -26,6 +26,7 @@ import contextlib
 import hmac
 import logging
 import math
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -97,14 +98,8 @@ _PROVIDER = {
     WireFormat.OPENAI_RESPONSES: "openai",
 }
 _KEY_CACHE_SIZE = 10_000
+_USER = re.compile(r"[^\s]{1,200}")  # what a budget scope id allows
 _NO_USAGE_ERROR = "stream completed without usage data"
-
-
-class _Master:
-    """Marker for a request authenticated with the master key."""
-
-
-_MASTER = _Master()
 
 
 class StandaloneMode:
@@ -224,8 +219,8 @@ class StandaloneMode:
                 self._keys.popitem(last=False)
         return record
 
-    async def authenticate(self, headers: Mapping[str, str]) -> ApiKeyRecord | _Master:
-        """The key record (or the master key) the request's credential names; 401 if none."""
+    async def authenticate(self, headers: Mapping[str, str]) -> ApiKeyRecord | None:
+        """The key record the request's credential names, None for the master key; else 401."""
         presented = _credential(headers)
         if presented is None:
             raise RequestRejected(
@@ -234,7 +229,7 @@ class StandaloneMode:
             )
         digest = hash_key(presented)
         if self._master_hash is not None and hmac.compare_digest(digest, self._master_hash):
-            return _MASTER
+            return None
         record = await self._find_key(digest)
         if record is None or not hmac.compare_digest(record.key_hash, digest):
             raise RequestRejected(ErrorKind.AUTHENTICATION, "invalid API key")
@@ -249,11 +244,16 @@ class StandaloneMode:
         identity = await self.authenticate(request.headers)
         fmt = request.format
         user_field = "metadata.user_id" if fmt is WireFormat.ANTHROPIC_MESSAGES else "user"
-        if isinstance(identity, _Master):
+        if identity is None:  # the master key
             if request.user is None:
                 raise RequestRejected(
                     ErrorKind.INVALID_REQUEST,
                     f"requests made with the master key must name the user in '{user_field}'",
+                )
+            if not _USER.fullmatch(request.user):
+                raise RequestRejected(
+                    ErrorKind.INVALID_REQUEST,
+                    f"'{user_field}' must be 1 to 200 characters without whitespace",
                 )
             user, key_id, team = request.user, None, self.teams.get(request.user)
         else:
@@ -277,7 +277,7 @@ class StandaloneMode:
         headers: dict[str, str] = {}
         rpm = (
             None
-            if isinstance(identity, _Master)
+            if identity is None
             else (identity.rpm if identity.rpm is not None else self.default_rpm)
         )
         if rpm is not None and key_id is not None:

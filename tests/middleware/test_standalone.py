@@ -241,6 +241,8 @@ async def test_master_key_must_name_the_user(
         await openai_chat(app, MASTER_KEY)
     with pytest.raises(anthropic.BadRequestError, match=r"metadata\.user_id"):
         await anthropic_message(app, MASTER_KEY)
+    with pytest.raises(openai.BadRequestError, match="whitespace"):
+        await openai_chat(app, MASTER_KEY, user="bob smith")
     await openai_chat(app, MASTER_KEY, user="bob")
     await anthropic_message(app, MASTER_KEY, metadata={"user_id": "carol"})
     assert [(s["user"], s["key_id"]) for s in seen] == [("bob", None), ("carol", None)]
