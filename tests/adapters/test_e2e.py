@@ -107,6 +107,7 @@ async def test_success_charges_exactly_the_reported_usage(
 ) -> None:
     ex = await call(build(), fmt.path, json_body=fmt.body(stream=stream), headers=auth(fmt, key))
     assert ex.status == 200
+    assert ex.headers["x-request-id"]  # the middleware's headers reach the adapter's response
     assert BEHAVIOR.piece(0).encode() in ex.body
     expected = fmt.expected()
     assert await spent(ledger) == PRICE.cost(expected)
