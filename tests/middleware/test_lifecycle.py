@@ -450,3 +450,63 @@ async def test_cancellation_while_admitting_does_not_leak_the_hold(
         tg.cancel_scope.cancel()
     assert await only_hold(ledger) is HoldState.RELEASED
     await no_live_holds(ledger)
+
+
+class _Lines:
+    partial: Usage | None = None
+    output_chars = 0
+
+    def __init__(self) -> None:
+        self.final: Usage | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self.output_chars += len(chunk)
+        if chunk.startswith(b"usage"):
+            self.final = Usage(3, 4)
+
+    def result(self) -> Usage | None:
+        return self.final
+
+
+@pytest.mark.parametrize("point", range(6))
+async def test_disconnect_at_each_point_of_a_stream_settles_once(
+    ledger: Ledger, make_mode: Callable[..., StandaloneMode], key: str, point: int
+) -> None:
+    """Disconnect after the point-th message sent (0: start, 1-4: chunks, 5: never)."""
+    from gatewaykit.streams import settle_stream
+
+    settlements = []
+
+    async def endpoint(request: Request) -> Response:
+        settlement = get_settlement(request)
+        settlements.append(settlement)
+
+        async def upstream() -> AsyncIterator[bytes]:
+            for chunk in (b"aaaa", b"bbbb", b"cccc", b"usage"):
+                await anyio.sleep(0.001)
+                yield chunk
+
+        return StreamingResponse(settle_stream(upstream(), settlement, _Lines()))
+
+    ex = await call(
+        gated(make_mode(), endpoint),
+        json_body=BODY,
+        headers=bearer(key),
+        disconnect=lambda sent: len(sent) > point,
+    )
+    (settlement,) = settlements
+    outcome = settlement.outcome
+    assert outcome is not None
+    (record,) = await ledger.usage()
+    if ex.complete:
+        assert outcome.status == "success"
+    if outcome.status == "success":
+        assert outcome.charged == (3 + 2 * 4) * MICRO
+    else:
+        assert outcome.status == "incomplete"
+        assert point < 5
+        # prompt estimate + the output observed before the client left
+        assert outcome.charged == (1 + 2 * ((settlement.output_chars + 3) // 4)) * MICRO
+    assert record.status == outcome.status
+    assert await spent(ledger) == outcome.charged
+    await no_live_holds(ledger)
