@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -16,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from gatewaykit.envelopes import WireFormat
-from gatewaykit.errors import ConfigurationError
+from gatewaykit.errors import ConfigurationError, RequestRejected
 from gatewaykit.middleware import GatewayMiddleware
 from gatewaykit.modes.base import GatewayRequest, RequestModeStrategy
 from gatewaykit.modes.platform import ATTEMPT_ID_HEADER, PlatformMode, PlatformSettlement
@@ -441,8 +442,6 @@ async def test_mode_not_running_refuses_with_503(
         client=plane_client,
         outbox=SQLiteOutbox(str(tmp_path / "o.db")),
     )
-    from gatewaykit.errors import RequestRejected
-
     with pytest.raises(RequestRejected) as caught:
         await mode.resolve(gateway_request())
     assert caught.value.status == 503
@@ -484,3 +483,26 @@ async def test_configuration_errors(plane_client: httpx.AsyncClient) -> None:
     ):
         with pytest.raises(ConfigurationError):
             PlatformMode(**{**good, **bad})
+
+
+async def test_works_with_an_httpx2_client(plane: FakeControlPlane, tmp_path: Path) -> None:
+    import httpx2
+
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=plane.app)) as client:
+        mode = PlatformMode(
+            base_url="http://plane.test",
+            gateway_token=GATEWAY_TOKEN,
+            client=client,
+            outbox=SQLiteOutbox(str(tmp_path / "o.db")),
+        )
+        async with mode:
+            context = await mode.resolve(gateway_request())
+            assert context.user_id == "alice"
+            await context.settlement.on_success(Usage(2, 3))
+            await delivered(mode, plane, 1)
+            plane.add_user("tok-slow", user_id="slow", retry_after=9)
+            slow = dataclasses.replace(gateway_request(), headers={"x-api-key": "tok-slow"})
+            with pytest.raises(RequestRejected) as caught:
+                await mode.resolve(slow)
+            assert caught.value.status == 429
+            assert caught.value.headers == {"retry-after": "9"}
