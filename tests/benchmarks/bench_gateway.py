@@ -65,7 +65,31 @@ SHORT = {
     "gateway-sqlite": "gatewaykit, SQLite",
     "gateway-postgres": "gatewaykit, PostgreSQL",
 }
+VARIANTS = {
+    "memory": "in-memory SQLite",
+    "normal": "synchronous=NORMAL",
+    "nohdr": "budget_headers=False",
+}
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def label(path: str) -> str:
+    """``gateway-sqlite:normal,nohdr`` -> "gatewaykit, SQLite [synchronous=NORMAL, ...]"."""
+    base, _, variant = path.partition(":")
+    if not variant:
+        return SHORT[base]
+    return f"{SHORT[base]} [{', '.join(VARIANTS.get(v, v) for v in variant.split(','))}]"
+
+
+def _valid_path(path: str) -> bool:
+    base, _, variant = path.partition(":")
+    if base not in ALL_PATHS:
+        return False
+    return not variant or (
+        base.startswith("gateway-") and all(v in VARIANTS for v in variant.split(","))
+    )
+
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -102,7 +126,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=32, help="SSE content events per stream")
     parser.add_argument("--gap-ms", type=float, default=10.0, help="gap between SSE events")
     parser.add_argument("--mem-steps", help="open-stream steps, e.g. 100,500,1000")
-    parser.add_argument("--paths", help="comma-separated subset of " + ",".join(ALL_PATHS))
+    parser.add_argument(
+        "--paths",
+        help="space-separated paths, default: " + " ".join(ALL_PATHS) + "; gateway paths may "
+        "take diagnostic variants, e.g. 'gateway-sqlite:normal,nohdr' ("
+        + ", ".join(f"{k}: {v}" for k, v in VARIANTS.items())
+        + ")",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the open-streams test")
     parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument(
@@ -134,7 +165,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         streams=args.streams or (3 if quick else 8),
         events=args.events,
         gap_ms=args.gap_ms,
-        mem_steps=tuple(int(s) for s in steps.split(",")),
+        mem_steps=() if args.no_memory else tuple(int(s) for s in steps.split(",")),
         loop=loop,
         http="httptools" if _importable("httptools") else "h11",
         pin=not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2,
@@ -219,7 +250,8 @@ def start_fake(plan: Plan) -> Server:
     return Server("direct", f"http://127.0.0.1:{port}/v1/chat/completions", proc)
 
 
-def start_server(kind: str, upstream: str, plan: Plan, *, db: str = "", key: str = "") -> Server:
+def start_server(path: str, upstream: str, plan: Plan, *, db: str = "", key: str = "") -> Server:
+    kind, _, variant = path.partition(":")
     port = _free_port()
     cmd = [
         sys.executable, "-m", "tests.benchmarks.gw_server", kind, "--port", str(port),
@@ -227,6 +259,8 @@ def start_server(kind: str, upstream: str, plan: Plan, *, db: str = "", key: str
     ]  # fmt: skip
     if db:
         cmd += ["--db", db, "--key", key]
+    if variant:
+        cmd += ["--variant", variant]
     log = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the server
     proc = subprocess.Popen(_pinned(0, plan, cmd), cwd=ROOT, stdout=log, stderr=log)
     try:
@@ -235,8 +269,8 @@ def start_server(kind: str, upstream: str, plan: Plan, *, db: str = "", key: str
         log.seek(0)
         tail = log.read()[-3000:].decode(errors="replace")
         proc.kill()
-        raise RuntimeError(f"{kind}: {exc}\n{tail}") from None
-    return Server(kind, f"http://127.0.0.1:{port}/v1/chat/completions", proc, key=key or "none")
+        raise RuntimeError(f"{path}: {exc}\n{tail}") from None
+    return Server(path, f"http://127.0.0.1:{port}/v1/chat/completions", proc, key=key or "none")
 
 
 def stop(server: Server) -> None:
@@ -540,22 +574,22 @@ def servers(
         fake = start_fake(plan)
         started["direct"] = fake
         upstream = fake.url.rsplit("/chat/completions", 1)[0]
-        for kind in wanted:
-            if kind == "direct":
+        for path in wanted:
+            if path == "direct":
                 continue
-            if kind.startswith("gateway-"):
-                problem = gw_gateway.unavailable(kind)
+            if path.startswith("gateway-"):
+                problem = gw_gateway.unavailable(path)
                 if problem:
-                    notes.append(f"{kind} skipped: {problem}")
+                    notes.append(f"{path} skipped: {problem}")
                     continue
-                db = gw_gateway.ledger_url(kind, tmp.name, dsn)
+                db = gw_gateway.ledger_url(path, tmp.name, dsn)
                 if not db:
-                    notes.append(f"{kind} skipped: PostgreSQL at {dsn} not reachable")
+                    notes.append(f"{path} skipped: PostgreSQL at {dsn} not reachable")
                     continue
                 key = gw_gateway.new_key()
-                started[kind] = start_server(kind, upstream, plan, db=db, key=key)
+                started[path] = start_server(path, upstream, plan, db=db, key=key)
             else:
-                started[kind] = start_server(kind, upstream, plan)
+                started[path] = start_server(path, upstream, plan)
         yield started
     finally:
         for server in started.values():
@@ -585,7 +619,7 @@ def run(plan: Plan, wanted: Sequence[str], dsn: str) -> dict[str, Any]:
             load_client(plan, ["stream", srv[name].url, "--key", srv[name].key, "--n", "1"])
 
         mem: dict[str, Any] = {}
-        for name in names:
+        for name in names if plan.mem_steps else ():
             if name == "direct":
                 continue
             print(f"memory: {name}", flush=True)
@@ -715,7 +749,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def render(results: dict[str, Any], command: str) -> str:
     env, summary, plan = results["env"], results["summary"], results["plan"]
-    names = [n for n in ALL_PATHS if n in summary]
+    names = [n for n in summary if not n.startswith("_")]
     v = env["versions"]
     steps = "/".join(map(str, plan["mem_steps"]))
     lines = [
@@ -765,7 +799,7 @@ def render(results: dict[str, Any], command: str) -> str:
         ["path", f"RPS c={plan['concurrency']}", "ratio to floor", "p50 / p99 under load ms",
          "CPU µs/req", "CPU ratio", "errors"],
         [
-            [SHORT[n], _f(summary[n]["rps"], ".0f"), _f(summary[n].get("rps_ratio")),
+            [label(n), _f(summary[n]["rps"], ".0f"), _f(summary[n].get("rps_ratio")),
              f"{_f(summary[n]['rps_p50_ms'], '.1f')} / {_f(summary[n]['rps_p99_ms'], '.1f')}",
              _f(summary[n]["cpu_us"], ".0f"), _f(summary[n].get("cpu_ratio")),
              str(summary[n]["errors"])]
@@ -777,7 +811,7 @@ def render(results: dict[str, Any], command: str) -> str:
         ["path", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "TTFE ms", "added TTFE ms",
          "event lag p50 / p99 ms", "events coalesced / missing"],
         [
-            [SHORT[n], _f(summary[n]["lat_p50_ms"], ".3f"), _f(summary[n]["lat_p99_ms"], ".3f"),
+            [label(n), _f(summary[n]["lat_p50_ms"], ".3f"), _f(summary[n]["lat_p99_ms"], ".3f"),
              _f(summary[n].get("added_p50_ms"), "+.3f"), _f(summary[n].get("added_p99_ms"), "+.3f"),
              _f(summary[n]["ttfe_ms"], ".3f"), _f(summary[n].get("added_ttfe_ms"), "+.3f"),
              f"{_f(summary[n]['lag_p50_ms'], '.2f')} / {_f(summary[n]['lag_p99_ms'], '.2f')}",
@@ -794,7 +828,7 @@ def render(results: dict[str, Any], command: str) -> str:
              "KiB per stream", "ratio to floor", "streams without a first event",
              "RSS MiB after close"],
             [
-                [SHORT[n], *(_f(pt["VmRSS"] / 1024, ".1f") for pt in mem[n]["points"]),
+                [label(n), *(_f(pt["VmRSS"] / 1024, ".1f") for pt in mem[n]["points"]),
                  _f(mem[n]["kib_per_stream"], ".1f"), _f(summary[n].get("mem_ratio")),
                  str(mem[n]["failed_first_event"]), _f(mem[n]["rss_after_close_kib"] / 1024, ".1f")]
                 for n in names
@@ -810,13 +844,13 @@ def render(results: dict[str, Any], command: str) -> str:
     if reserve:
         lines.append(
             "Ledger reserve p50 at c=1 (measured separately, same box): "
-            + ", ".join(f"{SHORT[n]} {v:.3f} ms" for n, v in reserve.items())
+            + ", ".join(f"{label(n)} {v:.3f} ms" for n, v in reserve.items())
             + "."
         )
     if results.get("live_holds_after"):
         lines.append(
             "Live holds left after the run: "
-            + ", ".join(f"{SHORT[n]} {v}" for n, v in results["live_holds_after"].items())
+            + ", ".join(f"{label(n)} {v}" for n, v in results["live_holds_after"].items())
             + "."
         )
     for note in results["notes"]:
@@ -866,10 +900,10 @@ def _goals(summary: dict[str, Any], gws: Sequence[str], reserve: dict[str, float
         ),
     ]
     lines = ["Reported, not asserted; against the raw-aiohttp passthrough floor.", ""]
-    lines.append("| goal | " + " | ".join(SHORT[n] for n in gws) + " |")
+    lines.append("| goal | " + " | ".join(label(n) for n in gws) + " |")
     lines.append("| --- |" + " --- |" * len(gws))
-    for label, fn in checks:
-        lines.append(f"| {label} | " + " | ".join(fn(summary[n], n) for n in gws) + " |")
+    for goal, fn in checks:
+        lines.append(f"| {goal} | " + " | ".join(fn(summary[n], n) for n in gws) + " |")
     return lines
 
 
@@ -894,13 +928,19 @@ def write_doc(block: str) -> None:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     plan = make_plan(args)
-    wanted = [p for p in (args.paths.split(",") if args.paths else ALL_PATHS) if p in ALL_PATHS]
+    wanted = args.paths.split() if args.paths else list(ALL_PATHS)
+    unknown = [p for p in wanted if not _valid_path(p)]
+    if unknown:
+        raise SystemExit(
+            f"unknown paths {unknown}; use {ALL_PATHS} (gateway paths may add "
+            f":{','.join(VARIANTS)})"
+        )
     results = run(plan, wanted, args.postgres_dsn)
     command = "nox -s bench -- gateway" + (" " + " ".join(argv) if argv else "")
-    block = render(results, command)
-    print(block)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
+    block = render(results, command)
+    print(block)
     if args.docs if args.docs is not None else not args.quick:
         write_doc(block)
         print(f"wrote {DOC.relative_to(ROOT)}")

@@ -14,7 +14,9 @@ import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode
 
+import httpx
 from starlette.types import ASGIApp
 
 if TYPE_CHECKING:
@@ -44,7 +46,7 @@ def unavailable(kind: str) -> str | None:
         gatewaykit.adapters.__name__  # noqa: B018
     except ImportError as exc:
         return f"gatewaykit is not complete here ({exc})"
-    if kind == "gateway-postgres":
+    if kind.startswith("gateway-postgres"):
         try:
             from gatewaykit.ledger.postgres import PostgresLedger  # noqa: F401
         except ImportError as exc:
@@ -56,8 +58,8 @@ def open_target(target: str) -> Ledger:
     """A ledger for a target made by :func:`ledger_url` (``URL`` or ``URL#schema=NAME``)."""
     from gatewaykit.ledger.url import open_ledger
 
-    url, _, schema = target.partition("#schema=")
-    return open_ledger(url, schema=schema) if schema else open_ledger(url)
+    url, _, options = target.partition("#")
+    return open_ledger(url, **dict(parse_qsl(options)))
 
 
 def new_key() -> str:
@@ -66,10 +68,22 @@ def new_key() -> str:
     return generate_key().key
 
 
-def ledger_url(kind: str, tmpdir: str, dsn: str, *, fresh: bool = False) -> str | None:
-    """A ledger URL for this run: a new SQLite file, or a new schema in PostgreSQL."""
+def ledger_url(path: str, tmpdir: str, dsn: str, *, fresh: bool = False) -> str | None:
+    """A ledger target for this run: a new SQLite file or a new PostgreSQL schema.
+
+    The target is a ledger URL plus ``#name=value&...`` options for the backend (the
+    PostgreSQL schema, SQLite's ``synchronous`` for the ``normal`` variant).
+    """
+    kind, _, variant = path.partition(":")
+    variants = set(variant.split(",")) if variant else set()
+    options: dict[str, str] = {}
     if kind == "gateway-sqlite":
-        url = "sqlite:///" + os.path.join(tmpdir, f"gk-bench-{uuid.uuid4().hex[:8]}.db")
+        if "memory" in variants:
+            url = "sqlite://:memory:"
+        else:
+            url = "sqlite:///" + os.path.join(tmpdir, f"gk-bench-{uuid.uuid4().hex[:8]}.db")
+        if "normal" in variants:
+            options["synchronous"] = "NORMAL"
     else:
         schema = f"gk_bench_{uuid.uuid4().hex[:10]}"
         try:
@@ -77,10 +91,12 @@ def ledger_url(kind: str, tmpdir: str, dsn: str, *, fresh: bool = False) -> str 
         except Exception:  # unreachable server, auth, ...
             return None
         _SCHEMAS.append((dsn, schema))
-        url = f"{dsn}#schema={schema}"
+        url = dsn
+        options["schema"] = schema
+    target = url + ("#" + urlencode(options) if options else "")
     if not fresh:
-        _URLS[kind] = url
-    return url
+        _URLS[path] = target
+    return target
 
 
 async def _create_schema(dsn: str, schema: str) -> None:
@@ -115,7 +131,7 @@ def cleanup() -> None:
 def live_holds(kind: str) -> int | None:
     """Holds still live in a gateway's ledger after the run (should be 0)."""
     url = _URLS.get(kind)
-    if url is None:
+    if url is None or ":memory:" in url:
         return None
 
     async def count() -> int:
@@ -132,8 +148,14 @@ def live_holds(kind: str) -> int | None:
         return None
 
 
-def gateway_app(kind: str, upstream: str, options: dict[str, Any]) -> ASGIApp:
-    """gatewaykit as a user would mount it: Starlette + the adapters + GatewayMiddleware."""
+def gateway_app(
+    kind: str, upstream: str, options: dict[str, Any], *, client: httpx.AsyncClient | None = None
+) -> ASGIApp:
+    """gatewaykit as a user would mount it: Starlette + the adapters + GatewayMiddleware.
+
+    ``client`` replaces gatewaykit's default client (the in-process benchmark passes a
+    mock-transport client).
+    """
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
 
@@ -146,26 +168,30 @@ def gateway_app(kind: str, upstream: str, options: dict[str, Any]) -> ASGIApp:
     key: str = options["key"]
     key_id = key.split("_")[1]
     price = ModelPrice(input_per_mtok=Decimal("2.50"), output_per_mtok=Decimal("10.00"))
+    variants = set(options.get("variant", "").split(","))
     mode = StandaloneMode(
         ledger,
         prices={"bench": price, "bench-hold": price},
         upstreams=[Upstream(base_url=upstream, api_key="sk-fake-upstream", provider="openai")],
+        budget_headers="nohdr" not in variants,
     )
-    client = default_client()
+    if client is None:
+        client = default_client()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await ledger.open()
         try:
             async with client:
-                await ledger.create_key(
-                    ApiKeyRecord(
-                        key_id=key_id,
-                        key_hash=hash_key(key),
-                        prefix=display_prefix(key),
-                        user="bench",
+                if await ledger.find_key(hash_key(key)) is None:
+                    await ledger.create_key(
+                        ApiKeyRecord(
+                            key_id=key_id,
+                            key_hash=hash_key(key),
+                            prefix=display_prefix(key),
+                            user="bench",
+                        )
                     )
-                )
                 await ledger.set_budget(f"key:{key_id}", limit=BUDGET_USD)
                 await ledger.set_budget("user:bench", limit=BUDGET_USD)
                 yield

@@ -91,14 +91,14 @@ def passthrough_aiohttp(upstream: str) -> ASGIApp:
     )
 
 
-def passthrough_httpx(upstream: str) -> ASGIApp:
+def passthrough_httpx(upstream: str, *, client: httpx.AsyncClient | None = None) -> ASGIApp:
     """The same proxy over httpx with the httpx-aiohttp transport (gatewaykit's client)."""
-    client: httpx.AsyncClient | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal client
-        client, _ = httpx_client()
+        if client is None:
+            client, _ = httpx_client()
         async with client:
             yield
 
@@ -148,11 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http", default="h11")
     parser.add_argument("--db", default="", help="ledger URL (gateway kinds)")
     parser.add_argument("--key", default="", help="API key to provision (gateway kinds)")
+    parser.add_argument("--variant", default="", help="diagnostic variants (gateway kinds)")
     args = parser.parse_args(argv)
 
     import uvicorn
 
-    app = build_app(args.kind, args.upstream, {"db": args.db, "key": args.key})
+    app = build_app(
+        args.kind, args.upstream, {"db": args.db, "key": args.key, "variant": args.variant}
+    )
     uvicorn.run(
         app,
         host=args.host,
