@@ -28,7 +28,8 @@ _NOW = "clock_timestamp()"
 class PostgresOutbox:
     """A durable outbox in a PostgreSQL table (created on open if missing).
 
-    ``dsn`` is a ``postgresql://`` URL; ``pool_options`` go to ``asyncpg.create_pool``.
+    ``dsn`` is a ``postgresql://`` URL; ``pool_options`` go to ``asyncpg.create_pool``
+    (connect and command timeouts default to 10 s).
     """
 
     def __init__(
@@ -44,7 +45,14 @@ class PostgresOutbox:
             raise ConfigurationError("PostgresOutbox needs a postgresql:// URL")
         self._dsn = dsn
         self.table = validate_table(table)
-        self._pool_options = {"min_size": min_size, "max_size": max_size, **pool_options}
+        # Bounded waits: a settlement enqueues while a client waits for its response.
+        self._pool_options = {
+            "min_size": min_size,
+            "max_size": max_size,
+            "timeout": 10.0,
+            "command_timeout": 10.0,
+            **pool_options,
+        }
         self._pool: asyncpg.Pool | None = None
 
     def __repr__(self) -> str:
