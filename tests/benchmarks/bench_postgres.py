@@ -127,6 +127,10 @@ async def _gatewaykit(
     return await _with_schema(dsn, body)
 
 
+async def _no_reset(conn: Any) -> None:
+    return None
+
+
 async def _raw(dsn: str, pool_size: int, tasks: int, seconds: float, budgets: int) -> float:
     async def body(schema: str) -> float:
         pool: Any = await asyncpg.create_pool(
@@ -134,6 +138,7 @@ async def _raw(dsn: str, pool_size: int, tasks: int, seconds: float, budgets: in
             min_size=pool_size,
             max_size=pool_size,
             server_settings={"search_path": schema},
+            reset=_no_reset,  # as PostgresLedger: one round trip per statement
         )
         try:
             async with pool.acquire() as conn:
