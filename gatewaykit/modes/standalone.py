@@ -156,6 +156,12 @@ class StandaloneMode:
             raise ConfigurationError(
                 f"ledger_unavailable must be fail_closed or fail_open, not {ledger_unavailable!r}"
             )
+        for user, team in (teams or {}).items():
+            if not _USER.fullmatch(str(user)) or not _USER.fullmatch(str(team)):
+                raise ConfigurationError(
+                    f"teams: {user!r} → {team!r}: names must be 1 to 200 characters without "
+                    "whitespace"
+                )
         if master_key is not None and len(master_key) < 16:
             raise ConfigurationError("master_key must be at least 16 characters")
         self.ledger = ledger

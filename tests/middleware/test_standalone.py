@@ -530,6 +530,8 @@ async def test_configuration_is_validated(ledger: Ledger) -> None:
         {"hold_ttl": 0},
         {"master_key": "short"},
         {"default_rpm": 0},
+        {"teams": {"bob": "red team"}},
+        {"ledger_unavailable": "maybe"},
         {"upstreams": Upstream("https://x.example/v1")},
     ):
         with pytest.raises(ConfigurationError):
