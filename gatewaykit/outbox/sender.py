@@ -157,6 +157,7 @@ class OutboxSender:
         self._rng = rng or random.Random()
         self._wakeup = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
+        self._failing = False
         self.delivered = 0
         self.failed_attempts = 0
         self.parked = 0
@@ -296,6 +297,9 @@ class OutboxSender:
                 if 200 <= status < 300:
                     await self.outbox.ack(item.key)
                     self.delivered += 1
+                    if self._failing:
+                        self._failing = False
+                        logger.warning("outbox: deliveries to %s succeed again", self.url)
                 else:
                     reason = f"HTTP {status}: {_snippet(response)}"
                     await self.outbox.park(item.key, error=reason)
@@ -314,8 +318,16 @@ class OutboxSender:
 
     async def _failed(self, item: OutboxItem, reason: str, retry_after: float | None) -> None:
         delay = self.retry.delay(item.attempts + 1, retry_after=retry_after, rng=self._rng)
-        log = logger.warning if item.attempts >= 3 else logger.info
-        log(
+        if not self._failing:
+            # One warning per outage, not one per report and retry.
+            self._failing = True
+            logger.warning(
+                "outbox: cannot deliver usage reports to %s (%s); they stay queued and are "
+                "retried with backoff",
+                self.url,
+                reason,
+            )
+        logger.debug(
             "outbox: delivery of %s failed (attempt %d: %s); retrying in %.2fs",
             item.key,
             item.attempts + 1,

@@ -99,7 +99,7 @@ async def test_every_report_exactly_once_through_failures_stalls_and_garbage(
 
 
 async def test_control_plane_down_then_back_on_the_same_port(
-    sqlite_outbox: SQLiteOutbox, client: httpx.AsyncClient
+    sqlite_outbox: SQLiteOutbox, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     plane = FakeControlPlane(gateway_token=GATEWAY_TOKEN)
     async with serve_app(plane.app) as url:
@@ -118,6 +118,9 @@ async def test_control_plane_down_then_back_on_the_same_port(
         async with serve_app(plane.app, port=port):
             await wait_empty(sqlite_outbox)
     assert plane.reports == expected
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gatewaykit.outbox"]
+    assert len([m for m in warnings if "cannot deliver" in m]) == 1  # once per outage
+    assert len([m for m in warnings if "succeed again" in m]) == 1
 
 
 async def test_control_plane_answering_503_while_down(
