@@ -52,7 +52,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             late INTEGER NOT NULL DEFAULT 0 CHECK (late IN (0, 1))
         )""",
         "CREATE INDEX holds_live_expiry ON holds (expires_at) WHERE state = 'held'",
-        "CREATE INDEX holds_created ON holds (created_at)",
         """CREATE TABLE hold_scopes (
             hold_id TEXT NOT NULL,
             scope TEXT NOT NULL,

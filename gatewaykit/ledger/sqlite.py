@@ -83,6 +83,7 @@ def _us(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
 
+@functools.lru_cache(maxsize=1024)
 def _dt(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
@@ -134,27 +135,128 @@ class _Fail:
 class _Store:
     """The operations, run on the writer thread inside the batch transaction.
 
-    Operations check everything before their first write and raise only before it (or
-    return :class:`_Fail` after writes that must stand). The caches below make the hot
-    path cheap; they are dropped whenever another connection committed (``PRAGMA
-    data_version``) or a batch rolled back, so SQLite stays the only source of truth.
+    The hot operations (reserve, settle, release, extend) decide against an in-memory
+    view — SQLite's committed state plus this batch's pending changes — and queue their
+    writes; :meth:`flush` writes a whole batch with a handful of ``executemany`` calls
+    (counter changes summed per window) before COMMIT. Every other operation flushes
+    first and then reads SQLite directly. The caches are dropped whenever another
+    connection committed (``PRAGMA data_version``) or a transaction rolled back, so
+    SQLite stays the only source of truth.
     """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.c = conn
         self.budget_cache: dict[str, tuple[int | None, Period]] = {}
-        #: (scope, window) -> [spent, reserved], exactly as committed plus this batch.
+        #: (scope, window) -> [spent, reserved]: committed values plus pending changes.
         self.counters: dict[tuple[str, int], list[int]] = {}
-        #: Live holds this connection wrote or read: id -> (row, windows).
+        #: Windows whose counter row exists in the database.
+        self.stored: set[tuple[str, int]] = set()
+        #: Windows changed since the last flush.
+        self.touched: set[tuple[str, int]] = set()
+        #: Live holds (committed or pending): id -> (row, windows).
         self.live: dict[str, tuple[HoldRow, list[tuple[str, int]]]] = {}
+        #: Holds to write at flush: id -> (row, windows, new?, ended_at or None = keep).
+        self.dirty: dict[str, tuple[HoldRow, list[tuple[str, int]], bool, int | None]] = {}
+        self.records: list[tuple[Any, ...]] = []
+        #: Hold ids known not to be in the database (prefetched for a batch's reserves).
+        self.absent: set[str] = set()
         #: A lower bound of every live hold's expiry (None: unknown).
         self.next_expiry: int | None = None
 
     def forget(self) -> None:
+        """Drop every cache and pending change (after a rollback or a foreign commit)."""
         self.budget_cache.clear()
         self.counters.clear()
+        self.stored.clear()
+        self.touched.clear()
         self.live.clear()
+        self.dirty.clear()
+        self.records.clear()
+        self.absent.clear()
         self.next_expiry = None
+
+    def trim(self) -> None:
+        """Keep memory bounded between batches (nothing is pending then)."""
+        if len(self.counters) > _MAX_CACHED or len(self.budget_cache) > _MAX_CACHED:
+            self.counters.clear()
+            self.stored.clear()
+            self.budget_cache.clear()
+
+    def prefetch(self, hold_ids: list[str]) -> None:
+        """One query tells which of a batch's reserve ids are new (the common case)."""
+        for start in range(0, len(hold_ids), 500):
+            chunk = hold_ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            found = {
+                r[0]
+                for r in self.c.execute(
+                    f"SELECT hold_id FROM holds WHERE hold_id IN ({marks})", chunk
+                )
+            }
+            self.absent.update(h for h in chunk if h not in found)
+
+    def flush(self) -> None:
+        """Write the pending changes of the hot operations."""
+        c = self.c
+        if self.dirty:
+            inserts: list[tuple[Any, ...]] = []
+            scope_rows: list[tuple[str, str, int]] = []
+            updates: list[tuple[Any, ...]] = []
+            for hold_id, (row, windows, new, ended) in self.dirty.items():
+                if new:
+                    inserts.append((*row, ended))
+                    scope_rows.extend((hold_id, scope, key) for scope, key in windows)
+                else:
+                    updates.append((row[3], row[5], row[6], row[7], row[8], ended, hold_id))
+            if inserts:
+                c.executemany(
+                    f"INSERT INTO holds ({_HOLD_COLUMNS}, ended_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    inserts,
+                )
+            if scope_rows:
+                c.executemany(
+                    "INSERT INTO hold_scopes (hold_id, scope, window_start) VALUES (?, ?, ?)",
+                    scope_rows,
+                )
+            if updates:
+                c.executemany(
+                    "UPDATE holds SET state = ?, expires_at = ?, charged = ?, overrun = ?, "
+                    "late = ?, ended_at = coalesce(ended_at, ?) WHERE hold_id = ?",
+                    updates,
+                )
+            self.dirty.clear()
+        if self.touched:
+            new_rows: list[tuple[Any, ...]] = []
+            changed: list[tuple[Any, ...]] = []
+            for window in self.touched:
+                spent, reserved = self.counters[window]
+                if window in self.stored:
+                    changed.append((spent, reserved, *window))
+                else:
+                    new_rows.append((*window, spent, reserved))
+            if changed:
+                c.executemany(
+                    "UPDATE counters SET spent = ?, reserved = ? "
+                    "WHERE scope = ? AND window_start = ?",
+                    changed,
+                )
+            if new_rows:
+                c.executemany(
+                    "INSERT INTO counters (scope, window_start, spent, reserved) "
+                    "VALUES (?, ?, ?, ?)",
+                    new_rows,
+                )
+            self.stored.update(self.touched)
+            self.touched.clear()
+        if self.records:
+            c.executemany(
+                f"INSERT OR IGNORE INTO usage_records ({_USAGE_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                self.records,
+            )
+            self.records.clear()
+        self.absent.clear()
 
     # -- helpers -----------------------------------------------------------------------
     def budget(self, scope: str) -> tuple[int | None, Period] | None:
@@ -172,27 +274,30 @@ class _Store:
         return budget
 
     def counter(self, scope: str, key: int) -> list[int]:
+        """The window's [spent, reserved], loaded once; pending changes are applied to it."""
         cached = self.counters.get((scope, key))
         if cached is None:
             row = self.c.execute(
                 "SELECT spent, reserved FROM counters WHERE scope = ? AND window_start = ?",
                 (scope, key),
             ).fetchone()
+            if row is not None:
+                self.stored.add((scope, key))
             cached = self.counters[(scope, key)] = list(row) if row else [0, 0]
         return cached
 
     def move(self, windows: list[tuple[str, int]], spent: int, reserved: int) -> None:
-        """Add to the counters of ``windows`` (rows exist: the hold's reserve made them)."""
-        self.c.executemany(
-            "UPDATE counters SET spent = spent + ?, reserved = reserved + ? "
-            "WHERE scope = ? AND window_start = ?",
-            [(spent, reserved, scope, key) for scope, key in windows],
-        )
-        for window in windows:
-            cached = self.counters.get(window)
-            if cached is not None:
-                cached[0] += spent
-                cached[1] += reserved
+        """Change the counters of ``windows``; a total may never go negative (I9)."""
+        for scope, key in windows:
+            counter = self.counter(scope, key)
+            counter[0] += spent
+            counter[1] += reserved
+            if counter[0] < 0 or counter[1] < 0:
+                raise LedgerError(
+                    f"the ledger refused a change that would make {scope}'s totals negative "
+                    "(invariant I9); run check() and restore the database from a backup"
+                )
+            self.touched.add((scope, key))
 
     def status(self, scope: str, now: int) -> BudgetStatus:
         limit, period = self.budget(scope) or (None, _NO_PERIOD)
@@ -209,15 +314,23 @@ class _Store:
         )
 
     def get(self, hold_id: str) -> HoldRow | None:
+        pending = self.dirty.get(hold_id)
+        if pending is not None:
+            return pending[0]
         cached = self.live.get(hold_id)
         if cached is not None:
             return cached[0]
+        if hold_id in self.absent:
+            return None
         row: HoldRow | None = self.c.execute(
             f"SELECT {_HOLD_COLUMNS} FROM holds WHERE hold_id = ?", (hold_id,)
         ).fetchone()
         return row
 
     def windows(self, hold_id: str) -> list[tuple[str, int]]:
+        pending = self.dirty.get(hold_id)
+        if pending is not None:
+            return pending[1]
         cached = self.live.get(hold_id)
         if cached is not None:
             return cached[1]
@@ -226,45 +339,58 @@ class _Store:
         ).fetchall()
         return rows
 
-    def end(self, hold_id: str, amount: int, state: str, now: int) -> None:
+    def put(
+        self, row: HoldRow, windows: list[tuple[str, int]], ended: int | None, new: bool = False
+    ) -> None:
+        """Queue a hold's new row for the flush and keep the live-hold cache in step."""
+        hold_id = row[0]
+        previous = self.dirty.get(hold_id)
+        if previous is not None:
+            new = previous[2]
+            ended = previous[3] if ended is None else ended
+        self.dirty[hold_id] = (row, windows, new, ended)
+        if row[3] == "held":
+            if len(self.live) < _MAX_CACHED or hold_id in self.live:
+                self.live[hold_id] = (row, windows)
+        else:
+            self.live.pop(hold_id, None)
+
+    def end(self, row: HoldRow, state: str, now: int) -> HoldRow:
         """Move a live hold to ``state`` (released or expired), freeing its reservation."""
-        windows = self.windows(hold_id)
-        self.c.execute(
-            "UPDATE holds SET state = ?, ended_at = ? WHERE hold_id = ?", (state, now, hold_id)
-        )
-        self.move(windows, 0, -amount)
-        self.live.pop(hold_id, None)
+        windows = self.windows(row[0])
+        row = (*row[:3], state, *row[4:])
+        self.put(row, windows, now)
+        self.move(windows, 0, -row[2])
+        return row
 
     def touch(self, row: HoldRow, now: int) -> HoldRow:
         """Expire ``row``'s hold first if its TTL has passed (no operation sees it live)."""
         if row[3] == "held" and now >= row[5]:
-            self.end(row[0], row[2], "expired", now)
-            return (*row[:3], "expired", *row[4:])
+            return self.end(row, "expired", now)
         return row
 
     def reclaim(self, scopes: tuple[str, ...], now: int) -> None:
         """Expire the due holds sharing a scope with a new reserve (lazy sweeping)."""
         if self.next_expiry is not None and now < self.next_expiry:
             return
+        self.flush()
         marks = ", ".join("?" * len(scopes))
         due = self.c.execute(
-            "SELECT h.hold_id, h.amount FROM holds h WHERE h.state = 'held' AND "
+            f"SELECT {_HOLD_COLUMNS} FROM holds h WHERE h.state = 'held' AND "
             "h.expires_at <= ? AND EXISTS (SELECT 1 FROM hold_scopes s WHERE "
             f"s.hold_id = h.hold_id AND s.scope IN ({marks}))",
             (now, *scopes),
         ).fetchall()
-        for hold_id, amount in due:
-            self.end(hold_id, amount, "expired", now)
+        for row in due:
+            self.end(row, "expired", now)
         first = self.c.execute("SELECT min(expires_at) FROM holds WHERE state = 'held'")
-        value = first.fetchone()[0]
+        value = first.fetchone()[0]  # a lower bound: holds just expired above still count
         self.next_expiry = _NEVER if value is None else value
 
     def record(self, record: UsageRecord | None, cost: int, now: int) -> None:
         if record is None:
             return
-        self.c.execute(
-            f"INSERT OR IGNORE INTO usage_records ({_USAGE_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self.records.append(
             (
                 record.request_id,
                 record.key_id,
@@ -281,11 +407,12 @@ class _Store:
                 record.error,
                 record.latency_ms,
                 now,
-            ),
+            )
         )
 
     # -- budgets -----------------------------------------------------------------------
     def set_budget(self, now: int, scope: str, limit: int | None, period: Period) -> BudgetStatus:
+        self.flush()
         self.c.execute(
             "INSERT INTO budgets (scope, limit_nanos, period_kind, period_seconds, updated_at) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope) DO UPDATE SET "
@@ -297,10 +424,12 @@ class _Store:
         return self.status(scope, now)
 
     def delete_budget(self, now: int, scope: str) -> bool:
+        self.flush()
         self.budget_cache.pop(scope, None)
         return self.c.execute("DELETE FROM budgets WHERE scope = ?", (scope,)).rowcount > 0
 
     def get_status(self, now: int, scope: str) -> BudgetStatus | None:
+        self.flush()
         known = (
             self.budget(scope) is not None
             or self.c.execute("SELECT 1 FROM counters WHERE scope = ? LIMIT 1", (scope,)).fetchone()
@@ -308,6 +437,7 @@ class _Store:
         return self.status(scope, now) if known else None
 
     def all_budgets(self, now: int) -> list[BudgetStatus]:
+        self.flush()
         rows = self.c.execute(
             "SELECT scope FROM budgets UNION SELECT scope FROM counters ORDER BY scope"
         ).fetchall()
@@ -318,26 +448,15 @@ class _Store:
         self, now: int, hold_id: str, scopes: tuple[str, ...], amount: int, ttl: int
     ) -> Hold | _Fail:
         text = " ".join(scopes)
-        expires = now + ttl
-        c = self.c
-        # Insert first: a fresh id (the common case) costs no lookup; a replay conflicts.
-        try:
-            c.execute(
-                "INSERT INTO holds (hold_id, scopes, amount, state, created_at, expires_at) "
-                "VALUES (?, ?, ?, 'held', ?, ?)",
-                (hold_id, text, amount, now, expires),
-            )
-        except sqlite3.IntegrityError:
-            row = self.get(hold_id)
-            if row is None:
-                raise
+        row = self.get(hold_id)
+        if row is not None:
             if row[3] == "released" and not row[1]:
                 return _hold(row)  # a tombstone: the release came first
             if row[1] != text or row[2] != amount:
                 raise HoldConflictError(
                     f"hold {hold_id!r} was reserved with other scopes or another amount; "
                     "use a fresh hold id for a new request"
-                ) from None
+                )
             return _hold(self.touch(row, now))
         self.reclaim(scopes, now)
         windows = []
@@ -347,7 +466,6 @@ class _Store:
             if limit is not None:
                 spent, reserved = self.counter(scope, key)
                 if spent + reserved + amount > limit:
-                    c.execute("DELETE FROM holds WHERE hold_id = ?", (hold_id,))
                     return _Fail(
                         BudgetExceeded(
                             scope=scope,
@@ -359,24 +477,12 @@ class _Store:
                         )
                     )
             windows.append((scope, key))
-        c.executemany(
-            "INSERT INTO hold_scopes (hold_id, scope, window_start) VALUES (?, ?, ?)",
-            [(hold_id, scope, key) for scope, key in windows],
-        )
-        c.executemany(
-            "INSERT INTO counters (scope, window_start, reserved) VALUES (?, ?, ?) "
-            "ON CONFLICT (scope, window_start) DO UPDATE SET reserved = reserved + ?",
-            [(scope, key, amount, amount) for scope, key in windows],
-        )
-        for window in windows:
-            cached = self.counters.get(window)
-            if cached is not None:
-                cached[1] += amount
+        expires = now + ttl
+        row = (hold_id, text, amount, "held", now, expires, 0, 0, 0)
+        self.put(row, windows, None, new=True)
+        self.move(windows, 0, amount)
         if self.next_expiry is not None:
             self.next_expiry = min(self.next_expiry, expires)
-        row = (hold_id, text, amount, "held", now, expires, 0, 0, 0)
-        if len(self.live) < _MAX_CACHED:
-            self.live[hold_id] = (row, windows)
         return _hold(row)
 
     def settle(
@@ -399,32 +505,25 @@ class _Store:
         amount = row[2]
         overrun = max(0, actual - amount)
         windows = self.windows(hold_id)
-        self.c.execute(
-            "UPDATE holds SET state = 'settled', charged = ?, overrun = ?, late = ?, "
-            "ended_at = coalesce(ended_at, ?) WHERE hold_id = ?",
-            (actual, overrun, int(late), now, hold_id),
-        )
+        row = (*row[:3], "settled", row[4], row[5], actual, overrun, int(late))
+        self.put(row, windows, None if late else now)
         self.move(windows, actual, 0 if late else -amount)
-        self.live.pop(hold_id, None)
         self.record(record, cost, now)
-        return _hold((*row[:3], "settled", row[4], row[5], actual, overrun, int(late)))
+        return _hold(row)
 
     def release(self, now: int, hold_id: str, record: UsageRecord | None, cost: int) -> Hold:
         row = self.get(hold_id)
         if row is None:
-            self.c.execute(
-                "INSERT INTO holds (hold_id, scopes, amount, state, created_at, expires_at, "
-                "ended_at) VALUES (?, '', 0, 'released', ?, ?, ?)",
-                (hold_id, now, now, now),
-            )
+            row = (hold_id, "", 0, "released", now, now, 0, 0, 0)
+            self.put(row, [], now, new=True)
             self.record(record, cost, now)
-            return _hold((hold_id, "", 0, "released", now, now, 0, 0, 0))
+            return _hold(row)
         row = self.touch(row, now)
         if row[3] != "held":
             return _hold(row)
-        self.end(hold_id, row[2], "released", now)
+        row = self.end(row, "released", now)
         self.record(record, cost, now)
-        return _hold((*row[:3], "released", *row[4:]))
+        return _hold(row)
 
     def extend(self, now: int, hold_id: str, ttl: int) -> Hold | _Fail:
         row = self.get(hold_id)
@@ -433,12 +532,8 @@ class _Store:
         row = self.touch(row, now)
         if row[3] != "held":
             return _Fail(HoldClosedError(f"hold {hold_id!r} is {row[3]}; it cannot be extended"))
-        expires = max(row[5], now + ttl)
-        windows = self.windows(hold_id)
-        self.c.execute("UPDATE holds SET expires_at = ? WHERE hold_id = ?", (expires, hold_id))
-        row = (*row[:5], expires, *row[6:])
-        if hold_id in self.live:
-            self.live[hold_id] = (row, windows)
+        row = (*row[:5], max(row[5], now + ttl), *row[6:])
+        self.put(row, self.windows(hold_id), None)
         return _hold(row)
 
     def get_hold(self, now: int, hold_id: str) -> Hold | None:
@@ -446,23 +541,26 @@ class _Store:
         return None if row is None else _hold(row)
 
     def list_holds(self, now: int, live_only: bool, limit: int) -> list[Hold]:
+        self.flush()
         where = "WHERE state = 'held' " if live_only else ""
         rows = self.c.execute(
-            f"SELECT {_HOLD_COLUMNS} FROM holds {where}ORDER BY created_at DESC, seq DESC LIMIT ?",
+            f"SELECT {_HOLD_COLUMNS} FROM holds {where}ORDER BY seq DESC LIMIT ?",
             (limit,),
         ).fetchall()
         return [_hold(r) for r in rows]
 
     def sweep(self, now: int) -> int:
+        self.flush()
         due = self.c.execute(
-            "SELECT hold_id, amount FROM holds WHERE state = 'held' AND expires_at <= ?", (now,)
+            f"SELECT {_HOLD_COLUMNS} FROM holds WHERE state = 'held' AND expires_at <= ?", (now,)
         ).fetchall()
-        for hold_id, amount in due:
-            self.end(hold_id, amount, "expired", now)
+        for row in due:
+            self.end(self.get(row[0]) or row, "expired", now)
         self.next_expiry = None
         return len(due)
 
     def check(self, now: int) -> list[str]:
+        self.flush()
         c = self.c
         problems: list[str] = []
         expected: dict[tuple[str, int], tuple[int, int]] = {
@@ -524,6 +622,7 @@ class _Store:
 
     # -- usage and keys ----------------------------------------------------------------
     def usage(self, now: int, user: str | None, limit: int) -> list[UsageRecord]:
+        self.flush()
         where = "WHERE user = ? " if user is not None else ""
         args: tuple[Any, ...] = (user, limit) if user is not None else (limit,)
         rows = self.c.execute(
@@ -566,6 +665,7 @@ class _Store:
         )
 
     def create_key(self, now: int, record: ApiKeyRecord) -> ApiKeyRecord:
+        self.flush()
         created = now if record.created_at is None else _dt_us(record.created_at)
         try:
             self.c.execute(
@@ -590,16 +690,19 @@ class _Store:
         return dataclasses.replace(record, created_at=_dt(created))
 
     def find_key(self, now: int, key_hash: str) -> ApiKeyRecord | None:
+        self.flush()
         row = self.c.execute(
             f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ?", (key_hash,)
         ).fetchone()
         return None if row is None else self._key(row)
 
     def revoke_key(self, now: int, key_id: str) -> bool:
+        self.flush()
         cursor = self.c.execute("UPDATE api_keys SET revoked = 1 WHERE key_id = ?", (key_id,))
         return cursor.rowcount > 0
 
     def list_keys(self, now: int, user: str | None) -> list[ApiKeyRecord]:
+        self.flush()
         where = "WHERE user = ? " if user is not None else ""
         rows = self.c.execute(
             f"SELECT {_KEY_COLUMNS} FROM api_keys {where}ORDER BY seq",
@@ -695,7 +798,7 @@ class _Writer(threading.Thread):
             batch = [op for op in batch if not op[2].cancelled()]  # cancelled before running
             if not batch:
                 continue
-            nows = self._times(len(batch))
+            now = _us(self.ledger.clock())  # one instant per batch: it commits at once
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 current = conn.execute("PRAGMA data_version").fetchone()[0]
@@ -706,12 +809,14 @@ class _Writer(threading.Thread):
             if current != version:  # another connection committed: caches may be stale
                 store.forget()
                 version = current
+            store.trim()
             try:
-                results = self._run(conn, store, batch, nows, isolate=False)
-                if results is None:  # an operation raised: redo the batch, each op isolated
+                store.prefetch([op[1][0] for op in batch if op[0] is _Store.reserve])
+                results = self._run(store, batch, now, isolate=False)
+                if results is None:  # an operation failed: redo the batch, each op isolated
                     self._rollback(conn, store)
                     conn.execute("BEGIN IMMEDIATE")
-                    results = self._run(conn, store, batch, nows, isolate=True)
+                    results = self._run(store, batch, now, isolate=True)
                     assert results is not None
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -732,34 +837,27 @@ class _Writer(threading.Thread):
             if item is not None:
                 self._fail([item], LedgerUnavailableError("the SQLite ledger is closed"))
 
-    def _times(self, count: int) -> list[int]:
-        """One store-clock reading per operation, taken as the batch starts."""
-        clock = self.ledger.clock
-        return [_us(clock()) for _ in range(count)]
-
     @staticmethod
     def _run(
-        conn: sqlite3.Connection,
-        store: _Store,
-        batch: list[_Op],
-        nows: list[int],
-        *,
-        isolate: bool,
+        store: _Store, batch: list[_Op], now: int, *, isolate: bool
     ) -> list[tuple[_Op, bool, Any]] | None:
-        """Run a batch in the open transaction.
+        """Run a batch in the open transaction and write it out.
 
-        Optimistically (``isolate=False``) operations run back to back, and any exception
-        returns None so the caller can roll back and redo the batch with ``isolate=True``:
-        each operation in its own SAVEPOINT, an exception undoing only that operation.
+        Optimistically (``isolate=False``) operations run back to back and are flushed
+        together; any exception returns None so the caller rolls back and redoes the batch
+        with ``isolate=True``: each operation in its own SAVEPOINT, flushed on its own, an
+        exception undoing only that operation.
         """
         results: list[tuple[_Op, bool, Any]] = []
-        execute = conn.execute
-        for op, now in zip(batch, nows, strict=True):
+        execute = store.c.execute
+        for op in batch:
             fn, args, _, _ = op
             if isolate:
                 execute("SAVEPOINT op")
             try:
                 value = fn(store, now, *args)
+                if isolate:
+                    store.flush()
             except (sqlite3.IntegrityError, GatewayKitError, ValueError) as exc:
                 if not isolate:
                     return None
@@ -776,6 +874,11 @@ class _Writer(threading.Thread):
                 results.append((op, False, value.error))
             else:
                 results.append((op, True, value))
+        if not isolate:
+            try:
+                store.flush()
+            except sqlite3.IntegrityError:
+                return None
         return results
 
     @staticmethod

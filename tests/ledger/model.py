@@ -300,12 +300,7 @@ class ModelLedger:
         return None if hold is None else hold.view()
 
     async def holds(self, *, live_only: bool = True, limit: int = 1000) -> list[Hold]:
-        ordered = sorted(
-            enumerate(self.order),
-            key=lambda p: (self.holds_[p[1]].created_us, p[0]),
-            reverse=True,
-        )
-        out = [self.holds_[h].view() for _, h in ordered]
+        out = [self.holds_[h].view() for h in reversed(self.order)]  # newest first
         if live_only:
             out = [h for h in out if h.live]
         return out[:limit]

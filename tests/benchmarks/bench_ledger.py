@@ -1,0 +1,138 @@
+"""SQLiteLedger throughput: reserve+settle lifecycles per second.
+
+``python -m tests.benchmarks ledger [--seconds S] [--synchronous FULL|NORMAL]``
+
+Every point opens a fresh database file with durable settings (WAL, ``synchronous=FULL``
+unless told otherwise), then N tasks each loop ``reserve → settle`` for S seconds on one
+hot budget or on 10,000 budgets picked at random. Beside it, in the same run, a raw
+stdlib ``sqlite3`` baseline: one thread, same settings, the textbook two transactions per
+lifecycle (a conditional ``UPDATE`` + hold ``INSERT``, then a claim + counter move).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import sqlite3
+import tempfile
+import time
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+
+from gatewaykit.ledger.base import Period
+from gatewaykit.ledger.sqlite import SQLiteLedger
+
+TASKS = (1, 16, 256)
+LAYOUTS = {"hot budget": 1, "10K budgets": 10_000}
+AMOUNT = Decimal("0.001")
+
+
+async def ledger_point(
+    path: Path, tasks: int, budgets: int, seconds: float, synchronous: str
+) -> float:
+    scopes = [f"user:u{i}" for i in range(budgets)]
+    async with SQLiteLedger(str(path), synchronous=synchronous) as ledger:  # type: ignore[arg-type]
+        await asyncio.gather(
+            *(ledger.set_budget(s, limit=Decimal(10**9), period=Period("day")) for s in scopes)
+        )
+        done = 0
+        stop = time.perf_counter() + seconds
+
+        async def worker(n: int) -> None:
+            nonlocal done
+            rng = random.Random(n)
+            i = 0
+            while time.perf_counter() < stop:
+                hold_id = f"t{n}-{i}"
+                await ledger.reserve(hold_id, [rng.choice(scopes)], AMOUNT, ttl=60)
+                await ledger.settle(hold_id, AMOUNT)
+                i += 1
+            done += i
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(n) for n in range(tasks)))
+        elapsed = time.perf_counter() - started
+        problems = await ledger.check()
+        assert not problems, problems
+    return done / elapsed
+
+
+def baseline_point(path: Path, budgets: int, seconds: float, synchronous: str) -> float:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute(
+        "CREATE TABLE budgets (scope TEXT PRIMARY KEY, lim INTEGER, spent INTEGER, "
+        "reserved INTEGER)"
+    )
+    conn.execute(
+        "CREATE TABLE holds (hold_id TEXT PRIMARY KEY, scope TEXT, amount INTEGER, state TEXT)"
+    )
+    conn.executemany(
+        "INSERT INTO budgets VALUES (?, ?, 0, 0)", [(f"user:u{i}", 10**18) for i in range(budgets)]
+    )
+    amount = 1_000_000
+    rng = random.Random(0)
+    done = 0
+    started = time.perf_counter()
+    stop = started + seconds
+    while time.perf_counter() < stop:
+        hold_id, scope = f"h{done}", f"user:u{rng.randrange(budgets)}"
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute(
+            "UPDATE budgets SET reserved = reserved + ? WHERE scope = ? "
+            "AND spent + reserved + ? <= lim RETURNING 1",
+            (amount, scope, amount),
+        ).fetchone()
+        assert row is not None
+        conn.execute("INSERT INTO holds VALUES (?, ?, ?, 'held')", (hold_id, scope, amount))
+        conn.execute("COMMIT")
+        conn.execute("BEGIN IMMEDIATE")
+        held = conn.execute(
+            "UPDATE holds SET state = 'settled' WHERE hold_id = ? AND state = 'held' "
+            "RETURNING amount",
+            (hold_id,),
+        ).fetchone()
+        conn.execute(
+            "UPDATE budgets SET reserved = reserved - ?, spent = spent + ? WHERE scope = ?",
+            (held[0], amount, scope),
+        )
+        conn.execute("COMMIT")
+        done += 1
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return done / elapsed
+
+
+async def run(seconds: float, synchronous: str) -> str:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gk-bench-ledger-") as tmp:
+        for layout, budgets in LAYOUTS.items():
+            base = baseline_point(Path(tmp) / f"base-{budgets}.db", budgets, seconds, synchronous)
+            cells = []
+            for tasks in TASKS:
+                path = Path(tmp) / f"ledger-{budgets}-{tasks}.db"
+                rate = await ledger_point(path, tasks, budgets, seconds, synchronous)
+                cells.append(f"{rate:,.0f}")
+            rows.append(f"| {layout} | {base:,.0f} | " + " | ".join(cells) + " |")
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = (
+        f"Reserve+settle lifecycles/s, `synchronous={synchronous}`, WAL, {seconds:g} s per "
+        f"point ({now}; Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
+        f"{os.cpu_count()} CPUs)\n\n"
+        "| budgets | raw sqlite3, 1 thread | gatewaykit, 1 task | 16 tasks | 256 tasks |\n"
+        "| --- | ---: | ---: | ---: | ---: |\n"
+    )
+    return header + "\n".join(rows)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.benchmarks ledger")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--synchronous", choices=("FULL", "NORMAL"), default="FULL")
+    args = parser.parse_args(argv)
+    print(asyncio.run(run(args.seconds, args.synchronous)))
