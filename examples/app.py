@@ -54,6 +54,7 @@ from gatewaykit.outbox import open_outbox
 from gatewaykit.testing import FakeProvider
 
 DEFAULT_DB = "sqlite:///gatewaykit.db"
+DEFAULT_OUTBOX = "sqlite:///gatewaykit-outbox.db"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +91,8 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
         "--db",
-        default=environ.get("GATEWAYKIT_DB") or DEFAULT_DB,
         help="ledger URL (standalone) or outbox URL (platform); default $GATEWAYKIT_DB, "
-        f"else {DEFAULT_DB}",
+        f"else {DEFAULT_DB} ({DEFAULT_OUTBOX} with --platform)",
     )
     parser.add_argument("--prices", type=Path, help="JSON price file, merged over the defaults")
     parser.add_argument("--hold-ttl", type=float, default=600.0, help="seconds (default 600)")
@@ -100,10 +100,12 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         "--platform", metavar="URL", help="control plane URL (token: GATEWAYKIT_PLATFORM_TOKEN)"
     )
     args = parser.parse_args(argv)
+    # A separate default file in platform mode: a ledger refuses a file holding an outbox.
+    default_db = DEFAULT_OUTBOX if args.platform else DEFAULT_DB
     return Settings(
         host=args.host,
         port=args.port,
-        db=args.db,
+        db=args.db or environ.get("GATEWAYKIT_DB") or default_db,
         prices=args.prices,
         hold_ttl=args.hold_ttl,
         platform=args.platform,

@@ -23,6 +23,9 @@ def test_database_from_flag_over_environment() -> None:
     env = {"GATEWAYKIT_DB": "sqlite:///from-env.db"}
     assert example.parse_settings([], env).db == "sqlite:///from-env.db"
     assert example.parse_settings(["--db", "sqlite:///flag.db"], env).db == "sqlite:///flag.db"
+    # Platform mode keeps its outbox apart from a standalone ledger by default.
+    platform = example.parse_settings(["--platform", "https://plane.example"], {})
+    assert platform.db == "sqlite:///gatewaykit-outbox.db"
 
 
 def test_upstreams_follow_the_sdks_variables() -> None:
