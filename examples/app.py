@@ -8,7 +8,7 @@ Serves ``POST /v1/chat/completions``, ``/v1/messages``, ``/v1/responses`` and
 ``--db`` (default ``$GATEWAYKIT_DB``, else ``sqlite:///gatewaykit.db``), managed with the
 ``gatewaykit`` command line. ``--platform URL`` asks a control plane instead, with the
 gateway token from ``GATEWAYKIT_PLATFORM_TOKEN``; ``--db`` then names the database of the
-durable usage-report outbox.
+durable usage-report outbox (default ``sqlite:///gatewaykit-outbox.db``).
 
 Upstreams come from the variables the official SDKs read: ``OPENAI_BASE_URL`` (ending in
 ``/v1``) and ``OPENAI_API_KEY`` for chat completions and responses, ``ANTHROPIC_BASE_URL``
