@@ -35,7 +35,7 @@ from gatewaykit.errors import ConfigurationError, ErrorKind, RequestRejected
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.outbox.base import Outbox
 from gatewaykit.outbox.sender import OutboxSender, RetryPolicy
-from gatewaykit.pricing import PriceTable, estimate_cost, estimate_prompt_tokens
+from gatewaykit.pricing import ModelPrice, PriceTable, estimate_cost, estimate_prompt_tokens
 from gatewaykit.settlement import (
     GatewayContext,
     RequestEstimate,
@@ -120,7 +120,7 @@ class PlatformMode:
         gateway_token: str,
         client: Any,
         outbox: Outbox,
-        prices: PriceTable | None = None,
+        prices: PriceTable | Mapping[str, ModelPrice] | None = None,
         default_max_output_tokens: int = 4096,
         resolve_timeout: float = 5.0,
         retry: RetryPolicy | None = None,
@@ -135,7 +135,13 @@ class PlatformMode:
         if not isinstance(outbox, Outbox):
             raise ConfigurationError("outbox must implement gatewaykit.outbox.Outbox")
         if prices is not None and not isinstance(prices, PriceTable):
-            raise ConfigurationError("prices must be a PriceTable or None")
+            if not isinstance(prices, Mapping) or not all(
+                isinstance(p, ModelPrice) for p in prices.values()
+            ):
+                raise ConfigurationError(
+                    "prices must be a PriceTable, a mapping of ModelPrice, or None"
+                )
+            prices = PriceTable(prices)
         if isinstance(default_max_output_tokens, bool) or not isinstance(
             default_max_output_tokens, int
         ):
@@ -146,7 +152,7 @@ class PlatformMode:
             raise ConfigurationError("resolve_timeout must be a positive number of seconds")
         self.base_url = base_url.rstrip("/")
         self.outbox = outbox
-        self.prices = prices
+        self.prices: PriceTable | None = prices
         self.default_max_output_tokens = default_max_output_tokens
         self.resolve_timeout = float(resolve_timeout)
         self._token = gateway_token

@@ -470,6 +470,8 @@ async def test_configuration_errors(plane_client: httpx.AsyncClient) -> None:
         "outbox": outbox,
     }
     mode = PlatformMode(**good)
+    priced = PlatformMode(**good, prices={"m": ModelPrice(Decimal(1), Decimal(2))})
+    assert isinstance(priced.prices, PriceTable)
     assert "t" not in repr(mode).replace("http://x", "").replace("stopped", "").replace(
         "PlatformMode", ""
     )
