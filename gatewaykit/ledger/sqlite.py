@@ -108,6 +108,15 @@ def _window_key(period: Period, now_us: int) -> int:
 
 
 _usd = functools.lru_cache(maxsize=4096)(from_nanos)
+_cached_nanos = functools.lru_cache(maxsize=4096, typed=True)(to_nanos)
+
+
+def _nanos(value: object) -> int:
+    """``to_nanos`` with a cache for the amounts a gateway repeats (validation included)."""
+    try:
+        return _cached_nanos(value)
+    except TypeError:  # unhashable input: let to_nanos explain what is wrong
+        return to_nanos(value)
 
 
 def _hold(row: HoldRow) -> Hold:
@@ -1028,7 +1037,7 @@ class SQLiteLedger:
     ) -> Hold:
         hold_id = validate_hold_id(hold_id)
         scope_t = validate_scopes(scopes)
-        nanos = to_nanos(amount)
+        nanos = _nanos(amount)
         ttl_us = max(1, _us(validate_ttl(ttl)))
         return await self._call(_Store.reserve, hold_id, scope_t, nanos, ttl_us)
 
@@ -1036,7 +1045,7 @@ class SQLiteLedger:
         self, hold_id: str, actual: Decimal, *, record: UsageRecord | None = None
     ) -> Hold:
         hold_id = validate_hold_id(hold_id)
-        nanos = to_nanos(actual)
+        nanos = _nanos(actual)
         return await self._call(_Store.settle, hold_id, nanos, record, _record_cost(record))
 
     async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> Hold:
