@@ -43,9 +43,27 @@ def default_client(
     timeout = httpx.Timeout(
         connect=connect_timeout, read=read_timeout, write=write_timeout, pool=pool_timeout
     )
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         transport=AiohttpTransport(limits=limits),
         limits=limits,
         timeout=timeout,
         follow_redirects=False,
     )
+    # httpx has no switch to turn its cookie jar off; this client is shared by every user.
+    client._cookies = _NoCookies()
+    return client
+
+
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that keeps nothing.
+
+    One upstream client serves every user, so a cookie a provider sets (load balancers do)
+    must not ride along on other users' requests; skipping the jar also saves httpx's
+    per-response cookie parsing, a noticeable share of a proxied request's cost.
+    """
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+    def set_cookie_header(self, request: httpx.Request) -> None:
+        return None

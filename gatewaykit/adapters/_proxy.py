@@ -22,6 +22,7 @@ The response is sent by this module's own small ASGI send loop, not by Starlette
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
@@ -63,7 +64,7 @@ class UpstreamClient(Protocol):
     def build_request(
         self,
         method: str,
-        url: str,
+        url: Any,
         *,
         content: bytes,
         headers: Mapping[str, str],
@@ -152,6 +153,7 @@ class _ClientGone(Exception):
 
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
+_WATCH_NAME = "gatewaykit: watch for client disconnect"
 _PASSED_HEADERS = (b"content-type", b"retry-after")
 
 
@@ -206,6 +208,9 @@ class ProxyEndpoint:
         self.client = client
         self.timeout = (connect_timeout, read_timeout, write_timeout, pool_timeout)
         self.first_chunk_timeout = first_chunk_timeout
+        # Parsed URLs by upstream, in the client's own URL type (httpx or httpx2): parsing
+        # a URL string is a noticeable share of a request's cost in httpx.
+        self._urls: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<ProxyEndpoint {self.spec.wire.value}>"
@@ -236,6 +241,8 @@ class _Exchange:
         self.receive = receive
         self._send = send
         self.disconnected = False
+        self.finished = False
+        self.watch_done = False
         self.started = False
         self.response: Any = None
         self.chunks: AsyncIterator[bytes] | None = None
@@ -248,7 +255,7 @@ class _Exchange:
     # -- the frame ------------------------------------------------------------------------
     async def run(self) -> None:
         async with anyio.create_task_group() as group:
-            group.start_soon(self._watch_disconnect, group.cancel_scope)
+            group.start_soon(self._watch_disconnect, group.cancel_scope, name=_WATCH_NAME)
             try:
                 await self._serve()
             except anyio.get_cancelled_exc_class():
@@ -266,21 +273,36 @@ class _Exchange:
                     await self._close_upstream()
                     await self.settlement.on_error(exc, self._partial())
                     await self._send_internal_error()
-            group.cancel_scope.cancel()
+            self.finished = True
+            # Per the ASGI spec a server answers receive() with http.disconnect once the
+            # response is sent (uvicorn wakes the pending call), so the watcher usually ends
+            # by itself; cancelling it is the fallback (anyio's cancel() is not free).
+            await anyio.lowlevel.checkpoint()
+            if not self.watch_done:
+                group.cancel_scope.cancel()
 
     async def _watch_disconnect(self, scope: anyio.CancelScope) -> None:
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                self.disconnected = True
-                scope.cancel()
-                return
+        try:
+            while True:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    if not self.finished:
+                        self.disconnected = True
+                        scope.cancel()
+                    return
+        finally:
+            self.watch_done = True
 
     async def send(self, message: _Message) -> None:
         try:
             await self._send(message)
         except OSError as exc:
             raise _ClientGone from exc
+
+    async def send_last(self, body: bytes) -> None:
+        """Send the response's final message; a disconnect seen after it is the normal end."""
+        self.finished = True
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _partial(self) -> Usage | None:
         extractor = self.extractor
@@ -338,13 +360,17 @@ class _Exchange:
         client_headers = {
             k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.scope["headers"]
         }
+        url = self.spec.url(attempt.upstream)
+        urls = self.endpoint._urls
         request = self.endpoint.client.build_request(
             "POST",
-            self.spec.url(attempt.upstream),
+            urls.get(url, url),
             content=json.dumps(prepared.body, separators=(",", ":"), ensure_ascii=False).encode(),
             headers=self.spec.headers(attempt.upstream, client_headers),
             timeout=self.endpoint.timeout,
         )
+        if url not in urls and len(urls) < 1024:
+            urls[url] = request.url
         self.extractor = prepared.extractor() if stream else None
         self.splitter = SSESplitter()
         self.held = None
@@ -353,7 +379,7 @@ class _Exchange:
         self.settlement.note_upstream_contacted()
         first: bytes | None = b""
         try:
-            with anyio.fail_after(limit):
+            with anyio.fail_after(limit) if limit is not None else contextlib.nullcontext():
                 self.response = await self.endpoint.client.send(request, stream=True)
                 status = self.response.status_code
                 if status >= 400:
@@ -473,7 +499,7 @@ class _Exchange:
         ]
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         self.started = True
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+        await self.send_last(body)
         return None
 
     # -- streaming ------------------------------------------------------------------------
@@ -581,7 +607,7 @@ class _Exchange:
                 f"{message} ({type(failure).__name__}: {failure})", usage or extractor.partial
             )
             tail = stream_error_event(self.spec.wire, kind, message)
-        await self.send({"type": "http.response.body", "body": tail, "more_body": False})
+        await self.send_last(tail)
 
     # -- errors -----------------------------------------------------------------------------
     async def _send_failure(self, failure: _Failure) -> None:
@@ -603,7 +629,7 @@ class _Exchange:
     async def _respond(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         self.started = True
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+        await self.send_last(body)
 
     async def _send_internal_error(self) -> None:
         message = "the gateway failed while forwarding the request"
@@ -614,7 +640,7 @@ class _Exchange:
                 await self._respond(502, body, headers)
             else:
                 event = stream_error_event(self.spec.wire, ErrorKind.UPSTREAM_UNREACHABLE, message)
-                await self.send({"type": "http.response.body", "body": event, "more_body": False})
+                await self.send_last(event)
         except Exception:  # the response may already be complete; nothing more to say
             logger.debug("could not send the error response", exc_info=True)
 

@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+import anyio
 import httpx
 import pytest
 import respx
@@ -313,3 +314,31 @@ async def test_each_format_over_respx(
         assert settlement.output_chars == len(behavior.piece(0))
     else:  # the in-band knob only affects streams
         assert settlement.call.status == "success"
+
+
+async def test_returns_when_the_server_never_answers_receive(client: httpx.AsyncClient) -> None:
+    # Not every server wakes a pending receive() once the response is sent: the adapter
+    # must stop listening for a disconnect by itself.
+    with respx.mock:
+        respx.post(f"{OPENAI}/v1/chat/completions").mock(
+            return_value=sse_response([content("a"), USAGE, DONE])
+        )
+        shim = Shim(openai_chat_completions(client=client), CHAT, [upstream_for(CHAT)])
+        body = json.dumps(CHAT.body(stream=True)).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await anyio.sleep_forever()
+            raise AssertionError  # pragma: no cover
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "headers": [], "path": CHAT.path, "method": "POST"}
+        with anyio.fail_after(2):
+            await shim(scope, receive, send)
+    assert sent[-1] == {"type": "http.response.body", "body": DONE, "more_body": False}
+    assert shim.settlement.call.status == "success"

@@ -259,3 +259,8 @@ def test_default_client_uses_the_aiohttp_transport() -> None:
     assert isinstance(transport, AiohttpTransport)
     assert transport.limits.max_connections == 7
     assert isinstance(client, httpx.AsyncClient)
+    # One client serves every user: a provider's cookie must not stick to it.
+    request = httpx.Request("GET", "https://provider.example/")
+    response = httpx.Response(200, headers={"set-cookie": "lb=abc; Path=/"}, request=request)
+    client.cookies.extract_cookies(response)
+    assert len(client.cookies.jar) == 0
