@@ -576,8 +576,8 @@ class _Store:
             (scope, key): (live, charged)
             for scope, key, live, charged in c.execute(
                 "SELECT s.scope, s.window_start, "
-                "total(CASE WHEN h.state = 'held' THEN h.amount ELSE 0 END), "
-                "total(CASE WHEN h.state = 'settled' THEN h.charged ELSE 0 END) "
+                "sum(CASE WHEN h.state = 'held' THEN h.amount ELSE 0 END), "
+                "sum(CASE WHEN h.state = 'settled' THEN h.charged ELSE 0 END) "
                 "FROM hold_scopes s JOIN holds h ON h.hold_id = s.hold_id "
                 "GROUP BY s.scope, s.window_start"
             )
@@ -588,13 +588,12 @@ class _Store:
             where = f"{scope} (window starting {_dt(key * 1_000_000).isoformat()})"
             if reserved != live:
                 problems.append(
-                    f"I2: {where} has reserved {reserved} nano-USD but its live "
-                    f"holds total {int(live)}"
+                    f"I2: {where} has reserved {reserved} nano-USD but its live holds total {live}"
                 )
             if spent != charged:
                 problems.append(
                     f"I3: {where} has spent {spent} nano-USD but its settled "
-                    f"holds charged {int(charged)}"
+                    f"holds charged {charged}"
                 )
             if spent < 0 or reserved < 0:
                 problems.append(f"I9: {where} has a negative total")
