@@ -66,7 +66,7 @@ class MessagesStreamUsage(StreamUsage):
 
     def __init__(self) -> None:
         super().__init__()
-        self._start: Mapping[str, Any] = {}
+        self._fields: Mapping[str, Any] = {}  # the latest usage fields seen
 
     def observe(self, event: SSEEvent) -> EventKind:
         if event.data_bytes is None:
@@ -81,13 +81,15 @@ class MessagesStreamUsage(StreamUsage):
             message = payload.get("message")
             usage = message.get("usage") if isinstance(message, Mapping) else None
             if isinstance(usage, Mapping):
-                self._start = usage
+                self._fields = usage
                 self.partial = messages_usage(usage, UsageSource.PARTIAL)
         elif kind == "message_delta":
             usage = payload.get("usage")
             if isinstance(usage, Mapping):
-                # Output is cumulative; input/cache fields, when present, override the start.
-                merged = {**self._start, **{k: v for k, v in usage.items() if v is not None}}
+                # Output is cumulative; input/cache counts, when given (non-zero), override
+                # the start's: some servers repeat them here as 0 or null.
+                merged = {**self._fields, **{k: v for k, v in usage.items() if v}}
+                self._fields = merged
                 self._final = messages_usage(merged)
                 self.partial = messages_usage(merged, UsageSource.PARTIAL)
         elif kind == "message_stop":

@@ -149,6 +149,9 @@ def test_messages_delta_may_override_input_counts() -> None:
         extractor, sse({"type": "message_delta", "usage": {"input_tokens": 12, "output_tokens": 4}})
     )
     assert extractor.result() == Usage(12, 4)
+    zeroed = {"type": "message_delta", "usage": {"input_tokens": 0, "output_tokens": 5}}
+    kinds(extractor, sse(zeroed))
+    assert extractor.result() == Usage(12, 5)
 
 
 def test_messages_error_event() -> None:
