@@ -316,29 +316,32 @@ async def serve_app(
             return contextlib.nullcontext()
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        # uvicorn types this int, but any number of seconds works (asyncio.wait_for).
-        timeout_graceful_shutdown=cast(Any, graceful_shutdown),
-    )
-    server = _Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_serve, server, sock)
-        while not server.started:
-            if tg.cancel_scope.cancel_called:
-                break
-            await anyio.sleep(0.005)
-        try:
-            yield f"http://{host}:{bound_port}"
-        finally:
-            server.should_exit = True
-    sock.close()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        bound_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            # uvicorn types this int, but any number of seconds works (asyncio.wait_for).
+            timeout_graceful_shutdown=cast(Any, graceful_shutdown),
+        )
+        server = _Server(config)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_serve, server, sock)
+            with anyio.fail_after(10):  # uvicorn exposes no start event; poll its flag
+                for _ in itertools.count():
+                    if server.started:
+                        break
+                    await anyio.sleep(0.005)
+            try:
+                yield f"http://{host}:{bound_port}"
+            finally:
+                server.should_exit = True
+    finally:
+        sock.close()
 
 
 async def _serve(server: Any, sock: socket.socket) -> None:

@@ -1,5 +1,6 @@
 """Child process for test_restart: queue reports while the control plane is down, say
-which, then wait to be killed. Run as ``python -m tests.platform._kill_child PATH N``."""
+which, then wait to be killed. Run as ``python -m tests.platform._kill_child URL TABLE N``
+(an ``open_outbox`` URL and table name)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import httpx
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.platform import PlatformMode
-from gatewaykit.outbox import RetryPolicy, SQLiteOutbox
+from gatewaykit.outbox import RetryPolicy, open_outbox
 from gatewaykit.usage import Usage
 
 
@@ -25,13 +26,13 @@ def control_plane(request: httpx.Request) -> httpx.Response:
     raise httpx.ConnectError("connection refused", request=request)
 
 
-async def main(path: str, count: int) -> None:
+async def main(url: str, table: str, count: int) -> None:
     async with httpx.AsyncClient(transport=httpx.MockTransport(control_plane)) as client:
         mode = PlatformMode(
             base_url="http://plane.test",
             gateway_token="gw-secret-token",
             client=client,
-            outbox=SQLiteOutbox(path),
+            outbox=open_outbox(url, table=table),
             retry=RetryPolicy(initial_delay=0.01, max_delay=0.05),
         )
         async with mode:
@@ -58,4 +59,4 @@ async def main(path: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], int(sys.argv[2]))
+    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]))
