@@ -139,6 +139,8 @@ class Shim:
         self.fmt = fmt
         self.upstreams = attempts or []
         self.settlements: list[RecordingSettlement] = []
+        self.contexts: list[GatewayContext] = []
+        self.response_headers: dict[str, str] = {}
         self.sent = 0
         self.on_settle: Callable[[], None] | None = None
 
@@ -168,7 +170,7 @@ class Shim:
             u if isinstance(u, Attempt) else Attempt(f"att-{i}", u, body["model"])
             for i, u in enumerate(self.upstreams)
         )
-        scope[SCOPE_KEY] = GatewayContext(
+        scope[SCOPE_KEY] = context = GatewayContext(
             request_id=f"req-{len(self.settlements)}",
             settlement=settlement,
             format=self.fmt.wire,
@@ -176,7 +178,10 @@ class Shim:
             stream=bool(body.get("stream")),
             body=body,
             attempts=attempts,
+            response_headers=dict(self.response_headers),
         )
+
+        self.contexts.append(context)
 
         async def counting_send(message: MutableMapping[str, Any]) -> None:
             self.sent += 1

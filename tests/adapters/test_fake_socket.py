@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from gatewaykit.adapters import default_client, gateway_routes
+from gatewaykit.modes.platform import ATTEMPT_ID_HEADER
 from gatewaykit.testing import FakeProvider
 from gatewaykit.usage import UsageSource
 from tests.adapters.conftest import (
@@ -190,10 +191,13 @@ async def test_fallback_to_the_next_attempt_before_the_first_chunk(
     fake, url = provider
     failing = upstream(fmt, url, fail_status=503)
     shim = shim_for(fmt, client, [failing, upstream(fmt, url)])
+    shim.response_headers = {ATTEMPT_ID_HEADER: "att-0"}  # as PlatformMode presets it
     ex = await call(shim, fmt.path, json_body=fmt.body(stream=True))
     assert ex.status == 200
     assert shim.settlement.call.usage == fmt.expected()
     assert len(fake.requests) == 2
+    # The serving attempt is named in the response headers (PlatformMode reports on it).
+    assert shim.contexts[0].response_headers[ATTEMPT_ID_HEADER] == "att-1"
 
 
 async def test_no_fallback_for_a_client_error(
