@@ -57,7 +57,7 @@ class Backend:
     #: pytest marks applied to every test parametrised with this backend.
     marks: tuple[Any, ...] = ()
     #: Hypothesis examples for the stateful test (each opens a fresh store; keep it short).
-    stateful_examples: int = 30
+    stateful_examples: int = 25
 
 
 BACKENDS: dict[str, Backend] = {}

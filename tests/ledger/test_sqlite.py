@@ -331,3 +331,36 @@ async def test_f14_killed_mid_transaction_reopens_consistent(tmp_path: Path) -> 
         assert status is not None
         assert status.held == D("0.01") * len(live)
         assert len(live) >= 4 * 3  # each run acknowledged unsettled holds before dying
+
+
+async def test_a_failing_operation_fails_alone_in_its_batch(tmp_path: Path) -> None:
+    """A conflict or refused write in a batch undoes only that operation."""
+    path = tmp_path / "a.db"
+    async with SQLiteLedger(str(path)) as ledger:
+        await ledger.reserve("r0", ["user:a"], D(1), ttl=60)
+        await ledger.reserve("bad", ["user:b"], D(1), ttl=60)
+        conn = sqlite3.connect(path)
+        conn.execute("UPDATE counters SET reserved = 0 WHERE scope = 'user:b'")
+        conn.commit()
+        conn.close()
+        results = await asyncio.gather(
+            ledger.reserve("r1", ["user:a"], D(1), ttl=60),
+            ledger.reserve("r0", ["user:a"], D(2), ttl=60),  # conflict
+            ledger.release("bad"),  # would drive user:b negative (I9)
+            ledger.settle("r0", D("0.5")),
+            ledger.reserve("r2", ["user:a"], D(1), ttl=60),
+            return_exceptions=True,
+        )
+        assert [type(r).__name__ for r in results] == [
+            "Hold",
+            "HoldConflictError",
+            "LedgerError",
+            "Hold",
+            "Hold",
+        ]
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert (status.held, status.spent) == (D(2), D("0.5"))
+        bad = await ledger.get_hold("bad")
+        assert bad is not None
+        assert bad.live
