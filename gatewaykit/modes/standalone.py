@@ -169,7 +169,7 @@ class StandaloneMode:
         self.upstreams = tuple(upstreams)
         self.unpriced_price = _unpriced_price(unpriced)
         self.unpriced: Literal["reject", "allow", "fallback"] = (
-            unpriced if unpriced in ("reject", "allow") else "fallback"  # type: ignore[assignment]
+            "reject" if unpriced == "reject" else "allow" if unpriced == "allow" else "fallback"
         )
         self.missing_usage: MissingUsagePolicy = missing_usage
         self.disconnect: DisconnectPolicy = disconnect
