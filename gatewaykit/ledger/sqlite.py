@@ -4,10 +4,13 @@
 
 One dedicated writer thread owns a stdlib ``sqlite3`` connection. Operations from any
 number of tasks are queued; the writer drains the queue and runs everything waiting in
-ONE ``BEGIN IMMEDIATE … COMMIT`` (one fsync), each operation in its own ``SAVEPOINT`` so
-a refusal or error undoes only that operation. Callers are resolved only after the
-commit succeeded; a failed commit fails every operation of its batch. This is what turns
-~2K durable lifecycles/s (one transaction per operation) into tens of thousands.
+ONE ``BEGIN IMMEDIATE … COMMIT`` (one fsync). Within a batch, the hot operations decide
+against an in-memory view of the store and their writes go out together before COMMIT;
+if any operation raises, the batch is rolled back and redone with each operation in its
+own ``SAVEPOINT``, so a conflict or refused write undoes only that operation. Callers are
+resolved only after COMMIT succeeded; a failed commit fails every operation of its batch.
+One fsync per batch instead of one per operation is what makes durable settings fast
+(docs/ledger.md has the figures).
 
 The ledger is meant for one gateway process per database file (other processes work
 through SQLite's file lock, serialised); never put the file on a network filesystem.
