@@ -809,7 +809,6 @@ class _Writer(threading.Thread):
             batch = [op for op in batch if not op[2].cancelled()]  # cancelled before running
             if not batch:
                 continue
-            now = _us(self.ledger.clock())  # one instant per batch: it commits at once
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 current = conn.execute("PRAGMA data_version").fetchone()[0]
@@ -817,6 +816,7 @@ class _Writer(threading.Thread):
                 self._rollback(conn, store)
                 self._fail(batch, self.ledger._unavailable(exc))
                 continue
+            now = _us(self.ledger.clock())  # one instant per batch: it commits at once
             if current != version:  # another connection committed: caches may be stale
                 store.forget()
                 version = current
@@ -909,8 +909,9 @@ class _Writer(threading.Thread):
             with contextlib.suppress(RuntimeError):  # the caller's loop closed: nobody waits
                 loop.call_soon_threadsafe(_deliver, items)
 
-    def _fail(self, batch: list[_Op], error: BaseException) -> None:
-        self._resolve([(op, False, error) for op in batch])
+    def _fail(self, batch: list[_Op], error: LedgerError) -> None:
+        """Fail every operation of ``batch``, each with its own exception instance."""
+        self._resolve([(op, False, type(error)(str(error))) for op in batch])
 
 
 def _set_ok(future: asyncio.Future[None]) -> None:
