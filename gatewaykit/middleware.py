@@ -328,9 +328,7 @@ class _GatedCall:
         app_error: Exception | None = None
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_disconnect)
-                if interval:
-                    tg.start_soon(self._heartbeat, settlement, float(interval))
+                tg.start_soon(self._watch, settlement, float(interval) if interval else None)
                 try:
                     with self.app_scope:
                         await self.mw.app(scope, self._receive, self._send)
@@ -381,13 +379,31 @@ class _GatedCall:
         await self.disconnected.wait()
         return self.disconnect_message
 
-    async def _watch_disconnect(self) -> None:
+    async def _watch(self, settlement: Settlement, interval: float | None) -> None:
+        """Listen for the client leaving; heartbeat the settlement while nothing happens.
+
+        One task does both: a pending ``receive()`` is cancelled every ``interval`` to
+        heartbeat, which servers tolerate (Starlette's own disconnect listener is
+        cancelled the same way whenever a streaming response ends).
+        """
         while True:
+            message: Message | None = None
             try:
-                message = await self.server_receive()
+                if interval is None:
+                    message = await self.server_receive()
+                else:
+                    with anyio.move_on_after(interval):
+                        message = await self.server_receive()
             except Exception:
                 logger.debug("receive() failed for %s; treating as disconnect", self.request_id)
                 message = {"type": "http.disconnect"}
+            if message is None:
+                if not settlement.done:
+                    try:
+                        await settlement.heartbeat()
+                    except Exception:
+                        logger.warning("heartbeat for %s failed", self.request_id, exc_info=True)
+                continue
             if message["type"] == "http.disconnect":
                 break
         self.disconnect_message = message
@@ -395,16 +411,6 @@ class _GatedCall:
         if not self.response_complete:
             self.cancelled_by_disconnect = True
             self.app_scope.cancel()
-
-    async def _heartbeat(self, settlement: Settlement, interval: float) -> None:
-        while True:
-            await anyio.sleep(interval)
-            if settlement.done:
-                return
-            try:
-                await settlement.heartbeat()
-            except Exception:
-                logger.warning("heartbeat for %s failed", self.request_id, exc_info=True)
 
     async def _send(self, message: Message) -> None:
         kind = message["type"]
