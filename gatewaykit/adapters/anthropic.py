@@ -40,7 +40,7 @@ DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 def messages_usage(usage: Any, source: UsageSource = UsageSource.PROVIDER) -> Usage | None:
     """gatewaykit ``Usage`` from an Anthropic ``usage`` object (None if there is none)."""
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict):
         return None
     return Usage(
         input_tokens=count(usage.get("input_tokens")),
@@ -52,7 +52,7 @@ def messages_usage(usage: Any, source: UsageSource = UsageSource.PROVIDER) -> Us
 
 
 def _block_chars(block: Any) -> int:
-    if not isinstance(block, Mapping):
+    if not isinstance(block, dict):
         return 0
     return (
         text_len(block.get("text"))
@@ -72,20 +72,20 @@ class MessagesStreamUsage(StreamUsage):
         if event.data_bytes is None:
             return EventKind.FORWARD
         payload = event.json()
-        if not isinstance(payload, Mapping):
+        if not isinstance(payload, dict):
             raise MalformedStreamError("an Anthropic stream event is not a JSON object")
         kind = payload.get("type", event.event)
         if kind == "content_block_delta":
             self.output_chars += _block_chars(payload.get("delta"))
         elif kind == "message_start":
             message = payload.get("message")
-            usage = message.get("usage") if isinstance(message, Mapping) else None
-            if isinstance(usage, Mapping):
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
                 self._fields = usage
                 self.partial = messages_usage(usage, UsageSource.PARTIAL)
         elif kind == "message_delta":
             usage = payload.get("usage")
-            if isinstance(usage, Mapping):
+            if isinstance(usage, dict):
                 # Output is cumulative; input/cache counts, when given (non-zero), override
                 # the start's: some servers repeat them here as 0 or null.
                 merged = {**self._fields, **{k: v for k, v in usage.items() if v}}
@@ -96,7 +96,7 @@ class MessagesStreamUsage(StreamUsage):
             return EventKind.FINAL
         elif kind == "error":
             error = payload.get("error")
-            message = error.get("message") if isinstance(error, Mapping) else None
+            message = error.get("message") if isinstance(error, dict) else None
             self.error = str(message or error or "error event")
             return EventKind.ERROR
         return EventKind.FORWARD
@@ -137,7 +137,7 @@ class _MessagesSpec:
         chars = 0
         for block in content:
             chars += _block_chars(block)
-            if isinstance(block, Mapping) and isinstance(block.get("input"), Mapping):
+            if isinstance(block, dict) and isinstance(block.get("input"), dict):
                 chars += len(str(block["input"]))
         return chars
 

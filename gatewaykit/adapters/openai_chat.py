@@ -37,11 +37,11 @@ __all__ = [
 
 def chat_usage(usage: Any) -> Usage | None:
     """gatewaykit ``Usage`` from an OpenAI chat ``usage`` object (None if there is none)."""
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict):
         return None
     prompt = count(usage.get("prompt_tokens"))
     details = usage.get("prompt_tokens_details")
-    cached = count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+    cached = count(details.get("cached_tokens")) if isinstance(details, dict) else 0
     cached = min(cached, prompt)
     return Usage(
         input_tokens=prompt - cached,
@@ -50,20 +50,28 @@ def chat_usage(usage: Any) -> Usage | None:
     )
 
 
+_DELTA_TEXT = ("content", "refusal", "reasoning_content", "reasoning")
+
+
 def _delta_chars(choices: Any) -> int:
-    chars = 0
+    """Characters of generated text in a chunk's choices (or a message's, wrapped)."""
     if not isinstance(choices, list):
         return 0
+    chars = 0
     for choice in choices:
-        delta = choice.get("delta") if isinstance(choice, Mapping) else None
-        if not isinstance(delta, Mapping):
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
             continue
-        chars += text_len(delta.get("content")) + text_len(delta.get("refusal"))
-        chars += text_len(delta.get("reasoning_content")) + text_len(delta.get("reasoning"))
-        for call in delta.get("tool_calls") or ():
-            function = call.get("function") if isinstance(call, Mapping) else None
-            if isinstance(function, Mapping):
-                chars += text_len(function.get("name")) + text_len(function.get("arguments"))
+        for key in _DELTA_TEXT:
+            value = delta.get(key)
+            if value.__class__ is str:
+                chars += len(value)
+        calls = delta.get("tool_calls")
+        if calls and isinstance(calls, list):
+            for call in calls:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    chars += text_len(function.get("name")) + text_len(function.get("arguments"))
     return chars
 
 
@@ -81,11 +89,11 @@ class ChatStreamUsage(StreamUsage):
         if data.strip() == b"[DONE]":
             return EventKind.FINAL
         chunk = event.json()
-        if not isinstance(chunk, Mapping):
+        if not isinstance(chunk, dict):
             raise MalformedStreamError("a chat completion chunk is not a JSON object")
         error = chunk.get("error")
         if error is not None and not chunk.get("choices"):
-            message = error.get("message") if isinstance(error, Mapping) else None
+            message = error.get("message") if isinstance(error, dict) else None
             self.error = str(message or error)
             return EventKind.ERROR
         choices = chunk.get("choices")
@@ -121,7 +129,7 @@ class _ChatSpec:
         hide = False
         if stream and self.inject_stream_usage:
             options = body.get("stream_options")
-            options = dict(options) if isinstance(options, Mapping) else {}
+            options = dict(options) if isinstance(options, dict) else {}
             if options.get("include_usage") is not True:
                 # Usage is needed to bill; the client did not ask for it, so hide it.
                 options["include_usage"] = True
@@ -135,8 +143,8 @@ class _ChatSpec:
     def output_chars_from_body(self, body: Mapping[str, Any]) -> int:
         chars = 0
         for choice in body.get("choices") or ():
-            message = choice.get("message") if isinstance(choice, Mapping) else None
-            if isinstance(message, Mapping):
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict):
                 chars += _delta_chars([{"delta": message}])
         return chars
 

@@ -46,11 +46,11 @@ _TEXT_DELTAS = frozenset(
 
 def responses_usage(usage: Any) -> Usage | None:
     """gatewaykit ``Usage`` from a responses ``usage`` object (None if there is none)."""
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict):
         return None
     prompt = count(usage.get("input_tokens"))
     details = usage.get("input_tokens_details")
-    cached = count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+    cached = count(details.get("cached_tokens")) if isinstance(details, dict) else 0
     cached = min(cached, prompt)
     return Usage(
         input_tokens=prompt - cached,
@@ -66,18 +66,18 @@ class ResponsesStreamUsage(StreamUsage):
         if event.data_bytes is None:
             return EventKind.FORWARD
         payload = event.json()
-        if not isinstance(payload, Mapping):
+        if not isinstance(payload, dict):
             raise MalformedStreamError("a responses stream event is not a JSON object")
         kind = payload.get("type", event.event)
         if kind in _TEXT_DELTAS:
             self.output_chars += text_len(payload.get("delta"))
         elif kind in _TERMINAL:
             response = payload.get("response")
-            if isinstance(response, Mapping):
+            if isinstance(response, dict):
                 self._final = responses_usage(response.get("usage"))
             if kind == "response.failed":
-                error = response.get("error") if isinstance(response, Mapping) else None
-                message = error.get("message") if isinstance(error, Mapping) else None
+                error = response.get("error") if isinstance(response, dict) else None
+                message = error.get("message") if isinstance(error, dict) else None
                 self.error = str(message or "response.failed")
                 return EventKind.ERROR
             return EventKind.FINAL
@@ -112,11 +112,11 @@ class _ResponsesSpec:
     def output_chars_from_body(self, body: Mapping[str, Any]) -> int:
         chars = 0
         for item in body.get("output") or ():
-            if not isinstance(item, Mapping):
+            if not isinstance(item, dict):
                 continue
             chars += text_len(item.get("arguments"))
             for part in item.get("content") or ():
-                if isinstance(part, Mapping):
+                if isinstance(part, dict):
                     chars += text_len(part.get("text")) + text_len(part.get("refusal"))
         return chars
 

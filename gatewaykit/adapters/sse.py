@@ -20,6 +20,7 @@ __all__ = ["MalformedStreamError", "SSEEvent", "SSESplitter"]
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE = re.compile(rb"\r\n|\r|\n")
+_raw_decode = json.JSONDecoder().raw_decode
 
 
 class MalformedStreamError(GatewayKitError, ValueError):
@@ -89,11 +90,18 @@ class SSEEvent:
         if data is None:
             raise MalformedStreamError(f"event {self.event or 'message'!r} has no data")
         try:
-            return json.loads(data)
-        except ValueError:  # includes UnicodeDecodeError
+            # json.loads minus its per-call wrapping: this runs once per streamed event.
+            text = data.decode("utf-8")
+            if text[:1].isspace():
+                text = text.lstrip()
+            value, end = _raw_decode(text)
+            if end != len(text) and not text[end:].isspace():
+                raise ValueError("trailing data")
+        except ValueError:  # includes UnicodeDecodeError and JSONDecodeError
             raise MalformedStreamError(
                 f"event {self.event or 'message'!r} carries data that is not JSON"
             ) from None
+        return value
 
 
 class SSESplitter:

@@ -66,6 +66,12 @@ def test_event_json_raises_a_clear_error() -> None:
         SSEEvent(b"data: {oops\n\n").json()
     with pytest.raises(MalformedStreamError, match="no data"):
         SSEEvent(b"event: x\n\n").json()
+    with pytest.raises(MalformedStreamError, match="not JSON"):
+        SSEEvent(b'data: {"a": 1} trailing\n\n').json()
+    with pytest.raises(MalformedStreamError, match="not JSON"):
+        SSEEvent(b"data: \xff\n\n").json()
+    assert SSEEvent(b'data:   {"a": 1}  \n\n').json() == {"a": 1}
+    assert SSEEvent(b"data: [1,\ndata: 2]\n\n").json() == [1, 2]
 
 
 def sse(payload: Any, event: str | None = None) -> bytes:
