@@ -15,6 +15,7 @@ GatewayKitError
 │   └── SchemaError                   a database of an unknown version or not ours
 ├── SettlementMissingError (LookupError)  get_settlement() without GatewayMiddleware
 ├── ModelNotPricedError               no price for a model under the ``reject`` policy
+├── MalformedStreamError (ValueError) an upstream stream or body the gateway cannot read
 └── RequestRejected                   a request refused on the wire (status + error kind)
 ```
 
@@ -42,6 +43,7 @@ __all__ = [
     "InvalidScopeError",
     "LedgerError",
     "LedgerUnavailableError",
+    "MalformedStreamError",
     "ModelNotPricedError",
     "RequestRejected",
     "SchemaError",
@@ -138,6 +140,10 @@ class ModelNotPricedError(GatewayKitError):
             f"model {model!r} has no price; add it to the PriceTable or choose another "
             "unpriced-model policy"
         )
+
+
+class MalformedStreamError(GatewayKitError, ValueError):
+    """The upstream sent a stream (or body) the gateway cannot read: bad framing or JSON."""
 
 
 class ErrorKind(enum.Enum):

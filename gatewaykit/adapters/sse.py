@@ -14,17 +14,13 @@ import json
 import re
 from typing import Any
 
-from gatewaykit.errors import GatewayKitError
+from gatewaykit.errors import MalformedStreamError
 
 __all__ = ["MalformedStreamError", "SSEEvent", "SSESplitter"]
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE = re.compile(rb"\r\n|\r|\n")
 _raw_decode = json.JSONDecoder().raw_decode
-
-
-class MalformedStreamError(GatewayKitError, ValueError):
-    """The upstream sent a stream the gateway cannot read (bad framing or bad JSON)."""
 
 
 class SSEEvent:
