@@ -3,7 +3,9 @@ the fake provider on a real socket. Spend is asserted to the nano-USD."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
@@ -319,3 +321,23 @@ async def test_sdk_error_classes_for_gateway_errors(build: Build, ledger: SQLite
             )
             text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         assert text == BEHAVIOR.output_text
+
+
+async def test_events_arrive_one_by_one_through_the_whole_stack(
+    build: Build, key: str, provider: tuple[FakeProvider, str]
+) -> None:
+    fake, _ = provider
+    gap = 0.08
+    fake.behavior = FakeBehavior(events=4, delay=gap)
+    async with serve(build()) as url:
+        arrivals: list[float] = []
+        async with anthropic.AsyncAnthropic(base_url=url, api_key=key, max_retries=0) as client:
+            start = time.monotonic()
+            async with client.messages.stream(
+                model="test-model", max_tokens=10, messages=MESSAGES_PARAM
+            ) as stream:
+                async for _ in stream.text_stream:
+                    arrivals.append(time.monotonic() - start)
+    assert len(arrivals) == 4
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert all(g > gap * 0.5 for g in gaps), gaps
