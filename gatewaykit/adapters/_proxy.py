@@ -571,6 +571,9 @@ class _Exchange:
                 out = self._process(chunk)
                 if out:
                     await self.send({"type": "http.response.body", "body": out, "more_body": True})
+            out = self._process_leftover()
+            if out:
+                await self.send({"type": "http.response.body", "body": out, "more_body": True})
         except MalformedStreamError as exc:
             failure = exc
         except Exception as exc:
@@ -579,6 +582,22 @@ class _Exchange:
             failure = exc
         await self._close_upstream()
         await self._finish(failure)
+
+    def _process_leftover(self) -> bytes:
+        """At the end of the stream: a last event missing its blank line still counts."""
+        leftover = self.splitter.pending
+        if not leftover or self.held is not None:
+            return b""
+        assert self.extractor is not None
+        self.splitter = SSESplitter()
+        kind = self.extractor.observe(SSEEvent(leftover))
+        self._note(self.extractor)
+        if kind is EventKind.FORWARD:
+            return leftover
+        if kind is not EventKind.DROP:
+            self.terminal = kind
+            self.held = [leftover]
+        return b""
 
     async def _finish(self, failure: BaseException | None) -> None:
         """Settle, then send the held final event (or an in-band error) and end."""

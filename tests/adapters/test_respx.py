@@ -342,3 +342,17 @@ async def test_returns_when_the_server_never_answers_receive(client: httpx.Async
             await shim(scope, receive, send)
     assert sent[-1] == {"type": "http.response.body", "body": DONE, "more_body": False}
     assert shim.settlement.call.status == "success"
+
+
+async def test_a_last_event_without_its_blank_line_still_counts(
+    client: httpx.AsyncClient,
+) -> None:
+    with respx.mock:
+        respx.post(f"{OPENAI}/v1/chat/completions").mock(
+            return_value=sse_response([content("a"), USAGE, b"data: [DONE]\n"])
+        )
+        shim = Shim(openai_chat_completions(client=client), CHAT, [upstream_for(CHAT)])
+        ex = await call(shim, CHAT.path, json_body=CHAT.body(stream=True))
+    assert ex.chunks == [content("a"), b"data: [DONE]\n"]
+    assert shim.settlement.call.status == "success"
+    assert shim.settlement.call.sent == 2  # settled before the final message
