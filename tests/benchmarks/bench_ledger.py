@@ -33,7 +33,8 @@ AMOUNT = Decimal("0.001")
 
 async def ledger_point(
     path: Path, tasks: int, budgets: int, seconds: float, synchronous: str
-) -> float:
+) -> tuple[float, float]:
+    """(lifecycles/s, CPU µs per lifecycle across all threads of this process)."""
     scopes = [f"user:u{i}" for i in range(budgets)]
     async with SQLiteLedger(str(path), synchronous=synchronous) as ledger:  # type: ignore[arg-type]
         await asyncio.gather(
@@ -53,15 +54,17 @@ async def ledger_point(
                 i += 1
             done += i
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(n) for n in range(tasks)))
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         problems = await ledger.check()
         assert not problems, problems
-    return done / elapsed
+    return done / elapsed, cpu / done * 1e6
 
 
-def baseline_point(path: Path, budgets: int, seconds: float, synchronous: str) -> float:
+def baseline_point(
+    path: Path, budgets: int, seconds: float, synchronous: str
+) -> tuple[float, float]:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
@@ -78,7 +81,7 @@ def baseline_point(path: Path, budgets: int, seconds: float, synchronous: str) -
     amount = 1_000_000
     rng = random.Random(0)
     done = 0
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     stop = started + seconds
     while time.perf_counter() < stop:
         hold_id, scope = f"h{done}", f"user:u{rng.randrange(budgets)}"
@@ -103,9 +106,9 @@ def baseline_point(path: Path, budgets: int, seconds: float, synchronous: str) -
         )
         conn.execute("COMMIT")
         done += 1
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     conn.close()
-    return done / elapsed
+    return done / elapsed, cpu / done * 1e6
 
 
 async def run(seconds: float, synchronous: str) -> str:
@@ -113,17 +116,21 @@ async def run(seconds: float, synchronous: str) -> str:
     with tempfile.TemporaryDirectory(prefix="gk-bench-ledger-") as tmp:
         for layout, budgets in LAYOUTS.items():
             base = baseline_point(Path(tmp) / f"base-{budgets}.db", budgets, seconds, synchronous)
-            cells = []
+            cells = [base]
             for tasks in TASKS:
                 path = Path(tmp) / f"ledger-{budgets}-{tasks}.db"
-                rate = await ledger_point(path, tasks, budgets, seconds, synchronous)
-                cells.append(f"{rate:,.0f}")
-            rows.append(f"| {layout} | {base:,.0f} | " + " | ".join(cells) + " |")
+                cells.append(await ledger_point(path, tasks, budgets, seconds, synchronous))
+            rows.append(
+                f"| {layout} | "
+                + " | ".join(f"{rate:,.0f} ({cpu:,.0f} µs)" for rate, cpu in cells)
+                + " |"
+            )
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (
         f"Reserve+settle lifecycles/s, `synchronous={synchronous}`, WAL, {seconds:g} s per "
         f"point ({now}; Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
-        f"{os.cpu_count()} CPUs)\n\n"
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end). "
+        "In brackets: CPU time per lifecycle, all threads.\n\n"
         "| budgets | raw sqlite3, 1 thread | gatewaykit, 1 task | 16 tasks | 256 tasks |\n"
         "| --- | ---: | ---: | ---: | ---: |\n"
     )
