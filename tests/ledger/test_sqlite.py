@@ -364,3 +364,29 @@ async def test_a_failing_operation_fails_alone_in_its_batch(tmp_path: Path) -> N
         bad = await ledger.get_hold("bad")
         assert bad is not None
         assert bad.live
+
+
+async def test_f15_a_cancelled_caller_can_leave_a_ghost_hold_that_release_cures(
+    tmp_path: Path,
+) -> None:
+    """The writer already holds the reserve when its caller is cancelled: it still commits."""
+    path = tmp_path / "a.db"
+    async with SQLiteLedger(str(path), busy_timeout=10) as ledger:
+        await ledger.set_budget("user:a", limit=D(5))
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # the writer's batch waits for this lock
+        task = asyncio.ensure_future(ledger.reserve("ghost", ["user:a"], D(1), ttl=60))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        ghost = await ledger.get_hold("ghost")
+        assert ghost is not None
+        assert ghost.live  # committed although nobody awaited it
+        released = await ledger.release("ghost")  # the unknown-outcome cure
+        assert released.state is HoldState.RELEASED
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert status.held == 0
