@@ -395,10 +395,9 @@ class _Exchange:
             await self._close_upstream()
             if isinstance(exc, MalformedStreamError):
                 return self._gateway_failure(exc, *_classify(exc), code="upstream_bad_response")
+            waited = f"sent nothing within {limit} s" if limit is not None else "timed out"
             return self._gateway_failure(
-                exc,
-                ErrorKind.UPSTREAM_TIMEOUT,
-                f"the upstream provider sent nothing within {limit} s",
+                exc, ErrorKind.UPSTREAM_TIMEOUT, f"the upstream provider {waited}"
             )
         except Exception as exc:
             if not _is_transport_error(exc):
