@@ -5,13 +5,16 @@ Every test gets its own schema on the server named by GATEWAYKIT_TEST_POSTGRES_D
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import anyio
+import anyio.abc
 import asyncpg
 import pytest
 
@@ -241,28 +244,61 @@ async def test_unreachable_server_fails_closed() -> None:
         await ledger.reserve("h", ["user:a"], AMOUNT, ttl=60)
 
 
-async def test_lost_connections_fail_closed_then_recover(schema: str) -> None:
-    async with PostgresLedger(DSN, schema=schema, pool_min=2, pool_max=2) as ledger:
-        await ledger.reserve("before", ["user:a"], AMOUNT, ttl=60)
-        admin: Any = await asyncpg.connect(DSN)
-        try:
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'gatewaykit' AND pid != pg_backend_pid() "
-                "AND query LIKE '%' || $1 || '%'",
-                "",
-            )
-        finally:
-            await admin.close()
-        failures = 0
-        for i in range(3):
-            try:
-                await ledger.reserve(f"after{i}", ["user:a"], AMOUNT, ttl=60)
-            except LedgerUnavailableError:
-                failures += 1
-        assert failures <= 2  # each dead pooled connection fails one call, then reconnects
-        assert await ledger.get_hold("after2") is not None
-        assert await ledger.check() == []
+class _Proxy:
+    """A TCP forwarder to the test server that the test can cut and restore."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0
+        self.scope: anyio.CancelScope | None = None
+
+    async def serve(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        with anyio.CancelScope() as self.scope:
+            async with listener:
+                task_status.started()
+                await listener.serve(self._pipe)
+
+    async def _pipe(self, client: anyio.abc.SocketStream) -> None:
+        async with client, await anyio.connect_tcp(*self.target) as server:
+
+            async def copy(a: anyio.abc.SocketStream, b: anyio.abc.SocketStream) -> None:
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    async for chunk in a:
+                        await b.send(chunk)
+                tg.cancel_scope.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(copy, client, server)
+                tg.start_soon(copy, server, client)
+
+    def cut(self) -> None:
+        """Close the listener and every open connection: the database is 'down'."""
+        assert self.scope is not None
+        self.scope.cancel()
+
+
+async def test_store_down_fails_closed_and_recovers(schema: str) -> None:
+    target = urllib.parse.urlsplit(DSN)
+    proxy = _Proxy(target.hostname or "127.0.0.1", target.port or 5432)
+    async with anyio.create_task_group() as tg:
+        await tg.start(proxy.serve)
+        url = DSN.replace(target.netloc, f"{target.username}@127.0.0.1:{proxy.port}")
+        ledger = PostgresLedger(url, schema=schema, pool_max=2, connect_timeout=1.0)
+        async with ledger:
+            await ledger.reserve("up", ["user:a"], AMOUNT, ttl=60)
+            proxy.cut()
+            await anyio.sleep(0.05)
+            for attempt in range(3):
+                with pytest.raises(LedgerUnavailableError) as info:
+                    await ledger.reserve(f"down{attempt}", ["user:a"], AMOUNT, ttl=60)
+                assert "unavailable" in str(info.value)
+            await tg.start(proxy.serve)  # the same port again: the database is back
+            await ledger.reserve("back", ["user:a"], AMOUNT, ttl=60)
+            assert {h.hold_id for h in await ledger.holds()} == {"up", "back"}
+            assert await ledger.check() == []
+            proxy.cut()
 
 
 async def test_schema_of_a_newer_version_is_refused(schema: str) -> None:
