@@ -68,7 +68,7 @@ logger = logging.getLogger("gatewaykit.ledger.postgres")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _NO_PERIOD = Period()
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_DEADLOCK_RETRIES = 5
+_RETRIES = 5
 
 # Errors that mean "the store cannot be reached or failed": fail closed.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -99,7 +99,6 @@ rel_upd AS (
     UPDATE counters c SET reserved = c.reserved - rel.amt FROM rel
     WHERE c.scope = rel.scope AND c.window_start = rel.ws
       AND (SELECT count(*) FROM rel_locked) >= 0
-    RETURNING 1
 )"""
 
 # $1 hold id, $2 sorted scopes, $3 amount, $4 ttl. Reclaims due holds on the scopes,
@@ -171,11 +170,9 @@ upd AS (
     LEFT JOIN tgt t ON t.scope = k.scope AND t.ws = k.ws
     WHERE c.scope = k.scope AND c.window_start = k.ws
       AND (SELECT count(*) FROM locked) >= 0
-    RETURNING 1
 )
 SELECT c.scope, c.ws, c.limit_nanos, c.period_kind, c.period_seconds, c.present,
-       c.spent, c.reserved, f.yes AS fresh, v.admit, i.created_at, i.expires_at,
-       (SELECT count(*) FROM upd) AS touched
+       c.spent, c.reserved, f.yes AS fresh, v.admit, i.created_at, i.expires_at
 FROM chk c CROSS JOIN fresh f CROSS JOIN verdict v LEFT JOIN ins i ON true
 ORDER BY c.ord
 """
@@ -200,9 +197,7 @@ expired AS (
     RETURNING x.scopes, x.windows, x.amount
 ),
 {_RELEASE}
-SELECT h.*, (SELECT count(*) FROM expired) AS expired_now,
-       (SELECT count(*) FROM rel_upd) AS touched
-FROM h
+SELECT h.*, (SELECT count(*) FROM expired) AS expired_now FROM h
 """
 
 _RECORD_INSERT = """
@@ -216,7 +211,6 @@ rec AS (
         $15::text[], $16::bigint[]) AS r
     WHERE {when}
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING 1
 )"""
 
 # $1 hold id, $2 actual, $3..$16 the usage record as one-element arrays (or empty).
@@ -242,11 +236,9 @@ locked AS (
 upd AS (
     UPDATE counters c SET reserved = c.reserved - d.rel, spent = c.spent + $2 FROM delta d
     WHERE c.scope = d.scope AND c.window_start = d.ws AND (SELECT count(*) FROM locked) >= 0
-    RETURNING 1
 ),
 {_RECORD_INSERT.format(when="EXISTS (SELECT 1 FROM claim)")}
-SELECT h.*, c.late AS new_late, c.was, (SELECT count(*) FROM upd) AS touched,
-       (SELECT count(*) FROM rec) AS recorded
+SELECT h.*, c.late AS new_late, c.was
 FROM (SELECT 1) one LEFT JOIN h ON true LEFT JOIN claim c ON true
 """
 
@@ -277,8 +269,7 @@ tomb AS (
     RETURNING created_at
 ),
 {_RELEASE_RECORD}
-SELECT h.*, c.state AS new_state, t.created_at AS tomb_at,
-       (SELECT count(*) FROM rel_upd) AS touched, (SELECT count(*) FROM rec) AS recorded
+SELECT h.*, c.state AS new_state, t.created_at AS tomb_at
 FROM (SELECT 1) one
 LEFT JOIN h ON true LEFT JOIN claim c ON true LEFT JOIN tomb t ON true
 """
@@ -300,7 +291,7 @@ expired AS (
 ),
 {_RELEASE}
 SELECT h.*, (SELECT expires_at FROM ext) AS new_expires,
-       (SELECT count(*) FROM expired) AS expired_now, (SELECT count(*) FROM rel_upd) AS touched
+       (SELECT count(*) FROM expired) AS expired_now
 FROM h
 """
 
@@ -319,7 +310,7 @@ expired AS (
     RETURNING x.scopes, x.windows, x.amount
 ),
 {_RELEASE}
-SELECT (SELECT count(*) FROM expired) AS expired, (SELECT count(*) FROM rel_upd) AS touched
+SELECT (SELECT count(*) FROM expired) AS expired
 """
 
 _STATUS_ROWS = """
@@ -655,12 +646,12 @@ class PostgresLedger:
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         """Run one statement (its own transaction); retry the rare deadlock."""
-        for attempt in range(_DEADLOCK_RETRIES):
+        for attempt in range(_RETRIES):
             try:
                 async with self._conn() as conn:
                     return list(await conn.fetch(sql, *args))
             except LedgerUnavailableError as exc:
-                if not _deadlock(exc) or attempt == _DEADLOCK_RETRIES - 1:
+                if not _deadlock(exc) or attempt == _RETRIES - 1:
                     raise
         raise AssertionError("unreachable")
 
@@ -712,11 +703,14 @@ class PostgresLedger:
         nanos = to_nanos(amount)
         ttl_td = timedelta(microseconds=_us(validate_ttl(ttl)))
         args = (hold_id, list(scope_t), nanos, ttl_td)
-        for _ in range(_DEADLOCK_RETRIES):
+        for _ in range(_RETRIES):
             rows = await self._combined("reserve", scope_t, args)
             first = rows[0]
             if not first["fresh"] or (first["admit"] and first["created_at"] is None):
-                return await self._replay_reserve(hold_id, scope_t, nanos)
+                replayed = await self._replay_reserve(hold_id, scope_t, nanos)
+                if replayed is not None:
+                    return replayed
+                continue  # the competing reserve rolled back: reserve afresh
             if first["admit"]:
                 self._remember(hold_id, scope_t)
                 return Hold(
@@ -737,13 +731,15 @@ class PostgresLedger:
                 _ENSURE_COUNTERS, [r["scope"] for r in missing], [r["ws"] for r in missing]
             )
         raise LedgerUnavailableError(
-            f"could not reserve hold {hold_id!r}: its budget windows kept changing; retry"
+            f"could not reserve hold {hold_id!r}: the store kept changing under it; retry"
         )
 
-    async def _replay_reserve(self, hold_id: str, scopes: tuple[str, ...], nanos: int) -> Hold:
+    async def _replay_reserve(
+        self, hold_id: str, scopes: tuple[str, ...], nanos: int
+    ) -> Hold | None:
         rows = await self._fetch(f"SELECT {_HOLD_COLUMNS} FROM holds WHERE hold_id = $1", hold_id)
-        if not rows:  # the competing insert rolled back: nothing to replay
-            raise LedgerUnavailableError(f"hold {hold_id!r} changed during reserve; retry")
+        if not rows:
+            return None
         row = rows[0]
         if row["state"] == "released" and not row["scopes"]:
             return _hold(row)  # a tombstone: the release came first
@@ -792,7 +788,7 @@ class PostgresLedger:
         hold_id = validate_hold_id(hold_id)
         _check_record(record)
         args = (hold_id, True, *_record_args(record))
-        for _ in range(_DEADLOCK_RETRIES):
+        for _ in range(_RETRIES):
             row = (await self._fetch(_RELEASE_HOLD, *args))[0]
             if row["hold_id"] is None:
                 if row["tomb_at"] is None:
