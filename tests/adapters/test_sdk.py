@@ -224,7 +224,8 @@ async def test_events_arrive_one_by_one(gateway: tuple[Gateway, str]) -> None:
     for series in (arrivals[:5], arrivals[5:]):
         assert len(series) == 5
         gaps = [b - a for a, b in itertools.pairwise(series)]
-        assert all(g > gap * 0.5 for g in gaps), gaps  # not buffered into one burst
+        # Not buffered into one burst (one gap may shrink if a busy machine stalls a read).
+        assert sum(g > gap * 0.5 for g in gaps) >= len(gaps) - 1, gaps
 
 
 async def test_adapters_work_unchanged_on_an_httpx2_client(
