@@ -29,7 +29,7 @@ from gatewaykit.pricing import ModelPrice
 from gatewaykit.settlement import get_context
 from gatewaykit.upstream import Upstream
 from gatewaykit.usage import Usage
-from tests.middleware.conftest import MASTER_KEY, MakeKey, bearer, chat, messages
+from tests.middleware.conftest import MASTER_KEY, PRICES, MakeKey, bearer, chat, messages
 from tests.middleware.fake_ledger import FakeLedger
 
 pytestmark = pytest.mark.anyio
@@ -616,3 +616,92 @@ async def test_fail_open_admits_known_keys_without_a_hold_and_books_later(
     status = await ledger.status("user:alice")
     assert status is not None
     assert status.spent == 2 * 20 * MICRO
+
+
+OPENAI_TYPES = {
+    401: ("invalid_request_error", "invalid_api_key"),
+    400: ("invalid_request_error", None),
+    413: ("invalid_request_error", "request_too_large"),
+    403: ("permission_error", "permission_denied"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    404: ("not_found_error", "model_not_found"),
+    402: ("insufficient_quota", "budget_exceeded"),
+    503: ("api_error", "service_unavailable"),
+}
+ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    400: "invalid_request_error",
+    413: "request_too_large",
+    403: "permission_error",
+    429: "rate_limit_error",
+    404: "not_found_error",
+    402: "billing_error",
+    503: "api_error",
+}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses"])
+async def test_every_refusal_in_the_endpoints_own_envelope(
+    ledger: Ledger, make_key: MakeKey, path: str
+) -> None:
+    if not isinstance(ledger, FakeLedger):
+        pytest.skip("the 503 is simulated with the fake ledger")
+    key, _ = await make_key("alice", rpm=1)
+    broke, _ = await make_key("broke")
+    await ledger.set_budget("user:broke", limit=Decimal(0))
+    upstreams = [
+        Upstream("https://o.example/v1", provider="openai", models=frozenset({"gpt-test"})),
+        Upstream("https://a.example", provider="anthropic", models=frozenset({"claude-test"})),
+    ]
+    mode = StandaloneMode(
+        ledger, prices=PRICES, upstreams=upstreams, unpriced="allow", key_cache_ttl=0
+    )
+    app = Starlette(
+        routes=[Route(path, lambda r: JSONResponse({}), methods=["POST"])],
+        middleware=[Middleware(GatewayMiddleware, mode=mode, max_body_bytes=2000)],
+    )
+    model = "claude-test" if path == "/v1/messages" else "gpt-test"
+    base = messages() if path == "/v1/messages" else chat()
+    if path == "/v1/responses":
+        base = {"model": model, "input": "hi"}
+    base["model"] = model
+    user_field: dict[str, Any] = (
+        {"metadata": {"user_id": "bob"}} if path == "/v1/messages" else {"user": "bob"}
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+
+        async def post(body: Any, token: str, raw: bytes | None = None) -> httpx.Response:
+            headers = bearer(token)
+            if raw is not None:
+                return await client.post(path, content=raw, headers=headers)
+            return await client.post(path, json=body, headers=headers)
+
+        answers = {
+            401: await post(base, "gk_nope_nope"),
+            400: await post(None, key, raw=b"{"),
+            413: await post({**base, "pad": "x" * 3000}, key),
+            403: await post({**base, **user_field}, key),
+            200: await post(base, key),
+            429: await post(base, key),
+            404: await post({**base, "model": "nowhere"}, broke),
+            402: await post(base, broke),
+        }
+        ledger.down = True
+        answers[503] = await post(base, key)
+        ledger.down = False
+    assert answers.pop(200).status_code == 200
+    for status, response in answers.items():
+        assert response.status_code == status, (status, response.text)
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["x-request-id"].startswith("req_")
+        body = response.json()
+        if path == "/v1/messages":
+            assert body["type"] == "error"
+            assert set(body["error"]) >= {"type", "message"}
+            assert body["error"]["type"] == ANTHROPIC_TYPES[status]
+        else:
+            assert set(body) == {"error"}
+            assert set(body["error"]) >= {"message", "type", "param", "code"}
+            assert (body["error"]["type"], body["error"]["code"]) == OPENAI_TYPES[status]
+    assert answers[429].headers["retry-after"]
