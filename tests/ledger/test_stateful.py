@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from gatewaykit.errors import BudgetExceeded, GatewayKitError
-from gatewaykit.ledger.base import Hold, Ledger, Period
+from gatewaykit.ledger.base import Hold, Ledger, Period, UsageRecord
 from tests.ledger.backends import BACKENDS, Backend, FakeClock
 from tests.ledger.model import ModelLedger
 
@@ -124,9 +124,30 @@ class LedgerMachine(RuleBasedStateMachine):
         self.both("settle", hold_id, actual)
 
     @precondition(lambda self: bool(self.params))
+    @rule(data=st.data(), actual=st.sampled_from(AMOUNTS))
+    def settle_with_record(self, data: st.DataObject, actual: Decimal) -> None:
+        """The usage record is written with the transition, once."""
+        hold_id = data.draw(st.sampled_from(sorted(self.params)))
+        record = UsageRecord(
+            request_id=hold_id,
+            model="m",
+            endpoint="/v1/chat/completions",
+            status="success",
+            usage_source="provider",
+            user="alice",
+            input_tokens=3,
+            cost=actual,
+        )
+        self.both("settle", hold_id, actual, record=record)
+
+    @precondition(lambda self: bool(self.params))
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         self.both("release", data.draw(st.sampled_from(sorted(self.params))))
+
+    @rule(scope=st.sampled_from(SCOPES))
+    def delete_budget(self, scope: str) -> None:
+        self.both("delete_budget", scope)
 
     @rule()
     def release_first(self) -> None:
@@ -197,6 +218,7 @@ class LedgerMachine(RuleBasedStateMachine):
         real = self.run(self.ledger.holds(live_only=False, limit=10_000))
         expected = self.run(self.model.holds(live_only=False, limit=10_000))
         assert sorted(real, key=lambda h: h.hold_id) == sorted(expected, key=lambda h: h.hold_id)
+        assert self.run(self.ledger.usage(limit=10_000)) == self.run(self.model.usage(limit=10_000))
 
 
 def _machine(backend: Backend) -> type[Any]:
