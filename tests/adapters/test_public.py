@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import MutableMapping
+from typing import Any
 
+import httpx
 import pytest
 
 import gatewaykit.adapters
+
+pytestmark = pytest.mark.anyio
 
 EXPECTED = [
     "ChatStreamUsage",
@@ -54,3 +59,18 @@ def test_malformed_stream_error_is_in_the_one_exception_tree() -> None:
 
     assert issubclass(gatewaykit.adapters.MalformedStreamError, GatewayKitError)
     assert issubclass(gatewaykit.adapters.MalformedStreamError, ValueError)
+
+
+async def test_an_adapter_without_the_middleware_names_it() -> None:
+    from gatewaykit.errors import SettlementMissingError
+
+    endpoint = gatewaykit.adapters.openai_chat_completions(client=httpx.AsyncClient())
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        raise AssertionError("nothing may be sent")
+
+    with pytest.raises(SettlementMissingError, match="GatewayMiddleware"):
+        await endpoint({"type": "http", "headers": []}, receive, send)
