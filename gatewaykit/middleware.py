@@ -321,7 +321,10 @@ class _GatedCall:
     # -- serving ---------------------------------------------------------------------
     async def _serve(self, context: GatewayContext) -> None:
         settlement = context.settlement
-        scope = {**self.scope, SCOPE_KEY: context}
+        # Written into the server's scope (not a copy), as SessionMiddleware does, so what
+        # the app records there (route, path params) stays visible to outer middleware.
+        scope = self.scope
+        scope[SCOPE_KEY] = context
         interval = self.mw.heartbeat_interval
         if interval is None:
             interval = getattr(settlement, "heartbeat_interval", None)

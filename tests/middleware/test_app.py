@@ -458,3 +458,20 @@ async def test_middleware_configuration_is_validated(
 
 def test_usage_extractor_protocol() -> None:
     assert isinstance(LineExtractor(), UsageExtractor)
+
+
+async def test_outer_middleware_sees_what_the_app_wrote_into_the_scope(
+    wrapped: Callable[..., ASGIApp], make_key: MakeKey, state: dict[str, Any]
+) -> None:
+    key, _ = await make_key("alice")
+    state["lines"] = [b'{"usage": {"in": 1, "out": 1}}\n']
+    inner = wrapped()
+    seen: dict[str, Any] = {}
+
+    async def outer(scope: Any, receive: Any, send: Any) -> None:
+        await inner(scope, receive, send)
+        seen.update(scope)
+
+    await call(outer, json_body=chat(), headers=bearer(key))
+    assert seen["gatewaykit"].settlement is state["settlement"]
+    assert seen["route"].path == "/v1/chat/completions"  # recorded by the router
