@@ -290,7 +290,7 @@ async def test_sdk_error_classes_for_gateway_errors(build: Build, ledger: SQLite
             return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=2)
 
         def ant(key: str) -> anthropic.AsyncAnthropic:
-            return anthropic.AsyncAnthropic(base_url=url, api_key=key, max_retries=0)
+            return anthropic.AsyncAnthropic(base_url=url, api_key=key, max_retries=2)
 
         cases: list[tuple[str, type[openai.APIStatusError], type[anthropic.APIStatusError]]] = [
             ("gk-wrong-key", openai.AuthenticationError, anthropic.AuthenticationError),
@@ -308,6 +308,7 @@ async def test_sdk_error_classes_for_gateway_errors(build: Build, ledger: SQLite
                     await anthropic_client.messages.create(
                         model="test-model", max_tokens=10, messages=MESSAGES_PARAM
                     )
+            assert requests == before + 2  # neither SDK retried
             assert caught.value.status_code == caught_a.value.status_code
         assert caught.value.status_code == 402
         async with oai(limited) as client:
