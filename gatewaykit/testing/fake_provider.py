@@ -167,7 +167,12 @@ class FakeProvider:
         if self.api_key is not None and not self._authorized(headers):
             await _respond(send, 401, _error_body(wire, 401, "invalid api key"))
             return
-        behavior = self._behavior_for(body["model"], headers)
+        try:
+            behavior = self._behavior_for(body["model"], headers)
+        except (ValueError, TypeError) as exc:
+            message = f"bad x-fake-behavior header: {exc}"
+            await _respond(send, 400, _error_body(wire, 400, message))
+            return
         if behavior.first_byte_delay:
             await anyio.sleep(behavior.first_byte_delay)
         if behavior.fail_status is not None:
@@ -197,6 +202,8 @@ class FakeProvider:
         override = headers.get("x-fake-behavior")
         if override:
             fields = json.loads(override)
+            if not isinstance(fields, dict):
+                raise ValueError("it must be a JSON object of FakeBehavior fields")
             if isinstance(fields.get("fail_body"), str):
                 fields["fail_body"] = fields["fail_body"].encode()
             behavior = dataclasses.replace(behavior, **fields)
@@ -228,7 +235,8 @@ class FakeProvider:
         send: _Send,
     ) -> None:
         builder = _BUILDERS[wire]
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
         events = builder.stream(body["model"], behavior, number, include_usage)
         await send(
             {

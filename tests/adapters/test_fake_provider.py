@@ -77,6 +77,10 @@ async def test_auth_model_behaviors_and_header_override(
     override = {"x-fake-behavior": json.dumps({"fail_status": 418, "fail_body": "teapot"})}
     teapot = await client.post("/v1/chat/completions", json={"model": "m"}, headers=override)
     assert (teapot.status_code, teapot.text) == (418, "teapot")
+    unknown = {"x-fake-behavior": json.dumps({"no_such_knob": 1})}
+    rejected = await client.post("/v1/chat/completions", json={"model": "m"}, headers=unknown)
+    assert rejected.status_code == 400
+    assert "x-fake-behavior" in rejected.json()["error"]["message"]
     bad = await client.post("/v1/chat/completions", content=b"{")
     assert bad.status_code == 400
     missing = await client.post("/v1/nothing", json={"model": "m"})
