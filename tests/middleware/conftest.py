@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any
@@ -29,19 +30,37 @@ UPSTREAMS = (
 MakeKey = Callable[..., Awaitable[tuple[str, ApiKeyRecord]]]
 
 
-@pytest.fixture(params=["fake", "sqlite"])
-async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[Ledger]:
-    if request.param == "fake":
+@contextlib.asynccontextmanager
+async def open_backend(name: str) -> AsyncIterator[Ledger]:
+    """A fresh ledger of backend ``name``; its invariants are checked when it closes."""
+    if name == "fake":
         fake = FakeLedger()
         yield fake
         assert await fake.check() == []
         return
-    from gatewaykit.ledger.sqlite import SQLiteLedger
+    if name == "sqlite":
+        from gatewaykit.ledger.sqlite import SQLiteLedger
 
-    real = SQLiteLedger(":memory:")
-    async with real:
-        yield real
-        assert await real.check() == []
+        real: Ledger = SQLiteLedger(":memory:")
+        async with real:  # type: ignore[attr-defined]
+            yield real
+            assert await real.check() == []
+        return
+    from gatewaykit.ledger.postgres import PostgresLedger
+    from tests.ledger.backend_postgres import DSN, fresh_schema
+
+    async with (
+        fresh_schema("gk_mw") as schema,
+        PostgresLedger(DSN, schema=schema, pool_max=4) as pg,
+    ):
+        yield pg
+        assert await pg.check() == []
+
+
+@pytest.fixture(params=["fake", "sqlite"])
+async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[Ledger]:
+    async with open_backend(request.param) as opened:
+        yield opened
 
 
 @pytest.fixture

@@ -23,9 +23,17 @@ from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.settlement import SCOPE_KEY, GatewayContext
 from gatewaykit.usage import Usage, UsageSource
 from tests.asgi import Exchange, call
-from tests.middleware.conftest import MakeKey, bearer, chat
+from tests.middleware.conftest import MakeKey, bearer, chat, open_backend
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["fake", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[Ledger]:
+    """Every settlement path against every ledger backend."""
+    async with open_backend(request.param) as opened:
+        yield opened
+
 
 Endpoint = Callable[[Request], Any]
 MICRO = Decimal("0.000001")
