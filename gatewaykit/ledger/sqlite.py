@@ -158,7 +158,7 @@ class _Store:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.c = conn
-        self.budget_cache: dict[str, tuple[int | None, Period]] = {}
+        self.budget_cache: dict[str, tuple[int | None, Period] | None] = {}
         #: (scope, window) -> [spent, reserved]: committed values plus pending changes.
         self.counters: dict[tuple[str, int], list[int]] = {}
         #: Windows whose counter row exists in the database.
@@ -272,16 +272,14 @@ class _Store:
 
     # -- helpers -----------------------------------------------------------------------
     def budget(self, scope: str) -> tuple[int | None, Period] | None:
-        cached = self.budget_cache.get(scope)
-        if cached is not None:
-            return cached
+        """The scope's (limit, period), or None without a budget (both cached)."""
+        if scope in self.budget_cache:
+            return self.budget_cache[scope]
         row = self.c.execute(
             "SELECT limit_nanos, period_kind, period_seconds FROM budgets WHERE scope = ?",
             (scope,),
         ).fetchone()
-        if row is None:
-            return None
-        budget = (row[0], Period(row[1], row[2]))
+        budget = None if row is None else (row[0], Period(row[1], row[2]))
         self.budget_cache[scope] = budget
         return budget
 
@@ -437,7 +435,7 @@ class _Store:
 
     def delete_budget(self, now: int, scope: str) -> bool:
         self.flush()
-        self.budget_cache.pop(scope, None)
+        self.budget_cache[scope] = None
         return self.c.execute("DELETE FROM budgets WHERE scope = ?", (scope,)).rowcount > 0
 
     def get_status(self, now: int, scope: str) -> BudgetStatus | None:
