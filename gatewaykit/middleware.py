@@ -427,6 +427,8 @@ class _GatedCall:
                 if name not in headers:
                     headers.append(name, value)
             headers[self.mw.request_id_header] = self.request_id
+        elif kind == "http.response.pathsend":  # the ASGI extension ends a file response
+            self.response_complete = True
         elif kind == "http.response.body":
             if not message.get("more_body", False):
                 self.response_complete = True

@@ -518,3 +518,24 @@ async def test_disconnect_at_each_point_of_a_stream_settles_once(
     assert record.status == outcome.status
     assert await spent(ledger) == outcome.charged
     await no_live_holds(ledger)
+
+
+async def test_a_pathsend_response_counts_as_complete(
+    ledger: Ledger, make_mode: Callable[..., StandaloneMode], key: str
+) -> None:
+    async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.pathsend", "path": "/dev/null"})
+        await anyio.sleep(0.01)  # the disconnect that follows must not cancel this
+
+    ex = await call(
+        GatewayMiddleware(raw_app, mode=make_mode()),
+        json_body=BODY,
+        headers=bearer(key),
+        disconnect=lambda sent: sent[-1]["type"] == "http.response.pathsend",
+    )
+    assert ex.status == 200
+    (record,) = await ledger.usage()
+    assert record.status == "no_usage"
+    await no_live_holds(ledger)
