@@ -284,7 +284,11 @@ class _Exchange:
     async def _watch_disconnect(self, scope: anyio.CancelScope) -> None:
         try:
             while True:
-                message = await self.receive()
+                try:
+                    message = await self.receive()
+                except Exception:  # a server that cannot receive has lost the client
+                    logger.debug("receive() failed; treating it as a disconnect", exc_info=True)
+                    message = {"type": "http.disconnect"}
                 if message["type"] == "http.disconnect":
                     if not self.finished:
                         self.disconnected = True

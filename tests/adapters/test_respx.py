@@ -356,3 +356,26 @@ async def test_a_last_event_without_its_blank_line_still_counts(
     assert ex.chunks == [content("a"), b"data: [DONE]\n"]
     assert shim.settlement.call.status == "success"
     assert shim.settlement.call.sent == 2  # settled before the final message
+
+
+async def test_a_failing_receive_counts_as_a_disconnect(client: httpx.AsyncClient) -> None:
+    with respx.mock:
+        respx.post(f"{OPENAI}/v1/chat/completions").mock(
+            return_value=sse_response([content("a"), USAGE, DONE])
+        )
+        shim = Shim(openai_chat_completions(client=client), CHAT, [upstream_for(CHAT)])
+        body = json.dumps(CHAT.body(stream=True)).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            raise OSError("connection lost")
+
+        async def send(message: dict[str, Any]) -> None:
+            await anyio.sleep(0.01)
+
+        scope = {"type": "http", "headers": [], "path": CHAT.path, "method": "POST"}
+        with anyio.fail_after(2):
+            await shim(scope, receive, send)
+    assert shim.settlement.call.status == "incomplete"
