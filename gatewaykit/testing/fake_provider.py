@@ -675,7 +675,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    parser = argparse.ArgumentParser(description="Serve gatewaykit's fake LLM provider.")
+    parser = argparse.ArgumentParser(
+        prog="python -m gatewaykit.testing", description="Serve gatewaykit's fake LLM provider."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--events", type=int, default=4)
