@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import importlib
 import json
@@ -172,28 +173,101 @@ async def _count(app: Any, raw: bytes, n: int) -> None:
     await _lifespan_run(app, body)
 
 
-def callgrind(names: list[str], n: int, stream: bool) -> dict[str, float]:
+def _parts() -> dict[str, Callable[[], Awaitable[None]]]:
+    """Pieces of gatewaykit's per-request and per-event work, to cost one at a time."""
+    import anyio
+
+    from gatewaykit.adapters.openai_chat import ChatStreamUsage
+    from gatewaykit.adapters.sse import SSESplitter
+
+    never = anyio.Event()
+    event = _payload(gw_fake._EVENT)
+
+    async def waiter() -> None:
+        await never.wait()
+
+    async def one_task() -> None:  # the adapter's per-request disconnect watcher
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            tg.cancel_scope.cancel()
+
+    async def two_tasks() -> None:  # the middleware's disconnect watcher + heartbeat
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            tg.start_soon(anyio.sleep, 3600)
+            tg.cancel_scope.cancel()
+
+    async def asyncio_task() -> None:  # reference: a bare asyncio task, cancelled
+        task = asyncio.get_running_loop().create_task(never.wait())
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def shield() -> None:
+        with anyio.CancelScope(shield=True):  # noqa: ASYNC100 -- costing the scope itself
+            pass
+
+    async def fail_after_none() -> None:  # _Exchange._attempt's fail_after(None)
+        with anyio.fail_after(None):  # noqa: ASYNC100 -- costing the scope itself
+            pass
+
+    splitter, extractor = SSESplitter(), ChatStreamUsage()
+
+    async def sse_event() -> None:  # per streamed event: split + usage extraction
+        for item in splitter.feed(event):
+            extractor.observe(item)
+
+    async def sse_split_only() -> None:
+        splitter.feed(event)
+
+    return {
+        "anyio task group + 1 task, cancelled": one_task,
+        "anyio task group + 2 tasks, cancelled": two_tasks,
+        "asyncio task, cancelled (reference)": asyncio_task,
+        "anyio CancelScope(shield=True)": shield,
+        "anyio fail_after(None)": fail_after_none,
+        "SSE event: split + ChatStreamUsage.observe": sse_event,
+        "SSE event: split only": sse_split_only,
+    }
+
+
+async def _run_part(name: str, n: int) -> float:
+    fn = _parts()[name]
+    for _ in range(100):
+        await fn()
+    t0 = time.thread_time()
+    for _ in range(n):
+        await fn()
+    return (time.thread_time() - t0) / max(n, 1) * 1e6
+
+
+def _instructions(what: list[str], count: int, stream: bool) -> int:
+    cmd = [
+        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+        sys.executable, "-m", "tests.benchmarks.gw_micro", *what,
+        "--count", str(count), *(["--stream"] if stream else []),
+    ]  # fmt: skip
+    err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    match = re.search(r"Collected : (\d+)", err)
+    assert match, err[-2000:]
+    return int(match.group(1))
+
+
+def callgrind(names: list[str], n: int, stream: bool | None) -> dict[str, float]:
     """Instructions per request under valgrind (deterministic, immune to other tenants).
 
-    Two runs per app, with 0 and ``n`` measured requests; the difference divided by ``n``
-    cancels interpreter start-up and imports.
+    Runs with 0 and ``n`` measured requests (or calls of a part); the difference divided
+    by ``n`` cancels interpreter start-up and imports. Parts share one baseline.
     """
     out: dict[str, float] = {}
+    base: int | None = None
     for name in names:
-        counts = []
-        for k in (0, n):
-            cmd = [
-                "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                sys.executable, "-m", "tests.benchmarks.gw_micro", "--app", name,
-                "--count", str(k), *(["--stream"] if stream else []),
-            ]  # fmt: skip
-            err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
-            match = re.search(r"Collected : (\d+)", err)
-            assert match, err[-2000:]
-            counts.append(int(match.group(1)))
-        out[name] = (counts[1] - counts[0]) / n
-        kind = "stream" if stream else "request"
-        print(f"{name:48s} {out[name] / 1e6:7.3f} M instructions per {kind}", flush=True)
+        what = ["--part", name] if stream is None else ["--app", name]
+        if base is None or stream is not None:
+            base = _instructions(what, 0, bool(stream))
+        out[name] = (_instructions(what, n, bool(stream)) - base) / n
+        kind = "call" if stream is None else "stream" if stream else "request"
+        print(f"{name:48s} {out[name] / 1e3:9.1f} k instructions per {kind}", flush=True)
     return out
 
 
@@ -203,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--only", default="", help="run only apps whose name contains this")
     parser.add_argument("--callgrind", type=int, default=0, help="count instructions over N")
+    parser.add_argument("--parts", action="store_true", help="cost the pieces one by one")
     parser.add_argument("--app", help=argparse.SUPPRESS)
+    parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -211,6 +287,18 @@ def main(argv: list[str] | None = None) -> None:
         run: Callable[[Any], Any] = importlib.import_module("uvloop").run
     except ImportError:
         run = asyncio.run
+    if args.part:  # one child run under valgrind
+        run(_run_part(args.part, args.count))
+        return
+    if args.parts:
+        names = [n for n in _parts() if args.only in n]
+        if args.callgrind:
+            callgrind(names, args.callgrind, stream=None)
+            return
+        for name in names:
+            cpu = statistics.median(run(_run_part(name, args.n)) for _ in range(5))
+            print(f"{name:48s} {cpu:7.2f} µs thread CPU per call", flush=True)
+        return
     if args.callgrind:
         with tempfile.TemporaryDirectory() as tmpdir:
             names = [n for n in apps(tmpdir, "gk_x_y") if args.only in n]
