@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -331,6 +332,14 @@ async def test_f14_killed_mid_transaction_reopens_consistent(tmp_path: Path) -> 
         assert status is not None
         assert status.held == D("0.01") * len(live)
         assert len(live) >= 4 * 3  # each run acknowledged unsettled holds before dying
+    # F9: the dead processes' holds expire on their own (TTL 3600 s), never earlier.
+    later = time.time() + 3601
+    async with SQLiteLedger(str(path), clock=lambda: later) as ledger:
+        assert await ledger.sweep() == len(live)
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert status.held == 0
+        assert await ledger.check() == []
 
 
 async def test_a_failing_operation_fails_alone_in_its_batch(tmp_path: Path) -> None:
