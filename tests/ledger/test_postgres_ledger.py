@@ -79,6 +79,59 @@ async def test_f1_concurrent_reserves_admit_exactly_the_capacity(
         assert await ledger.check() == []
 
 
+async def test_queued_reserves_on_one_budget_share_round_trips(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes: list[int] = []
+    run_batch = PostgresLedger._run_batch
+
+    async def spy(self: PostgresLedger, sql: str, batch: list[Any]) -> None:
+        sizes.append(len(batch))
+        await run_batch(self, sql, batch)
+
+    monkeypatch.setattr(PostgresLedger, "_run_batch", spy)
+    async with PostgresLedger(DSN, schema=schema, pool_max=4) as ledger:
+        await ledger.set_budget("user:a", limit=AMOUNT * 100)
+        await ledger.reserve("warm", ["user:a"], AMOUNT, ttl=60)  # counter rows exist
+        sizes.clear()
+        admitted, _ = await _reserve_all([ledger], 80, ["user:a"])
+        assert len(admitted) == 80
+        assert sum(sizes) == 80
+        assert max(sizes) > 1, sizes
+
+
+async def test_a_deadlocked_batch_is_rerun_one_by_one(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If PostgreSQL aborts a grouped batch (deadlock), nothing of it committed: each
+    operation is sent again on its own and gets its own, correct reply."""
+    async with PostgresLedger(DSN, schema=schema, pool_max=4) as ledger:
+        await ledger.set_budget("user:a", limit=AMOUNT * 30)
+        await ledger.reserve("warm", ["user:a"], AMOUNT, ttl=60)
+        failed: list[int] = []
+
+        @contextlib.asynccontextmanager
+        async def conn_failing_batches() -> Any:
+            async with original() as conn:
+
+                class Wrapped:
+                    def __getattr__(self, name: str) -> Any:
+                        return getattr(conn, name)
+
+                    async def fetchmany(self, sql: str, args: list[Any]) -> Any:
+                        failed.append(len(args))
+                        raise asyncpg.DeadlockDetectedError("deadlock detected")
+
+                yield Wrapped()
+
+        original = ledger._conn
+        monkeypatch.setattr(ledger, "_conn", conn_failing_batches)
+        admitted, refused = await _reserve_all([ledger], 60, ["user:a"])
+        assert failed, "no batch was formed"
+        assert (len(admitted), refused) == (29, 31)
+        assert await ledger.check() == []
+
+
 async def test_two_instances_with_separate_pools_never_over_admit(schema: str) -> None:
     async with (
         PostgresLedger(DSN, schema=schema, pool_max=4) as one,
