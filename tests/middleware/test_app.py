@@ -475,3 +475,20 @@ async def test_outer_middleware_sees_what_the_app_wrote_into_the_scope(
     await call(outer, json_body=chat(), headers=bearer(key))
     assert seen["gatewaykit"].settlement is state["settlement"]
     assert seen["route"].path == "/v1/chat/completions"  # recorded by the router
+
+
+async def test_a_mode_without_authenticate_gets_the_body_error_first() -> None:
+    resolved: list[str] = []
+
+    class ResolveOnly:
+        async def resolve(self, request: Any) -> Any:  # pragma: no cover - never reached
+            resolved.append(request.request_id)
+            raise AssertionError
+
+    async def app(scope: Any, receive: Any, send: Any) -> None: ...  # pragma: no cover
+
+    gated = GatewayMiddleware(app, mode=ResolveOnly())
+    ex = await call(gated, "/v1/messages", body=b"{oops")
+    assert ex.status == 400
+    assert ex.json()["error"]["type"] == "invalid_request_error"
+    assert resolved == []
