@@ -24,6 +24,7 @@ from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.settlement import Settlement
 from gatewaykit.usage import Usage
 from tests.middleware.conftest import MakeKey, bearer, chat
+from tests.middleware.fake_ledger import FakeLedger
 
 pytestmark = pytest.mark.anyio
 MICRO = Decimal("0.000001")
@@ -52,12 +53,16 @@ async def serve() -> AsyncIterator[Callable[[Any], Any]]:
             server.should_exit = True
 
 
+@pytest.mark.parametrize("heartbeat", [None, 0.01])
 async def test_client_leaving_mid_stream_is_noticed_while_the_upstream_is_silent(
     ledger: Ledger,
     make_mode: Callable[..., StandaloneMode],
     make_key: MakeKey,
     serve: Callable[[Any], Any],
+    heartbeat: float | None,
 ) -> None:
+    """With a short heartbeat the pending receive() is cancelled and re-issued many times
+    before the client leaves; uvicorn must still deliver the disconnect."""
     key, _ = await make_key("alice")
     settlements: list[Settlement] = []
     cancelled = anyio.Event()
@@ -79,7 +84,7 @@ async def test_client_leaving_mid_stream_is_noticed_while_the_upstream_is_silent
 
     app = Starlette(
         routes=[Route("/v1/chat/completions", endpoint, methods=["POST"])],
-        middleware=[Middleware(GatewayMiddleware, mode=make_mode())],
+        middleware=[Middleware(GatewayMiddleware, mode=make_mode(), heartbeat_interval=heartbeat)],
     )
     base = await serve(app)
     async with (
@@ -90,7 +95,9 @@ async def test_client_leaving_mid_stream_is_noticed_while_the_upstream_is_silent
     ):
         assert response.status_code == 200
         async for _ in response.aiter_raw():
-            break  # leave after the first chunk
+            break
+        await anyio.sleep(0.1)  # several heartbeats while the upstream is silent
+        # then leave
     with anyio.fail_after(5):
         await cancelled.wait()
         while not settlements[0].done:  # noqa: ASYNC110 - settled by the middleware
@@ -99,6 +106,8 @@ async def test_client_leaving_mid_stream_is_noticed_while_the_upstream_is_silent
     assert outcome is not None
     assert outcome.status == "incomplete"
     assert outcome.charged == (1 + 2 * 5) * MICRO  # prompt estimate + ceil(20/4) output
+    if heartbeat is not None and isinstance(ledger, FakeLedger):
+        assert ledger.extends >= 3
     assert await ledger.holds() == []
 
 
