@@ -217,7 +217,9 @@ async def serve(app: Any) -> AsyncIterator[str]:
     sock.close()
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: the anyio plugin keeps its event loop running while a
+# higher-scoped async fixture lives, and later modules' own anyio.run() would then fail.
+@pytest.fixture(scope="module")
 async def provider_server() -> AsyncIterator[tuple[FakeProvider, str]]:
     fake = FakeProvider(behavior=BEHAVIOR, api_key="sk-upstream")
     async with serve(fake) as url:

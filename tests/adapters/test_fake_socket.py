@@ -32,7 +32,7 @@ from tests.asgi import Exchange, call
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with default_client() as http:
         yield http

@@ -60,7 +60,7 @@ class Gateway:
             shim.settlements.clear()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def gateway_server(
     provider_server: tuple[FakeProvider, str],
 ) -> AsyncIterator[tuple[Gateway, str]]:
