@@ -94,10 +94,10 @@ async def test_client_leaving_mid_stream_is_noticed_while_the_upstream_is_silent
         ) as response,
     ):
         assert response.status_code == 200
-        async for _ in response.aiter_raw():
-            break
-        await anyio.sleep(0.1)  # several heartbeats while the upstream is silent
-        # then leave
+        chunks = response.aiter_raw()  # kept referenced: the connection stays open
+        assert await chunks.__anext__() == b"data: first\n\n"
+        await anyio.sleep(0.1)  # the upstream is silent; heartbeats run
+    # leaving the block closes the connection
     with anyio.fail_after(5):
         await cancelled.wait()
         while not settlements[0].done:  # noqa: ASYNC110 - settled by the middleware
