@@ -599,6 +599,7 @@ class PostgresLedger:
         self._pool = pool
 
     async def aclose(self) -> None:
+        """Close the pool (waits for operations in flight); idempotent."""
         pool, self._pool = self._pool, None
         if pool is not None:
             with anyio.CancelScope(shield=True):
@@ -659,6 +660,7 @@ class PostgresLedger:
     async def set_budget(
         self, scope: str, *, limit: Decimal | None, period: Period = _NO_PERIOD
     ) -> BudgetStatus:
+        """Create or change a budget; it applies to the current window at once."""
         (scope,) = validate_scopes([scope])
         if not isinstance(period, Period):
             period = Period.parse(period)
@@ -678,11 +680,13 @@ class PostgresLedger:
         return status
 
     async def delete_budget(self, scope: str) -> bool:
+        """Remove a budget's limit; counters and history stay. False if there was none."""
         (scope,) = validate_scopes([scope])
         rows = await self._fetch("DELETE FROM budgets WHERE scope = $1 RETURNING 1", scope)
         return bool(rows)
 
     async def status(self, scope: str) -> BudgetStatus | None:
+        """The scope's current window, or None if the ledger never saw the scope."""
         (scope,) = validate_scopes([scope])
         rows = await self._fetch(_STATUS_ONE, scope)
         row = rows[0]
@@ -691,6 +695,7 @@ class PostgresLedger:
         return _status(row)
 
     async def budgets(self) -> list[BudgetStatus]:
+        """Every known scope's current window, sorted by scope."""
         rows = await self._fetch(_STATUS_ALL)
         return sorted((_status(r) for r in rows), key=lambda s: s.scope)
 
@@ -698,6 +703,10 @@ class PostgresLedger:
     async def reserve(
         self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
     ) -> Hold:
+        """Hold ``amount`` on every scope or none (one statement); BudgetExceeded if refused.
+
+        Due holds on the same scopes are expired first. A replay returns the stored hold.
+        """
         hold_id = validate_hold_id(hold_id)
         scope_t = validate_scopes(scopes)
         nanos = to_nanos(amount)
@@ -762,6 +771,10 @@ class PostgresLedger:
     async def settle(
         self, hold_id: str, actual: Decimal, *, record: UsageRecord | None = None
     ) -> Hold:
+        """Charge ``actual`` into the hold's window, release the rest, write ``record``.
+
+        One statement; after expiry it is a late charge. A replay returns the stored hold.
+        """
         hold_id = validate_hold_id(hold_id)
         nanos = to_nanos(actual)
         _check_record(record)
@@ -785,6 +798,7 @@ class PostgresLedger:
         return _hold(row)
 
     async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> Hold:
+        """Refund a live hold; a release of an unknown id leaves a tombstone."""
         hold_id = validate_hold_id(hold_id)
         _check_record(record)
         args = (hold_id, True, *_record_args(record))
@@ -808,6 +822,7 @@ class PostgresLedger:
         raise LedgerUnavailableError(f"could not release hold {hold_id!r}; retry")
 
     async def extend(self, hold_id: str, *, ttl: float) -> Hold:
+        """Heartbeat: move a live hold's expiry to now + ``ttl`` (never earlier)."""
         hold_id = validate_hold_id(hold_id)
         ttl_td = timedelta(microseconds=_us(validate_ttl(ttl)))
         rows = await self._fetch(_EXTEND, hold_id, ttl_td)
@@ -820,11 +835,13 @@ class PostgresLedger:
         return _hold(row, expires_at=row["new_expires"])
 
     async def get_hold(self, hold_id: str) -> Hold | None:
+        """The hold as stored, or None."""
         hold_id = validate_hold_id(hold_id)
         rows = await self._fetch(f"SELECT {_HOLD_COLUMNS} FROM holds WHERE hold_id = $1", hold_id)
         return _hold(rows[0]) if rows else None
 
     async def holds(self, *, live_only: bool = True, limit: int = 1000) -> list[Hold]:
+        """Holds, newest first."""
         where = "WHERE state = 'held' " if live_only else ""
         rows = await self._fetch(
             f"SELECT {_HOLD_COLUMNS} FROM holds {where}ORDER BY created_at DESC, seq DESC LIMIT $1",
@@ -846,6 +863,7 @@ class PostgresLedger:
                 return total
 
     async def check(self) -> list[str]:
+        """Invariant violations (counters equal their holds, exactly); empty when healthy."""
         problems: list[str] = []
         for row in await self._fetch(_CHECK_COUNTERS):
             where = f"{row['scope']} (window starting {row['ws'].isoformat()})"
@@ -946,6 +964,7 @@ class PostgresLedger:
 
     # -- usage records -----------------------------------------------------------------
     async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
+        """Usage records, newest first."""
         where = "WHERE user_id = $2 " if user is not None else ""
         args: tuple[Any, ...] = (_limit(limit), user) if user is not None else (_limit(limit),)
         rows = await self._fetch(
@@ -975,6 +994,7 @@ class PostgresLedger:
 
     # -- API keys ------------------------------------------------------------------------
     async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord:
+        """Store an API key (its hash only); a duplicate id or hash is a ConfigurationError."""
         if not isinstance(record, ApiKeyRecord):
             raise ConfigurationError("create_key needs an ApiKeyRecord")
         try:
@@ -1002,18 +1022,21 @@ class PostgresLedger:
         return dataclasses.replace(record, created_at=rows[0]["created_at"])
 
     async def find_key(self, key_hash: str) -> ApiKeyRecord | None:
+        """The key with this SHA-256 hash, or None."""
         rows = await self._fetch(
             f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1", key_hash
         )
         return _key(rows[0]) if rows else None
 
     async def revoke_key(self, key_id: str) -> bool:
+        """Revoke; False if no such key."""
         rows = await self._fetch(
             "UPDATE api_keys SET revoked = true WHERE key_id = $1 RETURNING 1", key_id
         )
         return bool(rows)
 
     async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]:
+        """Keys in creation order, optionally of one user."""
         if user is None:
             rows = await self._fetch(f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY seq")
         else:
