@@ -33,8 +33,9 @@ LANGUAGE sql VOLATILE AS $$
 $$;
 
 -- Start of the window containing t, for a budget period (mirrors Period.window).
+-- STABLE, like extract() in its body, so the planner inlines it.
 CREATE FUNCTION gk_window_start(kind text, seconds bigint, t timestamptz)
-RETURNS timestamptz LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT CASE coalesce(kind, 'none')
         WHEN 'none' THEN timestamptz '1970-01-01 00:00:00+00'
         WHEN 'rolling' THEN to_timestamp(
@@ -68,7 +69,7 @@ CREATE TABLE counters (
 ) WITH (fillfactor = 50);
 
 CREATE TABLE holds (
-    seq        bigserial NOT NULL UNIQUE,
+    seq        bigserial NOT NULL,  -- insertion order, for listings (holds_recent)
     hold_id    text PRIMARY KEY,
     scopes     text[] NOT NULL,
     windows    timestamptz[] NOT NULL,  -- window start per scope, aligned with scopes
