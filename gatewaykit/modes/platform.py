@@ -31,7 +31,7 @@ from typing import Any, Literal
 import anyio
 
 from gatewaykit.envelopes import WireFormat
-from gatewaykit.errors import ConfigurationError, ErrorKind, RequestRejected
+from gatewaykit.errors import ConfigurationError, ErrorKind, InvalidAmountError, RequestRejected
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.outbox.base import Outbox
 from gatewaykit.outbox.sender import OutboxSender, RetryPolicy
@@ -268,7 +268,15 @@ class PlatformMode:
         amount = Decimal(0)
         price = None if self.prices is None else self.prices.lookup(request.model)
         if price is not None:
-            amount = estimate_cost(price, prompt_tokens=prompt_tokens, max_output_tokens=max_output)
+            try:
+                amount = estimate_cost(
+                    price, prompt_tokens=prompt_tokens, max_output_tokens=max_output
+                )
+            except InvalidAmountError:
+                raise RequestRejected(
+                    ErrorKind.INVALID_REQUEST,
+                    f"the request's output token limit ({max_output}) is too large to budget for",
+                ) from None
         return RequestEstimate(
             prompt_tokens=prompt_tokens, max_output_tokens=max_output, amount=amount
         )

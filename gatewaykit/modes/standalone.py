@@ -42,6 +42,7 @@ from gatewaykit.errors import (
     ConfigurationError,
     ErrorKind,
     HoldClosedError,
+    InvalidAmountError,
     LedgerError,
     LedgerUnavailableError,
     RequestRejected,
@@ -305,11 +306,7 @@ class StandaloneMode:
         max_output = request.max_output_tokens
         if max_output is None:
             max_output = self.default_max_output_tokens
-        amount = (
-            Decimal(0)
-            if price is None
-            else estimate_cost(price, prompt_tokens=prompt_tokens, max_output_tokens=max_output)
-        )
+        amount = Decimal(0) if price is None else _estimate_cost(price, prompt_tokens, max_output)
         scopes = [f"user:{user}"]
         if key_id is not None:
             scopes.append(f"key:{key_id}")
@@ -569,6 +566,17 @@ class StandaloneSettlement(Settlement):
             refunded=amount is None,
             error=error,
         )
+
+
+def _estimate_cost(price: ModelPrice, prompt_tokens: int, max_output: int) -> Decimal:
+    """The hold for a request; an output cap no ledger could hold is the client's 400."""
+    try:
+        return estimate_cost(price, prompt_tokens=prompt_tokens, max_output_tokens=max_output)
+    except InvalidAmountError:
+        raise RequestRejected(
+            ErrorKind.INVALID_REQUEST,
+            f"the request's output token limit ({max_output}) is too large to budget for",
+        ) from None
 
 
 def _with_source(usage: Usage, source: UsageSource) -> Usage:
