@@ -518,7 +518,14 @@ class StandaloneSettlement(Settlement):
         else:  # incomplete, or error after commit: charge what was consumed
             charge = self._observed(usage)
         if charge is not None and amount is None:
-            amount = self._cost(charge)
+            try:
+                amount = self._cost(charge)
+            except InvalidAmountError:
+                # Usage no ledger can price is a bogus report; never leave the hold live
+                # over it: charge the whole hold and say why in the record.
+                amount = self.estimate.amount
+                note = "reported usage is too large to price; charged the hold"
+                error = f"{note} ({error})" if error else note
         record = UsageRecord(
             request_id=self.request_id,
             model=self.model,

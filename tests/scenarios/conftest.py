@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -91,12 +92,12 @@ def build(
         *,
         routes: dict[str, Any] | None = None,
         models: frozenset[str] | None = None,
+        base: str | None = None,
         **options: Any,
     ) -> Starlette:
         options.setdefault("master_key", MASTER)
-        mode = StandaloneMode(
-            ledger, prices={"test-model": PRICE}, upstreams=upstreams(url, models=models), **options
-        )
+        configured = upstreams(base or url, models=models)
+        mode = StandaloneMode(ledger, prices={"test-model": PRICE}, upstreams=configured, **options)
         return Starlette(
             routes=gateway_routes(client=client, **(routes or {})),
             middleware=[Middleware(GatewayMiddleware, mode=mode)],
@@ -109,3 +110,52 @@ async def spent(ledger: Any, scope: str = "user:alice") -> Decimal:
     status = await ledger.status(scope)
     assert status is not None
     return status.spent
+
+
+class Scripted:
+    """An upstream that answers every request with ``status`` and the byte ``chunks``,
+    then ends the response normally, or drops the connection when ``drop`` is set."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.chunks: list[bytes] = []
+        self.drop = False
+        self.gap = 0.0  # seconds between chunks (so they arrive as separate reads)
+        self.requests = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.requests += 1
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self.status,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        for index, chunk in enumerate(self.chunks):
+            if index and self.gap:
+                await anyio.sleep(self.gap)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if self.drop:
+            raise RuntimeError("scripted upstream drops the connection")
+        await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.fixture(scope="module")
+async def scripted_server() -> AsyncIterator[tuple[Scripted, str]]:
+    scripted = Scripted()
+    async with serve(scripted) as url:
+        yield scripted, url
+
+
+@pytest.fixture
+def scripted(scripted_server: tuple[Scripted, str]) -> tuple[Scripted, str]:
+    upstream, url = scripted_server
+    upstream.status, upstream.chunks, upstream.drop, upstream.requests = 200, [], False, 0
+    upstream.gap = 0.0
+    return upstream, url
