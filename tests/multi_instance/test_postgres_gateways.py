@@ -140,8 +140,8 @@ async def _run(ledger: PostgresLedger, url: str, tmp_path: Path) -> None:
             for port, proc in zip(ports, gateways, strict=True):
                 await _wait_ready(client, f"http://127.0.0.1:{port}/healthz", proc)
 
-            # Calibrate: what one request holds, and that its actual cost is no less
-            # (so no room frees up while the 300 are being admitted).
+            # Calibrate: what one request holds (read while its stream is open; then hang
+            # up — that user has no budget).
             async with client.stream(
                 "POST",
                 f"http://127.0.0.1:{ports[0]}/v1/chat/completions",
@@ -149,10 +149,7 @@ async def _run(ledger: PostgresLedger, url: str, tmp_path: Path) -> None:
                 headers={"Authorization": f"Bearer {calib_key}"},
             ) as response:
                 assert response.status_code == 200, await response.aread()
-                await response.aread()
-            (calib,) = [h for h in await ledger.holds(live_only=False) if "user:calib" in h.scopes]
-            assert calib.state is HoldState.SETTLED
-            assert calib.charged >= calib.amount, "the estimate must not exceed the cost"
+                (calib,) = [h for h in await ledger.holds() if "user:calib" in h.scopes]
             await ledger.set_budget("user:u", limit=calib.amount * K)
 
             statuses: dict[int, list[int]] = {0: [], 1: [], 2: []}
@@ -209,3 +206,6 @@ async def _run(ledger: PostgresLedger, url: str, tmp_path: Path) -> None:
     assert status is not None
     assert status.held == 0
     assert status.spent == sum((h.charged for h in holds), Decimal(0))
+    # Every completed stream cost at least its hold, so no room freed up while the 300
+    # were being admitted: "exactly K" did not depend on timing.
+    assert all(h.charged >= h.amount for h in holds if h.state is HoldState.SETTLED)
