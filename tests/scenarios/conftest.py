@@ -109,7 +109,8 @@ def build(
 async def spent(ledger: Any, scope: str = "user:alice") -> Decimal:
     status = await ledger.status(scope)
     assert status is not None
-    return status.spent
+    amount: Decimal = status.spent
+    return amount
 
 
 class Scripted:

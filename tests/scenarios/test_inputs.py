@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gatewaykit.ledger.base import Period
 from gatewaykit.ledger.sqlite import SQLiteLedger
 from gatewaykit.pricing import estimate_cost
 from tests.asgi import call
@@ -274,7 +275,7 @@ async def test_precedence_401_400_403_429_404_402(build: Build, ledger: SQLiteLe
 
 async def test_budget_denial_is_machine_readable(build: Build, ledger: SQLiteLedger) -> None:
     key, _ = await new_key(ledger)
-    await ledger.set_budget("user:alice", limit=Decimal("0.0001"), period="day")
+    await ledger.set_budget("user:alice", limit=Decimal("0.0001"), period=Period("day"))
     response = await post(build(), CHAT, chat_body(), {"authorization": f"Bearer {key}"})
     assert response.status_code == 402
     body = response.json()["error"]

@@ -49,11 +49,13 @@ HOLD = estimate_cost(PRICE, prompt_tokens=3, max_output_tokens=100)
 
 async def run_concurrently(app: Any, headers: dict[str, str], n: int) -> list[Exchange]:
     exchanges = [Exchange() for _ in range(n)]
+
+    async def one(ex: Exchange) -> None:
+        await call(app, CHAT, json_body=chat(), headers=headers, exchange=ex)
+
     async with anyio.create_task_group() as group:
         for ex in exchanges:
-            group.start_soon(
-                lambda ex=ex: call(app, CHAT, json_body=chat(), headers=headers, exchange=ex)
-            )
+            group.start_soon(one, ex)
     return exchanges
 
 
