@@ -15,11 +15,12 @@ settled by GatewayMiddleware as incomplete, with the observations made so far.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Protocol, runtime_checkable
 
 from gatewaykit.settlement import Settlement
-from gatewaykit.usage import Usage
+from gatewaykit.usage import Usage, UsageSource
 
 __all__ = ["UsageExtractor", "settle_stream"]
 
@@ -66,13 +67,21 @@ async def settle_stream(
             yield chunk
     except Exception as exc:
         _observe(settlement, extractor, seen_chars)
-        await settlement.on_error(exc, extractor.partial)
+        # Final usage the provider reported before failing is charged as reported; usage
+        # from mid-stream is partial (topped up with the output observed since).
+        await settlement.on_error(exc, extractor.result() or _as_partial(extractor.partial))
         raise
     usage = extractor.result()
     if usage is not None:
         await settlement.on_success(usage)
     else:
         await settlement.on_no_usage()
+
+
+def _as_partial(usage: Usage | None) -> Usage | None:
+    if usage is None or usage.source is not UsageSource.PROVIDER:
+        return usage
+    return dataclasses.replace(usage, source=UsageSource.PARTIAL)
 
 
 def _observe(settlement: Settlement, extractor: UsageExtractor, seen_chars: int) -> int:

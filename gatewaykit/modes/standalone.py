@@ -465,11 +465,11 @@ class StandaloneSettlement(Settlement):
 
     def _observed(self, reported: Usage | None) -> Usage | None:
         """What was consumed by a call that did not finish; None when nothing was."""
+        if reported is not None and reported.source is UsageSource.PROVIDER:
+            # The provider's own final totals (e.g. OpenAI's usage chunk arrived, then the
+            # client left before [DONE]): charged as reported, not inflated by the estimate.
+            return reported
         partial = reported or self.partial_usage
-        if partial is not None and partial.source is UsageSource.PROVIDER:
-            # The provider's own totals (e.g. OpenAI's usage chunk arrived, then the client
-            # left before [DONE]): charged as reported, never inflated by the estimate.
-            return partial
         output = math.ceil(self.output_chars / 4)
         if partial is not None:
             return Usage(

@@ -214,3 +214,40 @@ async def test_client_leaving_a_settle_stream_handler(ledger: SQLiteLedger) -> N
     assert record.status == "incomplete"
     assert record.output_tokens in (2, 3)  # 8 or 12 characters seen when it noticed
     assert await spent(ledger) == record.cost > 0
+
+
+async def test_usage_reported_then_the_handler_stream_fails_is_charged_as_reported(
+    ledger: SQLiteLedger,
+) -> None:
+    async def failing_after_usage() -> AsyncIterator[bytes]:
+        yield json.dumps({"text": "abcdefghijklmnopqrstuvwx"}).encode()  # 24 chars: 6 tokens
+        yield json.dumps({"usage": [40, 2]}).encode()
+        raise RuntimeError("dropped after the usage")
+
+    async def handler(request: Request) -> Response:
+        settlement = get_settlement(request)
+        return StreamingResponse(settle_stream(failing_after_usage(), settlement, Extractor()))
+
+    ex = await run(ledger, handler)
+    assert isinstance(ex.error, RuntimeError)
+    assert await spent(ledger) == PRICE.cost(Usage(input_tokens=40, output_tokens=2))
+
+
+class PartialExtractor(Extractor):
+    """Reports the prompt up front, as a user would write it (default source)."""
+
+    def feed(self, chunk: bytes) -> None:
+        super().feed(chunk)
+        self.partial = Usage(input_tokens=40)
+
+
+async def test_a_user_extractors_partial_usage_is_topped_up_with_observed_output(
+    ledger: SQLiteLedger,
+) -> None:
+    async def handler(request: Request) -> Response:
+        settlement = get_settlement(request)
+        chunks = upstream(["abcdefgh"], None, fail=True)
+        return StreamingResponse(settle_stream(chunks, settlement, PartialExtractor()))
+
+    await run(ledger, handler)
+    assert await spent(ledger) == PRICE.cost(Usage(input_tokens=40, output_tokens=2))
