@@ -286,6 +286,7 @@ class _GatedCall:
             prompt_chars=parsed.prompt_chars,
             max_output_tokens=parsed.max_output_tokens,
             user=parsed.user,
+            choices=parsed.choices,
         )
 
     async def _authenticate_first(self, rejection: RequestRejected) -> RequestRejected:

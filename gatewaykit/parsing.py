@@ -40,6 +40,8 @@ class ParsedRequest:
     prompt_chars: int = 0
     max_output_tokens: int | None = None
     user: str | None = None
+    #: Completions generated per request (OpenAI chat's ``n``): each may use the output cap.
+    choices: int = 1
 
 
 #: A user-supplied parser for a custom gated route: JSON body → :class:`ParsedRequest`.
@@ -72,12 +74,16 @@ def parse_request(fmt: WireFormat, body: Mapping[str, Any]) -> ParsedRequest:
         stream = False
     if not isinstance(stream, bool):
         raise _invalid("'stream' must be a boolean")
+    choices: int | None = None
     if fmt is WireFormat.OPENAI_CHAT:
         limit = _positive_int(body, "max_completion_tokens")
         if limit is None:
             limit = _positive_int(body, "max_tokens")
         chars = _chat_chars(body)
         user = _string(body.get("user"), "user")
+        choices = _positive_int(body, "n")
+        if choices == 0:
+            raise _invalid("'n' must be at least 1")
     elif fmt is WireFormat.ANTHROPIC_MESSAGES:
         limit = _positive_int(body, "max_tokens")
         chars = _anthropic_chars(body)
@@ -90,7 +96,12 @@ def parse_request(fmt: WireFormat, body: Mapping[str, Any]) -> ParsedRequest:
         chars = _responses_chars(body)
         user = _string(body.get("user"), "user")
     return ParsedRequest(
-        model=model, stream=stream, prompt_chars=chars, max_output_tokens=limit, user=user
+        model=model,
+        stream=stream,
+        prompt_chars=chars,
+        max_output_tokens=limit,
+        user=user,
+        choices=choices or 1,
     )
 
 

@@ -19,7 +19,8 @@ class GatewayRequest:
     ``headers`` has lower-cased names. ``prompt_chars`` is the size of the prompt text
     (for the estimate); ``max_output_tokens`` is the request's own cap, if it set one.
     ``user`` is the end user the body names (OpenAI ``user``, Anthropic
-    ``metadata.user_id``), if any.
+    ``metadata.user_id``), if any. ``choices`` is how many completions the request asks
+    for (OpenAI chat's ``n``); each may use the whole output cap, so estimates multiply.
     """
 
     request_id: str
@@ -32,6 +33,7 @@ class GatewayRequest:
     prompt_chars: int
     max_output_tokens: int | None
     user: str | None = None
+    choices: int = 1
 
 
 @runtime_checkable

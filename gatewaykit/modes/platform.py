@@ -265,6 +265,7 @@ class PlatformMode:
         max_output = request.max_output_tokens
         if max_output is None:
             max_output = self.default_max_output_tokens
+        max_output *= request.choices  # OpenAI's n: every completion may use the cap
         amount = Decimal(0)
         price = None if self.prices is None else self.prices.lookup(request.model)
         if price is not None:

@@ -306,6 +306,7 @@ class StandaloneMode:
         max_output = request.max_output_tokens
         if max_output is None:
             max_output = self.default_max_output_tokens
+        max_output *= request.choices  # OpenAI's n: every completion may use the cap
         amount = Decimal(0) if price is None else _estimate_cost(price, prompt_tokens, max_output)
         scopes = [f"user:{user}"]
         if key_id is not None:

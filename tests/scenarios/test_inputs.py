@@ -285,3 +285,25 @@ async def test_budget_denial_is_machine_readable(build: Build, ledger: SQLiteLed
     assert Decimal(details["spent"]) == 0 == Decimal(details["held"])
     assert Decimal(details["remaining"]) == Decimal("0.0001")
     assert datetime.fromisoformat(details["resets_at"]) > datetime.now(timezone.utc)
+
+
+async def test_n_completions_are_held_for_n_times_the_output(
+    build: Build, ledger: SQLiteLedger
+) -> None:
+    """``n`` completions may each use the whole output cap: holding for one would let a
+    request overrun its budget n-fold (and n concurrent ones be admitted on 1/n of it)."""
+    key, _ = await new_key(ledger)
+    await ledger.set_budget("user:alice", limit=Decimal("0.005"))
+    bearer = {"authorization": f"Bearer {key}"}
+    one = await post(build(), CHAT, chat_body(max_tokens=100), bearer)
+    assert one.status_code == 200
+    many = await post(build(), CHAT, chat_body(max_tokens=100, n=50), bearer)
+    assert many.status_code == 402
+    details = openai_error(many)
+    assert Decimal(str(many.json()["error"]["requested"])) == estimate_cost(
+        PRICE, prompt_tokens=1, max_output_tokens=5000
+    )
+    assert details["code"] == "budget_exceeded"
+    for bad in (0, -1, "2", 1.5):
+        response = await post(build(), CHAT, chat_body(n=bad), bearer)
+        assert response.status_code == 400
