@@ -101,6 +101,8 @@ _PROVIDER = {
 _KEY_CACHE_SIZE = 10_000
 _USER = re.compile(r"[^\s]{1,200}")  # what a budget scope id allows
 _NO_USAGE_ERROR = "stream completed without usage data"
+#: Pauses between attempts to settle while the ledger is unreachable (about 1.3 s in all).
+_SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0)
 
 
 class StandaloneMode:
@@ -548,15 +550,7 @@ class StandaloneSettlement(Settlement):
             latency_ms=int((self._clock() - self._started) * 1000),
         )
         try:
-            if amount is None:
-                await self.ledger.release(self.request_id, record=record)
-            else:
-                if self.unheld_scopes is not None:
-                    await self.ledger.reserve(
-                        self.request_id, self.unheld_scopes, Decimal(0), ttl=self.hold_ttl
-                    )
-                hold = await self.ledger.settle(self.request_id, amount, record=record)
-                amount = hold.charged
+            amount = await self._write(amount, record)
         except Exception as exc:
             logger.error(
                 "could not settle request %s (%s): %s; the hold will expire on its own",
@@ -578,6 +572,39 @@ class StandaloneSettlement(Settlement):
             refunded=amount is None,
             error=error,
         )
+
+    async def _write(self, amount: Decimal | None, record: UsageRecord) -> Decimal | None:
+        """Release (None) or settle at ``amount``; returns what was charged.
+
+        A store that is briefly unreachable is retried (every call is idempotent by hold
+        id): a hold left to expire would never be charged at all.
+        """
+        delays = iter(_SETTLE_RETRY_DELAYS)
+        while True:
+            try:
+                return await self._write_once(amount, record)
+            except LedgerUnavailableError:
+                delay = next(delays, None)
+                if delay is None:
+                    raise
+                logger.warning(
+                    "ledger unavailable while settling request %s; retrying in %ss",
+                    self.request_id,
+                    delay,
+                )
+                await anyio.sleep(delay)
+
+    async def _write_once(self, amount: Decimal | None, record: UsageRecord) -> Decimal | None:
+        if amount is None:
+            await self.ledger.release(self.request_id, record=record)
+            return None
+        if self.unheld_scopes is not None:
+            await self.ledger.reserve(
+                self.request_id, self.unheld_scopes, Decimal(0), ttl=self.hold_ttl
+            )
+        hold = await self.ledger.settle(self.request_id, amount, record=record)
+        charged: Decimal = hold.charged
+        return charged
 
 
 def _estimate_cost(price: ModelPrice, prompt_tokens: int, max_output: int) -> Decimal:
