@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import anthropic
+import anyio
 import openai
 import pytest
 
@@ -157,3 +158,42 @@ async def test_no_secret_in_logs_reprs_or_error_bodies(
         assert secret not in text
         assert secret[8:] not in text  # nor most of it
     assert caplog.records  # DEBUG logging really was captured
+
+
+async def test_sdk_client_abandoning_a_stream_on_a_real_server(
+    build: Build, ledger: SQLiteLedger, provider: tuple[FakeProvider, str]
+) -> None:
+    """The official SDK closes its stream after two events: on uvicorn the gateway notices,
+    closes the upstream, and charges what went out; no hold stays live."""
+    fake, _ = provider
+    fake.behavior = FakeBehavior(events=200, input_tokens=20, delay=0.02)
+    key, _ = await new_key(ledger)
+    async with (
+        serve(build()) as url,
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as oai,
+        anthropic.AsyncAnthropic(base_url=url, api_key=key, max_retries=0) as ant,
+    ):
+        stream = await oai.chat.completions.create(
+            model="test-model", messages=MESSAGES, stream=True
+        )
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 2:
+                break
+        await stream.close()
+        async with ant.messages.stream(
+            model="test-model", max_tokens=500, messages=MESSAGES
+        ) as message_stream:
+            async for _ in message_stream.text_stream:
+                break
+        with anyio.fail_after(3):
+            while len(await ledger.usage()) < 2 or await ledger.holds():  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+    records = await ledger.usage()
+    assert sorted(r.status for r in records) == ["incomplete", "incomplete"]
+    assert all(0 < r.output_tokens < 50 for r in records)  # what went out, not 200 events
+    assert await spent(ledger) == sum((r.cost for r in records), Decimal(0))
+    with anyio.fail_after(3):
+        while fake.disconnects < 2:  # noqa: ASYNC110 - the fake exposes only a counter
+            await anyio.sleep(0.02)  # the upstream streams were closed too
