@@ -243,3 +243,75 @@ async def test_disconnect_after_a_complete_json_response_charges_once(
         assert ex.status == 200
     assert len(await ledger.usage()) == 3
     assert await spent(ledger) == 3 * PRICE.cost(Usage(input_tokens=20, output_tokens=4))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "marker"),
+    [
+        (
+            MESSAGES,
+            {
+                "model": "test-model",
+                "max_tokens": 50,
+                "messages": [{"role": "user", "content": PROMPT}],
+            },
+            b"message_delta",
+        ),
+        (MESSAGES, {"model": "test-model", "max_tokens": 50, "messages": []}, b"message_stop"),
+        ("/v1/responses", {"model": "test-model", "input": PROMPT}, b"response.completed"),
+    ],
+    ids=["messages-at-delta", "messages-at-stop", "responses-at-completed"],
+)
+async def test_disconnect_at_the_final_events_of_the_other_formats(
+    build: Build,
+    ledger: SQLiteLedger,
+    provider: tuple[FakeProvider, str],
+    path: str,
+    body: dict[str, Any],
+    marker: bytes,
+) -> None:
+    fake, _ = provider
+    fake.behavior = FakeBehavior(events=3, input_tokens=20, delay=0.01)
+    headers = await auth(ledger)
+
+    def at_marker(sent: list[Any]) -> bool:
+        return any(marker in m.get("body", b"") for m in sent)
+
+    await call(
+        build(), path, json_body={**body, "stream": True}, headers=headers, disconnect=at_marker
+    )
+    [record] = await ledger.usage()
+    assert record.usage_source == "provider"
+    assert await spent(ledger) == PRICE.cost(Usage(input_tokens=20, output_tokens=3))
+
+
+@pytest.mark.postgres
+async def test_client_leaving_mid_stream_on_postgres(
+    pg_ledger: Ledger, client: httpx.AsyncClient, provider: tuple[FakeProvider, str]
+) -> None:
+    fake, url = provider
+    fake.behavior = FakeBehavior(events=50, input_tokens=20, delay=0.02)
+    await pg_ledger.set_budget("user:alice", limit=Decimal(1))
+    key, _ = await new_key(pg_ledger)
+    mode = StandaloneMode(pg_ledger, prices={"test-model": PRICE}, upstreams=upstreams(url))
+    app = Starlette(
+        routes=gateway_routes(client=client),
+        middleware=[Middleware(GatewayMiddleware, mode=mode)],
+    )
+
+    def after_two_pieces(sent: list[Any]) -> bool:
+        return any(b"tok1" in m.get("body", b"") for m in sent)
+
+    ex = await call(
+        app,
+        CHAT,
+        json_body=chat(),
+        headers={"authorization": f"Bearer {key}"},
+        disconnect=after_two_pieces,
+    )
+    assert not ex.complete
+    [record] = await pg_ledger.usage()
+    assert record.status == "incomplete"
+    assert await spent(pg_ledger) == record.cost > 0
+    assert await pg_ledger.holds() == []
+    assert await pg_ledger.check() == []
