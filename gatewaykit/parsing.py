@@ -169,7 +169,9 @@ def _chat_chars(body: Mapping[str, Any]) -> int:
         for call in message.get("tool_calls") or ():
             if isinstance(call, Mapping):
                 total += _json_chars(call.get("function"))
-    return total + _json_chars(body.get("tools")) + _json_chars(body.get("response_format"))
+    # The legacy ``functions`` and the ``prediction`` content are read (and billed) too.
+    extras = ("tools", "functions", "response_format", "prediction")
+    return total + sum(_json_chars(body.get(field)) for field in extras)
 
 
 def _anthropic_chars(body: Mapping[str, Any]) -> int:
@@ -200,4 +202,7 @@ def _responses_chars(body: Mapping[str, Any]) -> int:
                     total += len(value) if isinstance(value, str) else _parts_chars(value)
     elif items is not None:
         raise _invalid("'input' must be a string or a list")
+    text = body.get("text")  # structured output: text.format carries a JSON schema
+    if isinstance(text, Mapping):
+        total += _json_chars(text.get("format"))
     return total + _json_chars(body.get("tools"))

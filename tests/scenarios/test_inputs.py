@@ -307,3 +307,31 @@ async def test_n_completions_are_held_for_n_times_the_output(
     for bad in (0, -1, "2", 1.5):
         response = await post(build(), CHAT, chat_body(n=bad), bearer)
         assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [
+        (CHAT, {"functions": [{"name": "f", "description": "d" * 40_000}]}),
+        (CHAT, {"prediction": {"type": "content", "content": "p" * 40_000}}),
+        (
+            "/v1/responses",
+            {"text": {"format": {"type": "json_schema", "schema": {"d": "s" * 40_000}}}},
+        ),
+    ],
+    ids=["legacy-functions", "prediction", "responses-schema"],
+)
+async def test_prompt_text_outside_messages_is_held_for(
+    build: Build, ledger: SQLiteLedger, path: str, extra: dict[str, Any]
+) -> None:
+    """Text the provider reads and bills, wherever it sits, counts in the estimate: else a
+    burst of such requests is admitted on holds far below what they will cost."""
+    key, _ = await new_key(ledger)
+    await ledger.set_budget("user:alice", limit=Decimal("0.005"))  # < 10,000 prompt tokens
+    body: dict[str, Any] = {"model": "test-model", "max_tokens": 1, **extra}
+    if path == CHAT:
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    else:
+        body["input"] = "hi"
+    response = await post(build(), path, body, {"authorization": f"Bearer {key}"})
+    assert response.status_code == 402
