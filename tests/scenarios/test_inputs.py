@@ -328,10 +328,13 @@ async def test_prompt_text_outside_messages_is_held_for(
     burst of such requests is admitted on holds far below what they will cost."""
     key, _ = await new_key(ledger)
     await ledger.set_budget("user:alice", limit=Decimal("0.005"))  # < 10,000 prompt tokens
-    body: dict[str, Any] = {"model": "test-model", "max_tokens": 1, **extra}
+    body: dict[str, Any] = {"model": "test-model", **extra}
     if path == CHAT:
-        body["messages"] = [{"role": "user", "content": "hi"}]
+        body.update(messages=[{"role": "user", "content": "hi"}], max_tokens=1)
     else:
-        body["input"] = "hi"
-    response = await post(build(), path, body, {"authorization": f"Bearer {key}"})
+        body.update(input="hi", max_output_tokens=1)
+    bearer = {"authorization": f"Bearer {key}"}
+    response = await post(build(), path, body, bearer)
     assert response.status_code == 402
+    small = {k: v for k, v in body.items() if k not in extra}
+    assert (await post(build(), path, small, bearer)).status_code == 200
