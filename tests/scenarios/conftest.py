@@ -122,6 +122,7 @@ class Scripted:
         self.chunks: list[bytes] = []
         self.drop = False
         self.gap = 0.0  # seconds between chunks (so they arrive as separate reads)
+        self.delay = 0.0  # seconds before the response starts
         self.requests = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -131,6 +132,8 @@ class Scripted:
         more = True
         while more:
             more = (await receive()).get("more_body", False)
+        if self.delay:
+            await anyio.sleep(self.delay)
         await send(
             {
                 "type": "http.response.start",
@@ -158,5 +161,5 @@ async def scripted_server() -> AsyncIterator[tuple[Scripted, str]]:
 def scripted(scripted_server: tuple[Scripted, str]) -> tuple[Scripted, str]:
     upstream, url = scripted_server
     upstream.status, upstream.chunks, upstream.drop, upstream.requests = 200, [], False, 0
-    upstream.gap = 0.0
+    upstream.gap = upstream.delay = 0.0
     return upstream, url

@@ -4,6 +4,7 @@ After each test (the ``ledger`` fixture): ``check()`` is clean and no hold is li
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -315,3 +316,45 @@ async def test_client_leaving_mid_stream_on_postgres(
     assert await spent(pg_ledger) == record.cost > 0
     assert await pg_ledger.holds() == []
     assert await pg_ledger.check() == []
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_response_outliving_its_hold_ttl_is_kept_alive_and_charged(
+    build: Build, ledger: SQLiteLedger, scripted: tuple[Scripted, str], stream: bool
+) -> None:
+    """A sweeper running during a response longer than the hold TTL must not expire it:
+    the middleware's heartbeat extends the hold, and the charge lands on time."""
+    upstream, url = scripted
+    usage = {"prompt_tokens": 30, "completion_tokens": 7, "total_tokens": 37}
+    if stream:
+        upstream.chunks = [
+            chat_chunk("a"),
+            chat_chunk("b"),
+            chat_chunk("c"),
+            chat_chunk(usage=usage),
+            b"data: [DONE]\n\n",
+        ]
+        upstream.gap = 0.3
+    else:
+        upstream.gap = 0
+        upstream.chunks = [b'{"choices": [], "usage": ' + json.dumps(usage).encode() + b"}"]
+        upstream.delay = 1.3
+    headers = await auth(ledger)
+    app = build(base=url, hold_ttl=0.6)
+    swept = 0
+
+    async def sweeper() -> None:
+        nonlocal swept
+        while True:
+            await anyio.sleep(0.1)
+            swept += await ledger.sweep()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(sweeper)
+        ex = await call(app, CHAT, json_body=chat(stream=stream), headers=headers)
+        group.cancel_scope.cancel()
+    assert ex.status == 200
+    assert swept == 0
+    [record] = await ledger.usage()
+    assert record.status == "success"
+    assert await spent(ledger) == PRICE.cost(Usage(input_tokens=30, output_tokens=7))
