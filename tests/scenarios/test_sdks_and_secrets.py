@@ -197,3 +197,22 @@ async def test_sdk_client_abandoning_a_stream_on_a_real_server(
     with anyio.fail_after(3):
         while fake.disconnects < 2:  # noqa: ASYNC110 - the fake exposes only a counter
             await anyio.sleep(0.02)  # the upstream streams were closed too
+
+
+async def test_responses_sdk_parses_the_gateways_in_band_error(
+    build: Build, ledger: SQLiteLedger, provider: tuple[FakeProvider, str]
+) -> None:
+    fake, _ = provider
+    fake.behavior = FakeBehavior(events=5, fail_after=2, fail_mode="drop")
+    key, _ = await new_key(ledger)
+    async with (
+        serve(build()) as url,
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as oai,
+    ):
+        stream = await oai.responses.create(model="test-model", input="hello", stream=True)
+        kinds = [event.type async for event in stream]
+    assert kinds[-1] == "error"
+    assert "response.output_text.delta" in kinds
+    [record] = await ledger.usage()
+    assert record.status == "error"
+    assert await spent(ledger) == record.cost > 0
