@@ -8,13 +8,20 @@ import socket
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
+from gatewaykit import GatewayMiddleware
+from gatewaykit.adapters import gateway_routes
 from gatewaykit.ledger.sqlite import SQLiteLedger
+from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.testing import FakeBehavior, FakeProvider
+from gatewaykit.upstream import Upstream
 from gatewaykit.usage import Usage
 from tests.asgi import call
-from tests.scenarios.conftest import PRICE, Build, Scripted, new_key, spent
+from tests.scenarios.conftest import PRICE, UPSTREAM_KEY, Build, Scripted, new_key, spent
 
 pytestmark = pytest.mark.anyio
 
@@ -297,3 +304,40 @@ async def test_unreadable_usage_in_a_json_response_is_never_charged_as_zero(
     ex = await call(build(base=url), path, json_body=body(path, stream=False), headers=headers)
     assert ex.status == 200
     assert await spent(ledger) > 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_fallback_after_failed_attempts_charges_once(
+    ledger: SQLiteLedger,
+    client: httpx.AsyncClient,
+    provider: tuple[FakeProvider, str],
+    scripted: tuple[Scripted, str],
+    stream: bool,
+) -> None:
+    """Refused, then 503, then served: one usage record and the served attempt's usage."""
+    fake, url = provider
+    fake.behavior = FakeBehavior(events=2, input_tokens=11)
+    failing, failing_url = scripted
+    failing.status = 503
+    failing.chunks = [b'{"error": {"message": "overloaded"}}']
+    mode = StandaloneMode(
+        ledger,
+        prices={"test-model": PRICE},
+        upstreams=[
+            Upstream(f"http://127.0.0.1:{free_port()}/v1", api_key=UPSTREAM_KEY),
+            Upstream(f"{failing_url}/v1", api_key=UPSTREAM_KEY),
+            Upstream(f"{url}/v1", api_key=UPSTREAM_KEY),
+        ],
+    )
+    app = Starlette(
+        routes=gateway_routes(client=client),
+        middleware=[Middleware(GatewayMiddleware, mode=mode)],
+    )
+    headers = await keyed(ledger)
+    ex = await call(app, CHAT, json_body=body(CHAT, stream=stream), headers=headers)
+    assert ex.status == 200
+    assert failing.requests == 1
+    assert len(fake.requests) == 1
+    [record] = await ledger.usage()
+    assert record.status == "success"
+    assert await spent(ledger) == PRICE.cost(Usage(input_tokens=11, output_tokens=2))
