@@ -123,6 +123,13 @@ expired AS (
     WHERE h.hold_id = due.hold_id
     RETURNING h.scopes, h.windows, h.amount
 ),
+-- Due holds another transaction had locked (SKIP LOCKED passed them by): it is about
+-- to release them, so a refusal now may be premature and is retried.
+skipped AS (
+    SELECT count(*) > (SELECT count(*) FROM due) AS yes FROM holds h
+    WHERE (SELECT yes FROM fresh) AND h.state = 'held'
+      AND h.expires_at <= (SELECT t FROM clock) AND h.scopes && $2::text[]
+),
 rel AS (
     SELECT u.scope, u.ws, sum(e.amount)::bigint AS amt
     FROM expired e, unnest(e.scopes, e.windows) AS u(scope, ws)
@@ -172,8 +179,10 @@ upd AS (
       AND (SELECT count(*) FROM locked) >= 0
 )
 SELECT c.scope, c.ws, c.limit_nanos, c.period_kind, c.period_seconds, c.present,
-       c.spent, c.reserved, f.yes AS fresh, v.admit, i.created_at, i.expires_at
-FROM chk c CROSS JOIN fresh f CROSS JOIN verdict v LEFT JOIN ins i ON true
+       c.spent, c.reserved, f.yes AS fresh, v.admit, i.created_at, i.expires_at,
+       k.yes AS skipped
+FROM chk c CROSS JOIN fresh f CROSS JOIN verdict v CROSS JOIN skipped k
+LEFT JOIN ins i ON true
 ORDER BY c.ord
 """
 
@@ -712,7 +721,7 @@ class PostgresLedger:
         nanos = to_nanos(amount)
         ttl_td = timedelta(microseconds=_us(validate_ttl(ttl)))
         args = (hold_id, list(scope_t), nanos, ttl_td)
-        for _ in range(_RETRIES):
+        for attempt in range(_RETRIES):
             rows = await self._combined("reserve", scope_t, args)
             first = rows[0]
             if not first["fresh"] or (first["admit"] and first["created_at"] is None):
@@ -732,6 +741,11 @@ class PostgresLedger:
                 )
             refusal = _refusal(rows, nanos)
             if refusal is not None:
+                if first["skipped"] and attempt < _RETRIES - 1:
+                    # A due hold on these budgets was being released by another
+                    # transaction; once it commits, the room may be there.
+                    await anyio.sleep(0.001 * (attempt + 1))
+                    continue
                 raise refusal
             # Some scope has no counter row for this window yet: create it (unused, so
             # invisible until a hold is admitted on it) and reserve again.

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.parse
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -27,7 +28,7 @@ from gatewaykit.errors import (
 )
 from gatewaykit.ledger import open_ledger
 from gatewaykit.ledger.base import HoldState, Period, UsageRecord
-from gatewaykit.ledger.postgres import PostgresLedger
+from gatewaykit.ledger.postgres import _RESERVE, PostgresLedger
 from tests.ledger.backend_postgres import DSN, fresh_schema
 from tests.ledger.backends import FakeClock
 
@@ -228,6 +229,31 @@ async def test_f18_concurrent_sweepers_release_each_expired_hold_once(schema: st
         assert status is not None
         assert status.held == 0
         assert await ledgers[0].check() == []
+
+
+async def test_a_due_hold_locked_elsewhere_makes_a_refusal_retry(schema: str) -> None:
+    """Reserve skips due holds another transaction has locked (SKIP LOCKED); that one is
+    about to release them, so a refusal is flagged ``skipped`` and retried, not final."""
+    clock = FakeClock()
+    async with PostgresLedger(DSN, schema=schema, clock=clock) as ledger:
+        await ledger.set_budget("user:a", limit=Decimal(1))
+        await ledger.reserve("x", ["user:a"], Decimal(1), ttl=10)
+        clock.advance(11)  # x is due, not yet reclaimed
+        other: Any = await asyncpg.connect(DSN, server_settings={"search_path": schema})
+        try:
+            async with other.transaction():
+                await other.execute("SELECT 1 FROM holds WHERE hold_id = 'x' FOR UPDATE")
+                async with ledger._conn() as conn:
+                    rows = await conn.fetch(_RESERVE, "y", ["user:a"], 10**9, timedelta(seconds=10))
+                assert (rows[0]["admit"], rows[0]["skipped"]) == (False, True)
+                with pytest.raises(BudgetExceeded):  # still locked after the retries
+                    await ledger.reserve("y", ["user:a"], Decimal(1), ttl=10)
+        finally:
+            await other.close()
+        # Unlocked: the next reserve reclaims x itself and fits.
+        assert (await ledger.reserve("y", ["user:a"], Decimal(1), ttl=10)).live
+        assert (await ledger.get_hold("x")).state is HoldState.EXPIRED  # type: ignore[union-attr]
+        assert await ledger.check() == []
 
 
 async def test_batched_settles_and_records(schema: str) -> None:
