@@ -341,3 +341,32 @@ async def test_fallback_after_failed_attempts_charges_once(
     [record] = await ledger.usage()
     assert record.status == "success"
     assert await spent(ledger) == PRICE.cost(Usage(input_tokens=11, output_tokens=2))
+
+
+USAGE_30_7 = {"prompt_tokens": 30, "completion_tokens": 7, "total_tokens": 37}
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        [],  # some compatible servers end without [DONE]
+        [b'data: {"error": {"message": "late failure"}}\n\n'],
+        [b"data: [DONE]\n\n", b"data: trailing garbage\n\n"],
+    ],
+    ids=["no-done", "error-after-usage", "garbage-after-done"],
+)
+async def test_usage_then_an_odd_ending_is_charged_the_usage_once(
+    build: Build,
+    ledger: SQLiteLedger,
+    scripted: tuple[Scripted, str],
+    tail: list[bytes],
+) -> None:
+    upstream, url = scripted
+    upstream.chunks = [chat_chunk("hello"), chat_chunk(usage=USAGE_30_7), *tail]
+    upstream.gap = 0.02
+    headers = await keyed(ledger)
+    ex = await call(build(base=url), CHAT, json_body=body(CHAT), headers=headers)
+    assert ex.status == 200
+    [record] = await ledger.usage()
+    assert record.usage_source == "provider"
+    assert await spent(ledger) == PRICE.cost(Usage(input_tokens=30, output_tokens=7))
