@@ -4,6 +4,7 @@ in the endpoint's envelope; reports made during an outage arrive later, once per
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,34 @@ async def test_secrets_never_reach_the_client(
     text = ex.body.decode() + json.dumps(ex.headers)
     assert GATEWAY_TOKEN not in text
     assert GATEWAY_TOKEN not in repr(mode)
+
+
+async def test_no_platform_secret_in_debug_logs(
+    gateway: tuple[Any, PlatformMode],
+    plane: FakeControlPlane,
+    provider: tuple[FakeProvider, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The gateway token, the user's token and the upstream key the control plane hands
+    out never reach a log line, through success, upstream failure, report retries and a
+    control plane outage."""
+    caplog.set_level(logging.DEBUG)
+    app, mode = gateway
+    fake, _ = provider
+    token = "tok-SECRET-bob-31337"
+    plane.add_user(token, user_id="bob")
+    headers = {"authorization": f"Bearer {token}"}
+    plane.fail_usage_posts = 2
+    for behavior in (FakeBehavior(), FakeBehavior(fail_status=401), FakeBehavior(fail_after=1)):
+        fake.behavior = behavior
+        await call(app, CHAT, json_body=body(CHAT), headers=headers)
+        await call(app, MESSAGES, json_body=body(MESSAGES), headers={"x-api-key": token})
+    plane.down = True
+    ex = await call(app, CHAT, json_body=body(CHAT), headers=headers)
+    assert ex.status == 503
+    plane.down = False
+    mode.sender.notify()
+    await until(lambda: len(plane.reports) == 6)
+    assert caplog.records
+    for secret in (GATEWAY_TOKEN, token, UPSTREAM_KEY):
+        assert secret not in caplog.text
