@@ -370,3 +370,26 @@ async def test_usage_then_an_odd_ending_is_charged_the_usage_once(
     [record] = await ledger.usage()
     assert record.usage_source == "provider"
     assert await spent(ledger) == PRICE.cost(Usage(input_tokens=30, output_tokens=7))
+
+
+@pytest.mark.parametrize("policy", ["estimate", "hold", "allow_free", "fail"])
+async def test_stream_without_usage_under_each_policy_exactly(
+    build: Build, ledger: SQLiteLedger, scripted: tuple[Scripted, str], policy: str
+) -> None:
+    upstream, url = scripted
+    upstream.chunks = [chat_chunk("x" * 21), b"data: [DONE]\n\n"]  # 21 chars: 6 tokens
+    headers = await keyed(ledger)
+    request = body(CHAT, max_tokens=100)  # "hello there": 3 prompt tokens estimated
+    ex = await call(build(base=url, missing_usage=policy), CHAT, json_body=request, headers=headers)
+    assert ex.status == 200
+    [record] = await ledger.usage()
+    assert record.status == "no_usage"
+    expected = {
+        "estimate": PRICE.cost(Usage(input_tokens=3, output_tokens=6)),
+        "fail": PRICE.cost(Usage(input_tokens=3, output_tokens=6)),
+        "hold": PRICE.cost(Usage(input_tokens=3, output_tokens=100)),
+        "allow_free": Decimal(0),
+    }[policy]
+    assert await spent(ledger) == expected == record.cost
+    assert (record.error is not None) == (policy == "fail")
+    assert record.usage_source == ("none" if policy == "allow_free" else "estimated")
