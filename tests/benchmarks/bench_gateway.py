@@ -31,6 +31,7 @@ import platform
 import re
 import shutil
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -196,8 +197,25 @@ def _pinned(core: int, plan: Plan, cmd: list[str]) -> list[str]:
 
 def cpu_ticks(pid: int) -> int:
     """utime + stime of a process (all its threads), in clock ticks."""
+    utime, stime = cpu_split(pid)
+    return utime + stime
+
+
+def cpu_split(pid: int) -> tuple[int, int]:
+    """(utime, stime) of a process (all its threads), in clock ticks."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]), int(fields[12])
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary context switches summed over the process's threads (thread hand-offs)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(OSError):
+            for line in status.read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
 
 
 def rss_kib(pid: int) -> dict[str, int]:
@@ -326,7 +344,7 @@ def throughput(plan: Plan, server: Server, wrk: str | None, seconds: float) -> d
     """Closed-loop RPS at the plan's concurrency, plus the server's CPU µs per request."""
     from tests.benchmarks.gw_load import request_bytes
 
-    before = cpu_ticks(server.pid)
+    before, ctx_before = cpu_split(server.pid), context_switches(server.pid)
     if wrk:
         raw = request_bytes(server.url, stream=False, key=server.key)
         body = raw.split(b"\r\n\r\n", 1)[1].decode()
@@ -374,8 +392,11 @@ def throughput(plan: Plan, server: Server, wrk: str | None, seconds: float) -> d
             "p99_ms": r["p99_us"] / 1000,
             "errors": r["errors"],
         }
-    ticks = cpu_ticks(server.pid) - before
-    result["cpu_us_per_req"] = ticks / CLK_TCK * 1e6 / max(requests, 1)
+    after = cpu_split(server.pid)
+    per = 1e6 / CLK_TCK / max(requests, 1)
+    result["cpu_us_per_req"] = (sum(after) - sum(before)) * per
+    result["sys_us_per_req"] = (after[1] - before[1]) * per
+    result["ctx_per_req"] = (context_switches(server.pid) - ctx_before) / max(requests, 1)
     result["requests"] = requests
     return result
 
@@ -519,12 +540,12 @@ def environment(plan: Plan) -> dict[str, Any]:
                 "httpx",
                 "httpx-aiohttp",
                 "aiohttp",
-                "aiosqlite",
                 "asyncpg",
                 "uvloop",
                 "httptools",
             )
         },
+        "sqlite": sqlite3.sqlite_version,
         "loop": plan.loop,
         "http": plan.http,
         "pinned": plan.pin,
@@ -681,6 +702,8 @@ def summarize(results: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
         s["rps_p99_ms"] = _med([r["rps"][name]["p99_ms"] for r in rounds])
         s["errors"] = sum(r["rps"][name]["errors"] for r in rounds)
         s["cpu_us"] = _med([r["rps"][name]["cpu_us_per_req"] for r in rounds])
+        s["sys_us"] = _med([r["rps"][name].get("sys_us_per_req", float("nan")) for r in rounds])
+        s["ctx"] = _med([r["rps"][name].get("ctx_per_req", float("nan")) for r in rounds])
         samples = [x for r in rounds for x in r["latency"][name]["samples"]]
         s["lat_p50_ms"] = _med([r["latency"][name]["p50_ms"] for r in rounds])
         s["lat_p99_ms"] = _pct(samples, 99)
@@ -762,7 +785,7 @@ def render(results: dict[str, Any], command: str) -> str:
         f"- Machine: {env['machine']}; Python {env['python']}; uvicorn {v['uvicorn']} "
         f"(1 worker, loop `{env['loop']}`, http `{env['http']}`), starlette {v['starlette']}, "
         f"aiohttp {v['aiohttp']}, httpx {v['httpx']} + httpx-aiohttp {v['httpx-aiohttp']}, "
-        f"aiosqlite {v['aiosqlite']}, asyncpg {v['asyncpg']}.",
+        f"SQLite {env.get('sqlite', '?')}, asyncpg {v['asyncpg']}.",
         "- **Figures come from a shared 2-core box**: other engineers' test runs used the CPU "
         f"during the run (load average {env['loadavg_start'][0]:.2f} at start, "
         f"{env['loadavg_end'][0]:.2f} at end), so absolute figures are noisy; read the "
@@ -797,11 +820,12 @@ def render(results: dict[str, Any], command: str) -> str:
     lines += ["### Throughput and CPU", ""]
     lines += _table(
         ["path", f"RPS c={plan['concurrency']}", "ratio to floor", "p50 / p99 under load ms",
-         "CPU µs/req", "CPU ratio", "errors"],
+         "CPU µs/req (of which kernel)", "CPU ratio", "context switches/req", "errors"],
         [
             [label(n), _f(summary[n]["rps"], ".0f"), _f(summary[n].get("rps_ratio")),
              f"{_f(summary[n]['rps_p50_ms'], '.1f')} / {_f(summary[n]['rps_p99_ms'], '.1f')}",
-             _f(summary[n]["cpu_us"], ".0f"), _f(summary[n].get("cpu_ratio")),
+             f"{_f(summary[n]['cpu_us'], '.0f')} ({_f(summary[n]['sys_us'], '.0f')})",
+             _f(summary[n].get("cpu_ratio")), _f(summary[n]["ctx"], ".1f"),
              str(summary[n]["errors"])]
             for n in names
         ],
