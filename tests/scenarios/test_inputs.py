@@ -338,3 +338,32 @@ async def test_prompt_text_outside_messages_is_held_for(
     assert response.status_code == 402
     small = {k: v for k, v in body.items() if k not in extra}
     assert (await post(build(), path, small, bearer)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/chat/completions/"),
+        ("POST", "/V1/chat/completions"),
+        ("POST", "//v1/chat/completions"),
+        ("POST", "/v1/chat/completions%2F"),
+        ("PUT", "/v1/chat/completions"),
+        ("GET", "/v1/messages"),
+    ],
+)
+async def test_path_and_method_variants_never_reach_the_upstream_ungated(
+    build: Build, ledger: SQLiteLedger, provider: tuple[Any, str], method: str, path: str
+) -> None:
+    fake, _ = provider
+    key, _ = await new_key(ledger)
+    transport = httpx.ASGITransport(app=build(), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        response = await http.request(
+            method,
+            path,
+            json=chat_body(stream=False),
+            headers={"authorization": f"Bearer {key}"},
+            follow_redirects=False,
+        )
+    assert not response.is_success
+    assert fake.requests == []
