@@ -59,6 +59,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         data = json.loads(raw)
     except (UnicodeDecodeError, ValueError):
         raise _invalid("the request body is not valid JSON") from None
+    except RecursionError:
+        raise _invalid("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise _invalid("the request body must be a JSON object")
     return data
@@ -127,7 +129,10 @@ def _json_chars(value: object) -> int:
         return 0
     if isinstance(value, str):
         return len(value)
-    return len(json.dumps(value, separators=(",", ":"), default=str))
+    try:
+        return len(json.dumps(value, separators=(",", ":"), default=str))
+    except RecursionError:
+        raise _invalid("the request body is nested too deeply") from None
 
 
 def _parts_chars(content: object) -> int:

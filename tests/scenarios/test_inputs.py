@@ -367,3 +367,19 @@ async def test_path_and_method_variants_never_reach_the_upstream_ungated(
         )
     assert not response.is_success
     assert fake.requests == []
+
+
+@pytest.mark.parametrize("where", ["body", "tools"])
+async def test_deeply_nested_json_is_400_not_a_500(
+    build: Build, ledger: SQLiteLedger, where: str
+) -> None:
+    key, _ = await new_key(ledger)
+    depth = 100_000
+    if where == "body":
+        raw = b"[" * depth + b"]" * depth
+    else:
+        nested = "[" * 20_000 + "]" * 20_000
+        raw = ('{"model": "test-model", "messages": [], "tools": ' + nested + "}").encode()
+    response = await post(build(), CHAT, raw, {"authorization": f"Bearer {key}"})
+    assert response.status_code == 400, response.text
+    assert openai_error(response)["type"] == "invalid_request_error"
