@@ -179,3 +179,19 @@ async def test_no_platform_secret_in_debug_logs(
     assert caplog.records
     for secret in (GATEWAY_TOKEN, token, UPSTREAM_KEY):
         assert secret not in caplog.text
+
+
+async def test_client_leaving_during_a_slow_resolve_is_reported_once(
+    gateway: tuple[Any, PlatformMode], plane: FakeControlPlane
+) -> None:
+    app, mode = gateway
+    plane.resolve_delay = 0.3
+    ex = Exchange()
+    ex.disconnect()  # gone as soon as the body was read
+    await call(app, CHAT, json_body=body(CHAT), headers=BEARER, exchange=ex)
+    assert ex.sent == []
+    assert len(plane.resolve_calls) == 1  # the control plane admitted it...
+    mode.sender.notify()
+    await until(lambda: len(plane.reports) == 1)  # ...so it hears how it ended
+    [report] = plane.reports.values()
+    assert report["status"] == "incomplete"
