@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import socket
 import sqlite3
@@ -960,7 +961,7 @@ def main(argv: list[str]) -> None:
             f":{','.join(VARIANTS)})"
         )
     results = run(plan, wanted, args.postgres_dsn)
-    command = "nox -s bench -- gateway" + (" " + " ".join(argv) if argv else "")
+    command = shlex.join(["nox", "-s", "bench", "--", "gateway", *argv])
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     block = render(results, command)
