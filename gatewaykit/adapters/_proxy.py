@@ -675,6 +675,18 @@ def count(value: object) -> int:
     return 0
 
 
+def readable(usage: dict[str, Any], *fields: str) -> bool:
+    """Whether a usage object states at least one of ``fields`` as a token count.
+
+    A usage object with none of them is unreadable: it must be treated as missing usage
+    (the missing-usage policy applies), never as zero tokens.
+    """
+    return any(
+        isinstance(usage.get(field), int) and not isinstance(usage.get(field), bool)
+        for field in fields
+    )
+
+
 def text_len(value: object) -> int:
     return len(value) if isinstance(value, str) else 0
 

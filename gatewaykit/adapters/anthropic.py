@@ -20,6 +20,7 @@ from gatewaykit.adapters._proxy import (
     UpstreamClient,
     base_headers,
     count,
+    readable,
     text_len,
 )
 from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
@@ -40,7 +41,7 @@ DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 def messages_usage(usage: Any, source: UsageSource = UsageSource.PROVIDER) -> Usage | None:
     """gatewaykit ``Usage`` from an Anthropic ``usage`` object (None if there is none)."""
-    if not isinstance(usage, dict):
+    if not isinstance(usage, dict) or not readable(usage, "input_tokens", "output_tokens"):
         return None
     return Usage(
         input_tokens=count(usage.get("input_tokens")),
@@ -59,6 +60,10 @@ def _block_chars(block: Any) -> int:
         + text_len(block.get("partial_json"))
         + text_len(block.get("thinking"))
     )
+
+
+def _is_final_output(field: str, value: object) -> bool:
+    return field == "output_tokens" and isinstance(value, int) and not isinstance(value, bool)
 
 
 class MessagesStreamUsage(StreamUsage):
@@ -86,9 +91,11 @@ class MessagesStreamUsage(StreamUsage):
         elif kind == "message_delta":
             usage = payload.get("usage")
             if isinstance(usage, dict):
-                # Output is cumulative; input/cache counts, when given (non-zero), override
-                # the start's: some servers repeat them here as 0 or null.
-                merged = {**self._fields, **{k: v for k, v in usage.items() if v}}
+                # Output is cumulative and final here, even when it is 0; input/cache
+                # counts override the start's only when given as non-zero (some servers
+                # repeat them here as 0 or null).
+                given = {k: v for k, v in usage.items() if v or _is_final_output(k, v)}
+                merged = {**self._fields, **given}
                 self._fields = merged
                 self._final = messages_usage(merged)
                 self.partial = messages_usage(merged, UsageSource.PARTIAL)

@@ -21,6 +21,7 @@ from gatewaykit.adapters._proxy import (
     UpstreamClient,
     base_headers,
     count,
+    readable,
     text_len,
 )
 from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
@@ -37,7 +38,7 @@ __all__ = [
 
 def chat_usage(usage: Any) -> Usage | None:
     """gatewaykit ``Usage`` from an OpenAI chat ``usage`` object (None if there is none)."""
-    if not isinstance(usage, dict):
+    if not isinstance(usage, dict) or not readable(usage, "prompt_tokens", "completion_tokens"):
         return None
     prompt = count(usage.get("prompt_tokens"))
     details = usage.get("prompt_tokens_details")

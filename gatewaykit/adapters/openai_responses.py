@@ -19,6 +19,7 @@ from gatewaykit.adapters._proxy import (
     UpstreamClient,
     base_headers,
     count,
+    readable,
     text_len,
 )
 from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
@@ -46,7 +47,7 @@ _TEXT_DELTAS = frozenset(
 
 def responses_usage(usage: Any) -> Usage | None:
     """gatewaykit ``Usage`` from a responses ``usage`` object (None if there is none)."""
-    if not isinstance(usage, dict):
+    if not isinstance(usage, dict) or not readable(usage, "input_tokens", "output_tokens"):
         return None
     prompt = count(usage.get("input_tokens"))
     details = usage.get("input_tokens_details")

@@ -189,14 +189,7 @@ async def test_malformed_event_mid_stream_is_charged_what_was_consumed(
     "path",
     [
         CHAT,
-        pytest.param(
-            MESSAGES,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="adapters/anthropic.py MessagesStreamUsage.observe drops an explicit "
-                "output_tokens=0 in message_delta and keeps message_start's placeholder",
-            ),
-        ),
+        MESSAGES,
         RESPONSES,
     ],
 )
@@ -248,12 +241,6 @@ async def test_absurd_reported_usage_never_leaves_a_live_hold(
     assert await spent(ledger) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters/openai_chat.py chat_usage (via _proxy.count) reads a usage object it "
-    "cannot parse (no int prompt_tokens/completion_tokens) as Usage(0, 0) from the provider, "
-    "so the request is charged $0 instead of by the missing-usage policy",
-)
 @pytest.mark.parametrize(
     "usage",
     [
@@ -276,11 +263,6 @@ async def test_unreadable_usage_is_never_charged_as_zero(
     assert await spent(ledger) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters: chat_usage / messages_usage turn an unreadable usage object into "
-    "Usage(0, 0) on the non-streaming path too: charged $0",
-)
 @pytest.mark.parametrize("path", [CHAT, MESSAGES])
 async def test_unreadable_usage_in_a_json_response_is_never_charged_as_zero(
     build: Build, ledger: SQLiteLedger, scripted: tuple[Scripted, str], path: str
