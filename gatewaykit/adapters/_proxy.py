@@ -155,6 +155,8 @@ class _ClientGone(Exception):
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 _WATCH_NAME = "gatewaykit: watch for client disconnect"
 _PASSED_HEADERS = (b"content-type", b"retry-after")
+#: An upstream error body is passed to the client; beyond this it is cut (never buffered).
+_MAX_ERROR_BODY = 1024 * 1024
 
 
 def _name_chain(exc: BaseException) -> set[str]:
@@ -387,11 +389,13 @@ class _Exchange:
                 self.response = await self.endpoint.client.send(request, stream=True)
                 status = self.response.status_code
                 if status >= 400:
-                    body = await self.response.aread()
+                    body = await _read_capped(self.response, _MAX_ERROR_BODY)
                     headers = tuple(self.response.headers.raw)
                     await self._close_upstream()
                     return self._status_failure(status, body, headers)
-                if not stream:
+                if not stream or _is_json(self.response):
+                    # A provider may answer a stream request with one JSON body: it was
+                    # served (and billed) all the same, so it is passed on and charged.
                     return await self._complete()
                 self.chunks = self.response.aiter_raw()
                 first = await self._first_payload()
@@ -668,6 +672,24 @@ class _Exchange:
 
 
 # -- helpers for the format modules ----------------------------------------------------------
+async def _read_capped(response: Any, limit: int) -> bytes:
+    """At most ``limit`` bytes of a response body (the rest is dropped with the response)."""
+    parts: list[bytes] = []
+    size = 0
+    chunk: bytes
+    async for chunk in response.aiter_raw():
+        parts.append(chunk[: limit - size])
+        size += len(parts[-1])
+        if size >= limit:
+            break
+    return b"".join(parts)
+
+
+def _is_json(response: Any) -> bool:
+    content_type: str = response.headers.get("content-type", "")
+    return content_type.startswith("application/json")
+
+
 def count(value: object) -> int:
     """A token count from a provider's JSON: a non-negative int, else 0."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:

@@ -123,6 +123,7 @@ class Scripted:
         self.drop = False
         self.gap = 0.0  # seconds between chunks (so they arrive as separate reads)
         self.delay = 0.0  # seconds before the response starts
+        self.content_type = b"text/event-stream"
         self.requests = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -138,7 +139,7 @@ class Scripted:
             {
                 "type": "http.response.start",
                 "status": self.status,
-                "headers": [(b"content-type", b"text/event-stream")],
+                "headers": [(b"content-type", self.content_type)],
             }
         )
         for index, chunk in enumerate(self.chunks):
@@ -162,4 +163,5 @@ def scripted(scripted_server: tuple[Scripted, str]) -> tuple[Scripted, str]:
     upstream, url = scripted_server
     upstream.status, upstream.chunks, upstream.drop, upstream.requests = 200, [], False, 0
     upstream.gap = upstream.delay = 0.0
+    upstream.content_type = b"text/event-stream"
     return upstream, url

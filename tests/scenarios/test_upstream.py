@@ -375,3 +375,38 @@ async def test_stream_without_usage_under_each_policy_exactly(
     assert await spent(ledger) == expected == record.cost
     assert (record.error is not None) == (policy == "fail")
     assert record.usage_source == ("none" if policy == "allow_free" else "estimated")
+
+
+async def test_a_stream_request_answered_with_json_is_passed_on_and_charged(
+    build: Build, ledger: SQLiteLedger, scripted: tuple[Scripted, str]
+) -> None:
+    """The provider served (and billed) it as one JSON body: never a refund of real usage."""
+    upstream, url = scripted
+    upstream.content_type = b"application/json"
+    payload = {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 7},
+    }
+    upstream.chunks = [json.dumps(payload).encode()]
+    headers = await keyed(ledger)
+    ex = await call(build(base=url), CHAT, json_body=body(CHAT, stream=True), headers=headers)
+    assert ex.status == 200
+    assert ex.json() == payload
+    assert await spent(ledger) == PRICE.cost(Usage(input_tokens=30, output_tokens=7))
+    [record] = await ledger.usage()
+    assert (record.status, record.usage_source) == ("success", "provider")
+
+
+async def test_a_huge_upstream_error_body_is_cut_not_buffered(
+    build: Build, ledger: SQLiteLedger, scripted: tuple[Scripted, str]
+) -> None:
+    upstream, url = scripted
+    upstream.status = 500
+    upstream.content_type = b"application/json"
+    upstream.chunks = [b"x" * (256 * 1024)] * 12  # 3 MiB
+    headers = await keyed(ledger)
+    ex = await call(build(base=url), CHAT, json_body=body(CHAT), headers=headers)
+    assert ex.status == 500
+    assert len(ex.body) == 1024 * 1024
+    assert await spent(ledger) == 0
