@@ -12,9 +12,12 @@ the endpoint:
    usage chunk the client did not ask for is cut out, and the final event is held back
    until the settlement is done, so a client leaving at the end cannot skip settlement;
 3. reads usage on the side and calls the settlement's hooks;
-4. listens for ``http.disconnect`` itself in a sibling task, so a client that leaves is
-   noticed at once even while the upstream is silent: the upstream response is closed and
-   the settlement told ``on_incomplete`` (shielded from cancellation).
+4. relies on :class:`~gatewaykit.middleware.GatewayMiddleware` (which it always runs
+   behind: it needs the request's context) to notice a client that leaves: the middleware
+   listens for ``http.disconnect`` even while the upstream is silent and cancels the app.
+   The cancellation reaches the pending upstream read; the engine then closes the upstream
+   response and calls ``on_incomplete`` with the usage seen so far (shielded). A second
+   watcher task here would only duplicate that, at a third of a request's cost.
 
 The response is sent by this module's own small ASGI send loop, not by Starlette's
 ``StreamingResponse`` (whose disconnect detection depends on the server's ASGI version).
@@ -153,7 +156,6 @@ class _ClientGone(Exception):
 
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
-_WATCH_NAME = "gatewaykit: watch for client disconnect"
 _PASSED_HEADERS = (b"content-type", b"retry-after")
 #: An upstream error body is passed to the client; beyond this it is cut (never buffered).
 _MAX_ERROR_BODY = 1024 * 1024
@@ -242,9 +244,6 @@ class _Exchange:
         self.scope = scope
         self.receive = receive
         self._send = send
-        self.disconnected = False
-        self.finished = False
-        self.watch_done = False
         self.started = False
         self.response: Any = None
         self.chunks: AsyncIterator[bytes] | None = None
@@ -256,48 +255,23 @@ class _Exchange:
 
     # -- the frame ------------------------------------------------------------------------
     async def run(self) -> None:
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._watch_disconnect, group.cancel_scope, name=_WATCH_NAME)
-            try:
-                await self._serve()
-            except anyio.get_cancelled_exc_class():
-                with anyio.CancelScope(shield=True):
-                    await self._close_upstream()
-                    await self.settlement.on_incomplete(self._partial())
-                raise
-            except _ClientGone:
-                with anyio.CancelScope(shield=True):
-                    await self._close_upstream()
-                    await self.settlement.on_incomplete(self._partial())
-            except Exception as exc:
-                logger.exception("gatewaykit adapter failed (request %s)", self.context.request_id)
-                with anyio.CancelScope(shield=True):
-                    await self._close_upstream()
-                    await self.settlement.on_error(exc, self._partial())
-                    await self._send_internal_error()
-            self.finished = True
-            # Per the ASGI spec a server answers receive() with http.disconnect once the
-            # response is sent (uvicorn wakes the pending call), so the watcher usually ends
-            # by itself; cancelling it is the fallback (anyio's cancel() is not free).
-            await anyio.lowlevel.checkpoint()
-            if not self.watch_done:
-                group.cancel_scope.cancel()
-
-    async def _watch_disconnect(self, scope: anyio.CancelScope) -> None:
         try:
-            while True:
-                try:
-                    message = await self.receive()
-                except Exception:  # a server that cannot receive has lost the client
-                    logger.debug("receive() failed; treating it as a disconnect", exc_info=True)
-                    message = {"type": "http.disconnect"}
-                if message["type"] == "http.disconnect":
-                    if not self.finished:
-                        self.disconnected = True
-                        scope.cancel()
-                    return
-        finally:
-            self.watch_done = True
+            await self._serve()
+        except anyio.get_cancelled_exc_class():  # the middleware saw the client leave
+            with anyio.CancelScope(shield=True):
+                await self._close_upstream()
+                await self.settlement.on_incomplete(self._partial())
+            raise
+        except _ClientGone:
+            with anyio.CancelScope(shield=True):
+                await self._close_upstream()
+                await self.settlement.on_incomplete(self._partial())
+        except Exception as exc:
+            logger.exception("gatewaykit adapter failed (request %s)", self.context.request_id)
+            with anyio.CancelScope(shield=True):
+                await self._close_upstream()
+                await self.settlement.on_error(exc, self._partial())
+                await self._send_internal_error()
 
     async def send(self, message: _Message) -> None:
         try:
@@ -306,8 +280,7 @@ class _Exchange:
             raise _ClientGone from exc
 
     async def send_last(self, body: bytes) -> None:
-        """Send the response's final message; a disconnect seen after it is the normal end."""
-        self.finished = True
+        """Send the response's final message."""
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _partial(self) -> Usage | None:

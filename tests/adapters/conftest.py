@@ -126,7 +126,8 @@ _ASGIApp = Callable[..., Any]
 
 class Shim:
     """Stands in for GatewayMiddleware: parses the body, builds a context with a
-    RecordingSettlement and the configured attempts, calls the adapter endpoint.
+    RecordingSettlement and the configured attempts, calls the adapter endpoint, and
+    cancels it when the client disconnects before the response is complete.
 
     ``sent`` counts messages sent to the client, so a settlement can record how many
     had gone out when it finished.
@@ -182,12 +183,43 @@ class Shim:
         )
 
         self.contexts.append(context)
+        # Like GatewayMiddleware: watch for the client leaving and cancel the endpoint
+        # while its response is incomplete; the endpoint's own receive() then answers
+        # http.disconnect; settle on_incomplete() if the endpoint did not.
+        gone = anyio.Event()
+        endpoint_scope = anyio.CancelScope()
+        complete = False
+
+        async def watch() -> None:
+            while True:
+                try:
+                    message = await receive()
+                except Exception:
+                    break
+                if message["type"] == "http.disconnect":
+                    break
+            gone.set()
+            if not complete:
+                endpoint_scope.cancel()
+
+        async def endpoint_receive() -> MutableMapping[str, Any]:
+            await gone.wait()
+            return {"type": "http.disconnect"}
 
         async def counting_send(message: MutableMapping[str, Any]) -> None:
+            nonlocal complete
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
             self.sent += 1
             await send(message)
 
-        await self.endpoint(scope, receive, counting_send)
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            with endpoint_scope:
+                await self.endpoint(scope, endpoint_receive, counting_send)
+            group.cancel_scope.cancel()
+        if endpoint_scope.cancelled_caught and not settlement.done:
+            await settlement.on_incomplete()
 
 
 @contextlib.asynccontextmanager
