@@ -157,6 +157,11 @@ class Hold:
     ``overrun`` is how much ``charged`` exceeded ``amount``; ``late`` marks a settle that
     arrived after the hold expired. A tombstone (release before reserve) is a ``released``
     hold with no scopes and amount 0.
+
+    ``remaining`` is what a fresh ``reserve`` saw: per scope of the hold, in scope order,
+    the amount left in its current window right after the hold (None when unlimited), so
+    a caller can report headroom without reading the budgets again. It is a snapshot, not
+    part of the hold's identity: it is empty on every other path and ignored by ``==``.
     """
 
     hold_id: str
@@ -168,6 +173,7 @@ class Hold:
     charged: Decimal = Decimal(0)
     overrun: Decimal = Decimal(0)
     late: bool = False
+    remaining: tuple[tuple[str, Decimal | None], ...] = dataclasses.field(default=(), compare=False)
 
     @property
     def live(self) -> bool:
@@ -266,6 +272,10 @@ class Ledger(Protocol):
         A replay returns the stored hold (whatever its state since); a tombstone left by
         an earlier release is returned as is, so the caller must check ``hold.live``.
         Expired holds on the same scopes are reclaimed first.
+
+        ``Hold.remaining`` is filled by reserve when the backend knows it (each scope's
+        ``limit - spent - held`` in its current window right after this hold, None when
+        unlimited); empty otherwise (replays may leave it empty).
         """
 
     async def settle(

@@ -738,6 +738,7 @@ class PostgresLedger:
                     state=HoldState.HELD,
                     created_at=first["created_at"],
                     expires_at=first["expires_at"],
+                    remaining=_remaining(rows, nanos),
                 )
             refusal = _refusal(rows, nanos)
             if refusal is not None:
@@ -1072,6 +1073,19 @@ def _status(row: Any) -> BudgetStatus:
         held=from_nanos(row["reserved"] or 0),
         window_start=start,
         resets_at=end,
+    )
+
+
+def _remaining(rows: list[Any], nanos: int) -> tuple[tuple[str, Decimal | None], ...]:
+    """Each scope's headroom after an admitted hold: the row was checked before the hold."""
+    return tuple(
+        (
+            r["scope"],
+            None
+            if r["limit_nanos"] is None
+            else from_nanos(r["limit_nanos"] - r["spent"] - r["reserved"] - nanos),
+        )
+        for r in rows
     )
 
 

@@ -122,7 +122,7 @@ def _nanos(value: object) -> int:
         return to_nanos(value)
 
 
-def _hold(row: HoldRow) -> Hold:
+def _hold(row: HoldRow, remaining: tuple[tuple[str, Decimal | None], ...] = ()) -> Hold:
     hold_id, scopes, amount, state, created, expires, charged, overrun, late = row
     return Hold(
         hold_id=hold_id,
@@ -134,6 +134,7 @@ def _hold(row: HoldRow) -> Hold:
         charged=_usd(charged),
         overrun=_usd(overrun),
         late=bool(late),
+        remaining=remaining,
     )
 
 
@@ -470,9 +471,11 @@ class _Store:
             return _hold(self.touch(row, now))
         self.reclaim(scopes, now)
         windows = []
+        limits = []
         for scope in scopes:
             limit, period = self.budget(scope) or (None, _NO_PERIOD)
             key = _window_key(period, now)
+            limits.append(limit)
             if limit is not None:
                 spent, reserved = self.counter(scope, key)
                 if spent + reserved + amount > limit:
@@ -493,7 +496,12 @@ class _Store:
         self.move(windows, 0, amount)
         if self.next_expiry is not None:
             self.next_expiry = min(self.next_expiry, expires)
-        return _hold(row)
+        # The counters now include this hold: the headroom a gateway reports, for free.
+        remaining = tuple(
+            (scope, None if limit is None else _usd(limit - sum(self.counter(scope, key))))
+            for (scope, key), limit in zip(windows, limits, strict=True)
+        )
+        return _hold(row, remaining)
 
     def settle(
         self, now: int, hold_id: str, actual: int, record: UsageRecord | None, cost: int

@@ -43,14 +43,13 @@ from gatewaykit.errors import (
     ErrorKind,
     HoldClosedError,
     InvalidAmountError,
-    LedgerError,
     LedgerUnavailableError,
     RequestRejected,
 )
 from gatewaykit.keys import hash_key
 from gatewaykit.ledger.base import (
     ApiKeyRecord,
-    BudgetStatus,
+    Hold,
     Ledger,
     UsageRecord,
     validate_ttl,
@@ -335,7 +334,7 @@ class StandaloneMode:
                     ErrorKind.UNAVAILABLE, "the request id was already used; retry the request"
                 )
         if self.budget_headers and held:
-            headers.update(await self._headroom(scopes))
+            headers.update(_headroom(hold))
         settlement = StandaloneSettlement(
             self.ledger,
             request_id=request.request_id,
@@ -388,28 +387,6 @@ class StandaloneMode:
                 f"model {model!r} has no price configured on this gateway",
             )
         return self.unpriced_price
-
-    async def _headroom(self, scopes: Sequence[str]) -> dict[str, str]:
-        """The tightest limited budget after the hold; read concurrently (one ledger batch)."""
-        statuses: list[BudgetStatus | None] = [None] * len(scopes)
-
-        async def read(index: int, scope: str) -> None:
-            with contextlib.suppress(LedgerError):
-                statuses[index] = await self.ledger.status(scope)
-
-        async with anyio.create_task_group() as tg:
-            for index, scope in enumerate(scopes):
-                tg.start_soon(read, index, scope)
-        limited = [
-            (s.remaining, s.scope) for s in statuses if s is not None and s.remaining is not None
-        ]
-        if not limited:
-            return {}
-        remaining, scope = min(limited)
-        return {
-            "x-gatewaykit-budget-remaining": str(max(remaining, Decimal(0))),
-            "x-gatewaykit-budget-scope": scope,
-        }
 
 
 class StandaloneSettlement(Settlement):
@@ -650,6 +627,22 @@ def _unpriced_price(policy: object) -> ModelPrice | None:
         "unpriced must be 'reject', 'allow', a ModelPrice or a Decimal USD per million tokens, "
         f"not {policy!r}"
     )
+
+
+def _headroom(hold: Hold) -> dict[str, str]:
+    """The tightest limited budget right after the hold, as the reserve saw it.
+
+    No extra ledger read: a backend that does not report ``Hold.remaining`` gets no
+    headers (ties go to the first scope in sorted order).
+    """
+    limited = [(left, scope) for scope, left in hold.remaining if left is not None]
+    if not limited:
+        return {}
+    remaining, scope = min(limited)
+    return {
+        "x-gatewaykit-budget-remaining": str(max(remaining, Decimal(0))),
+        "x-gatewaykit-budget-scope": scope,
+    }
 
 
 def _budget_rejection(exc: BudgetExceeded) -> RequestRejected:

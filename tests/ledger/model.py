@@ -226,7 +226,13 @@ class ModelLedger:
         )
         self.holds_[hold_id] = hold
         self.order.append(hold_id)
-        return hold.view()
+        remaining = []
+        for scope, key in windows.items():
+            limit = self.budgets_.get(scope, (None, Period()))[0]
+            counter = self.counters[(scope, key)]
+            left = None if limit is None else from_nanos(limit - counter.spent - counter.reserved)
+            remaining.append((scope, left))
+        return dataclasses.replace(hold.view(), remaining=tuple(remaining))
 
     def _record(self, record: UsageRecord | None, now: int) -> None:
         if record is None or any(r.request_id == record.request_id for r in self.usage_):

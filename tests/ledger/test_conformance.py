@@ -103,6 +103,35 @@ async def test_all_or_none_across_scopes(ledger: Ledger) -> None:
     assert status.held == 0
 
 
+async def test_reserve_reports_remaining_per_scope(ledger: Ledger, clock: FakeClock) -> None:
+    async def remaining_now(scopes: tuple[str, ...]) -> tuple[tuple[str, Decimal | None], ...]:
+        statuses = [await ledger.status(scope) for scope in scopes]
+        return tuple((s.scope, s.remaining) for s in statuses if s is not None)
+
+    await ledger.set_budget("user:a", limit=D("10"), period=Period("day"))
+    await ledger.set_budget("team:t", limit=D("3"))
+    await ledger.reserve("old", ["user:a"], D("4"), ttl=60)
+    await ledger.settle("old", D("1"))
+    await ledger.reserve("due", ["team:t"], D("2"), ttl=5)
+    clock.advance(10)  # "due" expired: the next reserve on team:t reclaims it first
+    hold = await ledger.reserve("r1", ["user:a", "team:t", "key:k"], D("0.5"), ttl=60)
+    assert hold.remaining == (("key:k", None), ("team:t", D("2.5")), ("user:a", D("8.5")))
+    assert hold.remaining == await remaining_now(hold.scopes)
+
+    full = await ledger.reserve("r2", ["team:t", "user:a"], D("2.5"), ttl=60)
+    assert full.remaining == (("team:t", Z), ("user:a", D(6)))
+    assert full.remaining == await remaining_now(full.scopes)
+    replay = await ledger.reserve("r1", ["user:a", "team:t", "key:k"], D("0.5"), ttl=60)
+    assert replay == hold  # remaining is a snapshot, not part of the hold's identity
+    assert replay.remaining in ((), await remaining_now(replay.scopes))
+
+    clock.advance(86_400)  # a new day: user:a's window starts empty, team:t never resets
+    await ledger.release("r2")
+    fresh = await ledger.reserve("r3", ["user:a", "team:t"], D(1), ttl=60)
+    assert fresh.remaining == (("team:t", D(2)), ("user:a", D(9)))
+    assert fresh.remaining == await remaining_now(fresh.scopes)
+
+
 async def test_zero_limit_admits_only_zero(ledger: Ledger) -> None:
     await ledger.set_budget("user:a", limit=D(0))
     assert (await ledger.reserve("r0", ["user:a"], D(0), ttl=60)).live

@@ -112,7 +112,13 @@ class FakeLedger:
         now = datetime.now(timezone.utc)
         hold = Hold(hold_id, scopes, amount, HoldState.HELD, now, now + timedelta(seconds=ttl))
         self.hold_rows[hold_id] = hold
-        return hold
+        return dataclasses.replace(hold, remaining=tuple(self._remaining(s) for s in scopes))
+
+    def _remaining(self, scope: str) -> tuple[str, Decimal | None]:
+        limit = self.limits.get(scope)
+        if limit is None:
+            return scope, None
+        return scope, limit - self.spent.get(scope, Decimal(0)) - self.held[scope]
 
     async def settle(
         self, hold_id: str, actual: Decimal, *, record: UsageRecord | None = None
