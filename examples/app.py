@@ -210,6 +210,11 @@ def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -
             if ledger is not None:
                 await ledger.open()
                 stack.push_async_callback(ledger.aclose)
+                # Expire the holds of crashed requests even on budgets nobody uses again
+                # (reserve reclaims them lazily only on its own budgets).
+                sweeper = anyio.CancelScope()
+                tasks.start_soon(sweep_periodically, ledger, settings.hold_ttl / 4, sweeper)
+                stack.callback(sweeper.cancel)
             if platform is not None:
                 await stack.enter_async_context(platform)
             yield
@@ -222,6 +227,17 @@ def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -
         middleware=[Middleware(GatewayMiddleware, mode=mode)],
         lifespan=lifespan,
     )
+
+
+async def sweep_periodically(ledger: Ledger, interval: float, scope: anyio.CancelScope) -> None:
+    """Run ``ledger.sweep()`` every ``interval`` seconds until ``scope`` is cancelled."""
+    with scope:
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await ledger.sweep()
+            except GatewayKitError as exc:  # the ledger is down: try again next round
+                print(f"gatewaykit: sweep failed: {exc}", file=sys.stderr)
 
 
 def absolute_db_url(url: str) -> str:

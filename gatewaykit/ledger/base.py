@@ -26,6 +26,7 @@ import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from types import TracebackType
 from typing import Literal, Protocol, runtime_checkable
 
 from gatewaykit.errors import ConfigurationError, InvalidScopeError
@@ -247,6 +248,17 @@ class Ledger(Protocol):
     async def open(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Ledger:
+        """``open()`` and return the ledger."""
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """``aclose()``."""
 
     # -- budgets -----------------------------------------------------------------------
     async def set_budget(
