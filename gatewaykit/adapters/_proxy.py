@@ -252,6 +252,7 @@ class _Exchange:
         self.held: list[bytes] | None = None
         self.terminal: EventKind | None = None
         self.noted_chars = 0
+        self.body_usage: Usage | None = None  # a non-streaming response's usage
 
     # -- the frame ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -286,7 +287,7 @@ class _Exchange:
     def _partial(self) -> Usage | None:
         extractor = self.extractor
         if extractor is None:
-            return None
+            return self.body_usage
         self._note(extractor)
         return extractor.result() or extractor.partial
 
@@ -468,18 +469,22 @@ class _Exchange:
                 code="upstream_bad_response",
             )
         self.settlement.note_output(self.spec.output_chars_from_body(payload))
+        self.body_usage = usage
         await self.settlement.on_first_chunk()
-        if usage is not None:
-            await self.settlement.on_success(usage)
-        else:
-            await self.settlement.on_no_usage()
         headers = [
             (b"content-type", content_type.encode("latin-1")),
             (b"content-length", str(len(body)).encode()),
         ]
+        # The body goes out before settling (a ledger commit, perhaps an fsync), so the
+        # client is not kept waiting for it; the empty final message still waits for it.
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         self.started = True
-        await self.send_last(body)
+        await self.send({"type": "http.response.body", "body": body, "more_body": True})
+        if usage is not None:
+            await self.settlement.on_success(usage)
+        else:
+            await self.settlement.on_no_usage()
+        await self.send_last(b"")
         return None
 
     # -- streaming ------------------------------------------------------------------------

@@ -127,8 +127,26 @@ async def test_nonstream_success_passes_the_body_through(
     call_ = shim.settlement.call
     assert call_.status == "success"
     assert call_.usage == fmt.expected()
-    assert call_.sent == 0
+    # The body went out before settling (the client need not wait for the ledger's
+    # commit); the empty final message only after it.
+    assert call_.sent == 2
+    assert [m.get("more_body", False) for m in ex.sent[1:]] == [True, False]
+    assert ex.sent[-1]["body"] == b""
     assert shim.settlement.output_chars == len(BEHAVIOR.output_text)
+
+
+async def test_nonstream_disconnect_after_the_body_charges_its_usage(
+    fmt: Format, provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+) -> None:
+    _, url = provider
+    shim = shim_for(fmt, client, [upstream(fmt, url)])
+    exchange = Exchange()
+    # The client leaves while the settlement runs, i.e. after the body, before the end.
+    shim.on_settle = exchange.disconnect
+    await call(shim, fmt.path, json_body=fmt.body(stream=False), exchange=exchange)
+    call_ = shim.settlement.call
+    assert call_.status == "success"
+    assert call_.usage == fmt.expected()
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
