@@ -223,7 +223,7 @@ class ProxyEndpoint:
         if scope["type"] != "http":
             raise ConfigurationError("gatewaykit adapters serve HTTP requests only")
         context = get_context(scope)
-        await _Exchange(self, context, scope, receive, send).run()
+        await _Exchange(self, context, scope, send).run()
 
 
 class _Exchange:
@@ -234,7 +234,6 @@ class _Exchange:
         endpoint: ProxyEndpoint,
         context: GatewayContext,
         scope: _Scope,
-        receive: _Receive,
         send: _Send,
     ) -> None:
         self.endpoint = endpoint
@@ -242,7 +241,6 @@ class _Exchange:
         self.context = context
         self.settlement: Settlement = context.settlement
         self.scope = scope
-        self.receive = receive
         self._send = send
         self.started = False
         self.response: Any = None
