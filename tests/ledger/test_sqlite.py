@@ -29,6 +29,7 @@ from gatewaykit.ledger import sqlite as sqlite_module
 from gatewaykit.ledger._sqlite_schema import APPLICATION_ID, LATEST_VERSION
 from gatewaykit.ledger.base import HoldState, Period
 from gatewaykit.ledger.sqlite import SQLiteLedger
+from gatewaykit.money import from_nanos
 from tests.ledger.backends import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -399,3 +400,13 @@ async def test_f15_a_cancelled_caller_can_leave_a_ghost_hold_that_release_cures(
         status = await ledger.status("user:a")
         assert status is not None
         assert status.held == 0
+
+
+@pytest.mark.parametrize(
+    "nanos", [0, 1, -1, 10, 79_000, 1_500_000_000, 10**9, -(10**9), 123_456_789_012, 9 * 10**18]
+)
+def test_headroom_usd_is_from_nanos_exactly(nanos: int) -> None:
+    """The fast conversion behind Hold.remaining: same value and same digits (headers)."""
+    expected = from_nanos(nanos)
+    got = sqlite_module._headroom_usd(nanos)
+    assert (got.as_tuple(), str(got)) == (expected.as_tuple(), str(expected))
