@@ -8,12 +8,13 @@ own lifespan (``async with default_client() as client: ...``) and hands it to th
 
 The transport is given its own aiohttp session: left to itself, httpx-aiohttp passes no
 ``limit`` for ``max_connections=None`` (aiohttp then caps the pool at 100, so the 101st
-concurrent stream would queue) and ignores ``max_keepalive_connections``.
+concurrent stream would queue). aiohttp has no cap on idle connections, so there is no
+``max_keepalive_connections``: idle connections close after ``keepalive_expiry``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import httpx
@@ -21,17 +22,12 @@ from httpx_aiohttp import AiohttpTransport
 
 from gatewaykit.errors import ConfigurationError
 
-if TYPE_CHECKING:
-    from aiohttp.client_proto import ResponseHandler
-    from aiohttp.client_reqrep import ConnectionKey
-
 __all__ = ["default_client"]
 
 
 def default_client(
     *,
     max_connections: int | None = 1000,
-    max_keepalive_connections: int | None = 200,
     keepalive_expiry: float | None = 30.0,
     connect_timeout: float | None = 10.0,
     read_timeout: float | None = 600.0,
@@ -42,17 +38,14 @@ def default_client(
 
     ``max_connections`` bounds concurrent upstream requests (a stream holds a connection
     for its whole life, so size it to the concurrency you serve; None: unbounded).
-    ``max_keepalive_connections`` bounds the idle connections kept for reuse (None: all
-    of them), each closed after ``keepalive_expiry`` seconds idle (None: never).
+    Idle connections are kept for reuse and closed after ``keepalive_expiry`` seconds
+    (None: aiohttp's default).
     Timeouts are seconds (None: none); the adapters pass their own per request.
     """
     if max_connections is not None and max_connections < 1:
         raise ConfigurationError("max_connections must be at least 1 (or None for no limit)")
-    if max_keepalive_connections is not None and max_keepalive_connections < 0:
-        raise ConfigurationError("max_keepalive_connections must be >= 0 (or None for no limit)")
     limits = httpx.Limits(
         max_connections=max_connections,
-        max_keepalive_connections=max_keepalive_connections,
         keepalive_expiry=keepalive_expiry,
     )
     timeout = httpx.Timeout(
@@ -62,11 +55,13 @@ def default_client(
 
     def session() -> aiohttp.ClientSession:
         # Called by the transport on its first request, inside the event loop.
-        connector = _Connector(
-            max_idle=max_keepalive_connections,
+        options: dict[str, Any] = {}
+        if keepalive_expiry is not None:
+            options["keepalive_timeout"] = keepalive_expiry
+        connector = aiohttp.TCPConnector(
             limit=max_connections or 0,  # aiohttp: 0 is no limit
-            keepalive_timeout=keepalive_expiry,
             ssl=transport.ssl_context,
+            **options,
         )
         return aiohttp.ClientSession(connector=connector)
 
@@ -80,30 +75,6 @@ def default_client(
     # httpx has no switch to turn its cookie jar off; this client is shared by every user.
     client._cookies = _NoCookies()
     return client
-
-
-class _Connector(aiohttp.TCPConnector):
-    """aiohttp's connector, keeping at most ``max_idle`` idle connections for reuse.
-
-    aiohttp itself keeps every released connection until its keep-alive expires; a
-    connection released beyond the cap is closed instead.
-    """
-
-    def __init__(self, *, max_idle: int | None, **options: Any) -> None:
-        super().__init__(**options)
-        self.max_idle = max_idle
-
-    @property
-    def idle(self) -> int:
-        """How many connections wait for reuse."""
-        return sum(len(conns) for conns in self._conns.values())
-
-    def _release(
-        self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False
-    ) -> None:
-        if self.max_idle is not None and not should_close:
-            should_close = self.idle >= self.max_idle
-        super()._release(key, protocol, should_close=should_close)
 
 
 class _NoCookies(httpx.Cookies):
