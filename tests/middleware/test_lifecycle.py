@@ -420,7 +420,7 @@ async def test_heartbeats_extend_the_hold_while_the_response_lives(
                 assert hold is not None
                 expiries.append(hold.expires_at)
                 yield b"data: x\n\n"
-                await anyio.sleep(0.05)
+                await anyio.sleep(0.2)  # many heartbeat intervals, even on a loaded machine
             await settlement.on_success(Usage(1, 1))
 
         return StreamingResponse(body())

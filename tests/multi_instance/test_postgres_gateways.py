@@ -195,7 +195,9 @@ async def _run(ledger: PostgresLedger, url: str, tmp_path: Path) -> None:
             live = await ledger.holds()
             assert 0 < len(live) <= statuses[victim].count(200)
             await anyio.sleep(HOLD_TTL + 0.5)
-            assert await ledger.sweep() == len(live)
+            # The surviving instances sweep every TTL/4 on their own; whatever they have
+            # not expired yet, this sweep does. Either way every dead hold ends expired.
+            await ledger.sweep()
 
     holds = [h for h in await ledger.holds(live_only=False, limit=10_000) if "user:u" in h.scopes]
     assert len(holds) == K  # no over-admission: exactly K holds were ever taken
