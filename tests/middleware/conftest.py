@@ -42,7 +42,7 @@ async def open_backend(name: str) -> AsyncIterator[Ledger]:
         from gatewaykit.ledger.sqlite import SQLiteLedger
 
         real: Ledger = SQLiteLedger(":memory:")
-        async with real:  # type: ignore[attr-defined]
+        async with real:
             yield real
             assert await real.check() == []
         return
