@@ -685,6 +685,24 @@ def readable(usage: dict[str, Any], *fields: str) -> bool:
     )
 
 
+def openai_usage(usage: Any, prompt_field: str, output_field: str) -> Usage | None:
+    """``Usage`` from an OpenAI usage object: chat names its counts ``prompt_tokens`` /
+    ``completion_tokens``, responses ``input_tokens`` / ``output_tokens``; both report
+    cached prompt tokens in ``<prompt_field>_details.cached_tokens`` (part of the prompt).
+    """
+    if not isinstance(usage, dict) or not readable(usage, prompt_field, output_field):
+        return None
+    prompt = count(usage.get(prompt_field))
+    details = usage.get(f"{prompt_field}_details")
+    cached = count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    cached = min(cached, prompt)
+    return Usage(
+        input_tokens=prompt - cached,
+        output_tokens=count(usage.get(output_field)),
+        cache_read_tokens=cached,
+    )
+
+
 def text_len(value: object) -> int:
     return len(value) if isinstance(value, str) else 0
 

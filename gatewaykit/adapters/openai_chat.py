@@ -20,8 +20,7 @@ from gatewaykit.adapters._proxy import (
     StreamUsage,
     UpstreamClient,
     base_headers,
-    count,
-    readable,
+    openai_usage,
     text_len,
 )
 from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
@@ -38,17 +37,7 @@ __all__ = [
 
 def chat_usage(usage: Any) -> Usage | None:
     """gatewaykit ``Usage`` from an OpenAI chat ``usage`` object (None if there is none)."""
-    if not isinstance(usage, dict) or not readable(usage, "prompt_tokens", "completion_tokens"):
-        return None
-    prompt = count(usage.get("prompt_tokens"))
-    details = usage.get("prompt_tokens_details")
-    cached = count(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    cached = min(cached, prompt)
-    return Usage(
-        input_tokens=prompt - cached,
-        output_tokens=count(usage.get("completion_tokens")),
-        cache_read_tokens=cached,
-    )
+    return openai_usage(usage, "prompt_tokens", "completion_tokens")
 
 
 _DELTA_TEXT = ("content", "refusal", "reasoning_content", "reasoning")

@@ -18,8 +18,7 @@ from gatewaykit.adapters._proxy import (
     StreamUsage,
     UpstreamClient,
     base_headers,
-    count,
-    readable,
+    openai_usage,
     text_len,
 )
 from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
@@ -47,17 +46,7 @@ _TEXT_DELTAS = frozenset(
 
 def responses_usage(usage: Any) -> Usage | None:
     """gatewaykit ``Usage`` from a responses ``usage`` object (None if there is none)."""
-    if not isinstance(usage, dict) or not readable(usage, "input_tokens", "output_tokens"):
-        return None
-    prompt = count(usage.get("input_tokens"))
-    details = usage.get("input_tokens_details")
-    cached = count(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    cached = min(cached, prompt)
-    return Usage(
-        input_tokens=prompt - cached,
-        output_tokens=count(usage.get("output_tokens")),
-        cache_read_tokens=cached,
-    )
+    return openai_usage(usage, "input_tokens", "output_tokens")
 
 
 class ResponsesStreamUsage(StreamUsage):
