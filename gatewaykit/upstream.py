@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Literal
 
 from gatewaykit.errors import ConfigurationError
 
 __all__ = ["Attempt", "Upstream"]
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
+
+
+def header_value_ok(value: str) -> bool:
+    """Printable ASCII (and tabs), without surrounding whitespace: safe in any HTTP client."""
+    return value == value.strip() and _HEADER_VALUE.fullmatch(value) is not None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -20,6 +29,10 @@ class Upstream:
     ``provider="anthropic"`` (serves messages): ``base_url`` has no ``/v1``, e.g.
     ``https://api.anthropic.com``. ``models`` limits which client model names it serves
     (None: any). The API key and headers never appear in reprs.
+
+    Whitespace around ``api_key`` is stripped (a key read from a file keeps its newline);
+    a key or header value with any other control character is refused here, at
+    configuration, because an HTTP library refusing it later would quote it in its error.
     """
 
     base_url: str
@@ -35,6 +48,24 @@ class Upstream:
         if self.provider not in ("openai", "anthropic"):
             raise ConfigurationError(f"unknown upstream provider {self.provider!r}")
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
+        if self.api_key is not None:
+            if not isinstance(self.api_key, str):
+                raise ConfigurationError("Upstream api_key must be a string")
+            key = self.api_key.strip()
+            if not key or not header_value_ok(key):
+                raise ConfigurationError(
+                    "Upstream api_key is empty or holds a control or non-ASCII character "
+                    "(the key is not shown)"
+                )
+            object.__setattr__(self, "api_key", key)
+        for name, value in self.headers.items():
+            if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+                raise ConfigurationError(f"Upstream header name {name!r} is not a valid name")
+            if not isinstance(value, str) or not header_value_ok(value):
+                raise ConfigurationError(
+                    f"Upstream header {name!r} holds a control or non-ASCII character "
+                    "(the value is not shown)"
+                )
         if self.models is not None and not isinstance(self.models, frozenset):
             object.__setattr__(self, "models", frozenset(self.models))
 
