@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
@@ -26,6 +27,8 @@ __all__ = [
     "parse_body",
     "parse_request",
 ]
+
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 #: Characters charged to the estimate for one image/audio/file part (~800 tokens).
 ATTACHMENT_CHARS = 3200
@@ -63,6 +66,13 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise _invalid("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise _invalid("the request body must be a JSON object")
+    if b"\\u" in raw and _SURROGATE.search(raw):
+        # An escaped surrogate is valid JSON syntax but a lone one is no text at all:
+        # no provider accepts it, and no encoder can send it on. (Pairs decode fine.)
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise _invalid("the request body holds a lone UTF-16 surrogate escape") from None
     return data
 
 
