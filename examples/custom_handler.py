@@ -44,9 +44,10 @@ from gatewaykit import (
     open_ledger,
     settle_stream,
 )
-from gatewaykit.adapters import ChatStreamUsage, SSESplitter, default_client
+from gatewaykit.adapters import ChatStreamUsage
+from gatewaykit.adapters.sse import SSESplitter
+from gatewaykit.context import get_context
 from gatewaykit.parsing import ParsedRequest
-from gatewaykit.settlement import get_context
 from gatewaykit.testing import FakeProvider
 
 SYSTEM = "Translate the user's text. Answer with the translation only."
@@ -146,7 +147,7 @@ def from_environment() -> Starlette:
     api_key = os.environ.get("OPENAI_API_KEY")
     if base_url or api_key:
         upstream = Upstream(base_url=base_url or "https://api.openai.com/v1", api_key=api_key)
-        return create_app(db_url=db_url, upstreams=[upstream], client=default_client())
+        return create_app(db_url=db_url, upstreams=[upstream], client=httpx.AsyncClient(timeout=60))
     fake = httpx.AsyncClient(transport=httpx.ASGITransport(app=FakeProvider()))
     upstream = Upstream(base_url="http://fake-provider/v1", name="fake")
     return create_app(db_url=db_url, upstreams=[upstream], client=fake)

@@ -26,10 +26,13 @@ from fastapi import FastAPI
 
 from gatewaykit import GatewayMiddleware, PriceTable, StandaloneMode, Upstream, open_ledger
 from gatewaykit.adapters import default_client, gateway_routes
+from gatewaykit.http import AiohttpClient
 from gatewaykit.testing import FakeProvider
 
 
-def create_app(*, db_url: str, upstreams: list[Upstream], client: httpx.AsyncClient) -> FastAPI:
+def create_app(
+    *, db_url: str, upstreams: list[Upstream], client: AiohttpClient | httpx.AsyncClient
+) -> FastAPI:
     ledger = open_ledger(db_url)
 
     @contextlib.asynccontextmanager

@@ -14,7 +14,6 @@ from gatewaykit.errors import ErrorKind
 
 __all__ = [
     "WireFormat",
-    "default_status",
     "error_body",
     "error_payload",
     "stream_error_event",
@@ -30,21 +29,6 @@ class WireFormat(str, enum.Enum):
     def is_openai(self) -> bool:
         return self is not WireFormat.ANTHROPIC_MESSAGES
 
-
-_STATUS = {
-    ErrorKind.AUTHENTICATION: 401,
-    ErrorKind.PERMISSION: 403,
-    ErrorKind.BUDGET: 402,
-    ErrorKind.RATE_LIMIT: 429,
-    ErrorKind.INVALID_REQUEST: 400,
-    ErrorKind.TOO_LARGE: 413,
-    ErrorKind.NOT_FOUND: 404,
-    ErrorKind.NOT_PRICED: 400,
-    ErrorKind.UNAVAILABLE: 503,
-    ErrorKind.UPSTREAM_UNREACHABLE: 502,
-    ErrorKind.UPSTREAM_TIMEOUT: 504,
-    ErrorKind.UPSTREAM_AUTH: 502,
-}
 
 # kind -> (OpenAI type, OpenAI code)
 _OPENAI = {
@@ -76,10 +60,6 @@ _ANTHROPIC = {
     ErrorKind.UPSTREAM_TIMEOUT: "api_error",
     ErrorKind.UPSTREAM_AUTH: "api_error",
 }
-
-
-def default_status(kind: ErrorKind) -> int:
-    return _STATUS[kind]
 
 
 def error_payload(

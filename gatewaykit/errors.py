@@ -16,6 +16,10 @@ GatewayKitError
 ├── SettlementMissingError (LookupError)  get_settlement() without GatewayMiddleware
 ├── ModelNotPricedError               no price for a model under the ``reject`` policy
 ├── MalformedStreamError (ValueError) an upstream stream or body the gateway cannot read
+├── UpstreamError                     the upstream HTTP exchange failed (any client)
+│   ├── UpstreamConnectError          no connection could be made
+│   ├── UpstreamTimeoutError          connect, read or pool timeout
+│   └── UpstreamResponseTooLarge      a body over the gateway's cap
 └── RequestRejected                   a request refused on the wire (status + error kind)
 ```
 
@@ -48,6 +52,10 @@ __all__ = [
     "RequestRejected",
     "SchemaError",
     "SettlementMissingError",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamResponseTooLarge",
+    "UpstreamTimeoutError",
 ]
 
 
@@ -146,6 +154,32 @@ class MalformedStreamError(GatewayKitError, ValueError):
     """The upstream sent a stream (or body) the gateway cannot read: bad framing or JSON."""
 
 
+class UpstreamError(GatewayKitError):
+    """The exchange with an upstream failed in transport (reset, refused, broken framing).
+
+    Raised by every :class:`~gatewaykit.http.UpstreamClient` in place of its HTTP
+    library's own exceptions. The message is the gateway's own words and ``cause`` the
+    name of the library's exception class, never that exception's text: transport errors
+    quote request headers, and the gateway's provider key is one of them.
+    """
+
+    def __init__(self, message: str, *, cause: str = "") -> None:
+        self.cause = cause
+        super().__init__(f"{message} ({cause})" if cause else message)
+
+
+class UpstreamConnectError(UpstreamError):
+    """No connection to the upstream could be made (refused, DNS, TLS)."""
+
+
+class UpstreamTimeoutError(UpstreamError, TimeoutError):
+    """Connecting, waiting for a pooled connection or reading took too long."""
+
+
+class UpstreamResponseTooLarge(UpstreamError):
+    """An upstream body passed the size the gateway is willing to hold in memory."""
+
+
 class ErrorKind(enum.Enum):
     """What went wrong, independent of the wire format; maps to status and envelope type."""
 
@@ -161,6 +195,27 @@ class ErrorKind(enum.Enum):
     UPSTREAM_UNREACHABLE = "upstream_unreachable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_AUTH = "upstream_auth"
+
+    @property
+    def status(self) -> int:
+        """The HTTP status this kind of error is answered with."""
+        return _STATUS[self]
+
+
+_STATUS = {
+    ErrorKind.AUTHENTICATION: 401,
+    ErrorKind.PERMISSION: 403,
+    ErrorKind.BUDGET: 402,
+    ErrorKind.RATE_LIMIT: 429,
+    ErrorKind.INVALID_REQUEST: 400,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.NOT_PRICED: 400,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.UPSTREAM_UNREACHABLE: 502,
+    ErrorKind.UPSTREAM_TIMEOUT: 504,
+    ErrorKind.UPSTREAM_AUTH: 502,
+}
 
 
 class RequestRejected(GatewayKitError):
@@ -180,11 +235,9 @@ class RequestRejected(GatewayKitError):
         headers: Mapping[str, str] | None = None,
         details: Mapping[str, object] | None = None,
     ) -> None:
-        from gatewaykit.envelopes import default_status
-
         self.kind = kind
         self.message = message
-        self.status = status if status is not None else default_status(kind)
+        self.status = status if status is not None else kind.status
         self.headers = dict(headers or {})
         self.details = dict(details or {})
         super().__init__(message)

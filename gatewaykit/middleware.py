@@ -64,26 +64,26 @@ so 401 wins over 400 (DESIGN §6).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 import anyio
-import anyio.lowlevel
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gatewaykit.context import SCOPE_KEY, GatewayContext
 from gatewaykit.envelopes import WireFormat, error_body
 from gatewaykit.errors import (
     ConfigurationError,
     ErrorKind,
-    LedgerUnavailableError,
+    LedgerError,
     RequestRejected,
 )
 from gatewaykit.modes.base import GatewayRequest, RequestModeStrategy
 from gatewaykit.parsing import Estimator, ParsedRequest, parse_body, parse_request
-from gatewaykit.settlement import SCOPE_KEY, GatewayContext, Settlement
+from gatewaykit.settlement import Settlement
 
 __all__ = ["DEFAULT_ROUTES", "GatewayMiddleware", "SupportsAuthenticate"]
 
@@ -160,6 +160,7 @@ class GatewayMiddleware:
         self.routes: Mapping[str, WireFormat | Estimator] = table
         self.max_body_bytes = max_body_bytes
         self.request_id_header = request_id_header.lower()
+        self.request_id_header_raw = self.request_id_header.encode("latin-1")
         self.heartbeat_interval = heartbeat_interval
         self.request_id_factory = request_id_factory or _new_request_id
 
@@ -189,6 +190,28 @@ def _new_request_id() -> str:
 class _GatedCall:
     """The per-request state of one gated call (the middleware itself stays stateless)."""
 
+    __slots__ = (
+        "app_scope",
+        "body",
+        "cancelled_by_disconnect",
+        "context",
+        "disconnect_message",
+        "disconnected",
+        "fmt",
+        "headers",
+        "mw",
+        "replayed",
+        "request_id",
+        "response_complete",
+        "response_started",
+        "route",
+        "scope",
+        "sent_body",
+        "server_receive",
+        "server_send",
+        "status",
+    )
+
     def __init__(
         self,
         middleware: GatewayMiddleware,
@@ -212,8 +235,9 @@ class _GatedCall:
         self.status = 0
         self.response_complete = False
         self.sent_body = False
-        self.disconnected = anyio.Event()
-        self.disconnect_message: Message = {"type": "http.disconnect"}
+        # Created when the app first waits for a second receive() (rare: most never do).
+        self.disconnected: asyncio.Future[None] | None = None
+        self.disconnect_message: Message | None = None
         self.cancelled_by_disconnect = False
         self.app_scope = anyio.CancelScope()
 
@@ -227,22 +251,21 @@ class _GatedCall:
             return  # the client left before the body arrived: nothing was admitted
         try:
             # Shielded: a cancellation landing between "hold written" and "context
-            # returned" would leak the hold until its TTL. It is delivered just below.
+            # returned" would leak the hold until its TTL. It is delivered inside _serve,
+            # whose first await is under the handler that settles.
             with anyio.CancelScope(shield=True):
                 context = await self.mw.mode.resolve(request)
         except RequestRejected as rejection:
             await self._send_error(rejection)
             return
-        except LedgerUnavailableError:
-            logger.warning("request %s refused: ledger unavailable", self.request_id)
+        except LedgerError as exc:
+            # Any store failure during admission, not only "unreachable": never a bare 500.
+            logger.warning(
+                "request %s refused: ledger failed (%s)", self.request_id, type(exc).__name__
+            )
             await self._send_error(RequestRejected(ErrorKind.UNAVAILABLE, _UNAVAILABLE))
             return
         self.context = context
-        try:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-        except BaseException:
-            await self._settle(context.settlement, "incomplete", None)
-            raise
         await self._serve(context)
 
     # -- admission -------------------------------------------------------------------
@@ -264,7 +287,7 @@ class _GatedCall:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        self.body = b"".join(chunks)
+        self.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         body = parse_body(self.body)
         if isinstance(self.route, WireFormat):
             parsed = parse_request(self.route, body)
@@ -281,12 +304,8 @@ class _GatedCall:
             format=self.fmt,
             headers=self.headers,
             body=body,
-            model=parsed.model,
-            stream=parsed.stream,
-            prompt_chars=parsed.prompt_chars,
-            max_output_tokens=parsed.max_output_tokens,
-            user=parsed.user,
-            choices=parsed.choices,
+            raw_body=self.body,
+            parsed=parsed,
         )
 
     async def _authenticate_first(self, rejection: RequestRejected) -> RequestRejected:
@@ -298,24 +317,27 @@ class _GatedCall:
             await mode.authenticate(self.headers)
         except RequestRejected as auth_rejection:
             return auth_rejection
-        except LedgerUnavailableError:
+        except LedgerError:
             return RequestRejected(ErrorKind.UNAVAILABLE, _UNAVAILABLE)
         return rejection
 
     async def _send_error(self, rejection: RequestRejected) -> None:
         fmt = self.fmt or WireFormat.OPENAI_CHAT
         payload = error_body(fmt, rejection.kind, rejection.message, rejection.details)
-        headers = MutableHeaders()
-        headers["content-type"] = "application/json"
-        headers["content-length"] = str(len(payload))
-        for name, value in rejection.headers.items():
-            headers[name] = value
-        headers[self.mw.request_id_header] = self.request_id
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+        ]
+        headers.extend(
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in rejection.headers.items()
+        )
+        headers.append((self.mw.request_id_header_raw, self.request_id.encode("latin-1")))
         logger.debug(
             "request %s rejected: %s %s", self.request_id, rejection.status, rejection.kind.value
         )
         await self.server_send(
-            {"type": "http.response.start", "status": rejection.status, "headers": headers.raw}
+            {"type": "http.response.start", "status": rejection.status, "headers": headers}
         )
         await self.server_send({"type": "http.response.body", "body": payload})
 
@@ -329,17 +351,23 @@ class _GatedCall:
         interval = self.mw.heartbeat_interval
         if interval is None:
             interval = getattr(settlement, "heartbeat_interval", None)
+        # One plain task listens for the client leaving; a timer (not a task) heartbeats.
+        # An anyio task group here cost a third of a request (docs/performance.md).
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(self._watch())
+        beat = _Heartbeat(loop, settlement, float(interval)) if interval else None
         app_error: Exception | None = None
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch, settlement, float(interval) if interval else None)
-                try:
-                    with self.app_scope:
-                        await self.mw.app(scope, self._receive, self._send)
-                except Exception as exc:
-                    app_error = exc
-                finally:
-                    tg.cancel_scope.cancel()
+            try:
+                with self.app_scope:
+                    await self.mw.app(scope, self._receive, self._send)
+            except Exception as exc:
+                app_error = exc
+            finally:
+                if not watcher.done():
+                    watcher.cancel()
+                if beat is not None:
+                    beat.stop()
         except BaseException:
             # Cancelled from outside (server shutdown, task cancellation): charge what
             # was consumed, shielded, and let the cancellation continue.
@@ -380,65 +408,98 @@ class _GatedCall:
         if not self.replayed:
             self.replayed = True
             return {"type": "http.request", "body": self.body, "more_body": False}
-        await self.disconnected.wait()
+        if self.disconnect_message is None:
+            if self.disconnected is None:
+                self.disconnected = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self.disconnected)
+        assert self.disconnect_message is not None
         return self.disconnect_message
 
-    async def _watch(self, settlement: Settlement, interval: float | None) -> None:
-        """Listen for the client leaving; heartbeat the settlement while nothing happens.
-
-        One task does both: a pending ``receive()`` is cancelled every ``interval`` to
-        heartbeat, which servers tolerate (Starlette's own disconnect listener is
-        cancelled the same way whenever a streaming response ends).
-        """
-        while True:
-            message: Message | None = None
-            try:
-                if interval is None:
-                    message = await self.server_receive()
-                else:
-                    with anyio.move_on_after(interval):
-                        message = await self.server_receive()
-            except Exception:
-                logger.debug("receive() failed for %s; treating as disconnect", self.request_id)
-                message = {"type": "http.disconnect"}
-            if message is None:
-                if not settlement.done:
-                    try:
-                        await settlement.heartbeat()
-                    except Exception:
-                        logger.warning("heartbeat for %s failed", self.request_id, exc_info=True)
-                continue
-            if message["type"] == "http.disconnect":
-                break
+    async def _watch(self) -> None:
+        """Listen for the client leaving; cancel the app if its response is not complete."""
+        message: Message = {"type": "http.disconnect"}
+        try:
+            while True:
+                message = await self.server_receive()
+                if message["type"] == "http.disconnect":
+                    break
+        except Exception:
+            logger.debug("receive() failed for %s; treating as disconnect", self.request_id)
+            message = {"type": "http.disconnect"}
         self.disconnect_message = message
-        self.disconnected.set()
+        if self.disconnected is not None and not self.disconnected.done():
+            self.disconnected.set_result(None)
         if not self.response_complete:
             self.cancelled_by_disconnect = True
             self.app_scope.cancel()
 
     async def _send(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.start" and not self.response_started:
-            self.response_started = True
-            self.status = int(message["status"])
-            message = {**message, "headers": list(message.get("headers", ()))}
-            headers = MutableHeaders(scope=message)
-            assert self.context is not None
-            for name, value in self.context.response_headers.items():
-                if name not in headers:
-                    headers.append(name, value)
-            headers[self.mw.request_id_header] = self.request_id
-        elif kind == "http.response.pathsend":  # the ASGI extension ends a file response
-            self.response_complete = True
-        elif kind == "http.response.body":
+        if kind == "http.response.body":
             if not message.get("more_body", False):
                 self.response_complete = True
-            if not self.sent_body and message.get("body") and self.status < 400:
+            if not self.sent_body and self.status < 400 and message.get("body"):
                 self.sent_body = True
                 assert self.context is not None
                 if not self.context.settlement.committed:
                     await self.context.settlement.on_first_chunk()
+        elif kind == "http.response.start" and not self.response_started:
+            self.response_started = True
+            self.status = int(message["status"])
+            assert self.context is not None
+            headers = list(message.get("headers", ()))
+            extra = self.context.response_headers
+            if extra:
+                present = {name.lower() for name, _ in headers}
+                for name, value in extra.items():
+                    raw = name.lower().encode("latin-1")
+                    if raw not in present:
+                        headers.append((raw, value.encode("latin-1")))
+            rid = self.mw.request_id_header_raw
+            headers = [(k, v) for k, v in headers if k.lower() != rid]
+            headers.append((rid, self.request_id.encode("latin-1")))
+            message = {**message, "headers": headers}
+        elif kind == "http.response.pathsend":  # the ASGI extension ends a file response
+            self.response_complete = True
         await self.server_send(message)
+
+
+class _Heartbeat:
+    """Extends the settlement's hold every ``interval`` seconds while the response lives.
+
+    A loop timer, not a task: nothing runs per request until the first beat is due (a
+    third of the hold TTL, minutes by default).
+    """
+
+    __slots__ = ("_handle", "_interval", "_loop", "_settlement", "_task")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, settlement: Settlement, interval: float
+    ) -> None:
+        self._loop = loop
+        self._settlement = settlement
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._handle: asyncio.TimerHandle | None = loop.call_later(interval, self._due)
+
+    def _due(self) -> None:
+        self._handle = self._loop.call_later(self._interval, self._due)
+        if self._settlement.done or (self._task is not None and not self._task.done()):
+            return
+        self._task = self._loop.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        try:
+            await self._settlement.heartbeat()
+        except Exception:
+            logger.warning("heartbeat for %s failed", self._settlement.request_id, exc_info=True)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
 
 def _headers(scope: Scope) -> dict[str, str]:

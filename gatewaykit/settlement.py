@@ -15,31 +15,24 @@ Subclasses implement :meth:`Settlement._finish`; this base owns the state machin
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
-from collections.abc import Mapping, MutableMapping
 from decimal import Decimal
 from typing import Any, Literal
 
 import anyio
 
-from gatewaykit.envelopes import WireFormat
-from gatewaykit.errors import SettlementMissingError
+from gatewaykit.context import get_context
 from gatewaykit.upstream import Attempt
 from gatewaykit.usage import Usage
 
 __all__ = [
-    "SCOPE_KEY",
-    "GatewayContext",
     "RequestEstimate",
     "Settlement",
     "SettlementOutcome",
     "SettlementStatus",
-    "get_context",
     "get_settlement",
 ]
-
-#: The one key GatewayMiddleware writes into the ASGI scope.
-SCOPE_KEY = "gatewaykit"
 
 SettlementStatus = Literal["success", "error", "no_usage", "incomplete"]
 
@@ -55,13 +48,19 @@ class RequestEstimate:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SettlementOutcome:
-    """How a request was settled. ``charged`` is 0 when the hold was refunded."""
+    """How a request was settled. ``charged`` is 0 when the hold was refunded.
+
+    ``recorded`` is False when the outcome could not be made durable (the ledger or
+    outbox failed for good): the adapters then withhold the bytes that would complete
+    the response, so no answer is delivered without its charge on record.
+    """
 
     status: SettlementStatus
     charged: Decimal
     usage: Usage | None
     refunded: bool
     error: str | None = None
+    recorded: bool = True
 
 
 class Settlement(abc.ABC):
@@ -72,10 +71,11 @@ class Settlement(abc.ABC):
         self.estimate = estimate
         self.committed = False
         self.upstream_contacted = False
+        self.attempt: Attempt | None = None
         self.output_chars = 0
         self.partial_usage: Usage | None = None
         self._outcome: SettlementOutcome | None = None
-        self._lock = anyio.Lock()
+        self._finishing: asyncio.Event | None = None  # set while _finish runs
 
     def __repr__(self) -> str:
         state = "committed" if self.committed else "open"
@@ -87,6 +87,10 @@ class Settlement(abc.ABC):
     def note_upstream_contacted(self) -> None:
         """The request left for the provider: from now on the prompt may be billed."""
         self.upstream_contacted = True
+
+    def note_attempt(self, attempt: Attempt) -> None:
+        """``attempt`` is the one being tried now; the last noted is the one that served."""
+        self.attempt = attempt
 
     def note_output(self, chars: int) -> None:
         """``chars`` characters of generated output reached the client."""
@@ -132,9 +136,15 @@ class Settlement(abc.ABC):
         self, status: SettlementStatus, usage: Usage | None, error: str | None
     ) -> SettlementOutcome:
         with anyio.CancelScope(shield=True):
-            async with self._lock:
-                if self._outcome is None:
+            while self._finishing is not None:  # another hook is settling: its outcome wins
+                await self._finishing.wait()
+            if self._outcome is None:
+                finishing = self._finishing = asyncio.Event()
+                try:
                     self._outcome = await self._finish(status, usage, error)
+                finally:
+                    self._finishing = None
+                    finishing.set()
         assert self._outcome is not None
         return self._outcome
 
@@ -150,37 +160,6 @@ def _describe(error: BaseException | str) -> str:
         return error
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-@dataclasses.dataclass(slots=True)
-class GatewayContext:
-    """What GatewayMiddleware learned about a gated request, stored in ``scope["gatewaykit"]``.
-
-    ``response_headers`` are added by the middleware to the response start message.
-    """
-
-    request_id: str
-    settlement: Settlement
-    format: WireFormat | None
-    model: str
-    stream: bool
-    body: Mapping[str, Any]
-    attempts: tuple[Attempt, ...] = ()
-    user_id: str | None = None
-    key_id: str | None = None
-    response_headers: MutableMapping[str, str] = dataclasses.field(default_factory=dict)
-
-
-def get_context(conn: Any) -> GatewayContext:
-    """The gateway context of a request (a Starlette ``Request``/``HTTPConnection`` or scope)."""
-    scope = conn if isinstance(conn, MutableMapping) else getattr(conn, "scope", None)
-    context = scope.get(SCOPE_KEY) if isinstance(scope, Mapping) else None
-    if not isinstance(context, GatewayContext):
-        raise SettlementMissingError(
-            "no gatewaykit settlement on this request: GatewayMiddleware did not handle it. "
-            "Add GatewayMiddleware to the app and list this path in its routes."
-        )
-    return context
 
 
 def get_settlement(conn: Any) -> Settlement:

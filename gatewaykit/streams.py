@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 from gatewaykit.settlement import Settlement
 from gatewaykit.usage import Usage, UsageSource
 
-__all__ = ["UsageExtractor", "settle_stream"]
+__all__ = ["StreamMeter", "UsageExtractor", "settle_stream"]
 
 
 @runtime_checkable
@@ -55,21 +55,18 @@ async def settle_stream(
     a ``StreamingResponse`` settles before it sends its final message.
     """
     settlement.note_upstream_contacted()
-    seen_chars = 0
+    meter = StreamMeter(settlement, extractor)
     first = True
     try:
         async for chunk in chunks:
             extractor.feed(chunk)
-            seen_chars = _observe(settlement, extractor, seen_chars)
+            meter.sync()
             if first:
                 first = False
                 await settlement.on_first_chunk()
             yield chunk
     except Exception as exc:
-        _observe(settlement, extractor, seen_chars)
-        # Final usage the provider reported before failing is charged as reported; usage
-        # from mid-stream is partial (topped up with the output observed since).
-        await settlement.on_error(exc, extractor.result() or _as_partial(extractor.partial))
+        await settlement.on_error(exc, meter.consumed())
         raise
     usage = extractor.result()
     if usage is not None:
@@ -78,16 +75,39 @@ async def settle_stream(
         await settlement.on_no_usage()
 
 
-def _as_partial(usage: Usage | None) -> Usage | None:
-    if usage is None or usage.source is not UsageSource.PROVIDER:
-        return usage
-    return dataclasses.replace(usage, source=UsageSource.PARTIAL)
+class StreamMeter:
+    """Keeps a settlement's observations current from a stream's usage reader.
 
+    Shared by :func:`settle_stream` and the adapters' relay: after each chunk,
+    :meth:`sync` hands the settlement the output seen since and any partial usage, which
+    is what a stream that never finishes is charged on.
+    """
 
-def _observe(settlement: Settlement, extractor: UsageExtractor, seen_chars: int) -> int:
-    if extractor.partial is not None and extractor.partial is not settlement.partial_usage:
-        settlement.note_usage(extractor.partial)
-    if extractor.output_chars > seen_chars:
-        settlement.note_output(extractor.output_chars - seen_chars)
-        return extractor.output_chars
-    return seen_chars
+    __slots__ = ("_chars", "reader", "settlement")
+
+    def __init__(self, settlement: Settlement, reader: UsageExtractor) -> None:
+        self.settlement = settlement
+        self.reader = reader
+        self._chars = 0
+
+    def sync(self) -> None:
+        reader, settlement = self.reader, self.settlement
+        chars = reader.output_chars
+        if chars > self._chars:
+            settlement.note_output(chars - self._chars)
+            self._chars = chars
+        partial = reader.partial
+        if partial is not None and partial is not settlement.partial_usage:
+            settlement.note_usage(partial)
+
+    def consumed(self) -> Usage | None:
+        """What a stream that ended early used: its final usage if the provider reported it
+        (charged as reported), else the partial usage (topped up with observed output)."""
+        self.sync()
+        final = self.reader.result()
+        if final is not None:
+            return final
+        partial = self.reader.partial
+        if partial is None or partial.source is not UsageSource.PROVIDER:
+            return partial
+        return dataclasses.replace(partial, source=UsageSource.PARTIAL)

@@ -13,26 +13,23 @@ Each adapter is also usable alone (``Route("/v1/messages", anthropic_messages(cl
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.routing import Route
 
-from gatewaykit.adapters._proxy import EventKind, ProxyEndpoint, StreamUsage, UpstreamClient
 from gatewaykit.adapters.anthropic import MessagesStreamUsage, anthropic_messages
+from gatewaykit.adapters.endpoint import ProxyEndpoint
 from gatewaykit.adapters.openai_chat import ChatStreamUsage, openai_chat_completions
 from gatewaykit.adapters.openai_responses import ResponsesStreamUsage, openai_responses
-from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent, SSESplitter
-from gatewaykit.http import default_client
+from gatewaykit.adapters.reading import StreamUsage
+from gatewaykit.http import UpstreamClient, default_client
 
 __all__ = [
     "ChatStreamUsage",
-    "EventKind",
-    "MalformedStreamError",
     "MessagesStreamUsage",
     "ProxyEndpoint",
     "ResponsesStreamUsage",
-    "SSEEvent",
-    "SSESplitter",
     "StreamUsage",
-    "UpstreamClient",
     "anthropic_messages",
     "default_client",
     "gateway_routes",
@@ -43,19 +40,22 @@ __all__ = [
 
 def gateway_routes(
     *,
-    client: UpstreamClient,
+    client: UpstreamClient | Any,
     prefix: str = "/v1",
     connect_timeout: float | None = 10.0,
     read_timeout: float | None = 600.0,
     first_chunk_timeout: float | None = None,
+    max_response_bytes: int = 64 * 1024 * 1024,
     inject_stream_usage: bool = True,
 ) -> list[Route]:
     """The three adapters as POST routes: ``{prefix}/chat/completions``,
-    ``{prefix}/messages`` and ``{prefix}/responses``, sharing one ``client``."""
-    timeouts = {
+    ``{prefix}/messages`` and ``{prefix}/responses``, sharing one ``client``
+    (:func:`default_client`, or an httpx/httpx2 ``AsyncClient``)."""
+    timeouts: dict[str, Any] = {
         "connect_timeout": connect_timeout,
         "read_timeout": read_timeout,
         "first_chunk_timeout": first_chunk_timeout,
+        "max_response_bytes": max_response_bytes,
     }
     prefix = prefix.rstrip("/")
     chat = openai_chat_completions(

@@ -12,19 +12,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gatewaykit.adapters._proxy import (
-    EventKind,
-    PreparedBody,
+from gatewaykit.adapters.endpoint import (
     ProxyEndpoint,
-    StreamUsage,
-    UpstreamClient,
     base_headers,
-    count,
-    readable,
-    text_len,
+    client_header,
+    forwarded_body,
 )
+from gatewaykit.adapters.reading import EventKind, StreamUsage, text_len, tokens
 from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
+from gatewaykit.context import GatewayContext
 from gatewaykit.envelopes import WireFormat
+from gatewaykit.http import UpstreamClient
 from gatewaykit.upstream import Attempt, Upstream
 from gatewaykit.usage import Usage, UsageSource
 
@@ -39,15 +37,27 @@ __all__ = [
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 
+_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+)
+
+
 def messages_usage(usage: Any, source: UsageSource = UsageSource.PROVIDER) -> Usage | None:
-    """gatewaykit ``Usage`` from an Anthropic ``usage`` object (None if there is none)."""
-    if not isinstance(usage, dict) or not readable(usage, "input_tokens", "output_tokens"):
+    """gatewaykit ``Usage`` from an Anthropic ``usage`` object; None if absent or unreadable."""
+    if not isinstance(usage, dict):
         return None
+    counts = [tokens(usage.get(field)) for field in _FIELDS]
+    if -1 in counts or (counts[0] is None and counts[1] is None):
+        return None
+    inp, out, cache_read, cache_write = (n or 0 for n in counts)
     return Usage(
-        input_tokens=count(usage.get("input_tokens")),
-        output_tokens=count(usage.get("output_tokens")),
-        cache_read_tokens=count(usage.get("cache_read_input_tokens")),
-        cache_write_tokens=count(usage.get("cache_creation_input_tokens")),
+        input_tokens=inp,
+        output_tokens=out,
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
         source=source,
     )
 
@@ -97,7 +107,9 @@ class MessagesStreamUsage(StreamUsage):
                 given = {k: v for k, v in usage.items() if v or _is_final_output(k, v)}
                 merged = {**self._fields, **given}
                 self._fields = merged
-                self._final = messages_usage(merged)
+                final = messages_usage(merged)
+                if final is not None:
+                    self._report(final)
                 self.partial = messages_usage(merged, UsageSource.PARTIAL)
         elif kind == "message_stop":
             return EventKind.FINAL
@@ -118,10 +130,9 @@ class _MessagesSpec:
 
     def headers(self, upstream: Upstream, client_headers: Mapping[str, str]) -> dict[str, str]:
         headers = base_headers()
-        headers["anthropic-version"] = client_headers.get(
-            "anthropic-version", DEFAULT_ANTHROPIC_VERSION
-        )
-        beta = client_headers.get("anthropic-beta")
+        version = client_header(client_headers, "anthropic-version")
+        headers["anthropic-version"] = version or DEFAULT_ANTHROPIC_VERSION
+        beta = client_header(client_headers, "anthropic-beta")
         if beta:
             headers["anthropic-beta"] = beta
         if upstream.api_key:
@@ -129,15 +140,13 @@ class _MessagesSpec:
         headers.update(upstream.headers)
         return headers
 
-    def prepare(self, body: Mapping[str, Any], attempt: Attempt, stream: bool) -> PreparedBody:
-        prepared = dict(body)
-        prepared["model"] = attempt.model
-        return PreparedBody(prepared, MessagesStreamUsage)
+    def prepare(self, context: GatewayContext, attempt: Attempt) -> tuple[bytes, StreamUsage]:
+        return forwarded_body(context, attempt), MessagesStreamUsage()
 
-    def usage_from_body(self, body: Mapping[str, Any]) -> Usage | None:
+    def usage_from_body(self, body: dict[str, Any]) -> Usage | None:
         return messages_usage(body.get("usage"))
 
-    def output_chars_from_body(self, body: Mapping[str, Any]) -> int:
+    def output_chars_from_body(self, body: dict[str, Any]) -> int:
         content = body.get("content")
         if not isinstance(content, list):
             return 0
@@ -151,10 +160,11 @@ class _MessagesSpec:
 
 def anthropic_messages(
     *,
-    client: UpstreamClient,
+    client: UpstreamClient | Any,
     connect_timeout: float | None = 10.0,
     read_timeout: float | None = 600.0,
     first_chunk_timeout: float | None = None,
+    max_response_bytes: int = 64 * 1024 * 1024,
 ) -> ProxyEndpoint:
     """The ``/v1/messages`` endpoint: an ASGI app to mount behind GatewayMiddleware.
 
@@ -166,4 +176,5 @@ def anthropic_messages(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         first_chunk_timeout=first_chunk_timeout,
+        max_response_bytes=max_response_bytes,
     )

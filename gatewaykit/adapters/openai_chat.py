@@ -13,18 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gatewaykit.adapters._proxy import (
-    EventKind,
-    PreparedBody,
-    ProxyEndpoint,
-    StreamUsage,
-    UpstreamClient,
-    base_headers,
-    openai_usage,
-    text_len,
-)
+from gatewaykit.adapters.endpoint import ProxyEndpoint, base_headers, forwarded_body
+from gatewaykit.adapters.reading import EventKind, StreamUsage, openai_usage, text_len
 from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
+from gatewaykit.context import GatewayContext
 from gatewaykit.envelopes import WireFormat
+from gatewaykit.http import UpstreamClient
 from gatewaykit.upstream import Attempt, Upstream
 from gatewaykit.usage import Usage
 
@@ -40,28 +34,32 @@ def chat_usage(usage: Any) -> Usage | None:
     return openai_usage(usage, "prompt_tokens", "completion_tokens")
 
 
-_DELTA_TEXT = ("content", "refusal", "reasoning_content", "reasoning")
+_OTHER_TEXT = ("refusal", "reasoning_content", "reasoning")
 
 
-def _delta_chars(choices: Any) -> int:
-    """Characters of generated text in a chunk's choices (or a message's, wrapped)."""
-    if not isinstance(choices, list):
+def _delta_chars(choices: Any, field: str = "delta") -> int:
+    """Characters of generated text in a chunk's choices (``field="message"``: a body's)."""
+    if type(choices) is not list:
         return 0
     chars = 0
     for choice in choices:
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if not isinstance(delta, dict):
+        delta = choice.get(field) if type(choice) is dict else None
+        if type(delta) is not dict:
             continue
-        for key in _DELTA_TEXT:
-            value = delta.get(key)
-            if value.__class__ is str:
-                chars += len(value)
-        calls = delta.get("tool_calls")
-        if calls and isinstance(calls, list):
-            for call in calls:
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict):
-                    chars += text_len(function.get("name")) + text_len(function.get("arguments"))
+        rest = len(delta)
+        if "content" in delta:
+            chars += text_len(delta["content"])
+            rest -= 1
+        if rest > ("role" in delta):  # usually just role + content: skip the rarer fields
+            for key in _OTHER_TEXT:
+                chars += text_len(delta.get(key))
+            calls = delta.get("tool_calls")
+            if calls and type(calls) is list:
+                for call in calls:
+                    function = call.get("function") if type(call) is dict else None
+                    if type(function) is dict:
+                        chars += text_len(function.get("name"))
+                        chars += text_len(function.get("arguments"))
     return chars
 
 
@@ -76,21 +74,23 @@ class ChatStreamUsage(StreamUsage):
         data = event.data_bytes
         if data is None:
             return EventKind.FORWARD  # a comment or keep-alive
-        if data.strip() == b"[DONE]":
+        if data[:1] != b"{" and data.strip() == b"[DONE]":
             return EventKind.FINAL
         chunk = event.json()
         if not isinstance(chunk, dict):
             raise MalformedStreamError("a chat completion chunk is not a JSON object")
-        error = chunk.get("error")
-        if error is not None and not chunk.get("choices"):
+        choices = chunk.get("choices")
+        if choices:
+            self.output_chars += _delta_chars(choices)
+        elif "error" in chunk and chunk["error"] is not None:
+            error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else None
             self.error = str(message or error)
             return EventKind.ERROR
-        choices = chunk.get("choices")
-        self.output_chars += _delta_chars(choices)
-        usage = chat_usage(chunk.get("usage"))
-        if usage is not None:
-            self._final = usage
+        if chunk.get("usage") is not None:
+            usage = chat_usage(chunk["usage"])
+            if usage is not None:
+                self._report(usage)
             if self.hide_usage and not choices:
                 return EventKind.DROP
         return EventKind.FORWARD
@@ -113,48 +113,42 @@ class _ChatSpec:
         headers.update(upstream.headers)
         return headers
 
-    def prepare(self, body: Mapping[str, Any], attempt: Attempt, stream: bool) -> PreparedBody:
-        prepared = dict(body)
-        prepared["model"] = attempt.model
-        hide = False
-        if stream and self.inject_stream_usage:
-            options = body.get("stream_options")
+    def prepare(self, context: GatewayContext, attempt: Attempt) -> tuple[bytes, StreamUsage]:
+        if context.stream and self.inject_stream_usage:
+            options = context.body.get("stream_options")
             options = dict(options) if isinstance(options, dict) else {}
             if options.get("include_usage") is not True:
                 # Usage is needed to bill; the client did not ask for it, so hide it.
                 options["include_usage"] = True
-                prepared["stream_options"] = options
-                hide = True
-        return PreparedBody(prepared, lambda: ChatStreamUsage(hide_usage=hide))
+                body = forwarded_body(context, attempt, {"stream_options": options})
+                return body, ChatStreamUsage(hide_usage=True)
+        return forwarded_body(context, attempt), ChatStreamUsage()
 
-    def usage_from_body(self, body: Mapping[str, Any]) -> Usage | None:
+    def usage_from_body(self, body: dict[str, Any]) -> Usage | None:
         return chat_usage(body.get("usage"))
 
-    def output_chars_from_body(self, body: Mapping[str, Any]) -> int:
-        chars = 0
-        for choice in body.get("choices") or ():
-            message = choice.get("message") if isinstance(choice, dict) else None
-            if isinstance(message, dict):
-                chars += _delta_chars([{"delta": message}])
-        return chars
+    def output_chars_from_body(self, body: dict[str, Any]) -> int:
+        return _delta_chars(body.get("choices"), "message")
 
 
 def openai_chat_completions(
     *,
-    client: UpstreamClient,
+    client: UpstreamClient | Any,
     connect_timeout: float | None = 10.0,
     read_timeout: float | None = 600.0,
     first_chunk_timeout: float | None = None,
+    max_response_bytes: int = 64 * 1024 * 1024,
     inject_stream_usage: bool = True,
 ) -> ProxyEndpoint:
     """The ``/v1/chat/completions`` endpoint: an ASGI app to mount behind GatewayMiddleware.
 
-    ``client`` is the ``httpx.AsyncClient`` (or ``httpx2.AsyncClient``) used upstream;
-    :func:`gatewaykit.adapters.default_client` builds a fast one. Timeouts are seconds
-    (None: no limit); ``first_chunk_timeout`` bounds the wait for a stream's first event,
-    after which the next attempt is tried. ``inject_stream_usage=False`` leaves
-    ``stream_options`` alone for upstreams that reject it (streams are then billed by
-    the missing-usage policy).
+    ``client`` is the upstream client: :func:`gatewaykit.adapters.default_client` (aiohttp,
+    the fast one), or an ``httpx.AsyncClient`` / ``httpx2.AsyncClient``. Timeouts are
+    seconds (None: no limit); ``first_chunk_timeout`` bounds the connect and the wait for
+    a stream's first real event, after which the next attempt is tried.
+    ``max_response_bytes`` caps a non-streaming answer. ``inject_stream_usage=False``
+    leaves ``stream_options`` alone for upstreams that reject it (streams are then billed
+    by the missing-usage policy).
     """
     return ProxyEndpoint(
         _ChatSpec(inject_stream_usage=inject_stream_usage),
@@ -162,4 +156,5 @@ def openai_chat_completions(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         first_chunk_timeout=first_chunk_timeout,
+        max_response_bytes=max_response_bytes,
     )

@@ -11,18 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gatewaykit.adapters._proxy import (
-    EventKind,
-    PreparedBody,
-    ProxyEndpoint,
-    StreamUsage,
-    UpstreamClient,
-    base_headers,
-    openai_usage,
-    text_len,
-)
+from gatewaykit.adapters.endpoint import ProxyEndpoint, base_headers, forwarded_body
+from gatewaykit.adapters.reading import EventKind, StreamUsage, openai_usage, text_len
 from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
+from gatewaykit.context import GatewayContext
 from gatewaykit.envelopes import WireFormat
+from gatewaykit.http import UpstreamClient
 from gatewaykit.upstream import Attempt, Upstream
 from gatewaykit.usage import Usage
 
@@ -63,8 +57,9 @@ class ResponsesStreamUsage(StreamUsage):
             self.output_chars += text_len(payload.get("delta"))
         elif kind in _TERMINAL:
             response = payload.get("response")
-            if isinstance(response, dict):
-                self._final = responses_usage(response.get("usage"))
+            usage = responses_usage(response.get("usage")) if isinstance(response, dict) else None
+            if usage is not None:
+                self._report(usage)
             if kind == "response.failed":
                 error = response.get("error") if isinstance(response, dict) else None
                 message = error.get("message") if isinstance(error, dict) else None
@@ -91,15 +86,13 @@ class _ResponsesSpec:
         headers.update(upstream.headers)
         return headers
 
-    def prepare(self, body: Mapping[str, Any], attempt: Attempt, stream: bool) -> PreparedBody:
-        prepared = dict(body)
-        prepared["model"] = attempt.model
-        return PreparedBody(prepared, ResponsesStreamUsage)
+    def prepare(self, context: GatewayContext, attempt: Attempt) -> tuple[bytes, StreamUsage]:
+        return forwarded_body(context, attempt), ResponsesStreamUsage()
 
-    def usage_from_body(self, body: Mapping[str, Any]) -> Usage | None:
+    def usage_from_body(self, body: dict[str, Any]) -> Usage | None:
         return responses_usage(body.get("usage"))
 
-    def output_chars_from_body(self, body: Mapping[str, Any]) -> int:
+    def output_chars_from_body(self, body: dict[str, Any]) -> int:
         chars = 0
         for item in body.get("output") or ():
             if not isinstance(item, dict):
@@ -113,10 +106,11 @@ class _ResponsesSpec:
 
 def openai_responses(
     *,
-    client: UpstreamClient,
+    client: UpstreamClient | Any,
     connect_timeout: float | None = 10.0,
     read_timeout: float | None = 600.0,
     first_chunk_timeout: float | None = None,
+    max_response_bytes: int = 64 * 1024 * 1024,
 ) -> ProxyEndpoint:
     """The ``/v1/responses`` endpoint: an ASGI app to mount behind GatewayMiddleware.
 
@@ -128,4 +122,5 @@ def openai_responses(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         first_chunk_timeout=first_chunk_timeout,
+        max_response_bytes=max_response_bytes,
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 from gatewaykit.errors import MalformedStreamError
 
-__all__ = ["MalformedStreamError", "SSEEvent", "SSESplitter"]
+__all__ = ["MAX_EVENT_BYTES", "MalformedStreamError", "SSEEvent", "SSESplitter"]
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE = re.compile(rb"\r\n|\r|\n")
@@ -42,6 +42,17 @@ class SSEEvent:
 
     def _parse(self) -> None:
         raw = self.raw
+        end = len(raw) - 2
+        if (
+            raw[:6] == b"data: "
+            and raw.find(b"\n") == end
+            and raw[end:] == b"\n\n"
+            and raw[end - 1] != 13
+        ):
+            # The usual event, one "data: ..." line: no line splitting needed.
+            self._data = raw[6:-2]
+            self._parsed = True
+            return
         lines = raw.split(b"\n") if b"\r" not in raw else _LINE.split(raw)
         name: str | None = None
         data: list[bytes] = []
@@ -100,17 +111,24 @@ class SSEEvent:
         return value
 
 
+#: The largest event the splitter waits for; an upstream that sends more without a blank
+#: line is not speaking SSE, and the gateway will not buffer it without bound.
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+
+
 class SSESplitter:
     """Split a byte stream into complete SSE events, incrementally.
 
     ``feed(chunk)`` returns the events completed by ``chunk``; bytes of an unfinished
-    event stay in :attr:`pending` until a later chunk completes them.
+    event stay in :attr:`pending` until a later chunk completes them (at most
+    ``max_event_bytes``: beyond, :class:`MalformedStreamError`).
     """
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "_limit")
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._buffer = b""
+        self._limit = max_event_bytes
 
     @property
     def pending(self) -> bytes:
@@ -144,4 +162,8 @@ class SSESplitter:
                 events.append(SSEEvent(buffer[begin:end]))
                 begin = start = end
         self._buffer = buffer[begin:] if begin < len(buffer) else b""
+        if len(self._buffer) > self._limit:
+            raise MalformedStreamError(
+                f"an event passed {self._limit} bytes without ending (not server-sent events?)"
+            )
         return events

@@ -6,21 +6,21 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from gatewaykit.context import GatewayContext
 from gatewaykit.envelopes import WireFormat
-from gatewaykit.settlement import GatewayContext
+from gatewaykit.parsing import ParsedRequest
 
 __all__ = ["GatewayRequest", "RequestModeStrategy"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class GatewayRequest:
-    """A gated request as the middleware parsed it, before any mode looked at it.
+    """A gated request as the middleware read it, before any mode looked at it.
 
-    ``headers`` has lower-cased names. ``prompt_chars`` is the size of the prompt text
-    (for the estimate); ``max_output_tokens`` is the request's own cap, if it set one.
-    ``user`` is the end user the body names (OpenAI ``user``, Anthropic
-    ``metadata.user_id``), if any. ``choices`` is how many completions the request asks
-    for (OpenAI chat's ``n``); each may use the whole output cap, so estimates multiply.
+    ``headers`` has lower-cased names. ``body`` is the decoded JSON object and
+    ``raw_body`` the bytes the client sent (forwarded as they are where nothing needs
+    rewriting). ``parsed`` is what the estimate and the mode need: model, stream flag,
+    prompt size, output cap, the end user the body names, completions asked for.
     """
 
     request_id: str
@@ -28,12 +28,8 @@ class GatewayRequest:
     format: WireFormat | None
     headers: Mapping[str, str] = dataclasses.field(repr=False)
     body: Mapping[str, Any] = dataclasses.field(repr=False)
-    model: str
-    stream: bool
-    prompt_chars: int
-    max_output_tokens: int | None
-    user: str | None = None
-    choices: int = 1
+    raw_body: bytes = dataclasses.field(repr=False)
+    parsed: ParsedRequest
 
 
 @runtime_checkable

@@ -30,14 +30,21 @@ from typing import Any, Literal
 
 import anyio
 
+from gatewaykit.context import GatewayContext
 from gatewaykit.envelopes import WireFormat
-from gatewaykit.errors import ConfigurationError, ErrorKind, InvalidAmountError, RequestRejected
+from gatewaykit.errors import (
+    ConfigurationError,
+    ErrorKind,
+    InvalidAmountError,
+    RequestRejected,
+    UpstreamError,
+)
+from gatewaykit.http import Timeouts, as_upstream_client, post
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.outbox.base import Outbox
 from gatewaykit.outbox.sender import OutboxSender, RetryPolicy
 from gatewaykit.pricing import ModelPrice, PriceTable, estimate_cost, estimate_prompt_tokens
 from gatewaykit.settlement import (
-    GatewayContext,
     RequestEstimate,
     Settlement,
     SettlementOutcome,
@@ -156,11 +163,13 @@ class PlatformMode:
         self.default_max_output_tokens = default_max_output_tokens
         self.resolve_timeout = float(resolve_timeout)
         self._token = gateway_token
-        self._client = client
+        self._client = as_upstream_client(client)
+        t = self.resolve_timeout
+        self._timeouts = Timeouts(connect=t, read=t, write=t, pool=t)
         self._resolve_url = f"{self.base_url}/v1/resolve"
         self.sender = OutboxSender(
             outbox,
-            client=client,
+            client=self._client,
             base_url=self.base_url,
             gateway_token=gateway_token,
             path="/v1/usage",
@@ -230,7 +239,7 @@ class PlatformMode:
         payload = {
             "request_id": request.request_id,
             "user_token": token,
-            "model": request.model,
+            "model": request.parsed.model,
             "endpoint": endpoint,
             "estimate_usd": str(estimate.amount),
         }
@@ -250,9 +259,10 @@ class PlatformMode:
             request_id=request.request_id,
             settlement=settlement,
             format=request.format,
-            model=request.model,
-            stream=request.stream,
+            model=request.parsed.model,
+            stream=request.parsed.stream,
             body=request.body,
+            raw_body=request.raw_body,
             attempts=attempts,
             user_id=user_id,
         )
@@ -261,13 +271,13 @@ class PlatformMode:
         return context
 
     def _estimate(self, request: GatewayRequest) -> RequestEstimate:
-        prompt_tokens = estimate_prompt_tokens(request.prompt_chars)
-        max_output = request.max_output_tokens
+        prompt_tokens = estimate_prompt_tokens(request.parsed.prompt_chars)
+        max_output = request.parsed.max_output_tokens
         if max_output is None:
             max_output = self.default_max_output_tokens
-        max_output *= request.choices  # OpenAI's n: every completion may use the cap
+        max_output *= request.parsed.choices  # OpenAI's n: every completion may use the cap
         amount = Decimal(0)
-        price = None if self.prices is None else self.prices.lookup(request.model)
+        price = None if self.prices is None else self.prices.lookup(request.parsed.model)
         if price is not None:
             try:
                 amount = estimate_cost(
@@ -290,19 +300,23 @@ class PlatformMode:
         body = json.dumps(payload, separators=(",", ":")).encode()
         try:
             with anyio.fail_after(self.resolve_timeout):
-                response = await self._client.post(
-                    self._resolve_url, content=body, headers=headers, timeout=self.resolve_timeout
+                status, answer_headers, raw = await post(
+                    self._client,
+                    self._resolve_url,
+                    body,
+                    headers=headers,
+                    timeouts=self._timeouts,
                 )
-        except Exception as exc:
-            if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
-                logger.warning("resolve of %s timed out", request_id)
-                raise _unavailable(
-                    f"the control plane did not answer within {self.resolve_timeout:g}s"
-                ) from None
-            logger.warning("resolve of %s failed: %s", request_id, type(exc).__name__)
-            raise _unavailable(f"the control plane is unreachable ({type(exc).__name__})") from None
-        status = int(response.status_code)
-        data = _json_or_none(response)
+        except TimeoutError:  # UpstreamTimeoutError included
+            logger.warning("resolve of %s timed out", request_id)
+            raise _unavailable(
+                f"the control plane did not answer within {self.resolve_timeout:g}s"
+            ) from None
+        except UpstreamError as exc:
+            logger.warning("resolve of %s failed: %s", request_id, exc)
+            reason = exc.cause or type(exc).__name__
+            raise _unavailable(f"the control plane is unreachable ({reason})") from None
+        data = _json_or_none(raw)
         if status == 200:
             return data
         error = data.get("error") if isinstance(data, dict) else None
@@ -325,7 +339,7 @@ class PlatformMode:
             and (value is None or isinstance(value, (str, int, bool)))
         }
         relay_headers: dict[str, str] = {}
-        retry_after = response.headers.get("retry-after")
+        retry_after = answer_headers.get("retry-after")
         if status == 429 and retry_after:
             relay_headers["retry-after"] = retry_after
         raise RequestRejected(
@@ -364,9 +378,9 @@ def _unavailable(message: str) -> RequestRejected:
     return RequestRejected(ErrorKind.UNAVAILABLE, f"{message}; please retry shortly")
 
 
-def _json_or_none(response: Any) -> Any:
+def _json_or_none(raw: bytes) -> Any:
     try:
-        return json.loads(response.content)
+        return json.loads(raw)
     except (ValueError, TypeError):
         return None
 
@@ -392,7 +406,7 @@ def _parse_answer(data: Any, request: GatewayRequest) -> tuple[str | None, tuple
     attempts: list[Attempt] = []
     seen: set[str] = set()
     for index, item in enumerate(raw):
-        attempt = _parse_attempt(item, index, request.model)
+        attempt = _parse_attempt(item, index, request.parsed.model)
         if attempt.attempt_id in seen:
             raise _MalformedAnswer(f"attempt_id {attempt.attempt_id!r} repeated")
         seen.add(attempt.attempt_id)
@@ -507,16 +521,20 @@ class PlatformSettlement(Settlement):
         self.report_key: str | None = None
 
     def bind(self, context: GatewayContext) -> None:
-        """Read the serving attempt from this context's response headers at settlement."""
+        """Name the attempt being tried in this context's response headers, for the client."""
         self._context = context
+
+    def note_attempt(self, attempt: Attempt) -> None:
+        super().note_attempt(attempt)
+        if self._context is not None:
+            self._context.response_headers[ATTEMPT_ID_HEADER] = attempt.attempt_id
 
     @property
     def attempt_id(self) -> str:
         """The attempt that served (or was tried last); the first until an adapter says."""
-        if self._context is not None:
-            named = self._context.response_headers.get(ATTEMPT_ID_HEADER)
-            if named and any(a.attempt_id == named for a in self._attempts):
-                return named
+        attempt = self.attempt
+        if attempt is not None and attempt in self._attempts:
+            return attempt.attempt_id
         return self._attempts[0].attempt_id
 
     async def _finish(

@@ -36,6 +36,7 @@ from typing import Literal
 
 import anyio
 
+from gatewaykit.context import GatewayContext
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.errors import (
     BudgetExceeded,
@@ -59,7 +60,6 @@ from gatewaykit.money import parse_usd
 from gatewaykit.pricing import ModelPrice, PriceTable, estimate_cost, estimate_prompt_tokens
 from gatewaykit.ratelimit import RateLimiter
 from gatewaykit.settlement import (
-    GatewayContext,
     RequestEstimate,
     Settlement,
     SettlementOutcome,
@@ -253,34 +253,37 @@ class StandaloneMode:
         fmt = request.format
         user_field = "metadata.user_id" if fmt is WireFormat.ANTHROPIC_MESSAGES else "user"
         if identity is None:  # the master key
-            if request.user is None:
+            if request.parsed.user is None:
                 raise RequestRejected(
                     ErrorKind.INVALID_REQUEST,
                     f"requests made with the master key must name the user in '{user_field}'",
                 )
-            if not _USER.fullmatch(request.user):
+            if not _USER.fullmatch(request.parsed.user):
                 raise RequestRejected(
                     ErrorKind.INVALID_REQUEST,
                     f"'{user_field}' must be 1 to 200 characters without whitespace",
                 )
-            user, key_id, team = request.user, None, self.teams.get(request.user)
+            user, key_id, team = request.parsed.user, None, self.teams.get(request.parsed.user)
         else:
             user, key_id = identity.user, identity.key_id
             team = identity.team or self.teams.get(user)
 
-        serving = self._upstreams(fmt, request.model)
+        serving = self._upstreams(fmt, request.parsed.model)
         upstream = serving[0] if serving else None
-        price = self._price(request.model, upstream)
+        price = self._price(request.parsed.model, upstream)
 
         if isinstance(identity, ApiKeyRecord):
-            if request.user is not None and request.user != identity.user:
+            if request.parsed.user is not None and request.parsed.user != identity.user:
                 raise RequestRejected(
                     ErrorKind.PERMISSION,
                     f"'{user_field}' does not match the user of this API key",
                 )
-            if identity.allowed_models is not None and request.model not in identity.allowed_models:
+            if (
+                identity.allowed_models is not None
+                and request.parsed.model not in identity.allowed_models
+            ):
                 raise RequestRejected(
-                    ErrorKind.PERMISSION, f"this API key may not use model {request.model!r}"
+                    ErrorKind.PERMISSION, f"this API key may not use model {request.parsed.model!r}"
                 )
         headers: dict[str, str] = {}
         rpm = (
@@ -300,14 +303,14 @@ class StandaloneMode:
                 )
         if upstream is None:
             raise RequestRejected(
-                ErrorKind.NOT_FOUND, f"no upstream serves model {request.model!r}"
+                ErrorKind.NOT_FOUND, f"no upstream serves model {request.parsed.model!r}"
             )
 
-        prompt_tokens = estimate_prompt_tokens(request.prompt_chars)
-        max_output = request.max_output_tokens
+        prompt_tokens = estimate_prompt_tokens(request.parsed.prompt_chars)
+        max_output = request.parsed.max_output_tokens
         if max_output is None:
             max_output = self.default_max_output_tokens
-        max_output *= request.choices  # OpenAI's n: every completion may use the cap
+        max_output *= request.parsed.choices  # OpenAI's n: every completion may use the cap
         amount = Decimal(0) if price is None else _estimate_cost(price, prompt_tokens, max_output)
         scopes = [f"user:{user}"]
         if key_id is not None:
@@ -342,7 +345,7 @@ class StandaloneMode:
                 prompt_tokens=prompt_tokens, max_output_tokens=max_output, amount=amount
             ),
             price=price,
-            model=request.model,
+            model=request.parsed.model,
             endpoint=_ENDPOINTS.get(fmt, request.path) if fmt else request.path,
             key_id=key_id,
             user=user,
@@ -355,11 +358,12 @@ class StandaloneMode:
             request_id=request.request_id,
             settlement=settlement,
             format=fmt,
-            model=request.model,
-            stream=request.stream,
+            model=request.parsed.model,
+            stream=request.parsed.stream,
             body=request.body,
+            raw_body=request.raw_body,
             attempts=tuple(
-                Attempt(attempt_id=str(n), upstream=u, model=request.model)
+                Attempt(attempt_id=str(n), upstream=u, model=request.parsed.model)
                 for n, u in enumerate(serving, start=1)
             ),
             user_id=user,

@@ -21,7 +21,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from gatewaykit.errors import ConfigurationError
+from gatewaykit.errors import ConfigurationError, UpstreamError
+from gatewaykit.http import Timeouts, as_upstream_client, post
 from gatewaykit.outbox.base import Outbox, OutboxItem
 
 __all__ = ["OutboxSender", "RetryPolicy", "is_permanent_rejection", "parse_retry_after"]
@@ -106,7 +107,8 @@ def _describe(exc: BaseException) -> str:
 class OutboxSender:
     """Delivers ``outbox`` items to ``{base_url}{path}`` with the gateway token.
 
-    ``client`` is any ``httpx.AsyncClient``-compatible client (``httpx2`` works too).
+    ``client`` is an upstream client (:func:`gatewaykit.http.default_client`, or an
+    ``httpx.AsyncClient`` / ``httpx2.AsyncClient``).
     ``request_timeout`` bounds each POST; ``concurrency`` bounds POSTs in flight; ``lease``
     (default ``request_timeout + 5``) is how long a claimed item is hidden from other
     senders. ``poll_interval`` is the longest the sender sleeps without looking at the
@@ -148,7 +150,9 @@ class OutboxSender:
         self.retry = retry or RetryPolicy()
         self.request_timeout = request_timeout
         self.shutdown_timeout = shutdown_timeout
-        self._client = client
+        self._client = as_upstream_client(client)
+        t = request_timeout
+        self._timeouts = Timeouts(connect=t, read=t, write=t, pool=t)
         self._token = gateway_token
         self._concurrency = concurrency
         self._lease = request_timeout + 5.0 if lease is None else lease
@@ -281,16 +285,15 @@ class OutboxSender:
         body = json.dumps(dict(item.payload), separators=(",", ":")).encode()
         try:
             with anyio.fail_after(self.request_timeout):
-                response = await self._client.post(
-                    self.url, content=body, headers=headers, timeout=self.request_timeout
+                status, answer_headers, answer = await post(
+                    self._client, self.url, body, headers=headers, timeouts=self._timeouts
                 )
-        except Exception as exc:  # timeouts and transport errors of httpx or httpx2
+        except (UpstreamError, TimeoutError) as exc:
             await self._failed(item, _describe(exc), None)
             return
-        status = int(response.status_code)
         if not (200 <= status < 300 or is_permanent_rejection(status)):
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
-            await self._failed(item, f"HTTP {status}: {_snippet(response)}", retry_after)
+            retry_after = parse_retry_after(answer_headers.get("retry-after"))
+            await self._failed(item, f"HTTP {status}: {_snippet(answer)}", retry_after)
             return
         with anyio.CancelScope(shield=True):
             try:
@@ -301,7 +304,7 @@ class OutboxSender:
                         self._failing = False
                         logger.warning("outbox: deliveries to %s succeed again", self.url)
                 else:
-                    reason = f"HTTP {status}: {_snippet(response)}"
+                    reason = f"HTTP {status}: {_snippet(answer)}"
                     await self.outbox.park(item.key, error=reason)
                     self.parked += 1
                     logger.error(
@@ -343,10 +346,6 @@ class OutboxSender:
         self.failed_attempts += 1
 
 
-def _snippet(response: Any) -> str:
-    try:
-        text = str(response.text)
-    except Exception:
-        return "<unreadable body>"
-    text = " ".join(text.split())
+def _snippet(answer: bytes) -> str:
+    text = " ".join(answer.decode("utf-8", "replace").split())
     return text[:200] + ("…" if len(text) > 200 else "")

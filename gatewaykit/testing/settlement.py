@@ -24,11 +24,10 @@ import anyio
 from starlette.requests import Request
 from starlette.types import Message
 
+from gatewaykit.context import SCOPE_KEY, GatewayContext
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.pricing import ModelPrice
 from gatewaykit.settlement import (
-    SCOPE_KEY,
-    GatewayContext,
     RequestEstimate,
     Settlement,
     SettlementOutcome,

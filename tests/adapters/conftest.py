@@ -16,11 +16,10 @@ import anyio
 import pytest
 import uvicorn
 
+from gatewaykit.context import SCOPE_KEY, GatewayContext
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.pricing import ModelPrice
 from gatewaykit.settlement import (
-    SCOPE_KEY,
-    GatewayContext,
     RequestEstimate,
     Settlement,
     SettlementOutcome,

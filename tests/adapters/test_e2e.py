@@ -12,7 +12,6 @@ from typing import Any
 
 import anthropic
 import anyio
-import httpx
 import openai
 import pytest
 from anthropic.types import MessageParam
@@ -22,6 +21,7 @@ from starlette.middleware import Middleware
 
 from gatewaykit import GatewayMiddleware
 from gatewaykit.adapters import default_client, gateway_routes
+from gatewaykit.http import AiohttpClient
 from gatewaykit.keys import generate_key
 from gatewaykit.ledger.base import ApiKeyRecord
 from gatewaykit.ledger.sqlite import SQLiteLedger
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def client() -> AsyncIterator[AiohttpClient]:
     async with default_client() as http:
         yield http
 
@@ -68,9 +68,7 @@ Build = Callable[..., Starlette]
 
 
 @pytest.fixture
-def build(
-    ledger: SQLiteLedger, client: httpx.AsyncClient, provider: tuple[FakeProvider, str]
-) -> Build:
+def build(ledger: SQLiteLedger, client: AiohttpClient, provider: tuple[FakeProvider, str]) -> Build:
     _, url = provider
 
     def make(**options: Any) -> Starlette:

@@ -10,11 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 
 from gatewaykit.adapters import default_client, gateway_routes
-from gatewaykit.modes.platform import ATTEMPT_ID_HEADER
+from gatewaykit.http import AiohttpClient
 from gatewaykit.testing import FakeProvider
 from gatewaykit.usage import UsageSource
 from tests.adapters.conftest import (
@@ -33,12 +32,12 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def client() -> AsyncIterator[AiohttpClient]:
     async with default_client() as http:
         yield http
 
 
-def shim_for(fmt: Format, client: httpx.AsyncClient, upstreams: list[Any], **options: Any) -> Shim:
+def shim_for(fmt: Format, client: AiohttpClient, upstreams: list[Any], **options: Any) -> Shim:
     routes = {route.path: route.endpoint for route in gateway_routes(client=client, **options)}
     return Shim(routes[fmt.path], fmt, upstreams)
 
@@ -49,7 +48,7 @@ def upstream(fmt: Format, url: str, **behavior: Any) -> Any:
 
 
 async def test_stream_success_forwards_events_and_settles_before_the_final_event(
-    fmt: Format, provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    fmt: Format, provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     fake, url = provider
     shim = shim_for(fmt, client, [upstream(fmt, url, delay=0.01)])
@@ -85,7 +84,7 @@ async def test_stream_success_forwards_events_and_settles_before_the_final_event
 
 
 async def test_chat_usage_chunk_hidden_unless_the_client_asked(
-    provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     fake, url = provider
     shim = shim_for(CHAT, client, [upstream(CHAT, url)])
@@ -103,7 +102,7 @@ async def test_chat_usage_chunk_hidden_unless_the_client_asked(
 
 
 async def test_chat_explicit_include_usage_false_is_still_billed(
-    provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     fake, url = provider
     shim = shim_for(CHAT, client, [upstream(CHAT, url)])
@@ -115,7 +114,7 @@ async def test_chat_explicit_include_usage_false_is_still_billed(
 
 
 async def test_nonstream_success_passes_the_body_through(
-    fmt: Format, provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    fmt: Format, provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     _, url = provider
     shim = shim_for(fmt, client, [upstream(fmt, url)])
@@ -127,16 +126,14 @@ async def test_nonstream_success_passes_the_body_through(
     call_ = shim.settlement.call
     assert call_.status == "success"
     assert call_.usage == fmt.expected()
-    # The body went out before settling (the client need not wait for the ledger's
-    # commit); the empty final message only after it.
-    assert call_.sent == 2
-    assert [m.get("more_body", False) for m in ex.sent[1:]] == [True, False]
-    assert ex.sent[-1]["body"] == b""
+    # Nothing went out before the charge was recorded: the body is the answer.
+    assert call_.sent == 0
+    assert [m.get("more_body", False) for m in ex.sent[1:]] == [False]
     assert shim.settlement.output_chars == len(BEHAVIOR.output_text)
 
 
 async def test_nonstream_disconnect_after_the_body_charges_its_usage(
-    fmt: Format, provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    fmt: Format, provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     _, url = provider
     shim = shim_for(fmt, client, [upstream(fmt, url)])
@@ -151,7 +148,7 @@ async def test_nonstream_disconnect_after_the_body_charges_its_usage(
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
 async def test_missing_usage_calls_on_no_usage(
-    fmt: Format, stream: bool, provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    fmt: Format, stream: bool, provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     _, url = provider
     shim = shim_for(fmt, client, [upstream(fmt, url, omit_usage=True)])
@@ -177,7 +174,7 @@ async def test_failure_before_first_chunk(
     upstream_status: int,
     client_status: int,
     provider: tuple[FakeProvider, str],
-    client: httpx.AsyncClient,
+    client: AiohttpClient,
 ) -> None:
     _, url = provider
     behavior = {"fail_status": upstream_status, "retry_after": "7"}
@@ -205,22 +202,22 @@ async def test_failure_before_first_chunk(
 
 
 async def test_fallback_to_the_next_attempt_before_the_first_chunk(
-    fmt: Format, provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    fmt: Format, provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     fake, url = provider
     failing = upstream(fmt, url, fail_status=503)
     shim = shim_for(fmt, client, [failing, upstream(fmt, url)])
-    shim.response_headers = {ATTEMPT_ID_HEADER: "att-0"}  # as PlatformMode presets it
     ex = await call(shim, fmt.path, json_body=fmt.body(stream=True))
     assert ex.status == 200
     assert shim.settlement.call.usage == fmt.expected()
     assert len(fake.requests) == 2
-    # The serving attempt is named in the response headers (PlatformMode reports on it).
-    assert shim.contexts[0].response_headers[ATTEMPT_ID_HEADER] == "att-1"
+    # The settlement learned which attempt served (PlatformMode reports on it).
+    assert shim.settlement.attempt is not None
+    assert shim.settlement.attempt.attempt_id == "att-1"
 
 
 async def test_no_fallback_for_a_client_error(
-    provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     fake, url = provider
     shim = shim_for(CHAT, client, [upstream(CHAT, url, fail_status=400), upstream(CHAT, url)])
@@ -229,7 +226,7 @@ async def test_no_fallback_for_a_client_error(
     assert len(fake.requests) == 1
 
 
-async def test_connect_error_is_502(fmt: Format, client: httpx.AsyncClient) -> None:
+async def test_connect_error_is_502(fmt: Format, client: AiohttpClient) -> None:
     shim = shim_for(fmt, client, [fmt.upstream("http://127.0.0.1:9")])
     ex = await call(shim, fmt.path, json_body=fmt.body(stream=True))
     assert ex.status == 502
@@ -242,7 +239,7 @@ async def test_connect_error_is_502(fmt: Format, client: httpx.AsyncClient) -> N
 
 @pytest.mark.parametrize("which", ["read", "first_chunk"])
 async def test_timeout_before_first_chunk_is_504(
-    fmt: Format, which: str, provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    fmt: Format, which: str, provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     _, url = provider
     if which == "read":
@@ -261,7 +258,7 @@ async def test_timeout_before_first_chunk_is_504(
 
 
 async def test_read_timeout_mid_stream_is_an_in_band_error(
-    fmt: Format, provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    fmt: Format, provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     _, url = provider
     shim = shim_for(fmt, client, [upstream(fmt, url, delay=2, events=3)], read_timeout=0.3)
@@ -274,7 +271,7 @@ async def test_read_timeout_mid_stream_is_an_in_band_error(
 
 @pytest.mark.parametrize("mode", ["drop", "error"])
 async def test_failure_mid_stream(
-    fmt: Format, mode: str, provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    fmt: Format, mode: str, provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     _, url = provider
     shim = shim_for(fmt, client, [upstream(fmt, url, fail_after=2, fail_mode=mode)])
@@ -311,7 +308,7 @@ async def test_malformed_upstream(
     stream: bool,
     kind: str,
     provider: tuple[FakeProvider, str],
-    client: httpx.AsyncClient,
+    client: AiohttpClient,
 ) -> None:
     _, url = provider
     shim = shim_for(fmt, client, [upstream(fmt, url, malformed=kind, delay=0.01)])
@@ -342,7 +339,7 @@ async def _wait_for(predicate: Any, limit: float = 2.0) -> None:
 
 
 async def test_disconnect_before_first_chunk_is_noticed_while_upstream_is_silent(
-    fmt: Format, provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    fmt: Format, provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     fake, url = provider
     shim = shim_for(fmt, client, [upstream(fmt, url, first_event_delay=5)])
@@ -366,7 +363,7 @@ async def test_disconnect_before_first_chunk_is_noticed_while_upstream_is_silent
 
 
 async def test_disconnect_mid_stream(
-    fmt: Format, provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    fmt: Format, provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     fake, url = provider
     shim = shim_for(fmt, client, [upstream(fmt, url, delay=0.1, events=4)])
@@ -392,7 +389,7 @@ async def test_disconnect_mid_stream(
 
 
 async def test_disconnect_at_the_last_event_cannot_skip_settlement(
-    fmt: Format, provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    fmt: Format, provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     _, url = provider
     shim = shim_for(fmt, client, [upstream(fmt, url)])
@@ -406,7 +403,7 @@ async def test_disconnect_at_the_last_event_cannot_skip_settlement(
 
 
 async def test_disconnect_after_usage_but_before_the_final_event_charges_the_usage(
-    provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     _, url = provider
     shim = shim_for(MESSAGES, client, [upstream(MESSAGES, url, delay=0.1, events=1)])
@@ -423,7 +420,7 @@ async def test_disconnect_after_usage_but_before_the_final_event_charges_the_usa
     assert call_.usage == MESSAGES.expected(dataclasses.replace(BEHAVIOR, events=1))
 
 
-async def test_routes_are_post_only(client: httpx.AsyncClient) -> None:
+async def test_routes_are_post_only(client: AiohttpClient) -> None:
     routes = gateway_routes(client=client, prefix="/api/")
     assert [r.path for r in routes] == [
         "/api/chat/completions",
@@ -434,7 +431,7 @@ async def test_routes_are_post_only(client: httpx.AsyncClient) -> None:
 
 
 async def test_responses_and_chat_share_an_openai_upstream(
-    provider: tuple[FakeProvider, str], client: httpx.AsyncClient
+    provider: tuple[FakeProvider, str], client: AiohttpClient
 ) -> None:
     fake, url = provider
     for fmt in (CHAT, RESPONSES):
@@ -444,7 +441,7 @@ async def test_responses_and_chat_share_an_openai_upstream(
     assert [r.path for r in fake.requests] == ["/v1/chat/completions", "/v1/responses"]
 
 
-async def test_no_matching_upstream_is_404(client: httpx.AsyncClient) -> None:
+async def test_no_matching_upstream_is_404(client: AiohttpClient) -> None:
     shim = shim_for(MESSAGES, client, [CHAT.upstream("http://127.0.0.1:9")])
     ex = await call(shim, MESSAGES.path, json_body=MESSAGES.body(stream=True))
     assert ex.status == 404

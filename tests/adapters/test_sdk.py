@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
-import httpx
 import httpx2
 import openai
 import pytest
@@ -250,18 +249,3 @@ async def test_adapters_work_unchanged_on_an_httpx2_client(
         shim = Shim(routes[fmt.path], fmt, [slow])
         ex = await call(shim, fmt.path, json_body=fmt.body(stream=True))
         assert ex.status == 504
-
-
-def test_default_client_uses_the_aiohttp_transport() -> None:
-    from httpx_aiohttp import AiohttpTransport
-
-    client = default_client(max_connections=7)
-    transport = client._transport
-    assert isinstance(transport, AiohttpTransport)
-    assert transport.limits.max_connections == 7
-    assert isinstance(client, httpx.AsyncClient)
-    # One client serves every user: a provider's cookie must not stick to it.
-    request = httpx.Request("GET", "https://provider.example/")
-    response = httpx.Response(200, headers={"set-cookie": "lb=abc; Path=/"}, request=request)
-    client.cookies.extract_cookies(response)
-    assert len(client.cookies.jar) == 0

@@ -10,15 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gatewaykit.adapters import (
-    ChatStreamUsage,
-    EventKind,
-    MalformedStreamError,
-    MessagesStreamUsage,
-    ResponsesStreamUsage,
-    SSEEvent,
-    SSESplitter,
-)
+from gatewaykit.adapters import ChatStreamUsage, MessagesStreamUsage, ResponsesStreamUsage
+from gatewaykit.adapters.reading import EventKind
+from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent, SSESplitter
 from gatewaykit.streams import UsageExtractor
 from gatewaykit.usage import Usage, UsageSource
 

@@ -16,7 +16,6 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
-import httpx
 from starlette.types import ASGIApp
 
 if TYPE_CHECKING:
@@ -149,7 +148,7 @@ def live_holds(kind: str) -> int | None:
 
 
 def gateway_app(
-    kind: str, upstream: str, options: dict[str, Any], *, client: httpx.AsyncClient | None = None
+    kind: str, upstream: str, options: dict[str, Any], *, client: Any = None
 ) -> ASGIApp:
     """gatewaykit as a user would mount it: Starlette + the adapters + GatewayMiddleware.
 
@@ -175,8 +174,7 @@ def gateway_app(
         upstreams=[Upstream(base_url=upstream, api_key="sk-fake-upstream", provider="openai")],
         budget_headers="nohdr" not in variants,
     )
-    if client is None:
-        client = default_client()
+    client = default_client() if client is None else client
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

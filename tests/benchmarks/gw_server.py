@@ -37,18 +37,14 @@ _FORWARD = ("content-type", "accept")
 
 
 def httpx_client() -> tuple[httpx.AsyncClient, str]:
-    """gatewaykit's default client when it exists, else the same recipe built here."""
-    try:
-        from gatewaykit.adapters import default_client
-    except ImportError:
-        from httpx_aiohttp import AiohttpTransport
+    """httpx over the httpx-aiohttp transport: the first build's default client."""
+    from httpx_aiohttp import AiohttpTransport
 
-        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=1024)
-        client = httpx.AsyncClient(
-            transport=AiohttpTransport(limits=limits), limits=limits, timeout=httpx.Timeout(600.0)
-        )
-        return client, "local recipe (gatewaykit.adapters.default_client not importable)"
-    return default_client(), "gatewaykit.adapters.default_client()"
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=1024)
+    client = httpx.AsyncClient(
+        transport=AiohttpTransport(limits=limits), limits=limits, timeout=httpx.Timeout(600.0)
+    )
+    return client, "httpx.AsyncClient(transport=httpx_aiohttp.AiohttpTransport())"
 
 
 def _headers(request: Request) -> dict[str, str]:

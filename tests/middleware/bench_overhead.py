@@ -18,13 +18,13 @@ from typing import Any
 import anyio
 
 from gatewaykit import GatewayMiddleware, Usage, get_settlement
+from gatewaykit.context import GatewayContext
 from gatewaykit.keys import generate_key
 from gatewaykit.ledger.base import ApiKeyRecord
 from gatewaykit.ledger.sqlite import SQLiteLedger
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.pricing import ModelPrice
-from gatewaykit.settlement import GatewayContext
 from gatewaykit.testing import RecordingSettlement
 from gatewaykit.upstream import Upstream
 
@@ -47,8 +47,8 @@ class NoopMode:
             request.request_id,
             RecordingSettlement(),
             request.format,
-            request.model,
-            request.stream,
+            request.parsed.model,
+            request.parsed.stream,
             request.body,
         )
 

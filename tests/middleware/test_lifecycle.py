@@ -17,10 +17,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gatewaykit import GatewayMiddleware, get_settlement
+from gatewaykit.context import SCOPE_KEY, GatewayContext
 from gatewaykit.ledger.base import HoldState, Ledger
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.standalone import StandaloneMode
-from gatewaykit.settlement import SCOPE_KEY, GatewayContext
 from gatewaykit.usage import Usage, UsageSource
 from tests.asgi import Exchange, call
 from tests.middleware.conftest import MakeKey, bearer, chat, open_backend

@@ -22,11 +22,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from gatewaykit import GatewayMiddleware, get_settlement
+from gatewaykit.context import get_context
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.ledger.base import Ledger, Period
 from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.pricing import ModelPrice
-from gatewaykit.settlement import get_context
 from gatewaykit.upstream import Upstream
 from gatewaykit.usage import Usage
 from tests.middleware.conftest import MASTER_KEY, PRICES, MakeKey, bearer, chat, messages

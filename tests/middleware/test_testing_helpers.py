@@ -10,9 +10,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from gatewaykit import get_settlement, settle_stream
+from gatewaykit.context import get_context
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.pricing import ModelPrice
-from gatewaykit.settlement import get_context
 from gatewaykit.testing import RecordingSettlement, gateway_request, gateway_scope
 from gatewaykit.usage import Usage
 from tests.middleware.test_app import LineExtractor

@@ -14,6 +14,7 @@ from gatewaykit.envelopes import WireFormat
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.platform import PlatformMode
 from gatewaykit.outbox import RetryPolicy, open_outbox
+from gatewaykit.parsing import ParsedRequest
 from gatewaykit.usage import Usage
 
 
@@ -44,10 +45,8 @@ async def main(url: str, table: str, count: int) -> None:
                     format=WireFormat.OPENAI_CHAT,
                     headers={"authorization": "Bearer tok-alice"},
                     body={},
-                    model="gpt-4o-mini",
-                    stream=False,
-                    prompt_chars=4,
-                    max_output_tokens=10,
+                    raw_body=b"{}",
+                    parsed=ParsedRequest(model="gpt-4o-mini", prompt_chars=4, max_output_tokens=10),
                 )
                 context = await mode.resolve(request)
                 await context.settlement.on_success(Usage(input_tokens=n + 1, output_tokens=2))

@@ -16,14 +16,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from gatewaykit.context import get_context
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.errors import ConfigurationError, RequestRejected
 from gatewaykit.middleware import GatewayMiddleware
 from gatewaykit.modes.base import GatewayRequest, RequestModeStrategy
 from gatewaykit.modes.platform import ATTEMPT_ID_HEADER, PlatformMode, PlatformSettlement
 from gatewaykit.outbox import RetryPolicy, SQLiteOutbox
+from gatewaykit.parsing import ParsedRequest
 from gatewaykit.pricing import ModelPrice, PriceTable
-from gatewaykit.settlement import get_context
 from gatewaykit.testing import FakeControlPlane
 from gatewaykit.usage import Usage, UsageSource
 
@@ -64,8 +65,7 @@ class Handler:
         context = get_context(request)
         self.contexts.append(context)
         if self.serve_attempt is not None:  # what an adapter does when it falls back
-            served = context.attempts[self.serve_attempt]
-            context.response_headers[ATTEMPT_ID_HEADER] = served.attempt_id
+            context.settlement.note_attempt(context.attempts[self.serve_attempt])
         if self.usage is not None:
             await context.settlement.on_success(self.usage)
         return JSONResponse({"ok": True})
@@ -381,10 +381,8 @@ def gateway_request(model: str = "gpt-4o-mini", request_id: str = "req_1") -> Ga
         format=WireFormat.OPENAI_CHAT,
         headers={"authorization": "Bearer tok-alice"},
         body={},
-        model=model,
-        stream=True,
-        prompt_chars=8,
-        max_output_tokens=None,
+        raw_body=b"{}",
+        parsed=ParsedRequest(model=model, stream=True, prompt_chars=8),
     )
 
 

@@ -307,7 +307,10 @@ def test_status_classification_and_retry_after() -> None:
 def test_logs_never_carry_the_gateway_token(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     s = OutboxSender(
-        SQLiteOutbox(":memory:"), client=None, base_url="http://x", gateway_token="tok-secret"
+        SQLiteOutbox(":memory:"),
+        client=httpx.AsyncClient(),
+        base_url="http://x",
+        gateway_token="tok-secret",
     )
     assert "tok-secret" not in repr(s)
 

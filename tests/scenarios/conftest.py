@@ -11,13 +11,13 @@ from decimal import Decimal
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from gatewaykit import GatewayMiddleware
 from gatewaykit.adapters import default_client, gateway_routes
+from gatewaykit.http import AiohttpClient
 from gatewaykit.keys import generate_key
 from gatewaykit.ledger.base import ApiKeyRecord
 from gatewaykit.ledger.sqlite import SQLiteLedger
@@ -53,7 +53,7 @@ def provider(provider_server: tuple[FakeProvider, str]) -> tuple[FakeProvider, s
 
 
 @pytest.fixture(scope="module")
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def client() -> AsyncIterator[AiohttpClient]:
     async with default_client() as http:
         yield http
 
@@ -83,9 +83,7 @@ def upstreams(url: str, **options: Any) -> list[Upstream]:
 
 
 @pytest.fixture
-def build(
-    ledger: SQLiteLedger, client: httpx.AsyncClient, provider: tuple[FakeProvider, str]
-) -> Build:
+def build(ledger: SQLiteLedger, client: AiohttpClient, provider: tuple[FakeProvider, str]) -> Build:
     _, url = provider
 
     def make(

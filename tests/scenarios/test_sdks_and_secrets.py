@@ -12,8 +12,8 @@ import anyio
 import openai
 import pytest
 
+from gatewaykit.context import SCOPE_KEY
 from gatewaykit.ledger.sqlite import SQLiteLedger
-from gatewaykit.settlement import SCOPE_KEY
 from gatewaykit.testing import FakeBehavior, FakeProvider
 from gatewaykit.usage import Usage
 from tests.adapters.conftest import serve
