@@ -91,8 +91,11 @@ class StreamUsage:
 
     ``feed`` accepts arbitrary chunk boundaries. The engine calls :meth:`observe` per
     complete event instead, to learn what to do with it. ``error`` is the provider's
-    in-band error message, if it sent one.
+    in-band error message, if it sent one. ``response_id`` is the provider's id of the
+    response, for formats whose responses can be continued later (OpenAI responses).
     """
+
+    response_id: str | None = None
 
     def __init__(self) -> None:
         self.partial: Usage | None = None
@@ -127,6 +130,9 @@ class FormatSpec(Protocol):
     def usage_from_body(self, body: Mapping[str, Any]) -> Usage | None: ...
 
     def output_chars_from_body(self, body: Mapping[str, Any]) -> int: ...
+
+    def response_id_from_body(self, body: Mapping[str, Any]) -> str | None:
+        """The id of a response a later request may continue (None for most formats)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -467,6 +473,9 @@ class _Exchange:
                 code="upstream_bad_response",
             )
         self.settlement.note_output(self.spec.output_chars_from_body(payload))
+        response_id = self.spec.response_id_from_body(payload)
+        if response_id is not None:
+            self.settlement.note_response(response_id)
         self.body_usage = usage
         await self.settlement.on_first_chunk()
         headers = [
@@ -533,6 +542,8 @@ class _Exchange:
             self.noted_chars = extractor.output_chars
         if extractor.partial is not None and extractor.partial is not self.settlement.partial_usage:
             self.settlement.note_usage(extractor.partial)
+        if extractor.response_id is not None and self.settlement.response_id is None:
+            self.settlement.note_response(extractor.response_id)
 
     async def _stream(self, first: bytes) -> None:
         assert self.chunks is not None

@@ -138,6 +138,9 @@ class _ChatSpec:
                 chars += _delta_chars([{"delta": message}])
         return chars
 
+    def response_id_from_body(self, body: Mapping[str, Any]) -> str | None:
+        return None  # nothing a later request continues by id
+
 
 def openai_chat_completions(
     *,
