@@ -33,7 +33,9 @@ class UsageExtractor(Protocol):
     ``partial`` is usage the provider reported before the end (e.g. Anthropic's
     ``message_start``), ``output_chars`` the generated text seen so far; both are used to
     charge a stream that never finishes. ``result`` is the final provider usage, or None
-    when the stream carried none.
+    when the stream carried none. An extractor may also have a ``response_id`` attribute
+    (the responses extractor does): ``settle_stream`` notes it on the settlement, so a
+    later request continuing that response is held for its stored context.
     """
 
     partial: Usage | None
@@ -87,6 +89,9 @@ def _as_partial(usage: Usage | None) -> Usage | None:
 def _observe(settlement: Settlement, extractor: UsageExtractor, seen_chars: int) -> int:
     if extractor.partial is not None and extractor.partial is not settlement.partial_usage:
         settlement.note_usage(extractor.partial)
+    response_id = getattr(extractor, "response_id", None)
+    if isinstance(response_id, str) and settlement.response_id is None:
+        settlement.note_response(response_id)
     if extractor.output_chars > seen_chars:
         settlement.note_output(extractor.output_chars - seen_chars)
         return extractor.output_chars

@@ -89,3 +89,25 @@ async def test_a_json_body_without_an_id_notes_nothing() -> None:
     assert ex.status == 200
     assert shim.settlement.response_id is None
     assert shim.settlement.call.status == "success"
+
+
+async def test_settle_stream_notes_the_extractors_response_id() -> None:
+    from gatewaykit import settle_stream
+    from gatewaykit.testing import RecordingSettlement
+
+    events = [
+        _event("response.created", response={"id": "resp_custom"}).raw,
+        _event(
+            "response.completed",
+            response={"id": "resp_custom", "usage": {"input_tokens": 3, "output_tokens": 1}},
+        ).raw,
+    ]
+
+    async def source() -> AsyncIterator[bytes]:
+        for chunk in events:
+            yield chunk
+
+    settlement = RecordingSettlement()
+    assert [c async for c in settle_stream(source(), settlement, ResponsesStreamUsage())] == events
+    assert settlement.response_id == "resp_custom"
+    assert settlement.calls == ["on_first_chunk", "on_success"]
