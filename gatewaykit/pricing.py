@@ -32,17 +32,31 @@ _MTOK = Decimal(1_000_000)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """USD per million tokens. Cache prices default to the input price when not given."""
+    """USD per million tokens. Cache prices default to the input price when not given.
+
+    ``context_window`` is the model's context window in tokens (None: not known): the
+    most prompt tokens one request can be billed for. It bounds the hold of an OpenAI
+    responses request that continues a stored response the gateway does not know
+    (docs/adapters.md, "Stored context").
+    """
 
     input_per_mtok: Decimal
     output_per_mtok: Decimal
     cache_read_per_mtok: Decimal | None = None
     cache_write_per_mtok: Decimal | None = None
+    context_window: int | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
+        window = self.context_window
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 1
+        ):
+            raise ConfigurationError(
+                f"ModelPrice.context_window must be a positive int of tokens, not {window!r}"
+            )
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is None:
+            if value is None or field.name == "context_window":
                 continue
             try:
                 object.__setattr__(self, field.name, parse_usd(value))
@@ -82,8 +96,17 @@ class ModelPrice:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, model: str = "?") -> ModelPrice:
-        """Build from the price-file shape: ``{"input_per_mtok": "2.50", ...}``."""
-        known = {"input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok"}
+        """Build from the price-file shape: ``{"input_per_mtok": "2.50", ...}``.
+
+        ``context_window`` (optional) is an integer number of tokens, not a string.
+        """
+        known = {
+            "input_per_mtok",
+            "output_per_mtok",
+            "cache_read_per_mtok",
+            "cache_write_per_mtok",
+            "context_window",
+        }
         unknown = set(data) - known
         if unknown:
             raise ConfigurationError(
@@ -92,8 +115,17 @@ class ModelPrice:
         missing = {"input_per_mtok", "output_per_mtok"} - set(data)
         if missing:
             raise ConfigurationError(f"price of {model!r}: missing {sorted(missing)}")
+        window = data.get("context_window")
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 1
+        ):
+            raise ConfigurationError(
+                f"price of {model!r}: context_window must be a positive integer number of "
+                f"tokens, not {window!r}"
+            )
         try:
-            return cls(**{k: parse_usd(v) for k, v in data.items()})
+            rates = {k: parse_usd(v) for k, v in data.items() if k != "context_window"}
+            return cls(**rates, context_window=window)
         except InvalidAmountError as exc:
             raise ConfigurationError(f"price of {model!r}: {exc}") from None
 
@@ -179,29 +211,35 @@ def estimate_cost(price: ModelPrice, *, prompt_tokens: int, max_output_tokens: i
     return from_nanos(to_nanos(total))
 
 
-#: The date the default prices were read from the providers' public price pages.
+#: The date the default prices (and context windows) were read from the providers'
+#: public price and model pages.
 DEFAULT_PRICES_DATE = "2026-11-01"
 
 
-def _price(inp: str, out: str, cache_read: str, cache_write: str | None = None) -> ModelPrice:
+def _price(
+    inp: str, out: str, cache_read: str, cache_write: str | None = None, *, window: int
+) -> ModelPrice:
     return ModelPrice(
         Decimal(inp),
         Decimal(out),
         Decimal(cache_read),
         None if cache_write is None else Decimal(cache_write),
+        context_window=window,
     )
 
 
+# Context windows as published (OpenAI's model pages, Anthropic's models overview). The
+# Claude windows are the standard 200K; Sonnet's 1M-token beta needs a price-file entry.
 DEFAULT_PRICES: dict[str, ModelPrice] = {
-    "gpt-4o": _price("2.50", "10.00", "1.25"),
-    "gpt-4o-mini": _price("0.15", "0.60", "0.075"),
-    "gpt-4.1": _price("2.00", "8.00", "0.50"),
-    "gpt-4.1-mini": _price("0.40", "1.60", "0.10"),
-    "gpt-4.1-nano": _price("0.10", "0.40", "0.025"),
-    "o3": _price("2.00", "8.00", "0.50"),
-    "o4-mini": _price("1.10", "4.40", "0.275"),
-    "claude-opus-4-1": _price("15.00", "75.00", "1.50", "18.75"),
-    "claude-sonnet-4-5": _price("3.00", "15.00", "0.30", "3.75"),
-    "claude-haiku-4-5": _price("1.00", "5.00", "0.10", "1.25"),
-    "claude-3-5-haiku-latest": _price("0.80", "4.00", "0.08", "1.00"),
+    "gpt-4o": _price("2.50", "10.00", "1.25", window=128_000),
+    "gpt-4o-mini": _price("0.15", "0.60", "0.075", window=128_000),
+    "gpt-4.1": _price("2.00", "8.00", "0.50", window=1_047_576),
+    "gpt-4.1-mini": _price("0.40", "1.60", "0.10", window=1_047_576),
+    "gpt-4.1-nano": _price("0.10", "0.40", "0.025", window=1_047_576),
+    "o3": _price("2.00", "8.00", "0.50", window=200_000),
+    "o4-mini": _price("1.10", "4.40", "0.275", window=200_000),
+    "claude-opus-4-1": _price("15.00", "75.00", "1.50", "18.75", window=200_000),
+    "claude-sonnet-4-5": _price("3.00", "15.00", "0.30", "3.75", window=200_000),
+    "claude-haiku-4-5": _price("1.00", "5.00", "0.10", "1.25", window=200_000),
+    "claude-3-5-haiku-latest": _price("0.80", "4.00", "0.08", "1.00", window=200_000),
 }

@@ -66,6 +66,10 @@ class SettlementOutcome:
 class Settlement(abc.ABC):
     """State machine shared by every mode; see the module docstring."""
 
+    #: The provider's id of the response being served (``resp_…`` of OpenAI responses),
+    #: once an adapter noted it; a later request may continue that response.
+    response_id: str | None = None
+
     def __init__(self, *, request_id: str, estimate: RequestEstimate) -> None:
         self.request_id = request_id
         self.estimate = estimate
@@ -99,6 +103,11 @@ class Settlement(abc.ABC):
     def note_usage(self, usage: Usage) -> None:
         """The provider reported (possibly partial) usage before the call ended."""
         self.partial_usage = usage
+
+    def note_response(self, response_id: str) -> None:
+        """The provider named the response it is creating (the first id noted stays)."""
+        if self.response_id is None and isinstance(response_id, str) and response_id:
+            self.response_id = response_id
 
     @property
     def outcome(self) -> SettlementOutcome | None:

@@ -33,7 +33,9 @@ class UsageExtractor(Protocol):
     ``partial`` is usage the provider reported before the end (e.g. Anthropic's
     ``message_start``), ``output_chars`` the generated text seen so far; both are used to
     charge a stream that never finishes. ``result`` is the final provider usage, or None
-    when the stream carried none.
+    when the stream carried none. An extractor may also have a ``response_id`` attribute
+    (the responses extractor does): ``settle_stream`` notes it on the settlement, so a
+    later request continuing that response is held for its stored context.
     """
 
     partial: Usage | None
@@ -99,6 +101,10 @@ class StreamMeter:
         partial = reader.partial
         if partial is not None and partial is not settlement.partial_usage:
             settlement.note_usage(partial)
+        if settlement.response_id is None:
+            response_id = getattr(reader, "response_id", None)
+            if isinstance(response_id, str):
+                settlement.note_response(response_id)
 
     def consumed(self) -> Usage | None:
         """What a stream that ended early used: its final usage if the provider reported it

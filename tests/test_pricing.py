@@ -130,6 +130,19 @@ def test_price_file(tmp_path: Path) -> None:
         ('{"m": {"input_per_mtok": "1", "output_per_mtok": "x"}}', "price of 'm'"),
         ('{"m": {"input_per_mtok": "1", "output_per_mtok": "1", "extra": "1"}}', "unknown"),
         ('{"m": {"input_per_mtok": "-1", "output_per_mtok": "1"}}', "negative"),
+        (
+            '{"m": {"input_per_mtok": "1", "output_per_mtok": "1", "context_window": "8"}}',
+            "integer",
+        ),
+        ('{"m": {"input_per_mtok": "1", "output_per_mtok": "1", "context_window": 0}}', "integer"),
+        (
+            '{"m": {"input_per_mtok": "1", "output_per_mtok": "1", "context_window": 1.5}}',
+            "integer",
+        ),
+        (
+            '{"m": {"input_per_mtok": "1", "output_per_mtok": "1", "context_window": true}}',
+            "integer",
+        ),
     ],
 )
 def test_bad_price_files(tmp_path: Path, content: str, message: str) -> None:
@@ -137,6 +150,21 @@ def test_bad_price_files(tmp_path: Path, content: str, message: str) -> None:
     path.write_text(content)
     with pytest.raises(ConfigurationError, match=message):
         PriceTable.from_file(path)
+
+
+def test_context_window(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text(
+        '{"m": {"input_per_mtok": "1", "output_per_mtok": "2", "context_window": 32768},'
+        ' "n": {"input_per_mtok": "1", "output_per_mtok": "2"}}'
+    )
+    table = PriceTable.from_file(path)
+    assert table["m"].context_window == 32768
+    assert table["n"].context_window is None
+    assert ModelPrice(Decimal(1), Decimal(2), context_window=10).context_window == 10
+    for bad in (0, -1, True, 1.0, "10"):
+        with pytest.raises(ConfigurationError, match="context_window"):
+            ModelPrice(Decimal(1), Decimal(2), context_window=bad)  # type: ignore[arg-type]
 
 
 def test_missing_price_file(tmp_path: Path) -> None:
@@ -149,6 +177,10 @@ def test_default_table() -> None:
     assert len(table) == len(DEFAULT_PRICES) > 5
     assert DEFAULT_PRICES_DATE.count("-") == 2
     assert table.lookup("gpt-4o") is not None
+    # Every default model has its published context window.
+    assert all(price.context_window for price in DEFAULT_PRICES.values())
+    assert table["gpt-4o"].context_window == 128_000
+    assert table["gpt-4.1"].context_window == 1_047_576
 
 
 def test_prompt_estimate() -> None:

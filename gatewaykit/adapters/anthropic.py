@@ -157,6 +157,9 @@ class _MessagesSpec:
                 chars += len(str(block["input"]))
         return chars
 
+    def response_id_from_body(self, body: dict[str, Any]) -> str | None:
+        return None  # nothing a later request continues by id
+
 
 def anthropic_messages(
     *,

@@ -130,6 +130,9 @@ class _ChatSpec:
     def output_chars_from_body(self, body: dict[str, Any]) -> int:
         return _delta_chars(body.get("choices"), "message")
 
+    def response_id_from_body(self, body: dict[str, Any]) -> str | None:
+        return None  # nothing a later request continues by id
+
 
 def openai_chat_completions(
     *,

@@ -4,6 +4,11 @@ Streaming usage arrives in the terminal event — ``response.completed``,
 ``response.incomplete`` or ``response.failed`` — under ``response.usage``; there is no
 ``[DONE]``. ``input_tokens`` includes ``input_tokens_details.cached_tokens``; gatewaykit's
 ``Usage`` keeps them apart.
+
+The response's id (``id`` of a JSON body; ``response.id`` of the ``response.created`` and
+terminal events of a stream) is noted on the settlement (``note_response``), so the
+context a later request continuing it is billed for can be remembered
+(:mod:`gatewaykit.stored_context`).
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from gatewaykit.usage import Usage
 __all__ = [
     "ResponsesStreamUsage",
     "openai_responses",
+    "response_id",
     "responses_usage",
 ]
 
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_CREATED = frozenset({"response.created", "response.in_progress"})
 _TEXT_DELTAS = frozenset(
     {
         "response.output_text.delta",
@@ -43,6 +50,14 @@ def responses_usage(usage: Any) -> Usage | None:
     return openai_usage(usage, "input_tokens", "output_tokens")
 
 
+def response_id(response: Any) -> str | None:
+    """The ``id`` of a responses ``response`` object (None if it has none)."""
+    if not isinstance(response, dict):
+        return None
+    value = response.get("id")
+    return value if isinstance(value, str) and value else None
+
+
 class ResponsesStreamUsage(StreamUsage):
     """Usage of an OpenAI responses stream."""
 
@@ -55,8 +70,13 @@ class ResponsesStreamUsage(StreamUsage):
         kind = payload.get("type", event.event)
         if kind in _TEXT_DELTAS:
             self.output_chars += text_len(payload.get("delta"))
+        elif kind in _CREATED:
+            if self.response_id is None:
+                self.response_id = response_id(payload.get("response"))
         elif kind in _TERMINAL:
             response = payload.get("response")
+            if self.response_id is None:
+                self.response_id = response_id(response)
             usage = responses_usage(response.get("usage")) if isinstance(response, dict) else None
             if usage is not None:
                 self._report(usage)
@@ -91,6 +111,9 @@ class _ResponsesSpec:
 
     def usage_from_body(self, body: dict[str, Any]) -> Usage | None:
         return responses_usage(body.get("usage"))
+
+    def response_id_from_body(self, body: dict[str, Any]) -> str | None:
+        return response_id(body)
 
     def output_chars_from_body(self, body: dict[str, Any]) -> int:
         chars = 0

@@ -44,7 +44,11 @@ class StreamUsage:
     The relay calls :meth:`observe` per complete event instead, to learn what to do with
     it. ``partial`` is usage reported before the end, ``output_chars`` the generated text
     seen so far, ``error`` the provider's in-band error message, if it sent one.
+    ``response_id`` is the provider's id of the response, for formats whose responses can
+    be continued later (OpenAI responses).
     """
+
+    response_id: str | None = None
 
     def __init__(self) -> None:
         self.partial: Usage | None = None

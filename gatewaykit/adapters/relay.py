@@ -54,6 +54,10 @@ class BodyReader(Protocol):
 
     def output_chars_from_body(self, body: dict[str, Any]) -> int: ...
 
+    def response_id_from_body(self, body: dict[str, Any]) -> str | None:
+        """The id of a response a later request may continue (None for most formats)."""
+        ...
+
 
 class StreamCut:
     """Decides, per upstream read, what to forward now and what to hold (no I/O)."""
@@ -242,9 +246,12 @@ async def relay_body(
     try:
         usage = reader.usage_from_body(payload)
         chars = reader.output_chars_from_body(payload)
+        response_id = reader.response_id_from_body(payload)
     except (TypeError, ValueError, AttributeError):
         return "the upstream provider sent malformed usage"
     settlement.note_output(chars)
+    if response_id is not None:
+        settlement.note_response(response_id)
     await settlement.on_first_chunk()
     if usage is not None:
         outcome = await settlement.on_success(usage)

@@ -9,6 +9,7 @@ from gatewaykit.ledger.base import (
     HoldState,
     Ledger,
     Period,
+    ResponseContext,
     UsageRecord,
 )
 from gatewaykit.ledger.url import open_ledger
@@ -20,6 +21,7 @@ __all__ = [
     "HoldState",
     "Ledger",
     "Period",
+    "ResponseContext",
     "UsageRecord",
     "open_ledger",
 ]

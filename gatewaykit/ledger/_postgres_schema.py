@@ -120,8 +120,22 @@ CREATE TABLE api_keys (
 );
 """
 
+# The context a continuation of a stored response (or conversation) is billed for, per
+# id and owner scope; written by the settle that charged the response.
+_V2 = r"""
+CREATE TABLE response_contexts (
+    context_id text NOT NULL,
+    owner      text NOT NULL,
+    tokens     bigint NOT NULL CHECK (tokens >= 0),
+    updated_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (context_id, owner)
+);
+CREATE INDEX response_contexts_expiry ON response_contexts (expires_at);
+"""
+
 #: Migration scripts in order; never edit a released one, append a new one.
-MIGRATIONS: tuple[str, ...] = (_V1,)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _OURS = ("budgets", "counters", "holds", "usage_records", "api_keys")

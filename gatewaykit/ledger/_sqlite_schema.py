@@ -95,6 +95,19 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         "CREATE INDEX api_keys_user ON api_keys (user, seq)",
     ),
+    # The context a continuation of a stored response (or conversation) is billed for,
+    # per id and owner scope; written by the settle that charged the response.
+    2: (
+        f"""CREATE TABLE response_contexts (
+            context_id TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            tokens INTEGER NOT NULL {_INT.format("tokens")},
+            updated_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            PRIMARY KEY (context_id, owner)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX response_contexts_expiry ON response_contexts (expires_at)",
+    ),
 }
 LATEST_VERSION = max(MIGRATIONS)
 

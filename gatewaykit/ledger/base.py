@@ -38,7 +38,10 @@ __all__ = [
     "HoldState",
     "Ledger",
     "Period",
+    "RESPONSE_CONTEXT_TTL",
+    "ResponseContext",
     "UsageRecord",
+    "validate_context_id",
     "validate_hold_id",
     "validate_scopes",
     "validate_ttl",
@@ -200,9 +203,89 @@ class BudgetStatus:
         return self.limit - self.spent - self.held
 
 
+#: How long a remembered response context lives (seconds): OpenAI keeps a stored
+#: response for 30 days.
+RESPONSE_CONTEXT_TTL = 30 * 24 * 3600
+_MAX_CONTEXT_TOKENS = 2**53
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResponseContext:
+    """The context a provider bills again when a later request continues a stored response.
+
+    An OpenAI responses request naming ``previous_response_id`` (or ``conversation``) is
+    billed for the whole stored context. The gateway remembers, per response id and per
+    conversation id, how many tokens that is: ``tokens``. It rides on the
+    :class:`UsageRecord` of the settle that charges the response and is written in the
+    same transaction, only on that settle's transition (a replay writes nothing; so does
+    a release). It belongs to ``owner`` (a scope such as ``user:alice``): a lookup by
+    another owner finds nothing, exactly as for an unknown id.
+
+    Each id named is stored as ``tokens``, or, when a live row of that id and owner is
+    already stored, as ``max(stored + growth, tokens)``: a conversation grows by what
+    each response adds to it (``growth``), also when several responses on it settle at
+    once. ``ttl`` is seconds from the store clock's now; expired rows are ignored and
+    pruned by ``sweep``.
+    """
+
+    owner: str
+    tokens: int
+    response_id: str | None = None
+    conversation_id: str | None = None
+    growth: int = 0
+    ttl: float = RESPONSE_CONTEXT_TTL
+
+    def __post_init__(self) -> None:
+        (owner,) = validate_scopes([self.owner])
+        object.__setattr__(self, "owner", owner)
+        for name in ("tokens", "growth"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 0 <= value < _MAX_CONTEXT_TOKENS
+            ):
+                raise ConfigurationError(
+                    f"ResponseContext.{name} must be a non-negative int of tokens, not {value!r}"
+                )
+        for name in ("response_id", "conversation_id"):
+            value = getattr(self, name)
+            if value is not None:
+                validate_context_id(value)
+        if self.response_id is None and self.conversation_id is None:
+            raise ConfigurationError("a ResponseContext names a response id or a conversation id")
+        object.__setattr__(self, "ttl", validate_ttl(self.ttl))
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """The ids this context is stored under (each once)."""
+        ids = (self.response_id, self.conversation_id)
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def validate_context_id(context_id: str) -> str:
+    """A response or conversation id: a non-empty string of at most 255 characters."""
+    if (
+        not isinstance(context_id, str)
+        or not context_id
+        or len(context_id) > 255
+        or context_id.isspace()
+    ):
+        raise ConfigurationError(
+            f"a response or conversation id must be a non-empty string of ≤255 chars: "
+            f"{context_id!r}"
+        )
+    return context_id
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class UsageRecord:
-    """One request's usage, written in the same transaction as its settle."""
+    """One request's usage, written in the same transaction as its settle.
+
+    ``response_context``, when set, is remembered by the settle that charges the request
+    (see :class:`ResponseContext`); it is not part of the usage listing (``usage()``
+    returns it as None).
+    """
 
     request_id: str
     model: str
@@ -219,6 +302,7 @@ class UsageRecord:
     error: str | None = None
     latency_ms: int | None = None
     created_at: datetime | None = None  # set by the store
+    response_context: ResponseContext | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -320,6 +404,13 @@ class Ledger(Protocol):
     # -- usage records -----------------------------------------------------------------
     async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
         """Usage records, newest first."""
+
+    async def response_context(self, context_id: str, owner: str) -> int | None:
+        """The context tokens remembered for a response or conversation id and its owner.
+
+        None when the id is unknown, expired, or belongs to another owner (the three are
+        indistinguishable). Written by ``settle`` from ``UsageRecord.response_context``.
+        """
 
     # -- API keys ------------------------------------------------------------------------
     async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord: ...

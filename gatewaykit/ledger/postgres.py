@@ -54,7 +54,9 @@ from gatewaykit.ledger.base import (
     Hold,
     HoldState,
     Period,
+    ResponseContext,
     UsageRecord,
+    validate_context_id,
     validate_hold_id,
     validate_scopes,
     validate_ttl,
@@ -374,6 +376,40 @@ _CHECK_HOLDS = {
         "AND data_type != 'bigint'"
     ),
 }
+
+# $1 ids, $2 owner, $3 tokens, $4 growth, $5 ttl. A live row of the same id and owner
+# grows: max(stored + growth, tokens), under its row lock; an expired one is replaced.
+_CONTEXT_UPSERT = """
+WITH clock AS (SELECT gk_now() AS t)
+INSERT INTO response_contexts (context_id, owner, tokens, updated_at, expires_at)
+SELECT id, $2, $3, clock.t, clock.t + $5::interval FROM clock, unnest($1::text[]) AS id
+ON CONFLICT (context_id, owner) DO UPDATE SET
+    tokens = least(greatest(CASE WHEN response_contexts.expires_at > excluded.updated_at
+                                 THEN response_contexts.tokens + $4 ELSE 0 END,
+                            excluded.tokens),
+                   9007199254740991),
+    updated_at = excluded.updated_at,
+    expires_at = excluded.expires_at
+"""
+
+_CONTEXT_READ = """
+SELECT tokens FROM response_contexts
+WHERE context_id = $1 AND owner = $2 AND expires_at > gk_now()
+"""
+
+# $1 batch size. SKIP LOCKED: a row being refreshed (or pruned elsewhere) is left alone.
+_CONTEXT_PRUNE = """
+WITH due AS (
+    SELECT context_id, owner FROM response_contexts
+    WHERE expires_at <= gk_now() LIMIT $1 FOR UPDATE SKIP LOCKED
+),
+gone AS (
+    DELETE FROM response_contexts r USING due
+    WHERE r.context_id = due.context_id AND r.owner = due.owner
+    RETURNING 1
+)
+SELECT count(*) AS pruned FROM gone
+"""
 
 _KEY_COLUMNS = (
     "key_id, key_hash, prefix, user_id, team, revoked, created_at, expires_at, allowed_models, rpm"
@@ -795,7 +831,9 @@ class PostgresLedger:
         _check_record(record)
         args = (hold_id, nanos, *_record_args(record))
         scopes = self._hold_scopes.get(hold_id)
-        if scopes is not None:
+        if record is not None and record.response_context is not None:
+            rows = await self._settle_remembering(args, record.response_context)
+        elif scopes is not None:
             rows = await self._combined("settle", scopes, args)
         else:
             rows = await self._fetch(_SETTLE, *args)
@@ -875,7 +913,9 @@ class PostgresLedger:
             swept: int = row["expired"]
             total += swept
             if swept < self.sweep_batch:
-                return total
+                break
+        await self._prune_contexts()
+        return total
 
     async def check(self) -> list[str]:
         """Invariant violations (counters equal their holds, exactly); empty when healthy."""
@@ -902,6 +942,43 @@ class PostgresLedger:
             if count:
                 problems.append(message.format(count))
         return problems
+
+    # -- response contexts ---------------------------------------------------------------
+    async def _settle_remembering(
+        self, args: tuple[Any, ...], context: ResponseContext
+    ) -> list[Any]:
+        """The settle statement and, if it charged the hold, the context upsert: one
+        transaction. (Not combined with other settles: the combiner sends one statement.)"""
+        ttl = timedelta(microseconds=max(1, _us(context.ttl)))
+        context_args = (list(context.ids), context.owner, context.tokens, context.growth, ttl)
+        for attempt in range(_RETRIES):
+            try:
+                async with self._conn() as conn, conn.transaction():
+                    rows = list(await conn.fetch(_SETTLE, *args))
+                    if rows[0]["was"] is not None:  # this settle charged the hold
+                        await conn.execute(_CONTEXT_UPSERT, *context_args)
+                return rows
+            except LedgerUnavailableError as exc:
+                if not _deadlock(exc) or attempt == _RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def response_context(self, context_id: str, owner: str) -> int | None:
+        """The context tokens remembered for ``context_id`` and ``owner``; None if unknown,
+        expired or another owner's."""
+        context_id = validate_context_id(context_id)
+        (owner,) = validate_scopes([owner])
+        rows = await self._fetch(_CONTEXT_READ, context_id, owner)
+        return int(rows[0]["tokens"]) if rows else None
+
+    async def _prune_contexts(self) -> int:
+        """Delete expired response contexts in batches of ``sweep_batch``."""
+        total = 0
+        while True:
+            pruned: int = (await self._fetch(_CONTEXT_PRUNE, self.sweep_batch))[0]["pruned"]
+            total += pruned
+            if pruned < self.sweep_batch:
+                return total
 
     # -- the combiner ------------------------------------------------------------------
     def _remember(self, hold_id: str, scopes: tuple[str, ...]) -> None:

@@ -51,7 +51,9 @@ from gatewaykit.ledger.base import (
     Hold,
     HoldState,
     Period,
+    ResponseContext,
     UsageRecord,
+    validate_context_id,
     validate_hold_id,
     validate_scopes,
     validate_ttl,
@@ -78,6 +80,22 @@ _KEY_COLUMNS = (
 _MAX_BATCH = 512
 _MAX_CACHED = 100_000
 _NEVER = 2**62
+#: Expired response contexts deleted per sweep (a backlog drains over later sweeps).
+_PRUNE_BATCH = 10_000
+#: Stored context tokens never grow past this (an integer column must not overflow).
+_MAX_CONTEXT_TOKENS = 2**53 - 1
+# $1 id, $2 owner, $3 tokens, $4 now, $5 expires at, $6 growth. A live row of the same id
+# and owner grows: max(stored + growth, tokens); an expired one is replaced.
+_CONTEXT_UPSERT = f"""
+INSERT INTO response_contexts (context_id, owner, tokens, updated_at, expires_at)
+VALUES (?1, ?2, ?3, ?4, ?5)
+ON CONFLICT (context_id, owner) DO UPDATE SET
+    tokens = min(max(CASE WHEN response_contexts.expires_at > excluded.updated_at
+                          THEN response_contexts.tokens + ?6 ELSE 0 END, excluded.tokens),
+                 {_MAX_CONTEXT_TOKENS}),
+    updated_at = excluded.updated_at,
+    expires_at = excluded.expires_at
+"""
 
 HoldRow = tuple[str, str, int, str, int, int, int, int, int]
 
@@ -739,6 +757,51 @@ class _Store:
         ).fetchall()
         return [self._key(r) for r in rows]
 
+    # -- response contexts ---------------------------------------------------------------
+    # Written straight into the batch's transaction (not through the flush): a rollback
+    # of the batch or of the operation's savepoint undoes them with everything else.
+    def settle_remembering(
+        self, now: int, hold_id: str, actual: int, record: UsageRecord, cost: int
+    ) -> Hold:
+        """``settle``; if it charged the hold (not a replay), remember the record's context."""
+        before = self.get(hold_id)
+        hold = self.settle(now, hold_id, actual, record, cost)
+        context = record.response_context
+        if context is not None and before is not None and before[3] in ("held", "expired"):
+            self.remember(context, now)
+        return hold
+
+    def remember(self, context: ResponseContext, now: int) -> None:
+        expires = now + max(1, _us(context.ttl))
+        for context_id in context.ids:
+            self.c.execute(
+                _CONTEXT_UPSERT,
+                (context_id, context.owner, context.tokens, now, expires, context.growth),
+            )
+
+    def response_context(self, now: int, context_id: str, owner: str) -> int | None:
+        row = self.c.execute(
+            "SELECT tokens FROM response_contexts "
+            "WHERE context_id = ? AND owner = ? AND expires_at > ?",
+            (context_id, owner, now),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def prune_contexts(self, now: int, limit: int) -> int:
+        """Delete up to ``limit`` expired response contexts; return how many."""
+        cursor = self.c.execute(
+            "DELETE FROM response_contexts WHERE (context_id, owner) IN (SELECT context_id, "
+            "owner FROM response_contexts WHERE expires_at <= ? LIMIT ?)",
+            (now, limit),
+        )
+        return cursor.rowcount
+
+    def sweep_and_prune(self, now: int) -> int:
+        """``sweep``, then prune a batch of expired response contexts; return the holds."""
+        swept = self.sweep(now)
+        self.prune_contexts(now, _PRUNE_BATCH)
+        return swept
+
 
 _Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
@@ -1067,7 +1130,10 @@ class SQLiteLedger:
     ) -> Hold:
         hold_id = validate_hold_id(hold_id)
         nanos = _nanos(actual)
-        return await self._call(_Store.settle, hold_id, nanos, record, _record_cost(record))
+        cost = _record_cost(record)
+        if record is not None and record.response_context is not None:
+            return await self._call(_Store.settle_remembering, hold_id, nanos, record, cost)
+        return await self._call(_Store.settle, hold_id, nanos, record, cost)
 
     async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> Hold:
         hold_id = validate_hold_id(hold_id)
@@ -1085,7 +1151,8 @@ class SQLiteLedger:
         return await self._call(_Store.list_holds, bool(live_only), _limit(limit))
 
     async def sweep(self) -> int:
-        return await self._call(_Store.sweep)
+        """Expire due holds (their count is returned) and prune expired response contexts."""
+        return await self._call(_Store.sweep_and_prune)
 
     async def check(self) -> list[str]:
         return await self._call(_Store.check)
@@ -1093,6 +1160,11 @@ class SQLiteLedger:
     # -- usage records -----------------------------------------------------------------
     async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
         return await self._call(_Store.usage, user, _limit(limit))
+
+    async def response_context(self, context_id: str, owner: str) -> int | None:
+        context_id = validate_context_id(context_id)
+        (owner,) = validate_scopes([owner])
+        return await self._call(_Store.response_context, context_id, owner)
 
     # -- API keys ------------------------------------------------------------------------
     async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord:

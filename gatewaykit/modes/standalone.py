@@ -16,6 +16,12 @@
    ``user:<user>``, ``team:<team>``) → 402 with the refusing budget's numbers, or 503 when
    the ledger is unreachable.
 
+An OpenAI responses request that continues a stored response or conversation also holds
+the stored context it will be billed for, as remembered in the ledger for this user (an
+unknown one: the model's context window; or 400 under ``unknown_response_context=
+"reject"`` or without a context window — a 400, so it is decided with the other 400s);
+its settlement remembers the new context (:mod:`gatewaykit.stored_context`).
+
 The request id is the hold id. :class:`StandaloneSettlement` settles that hold and writes
 the usage record in the same ledger call.
 """
@@ -23,6 +29,7 @@ the usage record in the same ledger call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
 import logging
 import math
@@ -49,9 +56,11 @@ from gatewaykit.errors import (
 )
 from gatewaykit.keys import hash_key
 from gatewaykit.ledger.base import (
+    RESPONSE_CONTEXT_TTL,
     ApiKeyRecord,
     Hold,
     Ledger,
+    ResponseContext,
     UsageRecord,
     validate_ttl,
 )
@@ -65,6 +74,13 @@ from gatewaykit.settlement import (
     SettlementOutcome,
     SettlementStatus,
 )
+from gatewaykit.stored_context import (
+    ContextPlan,
+    UnknownContextPolicy,
+    context_to_remember,
+    continuation_hold_tokens,
+    read_continuation,
+)
 from gatewaykit.upstream import Attempt, Upstream
 from gatewaykit.usage import Usage, UsageSource
 
@@ -74,6 +90,7 @@ __all__ = [
     "MissingUsagePolicy",
     "StandaloneMode",
     "StandaloneSettlement",
+    "UnknownContextPolicy",
     "UnpricedPolicy",
 ]
 
@@ -130,6 +147,8 @@ class StandaloneMode:
         teams: Mapping[str, str] | None = None,
         budget_headers: bool = True,
         ledger_unavailable: LedgerUnavailablePolicy = "fail_closed",
+        unknown_response_context: UnknownContextPolicy = "context_window",
+        response_context_ttl: float = RESPONSE_CONTEXT_TTL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(ledger, Ledger):
@@ -158,6 +177,11 @@ class StandaloneMode:
             raise ConfigurationError(
                 f"ledger_unavailable must be fail_closed or fail_open, not {ledger_unavailable!r}"
             )
+        if unknown_response_context not in ("context_window", "reject"):
+            raise ConfigurationError(
+                "unknown_response_context must be context_window or reject, not "
+                f"{unknown_response_context!r}"
+            )
         for user, team in (teams or {}).items():
             if not _USER.fullmatch(str(user)) or not _USER.fullmatch(str(team)):
                 raise ConfigurationError(
@@ -182,6 +206,8 @@ class StandaloneMode:
         self.teams = dict(teams or {})
         self.budget_headers = budget_headers
         self.ledger_unavailable: LedgerUnavailablePolicy = ledger_unavailable
+        self.unknown_response_context: UnknownContextPolicy = unknown_response_context
+        self.response_context_ttl = validate_ttl(response_context_ttl)
         self._master_hash = hash_key(master_key) if master_key is not None else None
         self._clock = clock
         self._keys: OrderedDict[str, tuple[ApiKeyRecord | None, float]] = OrderedDict()
@@ -271,6 +297,7 @@ class StandaloneMode:
         serving = self._upstreams(fmt, request.parsed.model)
         upstream = serving[0] if serving else None
         price = self._price(request.parsed.model, upstream)
+        context_plan, context_tokens = await self._stored_context(request, user, price)
 
         if isinstance(identity, ApiKeyRecord):
             if request.parsed.user is not None and request.parsed.user != identity.user:
@@ -306,7 +333,7 @@ class StandaloneMode:
                 ErrorKind.NOT_FOUND, f"no upstream serves model {request.parsed.model!r}"
             )
 
-        prompt_tokens = estimate_prompt_tokens(request.parsed.prompt_chars)
+        prompt_tokens = estimate_prompt_tokens(request.parsed.prompt_chars) + context_tokens
         max_output = request.parsed.max_output_tokens
         if max_output is None:
             max_output = self.default_max_output_tokens
@@ -353,6 +380,7 @@ class StandaloneMode:
             disconnect=self.disconnect,
             hold_ttl=self.hold_ttl,
             scopes=None if held else tuple(scopes),
+            context_plan=context_plan,
         )
         return GatewayContext(
             request_id=request.request_id,
@@ -370,6 +398,50 @@ class StandaloneMode:
             key_id=key_id,
             response_headers=headers,
         )
+
+    async def _stored_context(
+        self, request: GatewayRequest, user: str, price: ModelPrice | None
+    ) -> tuple[ContextPlan | None, int]:
+        """For an OpenAI responses request: how its context is to be remembered, and the
+        prompt tokens to hold for the stored context it continues (0 if none).
+
+        The lookup is by ``user:<user>``: another user's response or conversation id is
+        unknown here, exactly like an id the gateway never saw.
+        """
+        if request.format is not WireFormat.OPENAI_RESPONSES:
+            return None, 0
+        continuation = read_continuation(request.body)
+        plan = ContextPlan(
+            owner=f"user:{user}",
+            continuation=continuation,
+            ttl=self.response_context_ttl,
+            store=request.body.get("store") is not False,
+        )
+        if not continuation:
+            return plan, 0
+        known: dict[str, int | None] = {}
+        try:
+            for context_id in continuation.ids:
+                known[context_id] = await self.ledger.response_context(context_id, plan.owner)
+        except LedgerUnavailableError:
+            if self.ledger_unavailable != "fail_open":
+                raise
+            # Admitted without the ledger: the ids count as unknown, never refused for it.
+            window = price.context_window if price is not None else None
+            return dataclasses.replace(plan, known=dict.fromkeys(continuation.ids)), window or 0
+        plan = dataclasses.replace(plan, known=known)
+        if price is None:  # unbudgeted: nothing to hold, but the reject policy still applies
+            if self.unknown_response_context == "reject":
+                continuation_hold_tokens(continuation, known, context_window=None, policy="reject")
+            return plan, 0
+        tokens = continuation_hold_tokens(
+            continuation,
+            known,
+            context_window=price.context_window,
+            policy=self.unknown_response_context,
+            model=request.parsed.model,
+        )
+        return plan, tokens
 
     def _upstreams(self, fmt: WireFormat | None, model: str) -> list[Upstream]:
         """The configured upstreams that serve ``model`` in ``fmt``, in order (fallbacks)."""
@@ -403,6 +475,12 @@ class StandaloneSettlement(Settlement):
     ``scopes`` is given only for a request admitted without a hold (``fail_open`` while
     the ledger was down): its charge is then booked afterwards as a zero hold settled at
     the actual cost (an overrun), if the ledger is back.
+
+    ``context_plan`` is given for OpenAI responses requests: on success, the context a
+    later request continuing this response (the id an adapter noted with
+    ``note_response``) or its conversation will be billed for is written with the settle.
+    Other outcomes remember nothing, so such an id stays unknown (held at the context
+    window, or refused) rather than remembered too small.
     """
 
     def __init__(
@@ -421,8 +499,10 @@ class StandaloneSettlement(Settlement):
         hold_ttl: float = 600,
         scopes: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        context_plan: ContextPlan | None = None,
     ) -> None:
         super().__init__(request_id=request_id, estimate=estimate)
+        self.context_plan = context_plan
         self.ledger = ledger
         self.price = price
         self.model = model
@@ -529,6 +609,7 @@ class StandaloneSettlement(Settlement):
             cost=amount if amount is not None else Decimal(0),
             error=error,
             latency_ms=int((self._clock() - self._started) * 1000),
+            response_context=self._response_context(status, charge),
         )
         try:
             amount = await self._write(amount, record)
@@ -553,6 +634,14 @@ class StandaloneSettlement(Settlement):
             refunded=amount is None,
             error=error,
         )
+
+    def _response_context(
+        self, status: SettlementStatus, charge: Usage | None
+    ) -> ResponseContext | None:
+        """What to remember of a successful responses request's context (else None)."""
+        if self.context_plan is None or status != "success" or charge is None:
+            return None
+        return context_to_remember(self.context_plan, charge, self.response_id)
 
     async def _write(self, amount: Decimal | None, record: UsageRecord) -> Decimal | None:
         """Release (None) or settle at ``amount``; returns what was charged.

@@ -15,6 +15,13 @@ assert exact spend: every content event carries one output token, and the prompt
 
 Every request is recorded in :attr:`FakeProvider.requests`; streams the client abandoned
 are counted in :attr:`FakeProvider.disconnects`.
+
+Like OpenAI, it stores the responses it creates (unless the request says ``"store":
+false``) and bills a request that continues one (``previous_response_id``) or a
+conversation (``conversation``, seeded by the test in :attr:`FakeProvider.conversations`)
+for the stored context on top of its own input: ``input_tokens`` grows by the stored
+response's input and output. An unknown previous response is a 400, an unknown
+conversation a 404.
 """
 
 from __future__ import annotations
@@ -136,6 +143,10 @@ class FakeProvider:
         self.requests: list[ReceivedRequest] = []
         self.disconnects = 0
         self._ids = itertools.count(1)
+        #: Stored responses: id -> the context tokens a continuation is billed for.
+        self.stored: dict[str, int] = {}
+        #: Conversations: id -> the context tokens a response in it is billed for.
+        self.conversations: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<FakeProvider requests={len(self.requests)}>"
@@ -184,11 +195,47 @@ class FakeProvider:
                 fail_body = _error_body(wire, behavior.fail_status, "fake provider failure")
             await _respond(send, behavior.fail_status, fail_body, extra)
             return
+        if wire == "openai_responses":
+            continued = self._continue(body)
+            if isinstance(continued, tuple):
+                await _respond(send, continued[0], _error_body(wire, *continued))
+                return
+            behavior = dataclasses.replace(behavior, input_tokens=behavior.input_tokens + continued)
         number = next(self._ids)
+        if wire == "openai_responses":
+            self._store(body, behavior, number)
         if body.get("stream"):
             await self._stream(wire, body, behavior, number, receive, send)
         else:
             await self._complete(wire, body, behavior, number, send)
+
+    def _continue(self, body: Mapping[str, Any]) -> int | tuple[int, str]:
+        """The stored context a responses request is billed for, or (status, message)."""
+        extra = 0
+        previous = body.get("previous_response_id")
+        if previous is not None:
+            if previous not in self.stored:
+                return 400, f"Previous response with id '{previous}' not found."
+            extra += self.stored[previous]
+        conversation = body.get("conversation")
+        if isinstance(conversation, Mapping):
+            conversation = conversation.get("id")
+        if conversation is not None:
+            if conversation not in self.conversations:
+                return 404, f"Conversation with id '{conversation}' not found."
+            extra += self.conversations[conversation]
+        return extra
+
+    def _store(self, body: Mapping[str, Any], behavior: FakeBehavior, number: int) -> None:
+        """Remember what a continuation of this response (or its conversation) is billed for."""
+        context = behavior.input_tokens + behavior.cache_read_tokens + behavior.output_tokens
+        if body.get("store", True) is not False:
+            self.stored[f"resp_fake_{number}"] = context
+        conversation = body.get("conversation")
+        if isinstance(conversation, Mapping):
+            conversation = conversation.get("id")
+        if isinstance(conversation, str):
+            self.conversations[conversation] = context
 
     def _authorized(self, headers: Mapping[str, str]) -> bool:
         key = headers.get("x-api-key")

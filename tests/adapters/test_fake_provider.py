@@ -96,3 +96,37 @@ async def test_malformed_bodies(fake: tuple[FakeProvider, httpx.AsyncClient]) ->
     html = {"x-fake-behavior": json.dumps({"malformed": "sse"})}
     answer = await client.post("/v1/messages", json={"model": "m"}, headers=html)
     assert answer.headers["content-type"] == "text/html"
+
+
+async def test_stored_responses_and_conversations_are_billed_again(
+    fake: tuple[FakeProvider, httpx.AsyncClient],
+) -> None:
+    provider, client = fake
+    first = (await client.post("/v1/responses", json={"model": "m"})).json()
+    # 7 input + 3 cached + 2 output: what a continuation of it is billed for.
+    assert provider.stored[first["id"]] == 12
+    chained = await client.post(
+        "/v1/responses", json={"model": "m", "previous_response_id": first["id"]}
+    )
+    usage = chained.json()["usage"]
+    assert usage["input_tokens"] == 12 + 10  # the stored context, then its own prompt
+    assert provider.stored[chained.json()["id"]] == 12 + 10 + 2
+    body = {"model": "m", "stream": True, "previous_response_id": chained.json()["id"]}
+    streamed = (await client.post("/v1/responses", json=body)).content
+    assert b'"input_tokens":34' in streamed
+    unstored = (await client.post("/v1/responses", json={"model": "m", "store": False})).json()
+    assert unstored["id"] not in provider.stored
+    missing = await client.post(
+        "/v1/responses", json={"model": "m", "previous_response_id": "resp_nope"}
+    )
+    assert missing.status_code == 400
+    assert "not found" in missing.json()["error"]["message"]
+    assert (
+        await client.post("/v1/responses", json={"model": "m", "conversation": "c"})
+    ).status_code == 404
+    provider.conversations["conv_1"] = 100
+    turn = (
+        await client.post("/v1/responses", json={"model": "m", "conversation": {"id": "conv_1"}})
+    ).json()
+    assert turn["usage"]["input_tokens"] == 110
+    assert provider.conversations["conv_1"] == 112

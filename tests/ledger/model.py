@@ -38,6 +38,7 @@ from gatewaykit.ledger.base import (
     HoldState,
     Period,
     UsageRecord,
+    validate_context_id,
     validate_hold_id,
     validate_scopes,
     validate_ttl,
@@ -109,6 +110,8 @@ class ModelLedger:
         self.usage_: list[UsageRecord] = []
         self.keys: dict[str, ApiKeyRecord] = {}
         self.key_order: list[str] = []
+        #: Remembered response contexts: (id, owner) -> (tokens, expires at).
+        self.contexts: dict[tuple[str, str], tuple[int, int]] = {}
 
     # -- lifecycle (so the model can stand in for a backend) ---------------------------
     async def open(self) -> None:
@@ -237,7 +240,8 @@ class ModelLedger:
     def _record(self, record: UsageRecord | None, now: int) -> None:
         if record is None or any(r.request_id == record.request_id for r in self.usage_):
             return
-        self.usage_.append(dataclasses.replace(record, created_at=from_us(now)))
+        stored = dataclasses.replace(record, created_at=from_us(now), response_context=None)
+        self.usage_.append(stored)
 
     async def settle(
         self, hold_id: str, actual: Decimal, *, record: UsageRecord | None = None
@@ -267,7 +271,21 @@ class ModelLedger:
         if not late:
             hold.ended_us = now
         self._record(record, now)
+        self._remember(record, now)
         return hold.view()
+
+    def _remember(self, record: UsageRecord | None, now: int) -> None:
+        """A charging settle remembers its record's response context, per id and owner:
+        ``tokens``, or ``max(stored + growth, tokens)`` over a live stored row."""
+        context = record.response_context if record is not None else None
+        if context is None:
+            return
+        for context_id in context.ids:
+            stored = self.contexts.get((context_id, context.owner))
+            tokens = context.tokens
+            if stored is not None and stored[1] > now:
+                tokens = min(max(stored[0] + context.growth, tokens), 2**53 - 1)
+            self.contexts[(context_id, context.owner)] = (tokens, now + max(1, to_us(context.ttl)))
 
     async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> Hold:
         hold_id = validate_hold_id(hold_id)
@@ -316,6 +334,8 @@ class ModelLedger:
         due = [h for h in self.holds_.values() if h.state is HoldState.HELD and now >= h.expires_us]
         for hold in due:
             self._expire(hold, now)
+        for key in [k for k, (_, expires) in self.contexts.items() if now >= expires]:
+            del self.contexts[key]
         return len(due)
 
     async def check(self) -> list[str]:
@@ -325,6 +345,14 @@ class ModelLedger:
     async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
         rows = [r for r in reversed(self.usage_) if user is None or r.user == user]
         return rows[:limit]
+
+    async def response_context(self, context_id: str, owner: str) -> int | None:
+        context_id = validate_context_id(context_id)
+        (owner,) = validate_scopes([owner])
+        stored = self.contexts.get((context_id, owner))
+        if stored is None or self.now() >= stored[1]:
+            return None
+        return stored[0]
 
     async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord:
         if record.key_id in self.keys or any(

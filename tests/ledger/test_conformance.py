@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -18,7 +19,14 @@ from gatewaykit.errors import (
     InvalidAmountError,
     InvalidScopeError,
 )
-from gatewaykit.ledger.base import ApiKeyRecord, HoldState, Ledger, Period, UsageRecord
+from gatewaykit.ledger.base import (
+    ApiKeyRecord,
+    HoldState,
+    Ledger,
+    Period,
+    ResponseContext,
+    UsageRecord,
+)
 from tests.ledger.backends import Backend, FakeClock, Opener
 
 pytestmark = pytest.mark.anyio
@@ -542,6 +550,117 @@ async def test_usage_record_written_with_settle(ledger: Ledger, clock: FakeClock
     assert first.created_at == utc(2026, 1, 15, 12)
     assert [r.request_id for r in await ledger.usage(user="bob")] == ["r2"]
     assert len(await ledger.usage(limit=1)) == 1
+
+
+# -- response contexts ------------------------------------------------------------------------
+
+
+def _with_context(request_id: str, context: ResponseContext) -> UsageRecord:
+    return dataclasses.replace(_record(request_id), response_context=context)
+
+
+async def test_settle_remembers_the_response_context(ledger: Ledger) -> None:
+    await ledger.reserve("r1", ["user:alice"], D(1), ttl=60)
+    context = ResponseContext("user:alice", 1500, response_id="resp_1")
+    await ledger.settle("r1", D("0.5"), record=_with_context("r1", context))
+    assert await ledger.response_context("resp_1", "user:alice") == 1500
+    # Another owner's lookup finds nothing, exactly like an unknown id.
+    assert await ledger.response_context("resp_1", "user:bob") is None
+    assert await ledger.response_context("resp_unknown", "user:alice") is None
+    # A replay writes nothing again (not even other figures).
+    other = ResponseContext("user:alice", 99, response_id="resp_1")
+    await ledger.settle("r1", D("0.5"), record=_with_context("r1", other))
+    assert await ledger.response_context("resp_1", "user:alice") == 1500
+    # The usage listing does not carry it.
+    assert [r.response_context for r in await ledger.usage()] == [None]
+
+
+async def test_only_a_charging_settle_remembers(ledger: Ledger) -> None:
+    context = ResponseContext("user:alice", 10, response_id="resp_r")
+    await ledger.reserve("r1", ["user:alice"], D(1), ttl=60)
+    await ledger.release("r1", record=_with_context("r1", context))
+    assert await ledger.response_context("resp_r", "user:alice") is None
+    # A settle of a released hold is no transition either.
+    await ledger.settle("r1", D("0.5"), record=_with_context("r1", context))
+    assert await ledger.response_context("resp_r", "user:alice") is None
+    with pytest.raises(HoldNotFoundError):
+        await ledger.settle("nope", D(1), record=_with_context("nope", context))
+    assert await ledger.response_context("resp_r", "user:alice") is None
+
+
+async def test_a_late_charge_remembers(ledger: Ledger, clock: FakeClock) -> None:
+    await ledger.reserve("r1", ["user:alice"], D(1), ttl=5)
+    clock.advance(10)
+    context = ResponseContext("user:alice", 7, response_id="resp_late")
+    hold = await ledger.settle("r1", D("0.5"), record=_with_context("r1", context))
+    assert hold.late
+    assert await ledger.response_context("resp_late", "user:alice") == 7
+
+
+async def test_a_conversation_accumulates(ledger: Ledger) -> None:
+    async def turn(n: int, tokens: int, growth: int) -> None:
+        await ledger.reserve(f"r{n}", ["user:alice"], D(1), ttl=60)
+        context = ResponseContext(
+            "user:alice", tokens, response_id=f"resp_{n}", conversation_id="conv_1", growth=growth
+        )
+        await ledger.settle(f"r{n}", D("0.1"), record=_with_context(f"r{n}", context))
+
+    await turn(1, 100, 100)
+    assert await ledger.response_context("conv_1", "user:alice") == 100
+    await turn(2, 150, 50)  # saw 100, added 50
+    assert await ledger.response_context("conv_1", "user:alice") == 150
+    await turn(3, 130, 30)  # ran beside turn 2 (saw 100, added 30): both additions count
+    assert await ledger.response_context("conv_1", "user:alice") == 180
+    await turn(4, 500, 0)  # a report larger than what was known wins
+    assert await ledger.response_context("conv_1", "user:alice") == 500
+    # Each response id keeps its own figure.
+    assert await ledger.response_context("resp_3", "user:alice") == 130
+    assert await ledger.response_context("conv_1", "user:bob") is None
+
+
+async def test_response_contexts_expire(ledger: Ledger, clock: FakeClock) -> None:
+    await ledger.reserve("r1", ["user:alice"], D(1), ttl=60)
+    context = ResponseContext(
+        "user:alice", 40, response_id="resp_1", conversation_id="conv_1", growth=40, ttl=100
+    )
+    await ledger.settle("r1", D("0.1"), record=_with_context("r1", context))
+    clock.advance(99)
+    assert await ledger.response_context("resp_1", "user:alice") == 40
+    clock.advance(1)  # expired at exactly its TTL, like a hold
+    assert await ledger.response_context("resp_1", "user:alice") is None
+    assert await ledger.response_context("conv_1", "user:alice") is None
+    assert await ledger.sweep() == 0  # prunes them; still counts only holds
+    # An expired conversation starts afresh instead of growing from the forgotten figure.
+    await ledger.reserve("r2", ["user:alice"], D(1), ttl=60)
+    again = ResponseContext("user:alice", 25, conversation_id="conv_1", growth=25)
+    await ledger.settle("r2", D("0.1"), record=_with_context("r2", again))
+    assert await ledger.response_context("conv_1", "user:alice") == 25
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"owner": "alice", "tokens": 1, "response_id": "r"},
+        {"owner": "user:a", "tokens": -1, "response_id": "r"},
+        {"owner": "user:a", "tokens": True, "response_id": "r"},
+        {"owner": "user:a", "tokens": 1.0, "response_id": "r"},
+        {"owner": "user:a", "tokens": 1, "growth": -1, "response_id": "r"},
+        {"owner": "user:a", "tokens": 1},
+        {"owner": "user:a", "tokens": 1, "response_id": ""},
+        {"owner": "user:a", "tokens": 1, "conversation_id": "x" * 256},
+        {"owner": "user:a", "tokens": 1, "response_id": "r", "ttl": 0},
+    ],
+)
+def test_bad_response_contexts(fields: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError):
+        ResponseContext(**fields)  # type: ignore[arg-type]
+
+
+async def test_bad_response_context_lookups(ledger: Ledger) -> None:
+    with pytest.raises(ConfigurationError):
+        await ledger.response_context("", "user:alice")
+    with pytest.raises(InvalidScopeError):
+        await ledger.response_context("resp_1", "alice")
 
 
 async def test_api_key_crud(ledger: Ledger) -> None:

@@ -441,3 +441,72 @@ def test_importing_gatewaykit_does_not_import_asyncpg() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "False"
+
+
+# -- response contexts ----------------------------------------------------------------------
+
+
+def _context_record(n: int, tokens: int, growth: int, conversation: str | None = None) -> Any:
+    from gatewaykit.ledger.base import ResponseContext
+
+    context = ResponseContext(
+        "user:a", tokens, response_id=f"resp_{n}", conversation_id=conversation, growth=growth
+    )
+    return UsageRecord(f"r{n}", "m", "responses", "success", "provider", response_context=context)
+
+
+async def test_a_version_1_schema_is_migrated(schema: str) -> None:
+    from gatewaykit.ledger._postgres_schema import MIGRATIONS
+
+    admin: Any = await asyncpg.connect(DSN)
+    try:
+        await admin.execute(f'SET search_path TO "{schema}"')
+        await admin.execute(MIGRATIONS[0])
+        await admin.execute("INSERT INTO gatewaykit_schema (version) VALUES (1)")
+    finally:
+        await admin.close()
+    async with PostgresLedger(DSN, schema=schema) as ledger:
+        await ledger.reserve("r1", ["user:a"], AMOUNT, ttl=60)
+        await ledger.settle("r1", AMOUNT, record=_context_record(1, 70, 70))
+        assert await ledger.response_context("resp_1", "user:a") == 70
+    admin = await asyncpg.connect(DSN)
+    try:
+        versions = await admin.fetch(f'SELECT version FROM "{schema}".gatewaykit_schema')
+        assert sorted(r["version"] for r in versions) == [1, 2]
+    finally:
+        await admin.close()
+
+
+async def test_concurrent_turns_on_one_conversation_all_count(schema: str) -> None:
+    """Settles in separate transactions at once: each adds its growth under the row lock."""
+    async with PostgresLedger(DSN, schema=schema, pool_max=8) as ledger:
+        await ledger.reserve("r0", ["user:a"], AMOUNT, ttl=60)
+        await ledger.settle("r0", AMOUNT, record=_context_record(0, 1000, 1000, "conv_x"))
+        for n in range(1, 9):
+            await ledger.reserve(f"r{n}", ["user:a"], AMOUNT, ttl=60)
+
+        async def turn(n: int) -> None:
+            record = _context_record(n, 1000 + n, n, "conv_x")  # each saw 1000, added n
+            await ledger.settle(f"r{n}", AMOUNT, record=record)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(1, 9):
+                tg.start_soon(turn, n)
+        assert await ledger.response_context("conv_x", "user:a") == 1000 + sum(range(1, 9))
+        assert await ledger.check() == []
+
+
+async def test_sweep_prunes_expired_contexts_in_batches(schema: str) -> None:
+    clock = FakeClock()
+    async with PostgresLedger(DSN, schema=schema, clock=clock, sweep_batch=2) as ledger:
+        for n in range(5):
+            await ledger.reserve(f"r{n}", ["user:a"], AMOUNT, ttl=60)
+            await ledger.settle(f"r{n}", AMOUNT, record=_context_record(n, n, 0))
+        clock.advance(31 * 24 * 3600)
+        assert await ledger.sweep() == 0
+        admin: Any = await asyncpg.connect(DSN)
+        try:
+            left = await admin.fetchval(f'SELECT count(*) FROM "{schema}".response_contexts')
+        finally:
+            await admin.close()
+        assert left == 0

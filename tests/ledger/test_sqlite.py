@@ -410,3 +410,81 @@ def test_headroom_usd_is_from_nanos_exactly(nanos: int) -> None:
     expected = from_nanos(nanos)
     got = sqlite_module._headroom_usd(nanos)
     assert (got.as_tuple(), str(got)) == (expected.as_tuple(), str(expected))
+
+
+# -- response contexts (schema version 2) ----------------------------------------------------
+
+
+async def test_a_version_1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
+    from gatewaykit.ledger._sqlite_schema import MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO gatewaykit_schema (version) VALUES (1)")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute(
+        "INSERT INTO budgets (scope, limit_nanos, period_kind, updated_at) "
+        "VALUES ('user:a', 5000000000, 'none', 0)"
+    )
+    conn.close()
+    async with SQLiteLedger(str(path)) as ledger:
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert status.limit == D(5)
+        assert await ledger.response_context("resp_1", "user:a") is None
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM gatewaykit_schema").fetchall() == [(2,)]
+    assert conn.execute("SELECT count(*) FROM response_contexts").fetchone() == (0,)
+    conn.close()
+
+
+async def test_sweep_prunes_expired_response_contexts(tmp_path: Path) -> None:
+    from gatewaykit.ledger.base import ResponseContext, UsageRecord
+
+    clock = FakeClock()
+    path = tmp_path / "a.db"
+    async with SQLiteLedger(str(path), clock=clock) as ledger:
+        for n, ttl in enumerate((10, 10, 1000)):
+            await ledger.reserve(f"r{n}", ["user:a"], D(1), ttl=60)
+            context = ResponseContext("user:a", 5, response_id=f"resp_{n}", ttl=ttl)
+            record = UsageRecord(
+                f"r{n}", "m", "responses", "success", "provider", response_context=context
+            )
+            await ledger.settle(f"r{n}", D("0.1"), record=record)
+        clock.advance(10)
+        conn = sqlite3.connect(path)
+        assert conn.execute("SELECT count(*) FROM response_contexts").fetchone() == (3,)
+        await ledger.sweep()
+        assert conn.execute("SELECT context_id FROM response_contexts").fetchall() == [("resp_2",)]
+        conn.close()
+
+
+async def test_a_failed_batch_keeps_the_contexts_of_its_good_operations(tmp_path: Path) -> None:
+    """A batch with a failing operation is rolled back (with the contexts written straight
+    into it) and redone one operation at a time: the good settle's context is written
+    again, the failed one's never."""
+    from gatewaykit.ledger.base import ResponseContext, UsageRecord
+
+    async with SQLiteLedger(str(tmp_path / "a.db")) as ledger:
+        await ledger.reserve("r1", ["user:a"], D(1), ttl=60)
+        await ledger.reserve("r2", ["user:a"], D(1), ttl=60)
+        await ledger.settle("r2", D("0.1"))
+
+        def record(n: int) -> UsageRecord:
+            context = ResponseContext("user:a", 10 * n, response_id=f"resp_{n}")
+            return UsageRecord(
+                f"r{n}", "m", "responses", "success", "provider", response_context=context
+            )
+
+        results = await asyncio.gather(
+            ledger.settle("r1", D("0.1"), record=record(1)),
+            ledger.settle("r2", D("0.2"), record=record(2)),  # a conflicting replay
+            return_exceptions=True,
+        )
+        assert not isinstance(results[0], BaseException)
+        assert isinstance(results[1], LedgerError)
+        assert await ledger.response_context("resp_1", "user:a") == 10
+        assert await ledger.response_context("resp_2", "user:a") is None
+        assert await ledger.check() == []

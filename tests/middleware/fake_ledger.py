@@ -43,6 +43,8 @@ class FakeLedger:
         self.extends = 0
         self.down = False
         self.calls: list[str] = []
+        #: Remembered response contexts (no TTL here): (id, owner) -> tokens.
+        self.contexts: dict[tuple[str, str], int] = {}
 
     async def open(self) -> None: ...
 
@@ -145,7 +147,21 @@ class FakeLedger:
         self.hold_rows[hold_id] = hold
         if record is not None:
             self.records.append(record)
+            self._remember(record)
         return hold
+
+    def _remember(self, record: UsageRecord) -> None:
+        context = record.response_context
+        if context is None:
+            return
+        for context_id in context.ids:
+            stored = self.contexts.get((context_id, context.owner))
+            grown = context.tokens if stored is None else stored + context.growth
+            self.contexts[(context_id, context.owner)] = max(grown, context.tokens)
+
+    async def response_context(self, context_id: str, owner: str) -> int | None:
+        self._guard("response_context")
+        return self.contexts.get((context_id, owner))
 
     async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> Hold:
         self._guard("release")
