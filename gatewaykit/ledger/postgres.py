@@ -45,6 +45,7 @@ from gatewaykit.errors import (
     HoldClosedError,
     HoldConflictError,
     HoldNotFoundError,
+    LedgerError,
     LedgerUnavailableError,
 )
 from gatewaykit.ledger._postgres_schema import migrate
@@ -56,10 +57,11 @@ from gatewaykit.ledger.base import (
     Period,
     UsageRecord,
     validate_hold_id,
+    validate_record,
     validate_scopes,
     validate_ttl,
 )
-from gatewaykit.money import from_nanos, parse_usd, to_nanos
+from gatewaykit.money import from_nanos, to_nanos
 
 __all__ = ["PostgresLedger"]
 
@@ -449,11 +451,10 @@ def _record_args(record: UsageRecord | None) -> list[list[Any]]:
 
 
 def _check_record(record: UsageRecord | None) -> None:
-    if record is None:
-        return
-    if not isinstance(record, UsageRecord):
-        raise ConfigurationError("record must be a UsageRecord")
-    parse_usd(record.cost)
+    """Refuse a record no column can hold before it joins a group of statements."""
+    if validate_record(record) is not None:
+        assert record is not None
+        to_nanos(record.cost)
 
 
 def _limit(limit: int) -> int:
@@ -651,6 +652,8 @@ class PostgresLedger:
                 yield conn
         except GatewayKitError:
             raise
+        except asyncpg.DataError as exc:  # a value out of range: retrying cannot help
+            raise LedgerError(f"the PostgreSQL ledger refused a value: {exc}") from exc
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
 
@@ -959,12 +962,14 @@ class PostgresLedger:
                     results = await conn.fetchmany(sql, [op.args for op in batch])
                 # fetchmany flattens the rows: regroup them per op.
                 _distribute(results, batch)
-        except LedgerUnavailableError as exc:
-            if len(batch) == 1 or not _deadlock(exc):
+        except LedgerError as exc:
+            if len(batch) == 1 or not (_deadlock(exc) or _refused_value(exc)):
                 for op in batch:
                     op.error = exc
             else:
-                logger.debug("batched ledger statement deadlocked; running one by one")
+                # The group rolled back as one; run each alone so a deadlock is retried
+                # and a value the server refused fails only the op that sent it.
+                logger.debug("batched ledger statement failed (%s); running one by one", exc)
                 for op in batch:
                     try:
                         op.row = await self._fetch(sql, *op.args)
@@ -1126,6 +1131,11 @@ def _result(op: _Op) -> Any:
 
 def _deadlock(exc: BaseException) -> bool:
     return isinstance(exc.__cause__, asyncpg.DeadlockDetectedError)
+
+
+def _refused_value(exc: BaseException) -> bool:
+    """A value one statement carried was out of range (e.g. bigint overflow)."""
+    return isinstance(exc.__cause__, asyncpg.DataError)
 
 
 async def _keep_session(conn: Any) -> None:

@@ -53,6 +53,7 @@ from gatewaykit.ledger.base import (
     Period,
     UsageRecord,
     validate_hold_id,
+    validate_record,
     validate_scopes,
     validate_ttl,
 )
@@ -743,6 +744,22 @@ class _Store:
 _Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 
+#: Errors of the store rather than of one operation (locked, I/O, disk full): they fail
+#: the whole batch as unavailable. Every other exception belongs to the operation that
+#: raised it and is isolated to it.
+_STORE_FAILURES = (sqlite3.OperationalError, sqlite3.InternalError)
+
+
+def _refusal(exc: Exception) -> GatewayKitError:
+    """What the caller of an operation that raised ``exc`` (and was undone) receives."""
+    if isinstance(exc, GatewayKitError):
+        return exc
+    if isinstance(exc, sqlite3.IntegrityError):
+        return LedgerError(f"the ledger refused a write breaking an invariant: {exc}")
+    logger.warning("SQLite ledger operation failed; undone alone", exc_info=exc)
+    return LedgerError(f"the ledger could not store this operation: {exc!r}")
+
+
 def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     for future, ok, value in results:
         if future.done():
@@ -887,15 +904,15 @@ class _Writer(threading.Thread):
                 value = fn(store, now, *args)
                 if isolate:
                     store.flush()
-            except (sqlite3.IntegrityError, GatewayKitError, ValueError) as exc:
+            except _STORE_FAILURES:
+                raise  # the store itself failed: the whole batch fails
+            except Exception as exc:
                 if not isolate:
                     return None
                 execute("ROLLBACK TO op")
                 execute("RELEASE op")
                 store.forget()
-                if isinstance(exc, sqlite3.IntegrityError):
-                    exc = LedgerError(f"the ledger refused a write breaking an invariant: {exc}")
-                results.append((op, False, exc))
+                results.append((op, False, _refusal(exc)))
                 continue
             if isolate:
                 execute("RELEASE op")
@@ -906,7 +923,9 @@ class _Writer(threading.Thread):
         if not isolate:
             try:
                 store.flush()
-            except sqlite3.IntegrityError:
+            except _STORE_FAILURES:
+                raise
+            except Exception:
                 return None
         return results
 
@@ -1118,8 +1137,5 @@ def _limit(limit: int) -> int:
 
 def _record_cost(record: UsageRecord | None) -> int:
     """Validate a usage record before it is queued; return its cost in nano-USD."""
-    if record is None:
-        return 0
-    if not isinstance(record, UsageRecord):
-        raise ConfigurationError("record must be a UsageRecord")
-    return to_nanos(record.cost)
+    record = validate_record(record)
+    return 0 if record is None else to_nanos(record.cost)

@@ -66,7 +66,7 @@ from gatewaykit.settlement import (
     SettlementStatus,
 )
 from gatewaykit.upstream import Attempt, Upstream
-from gatewaykit.usage import Usage, UsageSource
+from gatewaykit.usage import Usage, UsageSource, clamp_usage
 
 __all__ = [
     "DisconnectPolicy",
@@ -501,6 +501,10 @@ class StandaloneSettlement(Settlement):
             charge = None
         else:  # incomplete, or error after commit: charge what was consumed
             charge = self._observed(usage)
+        if charge is not None:  # an absurd report must not overflow the store
+            charge, clamped = clamp_usage(charge)
+            if clamped:
+                error = f"{clamped} ({error})" if error else clamped
         if charge is not None and amount is None:
             try:
                 amount = self._cost(charge)

@@ -39,6 +39,7 @@ from gatewaykit.ledger.base import (
     Period,
     UsageRecord,
     validate_hold_id,
+    validate_record,
     validate_scopes,
     validate_ttl,
 )
@@ -244,6 +245,7 @@ class ModelLedger:
     ) -> Hold:
         hold_id = validate_hold_id(hold_id)
         nanos = to_nanos(actual)
+        _check_record(record)
         now = self.now()
         hold = self.holds_.get(hold_id)
         if hold is None:
@@ -271,6 +273,7 @@ class ModelLedger:
 
     async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> Hold:
         hold_id = validate_hold_id(hold_id)
+        _check_record(record)
         now = self.now()
         hold = self.holds_.get(hold_id)
         if hold is None:
@@ -389,3 +392,10 @@ class ModelLedger:
     def snapshot(self) -> dict[tuple[str, int], tuple[int, int]]:
         """Counters by (scope, window) for direct comparison in tests."""
         return {k: (c.spent, c.reserved) for k, c in self.counters.items()}
+
+
+def _check_record(record: UsageRecord | None) -> None:
+    """A record no store can hold is refused before anything happens (nothing stored)."""
+    if validate_record(record) is not None:
+        assert record is not None
+        to_nanos(record.cost)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -19,6 +20,7 @@ from gatewaykit.errors import (
     InvalidScopeError,
 )
 from gatewaykit.ledger.base import ApiKeyRecord, HoldState, Ledger, Period, UsageRecord
+from gatewaykit.usage import MAX_TOKENS
 from tests.ledger.backends import Backend, FakeClock, Opener
 
 pytestmark = pytest.mark.anyio
@@ -638,3 +640,35 @@ async def test_state_survives_reopen(backend: Backend, opener: Opener, clock: Fa
         assert await second.check() == []
     finally:
         await second.aclose()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("output_tokens", 10**30),
+        ("input_tokens", MAX_TOKENS + 1),
+        ("cache_read_tokens", -1),
+        ("cache_write_tokens", True),
+        ("input_tokens", "10"),
+        ("latency_ms", 2**63),
+        ("model", None),
+    ],
+)
+async def test_unstorable_usage_records_are_refused_and_store_nothing(
+    ledger: Ledger, field: str, value: object
+) -> None:
+    await ledger.reserve("r1", ["user:a"], D(1), ttl=60)
+    bad = dataclasses.replace(_record("r1"), **{field: value})  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=field):
+        await ledger.settle("r1", D("0.5"), record=bad)
+    with pytest.raises(ConfigurationError, match=field):
+        await ledger.release("r1", record=bad)
+    with pytest.raises(ConfigurationError, match=field):
+        await ledger.release("unknown", record=bad)  # no tombstone either
+    assert await ledger.get_hold("unknown") is None
+    hold = await ledger.get_hold("r1")
+    assert hold is not None
+    assert hold.live
+    edge = dataclasses.replace(_record("r1"), output_tokens=MAX_TOKENS, cache_read_tokens=0)
+    assert (await ledger.settle("r1", D("0.5"), record=edge)).state is HoldState.SETTLED
+    assert [r.output_tokens for r in await ledger.usage()] == [MAX_TOKENS]

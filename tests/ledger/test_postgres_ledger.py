@@ -441,3 +441,91 @@ def test_importing_gatewaykit_does_not_import_asyncpg() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "False"
+
+
+def _usage(request_id: str, input_tokens: int = 10) -> UsageRecord:
+    return UsageRecord(
+        request_id=request_id,
+        model="m",
+        endpoint="chat.completions",
+        status="success",
+        usage_source="provider",
+        user="a",
+        input_tokens=input_tokens,
+        cost=AMOUNT,
+    )
+
+
+async def _settle_grouped(ledger: PostgresLedger, absurd: int, sizes: list[int]) -> list[Any]:
+    """16 concurrent settles on one budget (grouped by the combiner), one with 10**30 tokens."""
+    for i in range(16):
+        await ledger.reserve(f"r{i}", ["user:a"], AMOUNT, ttl=60)
+    results: list[Any] = [None] * 16
+
+    async def settle(i: int) -> None:
+        record = _usage(f"r{i}", 10**30 if i == absurd else 10)
+        try:
+            results[i] = await ledger.settle(f"r{i}", AMOUNT, record=record)
+        except Exception as exc:
+            results[i] = exc
+
+    sizes.clear()
+    async with anyio.create_task_group() as tg:
+        for i in range(16):
+            tg.start_soon(settle, i)
+    return results
+
+
+def _spy_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    sizes: list[int] = []
+    run_batch = PostgresLedger._run_batch
+
+    async def spy(self: PostgresLedger, sql: str, batch: list[Any]) -> None:
+        sizes.append(len(batch))
+        await run_batch(self, sql, batch)
+
+    monkeypatch.setattr(PostgresLedger, "_run_batch", spy)
+    return sizes
+
+
+async def test_an_unstorable_record_is_refused_before_it_joins_a_group(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10**30 tokens overflow bigint: the settle once failed its whole group."""
+    sizes = _spy_batches(monkeypatch)
+    async with PostgresLedger(DSN, schema=schema, pool_max=4) as ledger:
+        results = await _settle_grouped(ledger, 5, sizes)
+        assert max(sizes) > 1, sizes
+        assert [type(r).__name__ for r in results] == ["Hold"] * 5 + ["ConfigurationError"] + [
+            "Hold"
+        ] * 10
+        assert "MAX_TOKENS" in str(results[5])
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert (status.spent, status.held) == (AMOUNT * 15, AMOUNT)
+        settled = await ledger.settle("r5", AMOUNT, record=_usage("r5"))
+        assert settled.state is HoldState.SETTLED
+        assert len(await ledger.usage(limit=100)) == 16
+        assert await ledger.check() == []
+
+
+async def test_a_value_the_server_refuses_fails_only_its_operation(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Were an out-of-range value to reach the server, the group is rerun one by one."""
+    from gatewaykit.ledger import postgres as postgres_module
+
+    monkeypatch.setattr(postgres_module, "_check_record", lambda record: None)
+    sizes = _spy_batches(monkeypatch)
+    async with PostgresLedger(DSN, schema=schema, pool_max=4) as ledger:
+        results = await _settle_grouped(ledger, 3, sizes)
+        assert max(sizes) > 1, sizes
+        assert [type(r).__name__ for r in results] == ["Hold"] * 3 + ["LedgerError"] + ["Hold"] * 12
+        assert "int64" in str(results[3])
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert (status.spent, status.held) == (AMOUNT * 15, AMOUNT)
+        r3 = await ledger.get_hold("r3")
+        assert r3 is not None
+        assert r3.live
+        assert await ledger.check() == []

@@ -27,7 +27,7 @@ from gatewaykit.errors import (
 from gatewaykit.ledger import open_ledger
 from gatewaykit.ledger import sqlite as sqlite_module
 from gatewaykit.ledger._sqlite_schema import APPLICATION_ID, LATEST_VERSION
-from gatewaykit.ledger.base import HoldState, Period
+from gatewaykit.ledger.base import HoldState, Period, UsageRecord
 from gatewaykit.ledger.sqlite import SQLiteLedger
 from gatewaykit.money import from_nanos
 from tests.ledger.backends import FakeClock
@@ -410,3 +410,77 @@ def test_headroom_usd_is_from_nanos_exactly(nanos: int) -> None:
     expected = from_nanos(nanos)
     got = sqlite_module._headroom_usd(nanos)
     assert (got.as_tuple(), str(got)) == (expected.as_tuple(), str(expected))
+
+
+def _usage(request_id: str, input_tokens: int = 10) -> UsageRecord:
+    return UsageRecord(
+        request_id=request_id,
+        model="gpt-test",
+        endpoint="chat.completions",
+        status="success",
+        usage_source="provider",
+        input_tokens=input_tokens,
+        cost=D("0.5"),
+    )
+
+
+async def _settle_in_one_batch(path: Path, ledger: SQLiteLedger, absurd: int) -> list[Any]:
+    """Settle 16 holds in ONE group-commit batch, the ``absurd``-th with 10**30 tokens."""
+    await asyncio.gather(*(ledger.reserve(f"r{i}", ["user:a"], D(1), ttl=60) for i in range(16)))
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the writer's next batch waits for this lock
+    first = asyncio.ensure_future(ledger.get_hold("r0"))
+    await asyncio.sleep(0.1)  # the writer took `first` alone and waits for the lock
+    settles = asyncio.gather(
+        *(
+            ledger.settle(f"r{i}", D("0.5"), record=_usage(f"r{i}", 10**30 if i == absurd else 10))
+            for i in range(16)
+        ),
+        return_exceptions=True,
+    )
+    await asyncio.sleep(0.1)  # every settle is queued behind `first`
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    await first
+    return list(await settles)
+
+
+async def test_an_unstorable_record_is_refused_before_it_joins_a_batch(tmp_path: Path) -> None:
+    """10**30 tokens (an OverflowError in sqlite3) once failed every settle of its batch."""
+    path = tmp_path / "a.db"
+    async with SQLiteLedger(str(path), busy_timeout=10) as ledger:
+        results = await _settle_in_one_batch(path, ledger, absurd=5)
+        assert [type(r).__name__ for r in results] == ["Hold"] * 5 + ["ConfigurationError"] + [
+            "Hold"
+        ] * 10
+        assert "MAX_TOKENS" in str(results[5])
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert (status.spent, status.held) == (D("7.5"), D(1))
+        # The hold is not lost: a storable record settles it.
+        assert (await ledger.settle("r5", D("0.5"), record=_usage("r5"))).state is (
+            HoldState.SETTLED
+        )
+        assert len(await ledger.usage()) == 16
+        assert await ledger.check() == []
+
+
+async def test_any_exception_of_one_operation_is_isolated_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Were an unstorable record to reach the writer, its savepoint undoes it alone."""
+    monkeypatch.setattr(  # skip the validation that normally refuses it before queueing
+        sqlite_module, "_record_cost", lambda record: 0 if record is None else 500_000_000
+    )
+    path = tmp_path / "a.db"
+    async with SQLiteLedger(str(path), busy_timeout=10) as ledger:
+        results = await _settle_in_one_batch(path, ledger, absurd=3)
+        assert [type(r).__name__ for r in results] == ["Hold"] * 3 + ["LedgerError"] + ["Hold"] * 12
+        assert "OverflowError" in str(results[3])
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert (status.spent, status.held) == (D("7.5"), D(1))
+        r3 = await ledger.get_hold("r3")
+        assert r3 is not None
+        assert r3.live
+        assert await ledger.check() == []
