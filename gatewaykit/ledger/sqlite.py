@@ -771,15 +771,50 @@ def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
 
 
 class _Writer(threading.Thread):
-    """Owns the connection; runs queued operations in group-committed batches."""
+    """Owns the connection; runs queued operations in group-committed batches.
+
+    Operations submitted in one event-loop iteration travel together: :meth:`submit`
+    collects them per loop and one ``call_soon`` callback puts the whole list on the
+    queue, so a batch costs one cross-thread wake-up of the writer, not one per
+    operation (and the writer, woken by the first, does not start on a batch of one
+    while the loop is still submitting the rest). Results go back in one
+    ``call_soon_threadsafe`` per batch and loop.
+    """
 
     def __init__(self, ledger: SQLiteLedger, ready: asyncio.Future[None]) -> None:
         super().__init__(name=f"gatewaykit-sqlite-ledger:{ledger.path}", daemon=True)
         self.ledger = ledger
-        self.queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()
         self.ready = ready
         self.ready_loop = ready.get_loop()
         self.closed: asyncio.Future[None] | None = None
+        #: Operations submitted in the current iteration of each loop, not yet queued.
+        self.pending: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
+        #: Set (under ``lock``) once the writer takes no more work: later flushes fail.
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    def submit(self, op: _Op) -> None:
+        """Queue ``op`` with the others of this loop iteration (called on ``op``'s loop)."""
+        loop = op[3]
+        pending = self.pending.get(loop)
+        if pending is None:
+            pending = self.pending[loop] = []
+            loop.call_soon(self.flush, loop)
+        pending.append(op)
+
+    def flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand this loop's pending operations to the writer as one queue item."""
+        ops = self.pending.pop(loop, None)
+        if not ops:
+            return
+        with self.lock:
+            if not self.stopped:
+                self.queue.put(ops)
+                return
+        _deliver(
+            [(op[2], False, LedgerUnavailableError("the SQLite ledger is closed")) for op in ops]
+        )
 
     def _connect(self) -> sqlite3.Connection:
         ledger = self.ledger
@@ -827,12 +862,18 @@ class _Writer(threading.Thread):
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         get, get_nowait = self.queue.get, self.queue.get_nowait
         stopping = False
-        while not stopping:
-            first = get()
-            if first is None:
+        carry: list[_Op] = []  # taken from the queue, beyond the last batch's cap
+        while True:
+            if carry:
+                batch, carry = carry, []
+            elif stopping:
                 break
-            batch = [first]
-            while len(batch) < _MAX_BATCH:
+            else:
+                first = get()
+                if first is None:
+                    break
+                batch = first
+            while not stopping and len(batch) < _MAX_BATCH:
                 try:
                     item = get_nowait()
                 except queue.Empty:
@@ -840,7 +881,9 @@ class _Writer(threading.Thread):
                 if item is None:
                     stopping = True
                     break
-                batch.append(item)
+                batch.extend(item)
+            if len(batch) > _MAX_BATCH:
+                batch, carry = batch[:_MAX_BATCH], batch[_MAX_BATCH:]
             batch = [op for op in batch if not op[2].cancelled()]  # cancelled before running
             if not batch:
                 continue
@@ -875,13 +918,17 @@ class _Writer(threading.Thread):
                 self._fail(batch, LedgerError(f"internal ledger error: {exc!r}"))
                 continue
             self._resolve(results)
+        with self.lock:
+            self.stopped = True  # from now on, flushes fail their operations themselves
         while True:  # operations queued while closing
             try:
                 item = get_nowait()
             except queue.Empty:
                 break
             if item is not None:
-                self._fail([item], LedgerUnavailableError("the SQLite ledger is closed"))
+                carry.extend(item)
+        if carry:
+            self._fail(carry, LedgerUnavailableError("the SQLite ledger is closed"))
 
     @staticmethod
     def _run(
@@ -1023,7 +1070,9 @@ class SQLiteLedger:
         writer, self._writer = self._writer, None
         if writer is None:
             return
-        writer.closed = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        writer.flush(loop)  # operations submitted just before, ahead of the stop mark
+        writer.closed = loop.create_future()
         writer.queue.put(None)
         await asyncio.shield(writer.closed)
 
@@ -1047,7 +1096,7 @@ class SQLiteLedger:
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        writer.queue.put((fn, args, future, loop))
+        writer.submit((fn, args, future, loop))
         return await future
 
     # -- budgets -----------------------------------------------------------------------

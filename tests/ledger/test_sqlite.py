@@ -484,3 +484,83 @@ async def test_any_exception_of_one_operation_is_isolated_to_it(
         assert r3 is not None
         assert r3.live
         assert await ledger.check() == []
+
+
+def _spy_writer(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
+    """(sizes of the items put on the writer's queue, sizes of the batches it ran)."""
+    items: list[int] = []
+    batches: list[int] = []
+    flush, run = sqlite_module._Writer.flush, sqlite_module._Writer._run
+
+    def spy_flush(self: Any, loop: asyncio.AbstractEventLoop) -> None:
+        items.append(len(self.pending.get(loop, ())))
+        flush(self, loop)
+
+    def spy_run(store: Any, batch: list[Any], now: int, *, isolate: bool) -> Any:
+        if not isolate:
+            batches.append(len(batch))
+        return run(store, batch, now, isolate=isolate)
+
+    monkeypatch.setattr(sqlite_module._Writer, "flush", spy_flush)
+    monkeypatch.setattr(sqlite_module._Writer, "_run", staticmethod(spy_run))
+    return items, batches
+
+
+async def test_one_loop_iterations_operations_reach_the_writer_as_one_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One hand-off to the writer per loop iteration, however many tasks submitted."""
+    items, batches = _spy_writer(monkeypatch)
+    async with SQLiteLedger(str(tmp_path / "a.db")) as ledger:
+        await ledger.set_budget("user:a", limit=D(10_000))
+        items.clear()
+        batches.clear()
+        held = await asyncio.gather(
+            *(ledger.reserve(f"r{i}", ["user:a"], D(1), ttl=60) for i in range(100))
+        )
+        assert all(h.live for h in held)
+        assert (items, batches) == ([100], [100])
+        # More than a batch may hold: one hand-off, several batches of at most 512.
+        items.clear()
+        batches.clear()
+        await asyncio.gather(
+            *(ledger.settle(f"r{i}", D(1)) for i in range(100)),
+            *(ledger.reserve(f"s{i}", ["user:a"], D(1), ttl=60) for i in range(1100)),
+        )
+        assert items == [1200]
+        assert batches == [512, 512, 176]
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert (status.spent, status.held) == (D(100), D(1100))
+        assert await ledger.check() == []
+
+
+async def test_operations_cancelled_before_their_hand_off_never_happen(tmp_path: Path) -> None:
+    async with SQLiteLedger(str(tmp_path / "a.db")) as ledger:
+        tasks = [
+            asyncio.ensure_future(ledger.reserve(f"r{i}", ["user:a"], D(1), ttl=60))
+            for i in range(20)
+        ]
+        await asyncio.sleep(0)  # each task submitted its reserve; the hand-off is next
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(task.cancelled() for task in tasks)
+        assert [await ledger.get_hold(f"r{i}") for i in range(20)] == [None] * 20
+        assert await ledger.status("user:a") is None
+
+
+async def test_operations_submitted_just_before_close_still_run(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.db")
+    ledger = SQLiteLedger(path)
+    await ledger.open()
+    task = asyncio.ensure_future(ledger.reserve("r1", ["user:a"], D(1), ttl=60))
+    await asyncio.sleep(0)  # submitted, not yet handed to the writer
+    await ledger.aclose()
+    assert (await task).live
+    with pytest.raises(LedgerUnavailableError, match="not open"):
+        await ledger.reserve("r2", ["user:a"], D(1), ttl=60)
+    async with SQLiteLedger(path) as again:
+        hold = await again.get_hold("r1")
+        assert hold is not None
+        assert hold.live
