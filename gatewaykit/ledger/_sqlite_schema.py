@@ -95,6 +95,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         "CREATE INDEX api_keys_user ON api_keys (user, seq)",
     ),
+    # A counter every API key change bumps in its own transaction: other connections
+    # re-read it when PRAGMA data_version says something was committed, so a running
+    # gateway learns of a revocation (e.g. by the CLI) without polling the keys.
+    2: (
+        "CREATE TABLE key_epoch (id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL)",
+        "INSERT INTO key_epoch (id, epoch) VALUES (1, 0)",
+    ),
 }
 LATEST_VERSION = max(MIGRATIONS)
 

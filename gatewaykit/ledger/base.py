@@ -286,6 +286,13 @@ class Ledger(Protocol):
 
     Backends are async context managers (``async with open_ledger(url) as ledger``) and
     also offer ``open()`` / ``aclose()`` for hosts that manage lifetimes by hand.
+
+    Optionally a backend offers ``key_epoch: int``, a cheap synchronous signal that
+    increases whenever the ledger learns that any API key changed — its own
+    ``create_key``/``revoke_key`` before they return, another process's as soon as the
+    backend hears of it. It is not part of the protocol (read it with ``getattr``):
+    ``StandaloneMode`` drops cached key lookups when it moves, and without it relies on
+    ``key_cache_ttl`` alone.
     """
 
     async def open(self) -> None: ...

@@ -77,6 +77,8 @@ _KEY_COLUMNS = (
     "key_id, key_hash, prefix, user, team, revoked, created_at, expires_at, allowed_models, rpm"
 )
 _MAX_BATCH = 512
+#: How often an idle writer checks whether another connection changed an API key.
+_IDLE_POLL = 0.5
 _MAX_CACHED = 100_000
 _NEVER = 2**62
 
@@ -188,6 +190,8 @@ class _Store:
         self.absent: set[str] = set()
         #: A lower bound of every live hold's expiry (None: unknown).
         self.next_expiry: int | None = None
+        #: This batch changed an API key (and bumped the stored key epoch).
+        self.keys_changed = False
 
     def forget(self) -> None:
         """Drop every cache and pending change (after a rollback or a foreign commit)."""
@@ -717,6 +721,7 @@ class _Store:
             raise ConfigurationError(
                 f"API key {record.key_id!r} already exists (same id or same key hash)"
             ) from None
+        self.key_changed()
         return dataclasses.replace(record, created_at=_dt(created))
 
     def find_key(self, now: int, key_hash: str) -> ApiKeyRecord | None:
@@ -729,7 +734,19 @@ class _Store:
     def revoke_key(self, now: int, key_id: str) -> bool:
         self.flush()
         cursor = self.c.execute("UPDATE api_keys SET revoked = 1 WHERE key_id = ?", (key_id,))
-        return cursor.rowcount > 0
+        if cursor.rowcount == 0:
+            return False
+        self.key_changed()
+        return True
+
+    def key_changed(self) -> None:
+        """Tell every connection (via the stored epoch) and this ledger that a key changed."""
+        self.c.execute("UPDATE key_epoch SET epoch = epoch + 1")
+        self.keys_changed = True
+
+    def stored_key_epoch(self) -> int:
+        row = self.c.execute("SELECT epoch FROM key_epoch").fetchone()
+        return 0 if row is None else int(row[0])
 
     def list_keys(self, now: int, user: str | None) -> list[ApiKeyRecord]:
         self.flush()
@@ -860,6 +877,7 @@ class _Writer(threading.Thread):
 
     def _loop(self, conn: sqlite3.Connection, store: _Store) -> None:
         version = conn.execute("PRAGMA data_version").fetchone()[0]
+        seen_epoch = store.stored_key_epoch()
         get, get_nowait = self.queue.get, self.queue.get_nowait
         stopping = False
         carry: list[_Op] = []  # taken from the queue, beyond the last batch's cap
@@ -869,7 +887,18 @@ class _Writer(threading.Thread):
             elif stopping:
                 break
             else:
-                first = get()
+                try:
+                    first = get(timeout=_IDLE_POLL)
+                except queue.Empty:  # idle: still notice other connections' key changes
+                    try:
+                        current = conn.execute("PRAGMA data_version").fetchone()[0]
+                        if current != version:
+                            store.forget()
+                            version = current
+                            seen_epoch = self._learn_key_epoch(store, seen_epoch)
+                    except sqlite3.Error:
+                        logger.debug("SQLite ledger idle check failed", exc_info=True)
+                    continue
                 if first is None:
                     break
                 batch = first
@@ -895,11 +924,13 @@ class _Writer(threading.Thread):
                 self._fail(batch, self.ledger._unavailable(exc))
                 continue
             now = _us(self.ledger.clock())  # one instant per batch: it commits at once
-            if current != version:  # another connection committed: caches may be stale
-                store.forget()
-                version = current
-            store.trim()
+            store.keys_changed = False
             try:
+                if current != version:  # another connection committed: caches may be stale
+                    store.forget()
+                    version = current
+                    seen_epoch = self._learn_key_epoch(store, seen_epoch)
+                store.trim()
                 store.prefetch([op[1][0] for op in batch if op[0] is _Store.reserve])
                 results = self._run(store, batch, now, isolate=False)
                 if results is None:  # an operation failed: redo the batch, each op isolated
@@ -907,6 +938,7 @@ class _Writer(threading.Thread):
                     conn.execute("BEGIN IMMEDIATE")
                     results = self._run(store, batch, now, isolate=True)
                     assert results is not None
+                committed_epoch = store.stored_key_epoch() if store.keys_changed else None
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback(conn, store)
@@ -917,6 +949,9 @@ class _Writer(threading.Thread):
                 logger.exception("SQLite ledger batch failed unexpectedly")
                 self._fail(batch, LedgerError(f"internal ledger error: {exc!r}"))
                 continue
+            if committed_epoch is not None:  # before the callers hear of their change
+                seen_epoch = committed_epoch
+                self.ledger._key_epoch += 1
             self._resolve(results)
         with self.lock:
             self.stopped = True  # from now on, flushes fail their operations themselves
@@ -929,6 +964,13 @@ class _Writer(threading.Thread):
                 carry.extend(item)
         if carry:
             self._fail(carry, LedgerUnavailableError("the SQLite ledger is closed"))
+
+    def _learn_key_epoch(self, store: _Store, seen: int) -> int:
+        """After another connection committed: bump the ledger's key epoch if it changed keys."""
+        stored = store.stored_key_epoch()
+        if stored != seen:
+            self.ledger._key_epoch += 1
+        return stored
 
     @staticmethod
     def _run(
@@ -1040,9 +1082,21 @@ class SQLiteLedger:
         self.clock: Callable[[], float] = clock or time.time
         self.busy_timeout = float(busy_timeout)
         self._writer: _Writer | None = None
+        self._key_epoch = 0  # written by the writer thread only
 
     def __repr__(self) -> str:
         return f"SQLiteLedger({self.path!r}, synchronous={self.synchronous!r})"
+
+    @property
+    def key_epoch(self) -> int:
+        """Increases whenever this ledger learns that an API key changed.
+
+        Its own ``create_key``/``revoke_key`` count before they return; another
+        connection's (the CLI, another process) as soon as the writer notices its commit:
+        at the start of the next batch, or within ``_IDLE_POLL`` (0.5 s) when idle.
+        ``StandaloneMode`` drops cached key lookups taken under an older epoch.
+        """
+        return self._key_epoch
 
     def _unavailable(self, exc: sqlite3.Error) -> LedgerUnavailableError:
         text = str(exc)

@@ -110,6 +110,8 @@ class ModelLedger:
         self.usage_: list[UsageRecord] = []
         self.keys: dict[str, ApiKeyRecord] = {}
         self.key_order: list[str] = []
+        #: The optional change signal (see ``Ledger``): bumped by every key change.
+        self.key_epoch = 0
 
     # -- lifecycle (so the model can stand in for a backend) ---------------------------
     async def open(self) -> None:
@@ -337,6 +339,7 @@ class ModelLedger:
         stored = dataclasses.replace(record, created_at=record.created_at or from_us(self.now()))
         self.keys[record.key_id] = stored
         self.key_order.append(record.key_id)
+        self.key_epoch += 1
         return stored
 
     async def find_key(self, key_hash: str) -> ApiKeyRecord | None:
@@ -347,6 +350,7 @@ class ModelLedger:
         if key is None:
             return False
         self.keys[key_id] = dataclasses.replace(key, revoked=True)
+        self.key_epoch += 1
         return True
 
     async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]:

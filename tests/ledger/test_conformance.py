@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 from datetime import datetime, timezone
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -572,6 +573,19 @@ async def test_api_key_crud(ledger: Ledger) -> None:
     assert revoked is not None
     assert revoked.revoked
     assert "a" * 64 not in repr(revoked)
+
+
+async def test_key_epoch_counts_own_key_changes_before_they_return(ledger: Ledger) -> None:
+    """The optional change signal StandaloneMode's key cache follows (see ``Ledger``)."""
+    signalling: Any = ledger
+    epoch: int | None = getattr(signalling, "key_epoch", None)
+    if epoch is None:
+        pytest.skip("this backend offers no key_epoch")
+    await ledger.create_key(ApiKeyRecord(key_id="k1", key_hash="a" * 64, prefix="p", user="u"))
+    after_create: int = signalling.key_epoch
+    assert after_create > epoch
+    assert await ledger.revoke_key("k1")
+    assert signalling.key_epoch > after_create
 
 
 # -- bad input ----------------------------------------------------------------------------------

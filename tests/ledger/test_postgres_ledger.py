@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -27,7 +28,7 @@ from gatewaykit.errors import (
     SchemaError,
 )
 from gatewaykit.ledger import open_ledger
-from gatewaykit.ledger.base import HoldState, Period, UsageRecord
+from gatewaykit.ledger.base import ApiKeyRecord, HoldState, Period, UsageRecord
 from gatewaykit.ledger.postgres import _RESERVE, PostgresLedger
 from tests.ledger.backend_postgres import DSN, fresh_schema
 from tests.ledger.backends import FakeClock
@@ -529,3 +530,57 @@ async def test_a_value_the_server_refuses_fails_only_its_operation(
         assert r3 is not None
         assert r3.live
         assert await ledger.check() == []
+
+
+async def _until(predicate: Any, seconds: float = 10.0) -> None:
+    """Poll ``predicate`` until true (fail after ``seconds``)."""
+    deadline = time.perf_counter() + seconds
+    while not predicate():
+        assert time.perf_counter() < deadline, "timed out"
+        await anyio.sleep(0.005)
+
+
+async def test_key_epoch_follows_notifications_and_reconnects(schema: str) -> None:
+    async with (
+        PostgresLedger(DSN, schema=schema, pool_max=2) as gateway,
+        PostgresLedger(DSN, schema=schema, pool_max=2) as cli,
+    ):
+        start = gateway.key_epoch  # the first read starts listening
+        await _until(lambda: gateway.key_epoch > start)  # listening (a bump on connect)
+        seen = gateway.key_epoch
+        record = ApiKeyRecord(key_id="k1", key_hash="a" * 64, prefix="p", user="u")
+        await cli.create_key(record)
+        await _until(lambda: gateway.key_epoch > seen)
+        seen = gateway.key_epoch
+        assert await cli.revoke_key("k1")
+        await _until(lambda: gateway.key_epoch > seen)
+        # Another schema's keys are not ours.
+        before = gateway.key_epoch
+        gateway._on_keys(None, 0, "gatewaykit_keys", schema + "_other")
+        assert gateway.key_epoch == before
+        # A lost listening connection: reconnected, and bumped (changes may be missed).
+        conn = await asyncpg.connect(DSN)
+        try:
+            killed = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = $1",
+                f"gatewaykit-keys:{schema}",
+            )
+        finally:
+            await conn.close()
+        assert killed == 1
+        await _until(lambda: gateway.key_epoch > before)
+        seen = gateway.key_epoch
+        assert await cli.revoke_key("k1")  # heard on the new connection
+        await _until(lambda: gateway.key_epoch > seen)
+
+
+async def test_key_epoch_counts_own_changes_without_listening(schema: str) -> None:
+    async with PostgresLedger(DSN, schema=schema, pool_max=2) as ledger:
+        record = ApiKeyRecord(key_id="k1", key_hash="a" * 64, prefix="p", user="u")
+        await ledger.create_key(record)
+        assert ledger._key_epoch == 1
+        assert await ledger.revoke_key("k1")
+        assert not await ledger.revoke_key("missing")
+        assert ledger._key_epoch == 2
+        assert ledger._listener is None  # nobody read key_epoch: no extra connection

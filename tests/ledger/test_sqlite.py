@@ -26,8 +26,8 @@ from gatewaykit.errors import (
 )
 from gatewaykit.ledger import open_ledger
 from gatewaykit.ledger import sqlite as sqlite_module
-from gatewaykit.ledger._sqlite_schema import APPLICATION_ID, LATEST_VERSION
-from gatewaykit.ledger.base import HoldState, Period, UsageRecord
+from gatewaykit.ledger._sqlite_schema import APPLICATION_ID, LATEST_VERSION, MIGRATIONS
+from gatewaykit.ledger.base import ApiKeyRecord, HoldState, Period, UsageRecord
 from gatewaykit.ledger.sqlite import SQLiteLedger
 from gatewaykit.money import from_nanos
 from tests.ledger.backends import FakeClock
@@ -564,3 +564,60 @@ async def test_operations_submitted_just_before_close_still_run(tmp_path: Path) 
         hold = await again.get_hold("r1")
         assert hold is not None
         assert hold.live
+
+
+async def _until(predicate: Any, seconds: float = 10.0) -> float:
+    """Poll ``predicate`` until true; return how long it took (fail after ``seconds``)."""
+    started = time.perf_counter()
+    while not predicate():
+        assert time.perf_counter() - started < seconds, "timed out"
+        await asyncio.sleep(0.005)
+    return time.perf_counter() - started
+
+
+async def test_key_epoch_follows_own_and_other_connections_key_changes(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.db")
+    async with SQLiteLedger(path) as gateway, SQLiteLedger(path) as cli:
+        start = gateway.key_epoch
+        await gateway.create_key(ApiKeyRecord(key_id="k1", key_hash="a" * 64, prefix="p", user="u"))
+        assert gateway.key_epoch > start  # its own change counts before it returns
+        seen = gateway.key_epoch
+        # Another connection's commit that changes no key moves nothing.
+        await cli.reserve("r1", ["user:a"], D(1), ttl=60)
+        await gateway.get_hold("r1")  # a batch: it notices the foreign commit
+        assert gateway.key_epoch == seen
+        assert not await cli.revoke_key("missing")
+        await gateway.get_hold("r1")
+        assert gateway.key_epoch == seen
+        # Another connection's revocation: noticed by an idle writer too (no batch runs).
+        assert await cli.revoke_key("k1")
+        await _until(lambda: gateway.key_epoch > seen, seconds=5)
+        seen = gateway.key_epoch
+        # ... and at the start of the next batch when busy.
+        await cli.create_key(ApiKeyRecord(key_id="k2", key_hash="b" * 64, prefix="p", user="u"))
+        await gateway.get_hold("r1")
+        assert gateway.key_epoch > seen
+
+
+async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO gatewaykit_schema (version) VALUES (1)")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute(
+        "INSERT INTO api_keys (key_id, key_hash, prefix, user, created_at) "
+        "VALUES ('k1', ?, 'p', 'u', 0)",
+        ("a" * 64,),
+    )
+    conn.close()
+    async with SQLiteLedger(str(path)) as ledger:
+        assert await ledger.revoke_key("k1")
+        key = await ledger.find_key("a" * 64)
+        assert key is not None
+        assert key.revoked
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM gatewaykit_schema").fetchall() == [(LATEST_VERSION,)]
+    assert conn.execute("SELECT epoch FROM key_epoch").fetchall() == [(1,)]
+    conn.close()
