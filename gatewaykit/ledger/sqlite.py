@@ -772,9 +772,12 @@ def _refusal(exc: Exception) -> GatewayKitError:
     if isinstance(exc, GatewayKitError):
         return exc
     if isinstance(exc, sqlite3.IntegrityError):
-        return LedgerError(f"the ledger refused a write breaking an invariant: {exc}")
-    logger.warning("SQLite ledger operation failed; undone alone", exc_info=exc)
-    return LedgerError(f"the ledger could not store this operation: {exc!r}")
+        error = LedgerError(f"the ledger refused a write breaking an invariant: {exc}")
+    else:
+        logger.warning("SQLite ledger operation failed; undone alone", exc_info=exc)
+        error = LedgerError(f"the ledger could not store this operation: {exc!r}")
+    error.__cause__ = exc
+    return error
 
 
 def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
