@@ -134,8 +134,24 @@ CREATE TABLE response_contexts (
 CREATE INDEX response_contexts_expiry ON response_contexts (expires_at);
 """
 
+# Every change to api_keys (a revocation by the CLI, a new key, an UPDATE by hand) sends
+# a notification when its transaction commits; gateways LISTEN and drop their cached key
+# lookups. The payload is the schema, since one database may hold several ledgers.
+_V3 = r"""
+CREATE FUNCTION gk_keys_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('gatewaykit_keys', TG_TABLE_SCHEMA);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER api_keys_changed
+AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON api_keys
+FOR EACH STATEMENT EXECUTE FUNCTION gk_keys_changed();
+"""
+
 #: Migration scripts in order; never edit a released one, append a new one.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _OURS = ("budgets", "counters", "holds", "usage_records", "api_keys")

@@ -108,6 +108,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         ) WITHOUT ROWID""",
         "CREATE INDEX response_contexts_expiry ON response_contexts (expires_at)",
     ),
+    # A counter every API key change bumps in its own transaction: other connections
+    # re-read it when PRAGMA data_version says something was committed, so a running
+    # gateway learns of a revocation (e.g. by the CLI) without polling the keys.
+    3: (
+        "CREATE TABLE key_epoch (id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL)",
+        "INSERT INTO key_epoch (id, epoch) VALUES (1, 0)",
+    ),
 }
 LATEST_VERSION = max(MIGRATIONS)
 

@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Literal, Protocol, runtime_checkable
 
 from gatewaykit.errors import ConfigurationError, InvalidScopeError
+from gatewaykit.usage import MAX_TOKENS
 
 __all__ = [
     "ApiKeyRecord",
@@ -43,6 +44,7 @@ __all__ = [
     "UsageRecord",
     "validate_context_id",
     "validate_hold_id",
+    "validate_record",
     "validate_scopes",
     "validate_ttl",
 ]
@@ -305,6 +307,47 @@ class UsageRecord:
     response_context: ResponseContext | None = None
 
 
+_RECORD_TEXT = ("request_id", "model", "endpoint", "status", "usage_source")
+_RECORD_OPTIONAL_TEXT = ("key_id", "user", "error")
+_RECORD_TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+
+
+def validate_record(record: UsageRecord | None) -> UsageRecord | None:
+    """Refuse a usage record no store can hold, before it is queued with other work.
+
+    Token counts must be ints in ``[0, MAX_TOKENS]`` (settlement clamps provider reports
+    with :func:`gatewaykit.usage.clamp_usage`). Checked on write rather than in
+    ``UsageRecord`` itself, so records already stored always read back. The cost is
+    checked by the backend as it converts it to nano-USD.
+    """
+    if record is None:
+        return None
+    if not isinstance(record, UsageRecord):
+        raise ConfigurationError("record must be a UsageRecord")
+    for name in _RECORD_TEXT:
+        if not isinstance(getattr(record, name), str):
+            raise ConfigurationError(f"UsageRecord.{name} must be a str")
+    for name in _RECORD_OPTIONAL_TEXT:
+        if not isinstance(getattr(record, name), (str, type(None))):
+            raise ConfigurationError(f"UsageRecord.{name} must be a str or None")
+    for name in _RECORD_TOKENS:
+        value = getattr(record, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+            raise ConfigurationError(
+                f"UsageRecord.{name} must be an int from 0 to {MAX_TOKENS} "
+                f"(gatewaykit.usage.MAX_TOKENS), got {value!r}; clamp provider reports with "
+                "gatewaykit.usage.clamp_usage"
+            )
+    latency = record.latency_ms
+    if latency is not None and (
+        isinstance(latency, bool) or not isinstance(latency, int) or not -(2**63) <= latency < 2**63
+    ):
+        raise ConfigurationError(
+            f"UsageRecord.latency_ms must be None or a 64-bit int, got {latency!r}"
+        )
+    return record
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ApiKeyRecord:
     """A stored API key: never the key itself, only its SHA-256 hash and display prefix."""
@@ -327,6 +370,13 @@ class Ledger(Protocol):
 
     Backends are async context managers (``async with open_ledger(url) as ledger``) and
     also offer ``open()`` / ``aclose()`` for hosts that manage lifetimes by hand.
+
+    Optionally a backend offers ``key_epoch: int``, a cheap synchronous signal that
+    increases whenever the ledger learns that any API key changed — its own
+    ``create_key``/``revoke_key`` before they return, another process's as soon as the
+    backend hears of it. It is not part of the protocol (read it with ``getattr``):
+    ``StandaloneMode`` drops cached key lookups when it moves, and without it relies on
+    ``key_cache_ttl`` alone.
     """
 
     async def open(self) -> None: ...

@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import re
 import urllib.parse
@@ -45,6 +46,7 @@ from gatewaykit.errors import (
     HoldClosedError,
     HoldConflictError,
     HoldNotFoundError,
+    LedgerError,
     LedgerUnavailableError,
 )
 from gatewaykit.ledger._postgres_schema import migrate
@@ -58,10 +60,11 @@ from gatewaykit.ledger.base import (
     UsageRecord,
     validate_context_id,
     validate_hold_id,
+    validate_record,
     validate_scopes,
     validate_ttl,
 )
-from gatewaykit.money import from_nanos, parse_usd, to_nanos
+from gatewaykit.money import from_nanos, to_nanos
 
 __all__ = ["PostgresLedger"]
 
@@ -71,6 +74,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _NO_PERIOD = Period()
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _RETRIES = 5
+#: Channel of the api_keys trigger (migration 2); the payload is the ledger's schema.
+_KEYS_CHANNEL = "gatewaykit_keys"
+#: How often an idle key listener checks that its connection still works (seconds).
+_LISTEN_PING = 10.0
 
 # Errors that mean "the store cannot be reached or failed": fail closed.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -485,11 +492,10 @@ def _record_args(record: UsageRecord | None) -> list[list[Any]]:
 
 
 def _check_record(record: UsageRecord | None) -> None:
-    if record is None:
-        return
-    if not isinstance(record, UsageRecord):
-        raise ConfigurationError("record must be a UsageRecord")
-    parse_usd(record.cost)
+    """Refuse a record no column can hold before it joins a group of statements."""
+    if validate_record(record) is not None:
+        assert record is not None
+        to_nanos(record.cost)
 
 
 def _limit(limit: int) -> int:
@@ -604,9 +610,70 @@ class PostgresLedger:
         self._inflight: dict[tuple[str, tuple[str, ...]], int] = {}
         # Scopes of holds this process reserved, so their settles can be grouped too.
         self._hold_scopes: collections.OrderedDict[str, tuple[str, ...]] = collections.OrderedDict()
+        self._key_epoch = 0
+        self._listener: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"PostgresLedger({_redact(self.url)!r}, schema={self.schema!r})"
+
+    # -- key change notifications ------------------------------------------------------
+    @property
+    def key_epoch(self) -> int:
+        """Increases whenever this ledger learns that an API key changed.
+
+        Its own ``create_key``/``revoke_key`` count before they return. Any other change
+        (the CLI, another instance, SQL by hand) arrives by ``LISTEN gatewaykit_keys`` on
+        one dedicated connection, opened on the first read of this property from the
+        event loop — so short-lived users such as the CLI never open it. While that
+        connection is down nothing arrives; the epoch is bumped again on reconnection.
+        """
+        if self._listener is None and self._pool is not None:
+            with contextlib.suppress(RuntimeError):  # read outside a running loop
+                self._listener = asyncio.get_running_loop().create_task(
+                    self._listen(), name="gatewaykit-postgres-key-listener"
+                )
+        return self._key_epoch
+
+    def _on_keys(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if payload == self.schema:
+            self._key_epoch += 1
+
+    async def _listen(self) -> None:
+        """Keep a LISTEN connection for as long as the ledger is open; reconnect on loss."""
+        delay = 0.1
+        while True:
+            conn: Any = None
+            try:
+                conn = await asyncpg.connect(
+                    self.url,
+                    timeout=self.connect_timeout,
+                    command_timeout=self.command_timeout,
+                    server_settings={"application_name": f"gatewaykit-keys:{self.schema}"[:63]},
+                )
+                lost = asyncio.Event()
+                conn.add_termination_listener(functools.partial(_set_event, lost))
+                await conn.add_listener(_KEYS_CHANNEL, self._on_keys)
+                self._key_epoch += 1  # whatever changed while nobody listened
+                delay = 0.1
+                while not lost.is_set():
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(lost.wait(), _LISTEN_PING)
+                    if not lost.is_set():
+                        await conn.execute("SELECT 1")  # a silently dead link shows here
+                logger.warning("key change listener lost its connection; reconnecting")
+            except Exception as exc:
+                logger.warning(
+                    "key change listener cannot listen on %s (%s); cached API keys fall "
+                    "back to key_cache_ttl until it can; retrying in %.1fs",
+                    _redact(self.url),
+                    type(exc).__name__,
+                    delay,
+                )
+            finally:
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def open(self) -> None:
@@ -646,8 +713,13 @@ class PostgresLedger:
     async def aclose(self) -> None:
         """Close the pool (waits for operations in flight); idempotent."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            with anyio.CancelScope(shield=True):
+        listener, self._listener = self._listener, None
+        with anyio.CancelScope(shield=True):
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+            if pool is not None:
                 await pool.close()
 
     async def __aenter__(self) -> PostgresLedger:
@@ -687,6 +759,8 @@ class PostgresLedger:
                 yield conn
         except GatewayKitError:
             raise
+        except asyncpg.DataError as exc:  # a value out of range: retrying cannot help
+            raise LedgerError(f"the PostgreSQL ledger refused a value: {exc}") from exc
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
 
@@ -1036,12 +1110,14 @@ class PostgresLedger:
                     results = await conn.fetchmany(sql, [op.args for op in batch])
                 # fetchmany flattens the rows: regroup them per op.
                 _distribute(results, batch)
-        except LedgerUnavailableError as exc:
-            if len(batch) == 1 or not _deadlock(exc):
+        except LedgerError as exc:
+            if len(batch) == 1 or not (_deadlock(exc) or _refused_value(exc)):
                 for op in batch:
                     op.error = exc
             else:
-                logger.debug("batched ledger statement deadlocked; running one by one")
+                # The group rolled back as one; run each alone so a deadlock is retried
+                # and a value the server refused fails only the op that sent it.
+                logger.debug("batched ledger statement failed (%s); running one by one", exc)
                 for op in batch:
                     try:
                         op.row = await self._fetch(sql, *op.args)
@@ -1111,6 +1187,7 @@ class PostgresLedger:
                     f"API key {record.key_id!r} already exists (same id or same key hash)"
                 ) from None
             raise
+        self._key_epoch += 1
         return dataclasses.replace(record, created_at=rows[0]["created_at"])
 
     async def find_key(self, key_hash: str) -> ApiKeyRecord | None:
@@ -1125,6 +1202,8 @@ class PostgresLedger:
         rows = await self._fetch(
             "UPDATE api_keys SET revoked = true WHERE key_id = $1 RETURNING 1", key_id
         )
+        if rows:
+            self._key_epoch += 1
         return bool(rows)
 
     async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]:
@@ -1201,8 +1280,17 @@ def _result(op: _Op) -> Any:
     return op.row
 
 
+def _set_event(event: asyncio.Event, *_: Any) -> None:
+    event.set()
+
+
 def _deadlock(exc: BaseException) -> bool:
     return isinstance(exc.__cause__, asyncpg.DeadlockDetectedError)
+
+
+def _refused_value(exc: BaseException) -> bool:
+    """A value one statement carried was out of range (e.g. bigint overflow)."""
+    return isinstance(exc.__cause__, asyncpg.DataError)
 
 
 async def _keep_session(conn: Any) -> None:

@@ -55,6 +55,7 @@ from gatewaykit.ledger.base import (
     UsageRecord,
     validate_context_id,
     validate_hold_id,
+    validate_record,
     validate_scopes,
     validate_ttl,
 )
@@ -78,6 +79,8 @@ _KEY_COLUMNS = (
     "key_id, key_hash, prefix, user, team, revoked, created_at, expires_at, allowed_models, rpm"
 )
 _MAX_BATCH = 512
+#: How often an idle writer checks whether another connection changed an API key.
+_IDLE_POLL = 0.5
 _MAX_CACHED = 100_000
 _NEVER = 2**62
 #: Expired response contexts deleted per sweep (a backlog drains over later sweeps).
@@ -205,6 +208,8 @@ class _Store:
         self.absent: set[str] = set()
         #: A lower bound of every live hold's expiry (None: unknown).
         self.next_expiry: int | None = None
+        #: This batch changed an API key (and bumped the stored key epoch).
+        self.keys_changed = False
 
     def forget(self) -> None:
         """Drop every cache and pending change (after a rollback or a foreign commit)."""
@@ -734,6 +739,7 @@ class _Store:
             raise ConfigurationError(
                 f"API key {record.key_id!r} already exists (same id or same key hash)"
             ) from None
+        self.key_changed()
         return dataclasses.replace(record, created_at=_dt(created))
 
     def find_key(self, now: int, key_hash: str) -> ApiKeyRecord | None:
@@ -746,7 +752,19 @@ class _Store:
     def revoke_key(self, now: int, key_id: str) -> bool:
         self.flush()
         cursor = self.c.execute("UPDATE api_keys SET revoked = 1 WHERE key_id = ?", (key_id,))
-        return cursor.rowcount > 0
+        if cursor.rowcount == 0:
+            return False
+        self.key_changed()
+        return True
+
+    def key_changed(self) -> None:
+        """Tell every connection (via the stored epoch) and this ledger that a key changed."""
+        self.c.execute("UPDATE key_epoch SET epoch = epoch + 1")
+        self.keys_changed = True
+
+    def stored_key_epoch(self) -> int:
+        row = self.c.execute("SELECT epoch FROM key_epoch").fetchone()
+        return 0 if row is None else int(row[0])
 
     def list_keys(self, now: int, user: str | None) -> list[ApiKeyRecord]:
         self.flush()
@@ -806,6 +824,25 @@ class _Store:
 _Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 
+#: Errors of the store rather than of one operation (locked, I/O, disk full): they fail
+#: the whole batch as unavailable. Every other exception belongs to the operation that
+#: raised it and is isolated to it.
+_STORE_FAILURES = (sqlite3.OperationalError, sqlite3.InternalError)
+
+
+def _refusal(exc: Exception) -> GatewayKitError:
+    """What the caller of an operation that raised ``exc`` (and was undone) receives."""
+    if isinstance(exc, GatewayKitError):
+        return exc
+    if isinstance(exc, sqlite3.IntegrityError):
+        error = LedgerError(f"the ledger refused a write breaking an invariant: {exc}")
+    else:
+        logger.warning("SQLite ledger operation failed; undone alone", exc_info=exc)
+        error = LedgerError(f"the ledger could not store this operation: {exc!r}")
+    error.__cause__ = exc
+    return error
+
+
 def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     for future, ok, value in results:
         if future.done():
@@ -817,15 +854,50 @@ def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
 
 
 class _Writer(threading.Thread):
-    """Owns the connection; runs queued operations in group-committed batches."""
+    """Owns the connection; runs queued operations in group-committed batches.
+
+    Operations submitted in one event-loop iteration travel together: :meth:`submit`
+    collects them per loop and one ``call_soon`` callback puts the whole list on the
+    queue, so a batch costs one cross-thread wake-up of the writer, not one per
+    operation (and the writer, woken by the first, does not start on a batch of one
+    while the loop is still submitting the rest). Results go back in one
+    ``call_soon_threadsafe`` per batch and loop.
+    """
 
     def __init__(self, ledger: SQLiteLedger, ready: asyncio.Future[None]) -> None:
         super().__init__(name=f"gatewaykit-sqlite-ledger:{ledger.path}", daemon=True)
         self.ledger = ledger
-        self.queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()
         self.ready = ready
         self.ready_loop = ready.get_loop()
         self.closed: asyncio.Future[None] | None = None
+        #: Operations submitted in the current iteration of each loop, not yet queued.
+        self.pending: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
+        #: Set (under ``lock``) once the writer takes no more work: later flushes fail.
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    def submit(self, op: _Op) -> None:
+        """Queue ``op`` with the others of this loop iteration (called on ``op``'s loop)."""
+        loop = op[3]
+        pending = self.pending.get(loop)
+        if pending is None:
+            pending = self.pending[loop] = []
+            loop.call_soon(self.flush, loop)
+        pending.append(op)
+
+    def flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand this loop's pending operations to the writer as one queue item."""
+        ops = self.pending.pop(loop, None)
+        if not ops:
+            return
+        with self.lock:
+            if not self.stopped:
+                self.queue.put(ops)
+                return
+        _deliver(
+            [(op[2], False, LedgerUnavailableError("the SQLite ledger is closed")) for op in ops]
+        )
 
     def _connect(self) -> sqlite3.Connection:
         ledger = self.ledger
@@ -871,14 +943,32 @@ class _Writer(threading.Thread):
 
     def _loop(self, conn: sqlite3.Connection, store: _Store) -> None:
         version = conn.execute("PRAGMA data_version").fetchone()[0]
+        seen_epoch = store.stored_key_epoch()
         get, get_nowait = self.queue.get, self.queue.get_nowait
         stopping = False
-        while not stopping:
-            first = get()
-            if first is None:
+        carry: list[_Op] = []  # taken from the queue, beyond the last batch's cap
+        while True:
+            if carry:
+                batch, carry = carry, []
+            elif stopping:
                 break
-            batch = [first]
-            while len(batch) < _MAX_BATCH:
+            else:
+                try:
+                    first = get(timeout=_IDLE_POLL)
+                except queue.Empty:  # idle: still notice other connections' key changes
+                    try:
+                        current = conn.execute("PRAGMA data_version").fetchone()[0]
+                        if current != version:
+                            store.forget()
+                            version = current
+                            seen_epoch = self._learn_key_epoch(store, seen_epoch)
+                    except sqlite3.Error:
+                        logger.debug("SQLite ledger idle check failed", exc_info=True)
+                    continue
+                if first is None:
+                    break
+                batch = first
+            while not stopping and len(batch) < _MAX_BATCH:
                 try:
                     item = get_nowait()
                 except queue.Empty:
@@ -886,7 +976,9 @@ class _Writer(threading.Thread):
                 if item is None:
                     stopping = True
                     break
-                batch.append(item)
+                batch.extend(item)
+            if len(batch) > _MAX_BATCH:
+                batch, carry = batch[:_MAX_BATCH], batch[_MAX_BATCH:]
             batch = [op for op in batch if not op[2].cancelled()]  # cancelled before running
             if not batch:
                 continue
@@ -898,11 +990,13 @@ class _Writer(threading.Thread):
                 self._fail(batch, self.ledger._unavailable(exc))
                 continue
             now = _us(self.ledger.clock())  # one instant per batch: it commits at once
-            if current != version:  # another connection committed: caches may be stale
-                store.forget()
-                version = current
-            store.trim()
+            store.keys_changed = False
             try:
+                if current != version:  # another connection committed: caches may be stale
+                    store.forget()
+                    version = current
+                    seen_epoch = self._learn_key_epoch(store, seen_epoch)
+                store.trim()
                 store.prefetch([op[1][0] for op in batch if op[0] is _Store.reserve])
                 results = self._run(store, batch, now, isolate=False)
                 if results is None:  # an operation failed: redo the batch, each op isolated
@@ -910,6 +1004,7 @@ class _Writer(threading.Thread):
                     conn.execute("BEGIN IMMEDIATE")
                     results = self._run(store, batch, now, isolate=True)
                     assert results is not None
+                committed_epoch = store.stored_key_epoch() if store.keys_changed else None
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback(conn, store)
@@ -920,14 +1015,28 @@ class _Writer(threading.Thread):
                 logger.exception("SQLite ledger batch failed unexpectedly")
                 self._fail(batch, LedgerError(f"internal ledger error: {exc!r}"))
                 continue
+            if committed_epoch is not None:  # before the callers hear of their change
+                seen_epoch = committed_epoch
+                self.ledger._key_epoch += 1
             self._resolve(results)
+        with self.lock:
+            self.stopped = True  # from now on, flushes fail their operations themselves
         while True:  # operations queued while closing
             try:
                 item = get_nowait()
             except queue.Empty:
                 break
             if item is not None:
-                self._fail([item], LedgerUnavailableError("the SQLite ledger is closed"))
+                carry.extend(item)
+        if carry:
+            self._fail(carry, LedgerUnavailableError("the SQLite ledger is closed"))
+
+    def _learn_key_epoch(self, store: _Store, seen: int) -> int:
+        """After another connection committed: bump the ledger's key epoch if it changed keys."""
+        stored = store.stored_key_epoch()
+        if stored != seen:
+            self.ledger._key_epoch += 1
+        return stored
 
     @staticmethod
     def _run(
@@ -950,15 +1059,15 @@ class _Writer(threading.Thread):
                 value = fn(store, now, *args)
                 if isolate:
                     store.flush()
-            except (sqlite3.IntegrityError, GatewayKitError, ValueError) as exc:
+            except _STORE_FAILURES:
+                raise  # the store itself failed: the whole batch fails
+            except Exception as exc:
                 if not isolate:
                     return None
                 execute("ROLLBACK TO op")
                 execute("RELEASE op")
                 store.forget()
-                if isinstance(exc, sqlite3.IntegrityError):
-                    exc = LedgerError(f"the ledger refused a write breaking an invariant: {exc}")
-                results.append((op, False, exc))
+                results.append((op, False, _refusal(exc)))
                 continue
             if isolate:
                 execute("RELEASE op")
@@ -969,7 +1078,9 @@ class _Writer(threading.Thread):
         if not isolate:
             try:
                 store.flush()
-            except sqlite3.IntegrityError:
+            except _STORE_FAILURES:
+                raise
+            except Exception:
                 return None
         return results
 
@@ -1037,9 +1148,21 @@ class SQLiteLedger:
         self.clock: Callable[[], float] = clock or time.time
         self.busy_timeout = float(busy_timeout)
         self._writer: _Writer | None = None
+        self._key_epoch = 0  # written by the writer thread only
 
     def __repr__(self) -> str:
         return f"SQLiteLedger({self.path!r}, synchronous={self.synchronous!r})"
+
+    @property
+    def key_epoch(self) -> int:
+        """Increases whenever this ledger learns that an API key changed.
+
+        Its own ``create_key``/``revoke_key`` count before they return; another
+        connection's (the CLI, another process) as soon as the writer notices its commit:
+        at the start of the next batch, or within ``_IDLE_POLL`` (0.5 s) when idle.
+        ``StandaloneMode`` drops cached key lookups taken under an older epoch.
+        """
+        return self._key_epoch
 
     def _unavailable(self, exc: sqlite3.Error) -> LedgerUnavailableError:
         text = str(exc)
@@ -1067,7 +1190,9 @@ class SQLiteLedger:
         writer, self._writer = self._writer, None
         if writer is None:
             return
-        writer.closed = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        writer.flush(loop)  # operations submitted just before, ahead of the stop mark
+        writer.closed = loop.create_future()
         writer.queue.put(None)
         await asyncio.shield(writer.closed)
 
@@ -1091,7 +1216,7 @@ class SQLiteLedger:
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        writer.queue.put((fn, args, future, loop))
+        writer.submit((fn, args, future, loop))
         return await future
 
     # -- budgets -----------------------------------------------------------------------
@@ -1190,8 +1315,5 @@ def _limit(limit: int) -> int:
 
 def _record_cost(record: UsageRecord | None) -> int:
     """Validate a usage record before it is queued; return its cost in nano-USD."""
-    if record is None:
-        return 0
-    if not isinstance(record, UsageRecord):
-        raise ConfigurationError("record must be a UsageRecord")
-    return to_nanos(record.cost)
+    record = validate_record(record)
+    return 0 if record is None else to_nanos(record.cost)

@@ -82,7 +82,7 @@ from gatewaykit.stored_context import (
     read_continuation,
 )
 from gatewaykit.upstream import Attempt, Upstream
-from gatewaykit.usage import Usage, UsageSource
+from gatewaykit.usage import Usage, UsageSource, clamp_usage
 
 __all__ = [
     "DisconnectPolicy",
@@ -210,7 +210,8 @@ class StandaloneMode:
         self.response_context_ttl = validate_ttl(response_context_ttl)
         self._master_hash = hash_key(master_key) if master_key is not None else None
         self._clock = clock
-        self._keys: OrderedDict[str, tuple[ApiKeyRecord | None, float]] = OrderedDict()
+        #: digest -> (record or None, expiry, the ledger's key_epoch when it was looked up)
+        self._keys: OrderedDict[str, tuple[ApiKeyRecord | None, float, int | None]] = OrderedDict()
         self._limiter = RateLimiter(clock=clock)
 
     def __repr__(self) -> str:
@@ -231,13 +232,17 @@ class StandaloneMode:
         if key_id is None:
             self._keys.clear()
             return
-        for digest in [d for d, (rec, _) in self._keys.items() if rec and rec.key_id == key_id]:
+        for digest in [d for d, (rec, *_) in self._keys.items() if rec and rec.key_id == key_id]:
             del self._keys[digest]
 
     async def _find_key(self, digest: str) -> ApiKeyRecord | None:
         now = self._clock()
+        # A ledger that tells when keys changed (key_epoch) ends the cache at once;
+        # others rely on key_cache_ttl alone. Read before the lookup: a change landing
+        # during it leaves the entry tagged stale.
+        epoch: int | None = getattr(self.ledger, "key_epoch", None)
         cached = self._keys.get(digest)
-        if cached is not None and cached[1] > now:
+        if cached is not None and cached[1] > now and cached[2] == epoch:
             self._keys.move_to_end(digest)
             return cached[0]
         try:
@@ -247,7 +252,7 @@ class StandaloneMode:
                 return cached[0]  # a key seen recently; never admit an unknown key
             raise
         if self.key_cache_ttl > 0:
-            self._keys[digest] = (record, now + self.key_cache_ttl)
+            self._keys[digest] = (record, now + self.key_cache_ttl, epoch)
             self._keys.move_to_end(digest)
             while len(self._keys) > _KEY_CACHE_SIZE:
                 self._keys.popitem(last=False)
@@ -585,6 +590,10 @@ class StandaloneSettlement(Settlement):
             charge = None
         else:  # incomplete, or error after commit: charge what was consumed
             charge = self._observed(usage)
+        if charge is not None:  # an absurd report must not overflow the store
+            charge, clamped = clamp_usage(charge)
+            if clamped:
+                error = f"{clamped} ({error})" if error else clamped
         if charge is not None and amount is None:
             try:
                 amount = self._cost(charge)

@@ -7,17 +7,23 @@ unless told otherwise), then N tasks each loop ``reserve → settle`` for S seco
 hot budget or on 10,000 budgets picked at random. Beside it, in the same run, a raw
 stdlib ``sqlite3`` baseline: one thread, same settings, the textbook two transactions per
 lifecycle (a conditional ``UPDATE`` + hold ``INSERT``, then a claim + counter move).
+
+Last, voluntary context switches per lifecycle at 1 and 16 tasks (from
+``/proc/self/task/*/status``): how many times a thread went to sleep waiting for another,
+i.e. the cost of the hand-offs between the event loop and the writer thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import random
 import sqlite3
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -27,6 +33,7 @@ from gatewaykit.ledger.base import Period
 from gatewaykit.ledger.sqlite import SQLiteLedger
 
 TASKS = (1, 16, 256)
+SWITCH_TASKS = (1, 16)
 LAYOUTS = {"hot budget": 1, "10K budgets": 10_000}
 AMOUNT = Decimal("0.001")
 
@@ -60,6 +67,50 @@ async def ledger_point(
         problems = await ledger.check()
         assert not problems, problems
     return done / elapsed, cpu / done * 1e6
+
+
+def _switches() -> tuple[int, int]:
+    """Voluntary context switches so far: (this thread, all threads of the process).
+
+    A voluntary switch is a thread going to sleep — the event loop waiting for the
+    writer's answer, the writer waiting for work — so per lifecycle it counts the
+    cross-thread hand-offs, which is what group commit tries to share across a batch.
+    """
+
+    def read(status: Path) -> int:
+        for line in status.read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+        return 0
+
+    own = read(Path(f"/proc/self/task/{threading.get_native_id()}/status"))
+    total = 0
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            total += read(task / "status")
+    return own, total
+
+
+async def switches_point(
+    path: Path, tasks: int, lifecycles: int, synchronous: str
+) -> tuple[float, float]:
+    """Voluntary context switches per reserve+settle lifecycle: (loop thread, all threads)."""
+    async with SQLiteLedger(str(path), synchronous=synchronous) as ledger:  # type: ignore[arg-type]
+        await ledger.set_budget("user:u0", limit=Decimal(10**9), period=Period("day"))
+        await ledger.reserve("warm", ["user:u0"], AMOUNT, ttl=60)
+        per_task = lifecycles // tasks
+
+        async def worker(n: int) -> None:
+            for i in range(per_task):
+                hold_id = f"s{n}-{i}"
+                await ledger.reserve(hold_id, ["user:u0"], AMOUNT, ttl=60)
+                await ledger.settle(hold_id, AMOUNT)
+
+        own, total = _switches()
+        await asyncio.gather(*(worker(n) for n in range(tasks)))
+        own_after, total_after = _switches()
+    done = per_task * tasks
+    return (own_after - own) / done, (total_after - total) / done
 
 
 def baseline_point(
@@ -125,6 +176,10 @@ async def run(seconds: float, synchronous: str) -> str:
                 + " | ".join(f"{rate:,.0f} ({cpu:,.0f} µs)" for rate, cpu in cells)
                 + " |"
             )
+        switches = [
+            await switches_point(Path(tmp) / f"switches-{tasks}.db", tasks, 2048, synchronous)
+            for tasks in SWITCH_TASKS
+        ]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (
         f"Reserve+settle lifecycles/s, `synchronous={synchronous}`, WAL, {seconds:g} s per "
@@ -134,7 +189,14 @@ async def run(seconds: float, synchronous: str) -> str:
         "| budgets | raw sqlite3, 1 thread | gatewaykit, 1 task | 16 tasks | 256 tasks |\n"
         "| --- | ---: | ---: | ---: | ---: |\n"
     )
-    return header + "\n".join(rows)
+    footer = (
+        "\n\nVoluntary context switches per lifecycle, hot budget, 2,048 lifecycles "
+        "(event-loop thread / all threads):\n\n"
+        "| | " + " | ".join(f"{t} task{'s' if t > 1 else ''}" for t in SWITCH_TASKS) + " |\n"
+        "| --- |" + " ---: |" * len(SWITCH_TASKS) + "\n"
+        "| gatewaykit | " + " | ".join(f"{own:.2f} / {total:.2f}" for own, total in switches) + " |"
+    )
+    return header + "\n".join(rows) + footer
 
 
 def main(argv: list[str]) -> None:

@@ -6,9 +6,12 @@ figure is gatewaykit's own per-request and per-event cost, far less noisy than s
 runs on a shared box. Never compare these numbers with the socket benchmark's.
 
 ``python -m tests.benchmarks.gw_micro [--n 2000] [--profile]`` prints µs per request
-(non-streaming) and per stream / per event (streaming) for the passthrough (same httpx
-client) and gatewaykit on an in-memory and a file SQLite ledger, and with ``--profile``
-a cProfile breakdown of gatewaykit's functions (µs per request, inclusive).
+(non-streaming) and per stream / per event (streaming) for the passthroughs and gatewaykit
+on an in-memory and a file SQLite ledger, and with ``--profile`` a cProfile breakdown of
+gatewaykit's functions (µs per request, inclusive). The native mock client answers behind
+gatewaykit's own ``UpstreamClient`` protocol, so "passthrough (native mock client)" and
+"gateway, SQLite :memory:" differ only in what gatewaykit adds; the httpx mock transport
+rows show the httpx path.
 """
 
 from __future__ import annotations
@@ -59,6 +62,65 @@ def mock_client() -> httpx.AsyncClient:
         )
 
     return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+
+class _NativeResponse:
+    """A canned answer behind gatewaykit's UpstreamClient protocol (no sockets)."""
+
+    def __init__(self, stream: bool) -> None:
+        self.status = 200
+        kind = b"text/event-stream" if stream else b"application/json"
+        self.raw_headers = [(b"content-type", kind)]
+        self.headers = {"content-type": kind.decode()}
+        self._stream = stream
+
+    async def read(self, limit: int) -> bytes:
+        return gw_fake._COMPLETION
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for _ in range(EVENTS):
+            yield _payload(gw_fake._EVENT)
+        yield _payload(gw_fake._FINISH) + _payload(gw_fake._USAGE) + _payload(gw_fake._DONE)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class NativeMockClient:
+    """gatewaykit's UpstreamClient answering like the fake provider, without sockets."""
+
+    async def request(
+        self, method: str, url: str, *, body: bytes, headers: Any, timeouts: Any
+    ) -> _NativeResponse:
+        return _NativeResponse(b'"stream":true' in body.replace(b" ", b""))
+
+    async def __aenter__(self) -> NativeMockClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def passthrough_native(upstream: str, client: NativeMockClient) -> ASGIApp:
+    """The floor's shape (Starlette route, bytes streamed through) on the same mock client."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    async def proxy(request: Request) -> Response:
+        body = await request.body()
+        resp = await client.request(
+            "POST", upstream + "/chat/completions", body=body, headers={}, timeouts=None
+        )
+        ctype = resp.headers["content-type"]
+        if ctype.startswith("text/event-stream"):
+            return StreamingResponse(resp.chunks(), status_code=resp.status, media_type=ctype)
+        data = await resp.read(1 << 26)
+        await resp.aclose()
+        return Response(data, status_code=resp.status, media_type=ctype)
+
+    return Starlette(routes=[Route("/v1/chat/completions", proxy, methods=["POST"])])
 
 
 def _payload(chunk: bytes) -> bytes:
@@ -141,21 +203,27 @@ async def measure(app: Any, raw: bytes, n: int) -> tuple[float, float]:
 
 
 def apps(tmpdir: str, key: str) -> dict[str, Callable[[], Any]]:
-    def gateway(target: str, variant: str = "") -> Any:
+    def gateway(target: str, variant: str = "", client: Any = None) -> Any:
         return gw_gateway.gateway_app(
             "gateway-sqlite",
             UPSTREAM,
             {"db": target, "key": key, "variant": variant},
-            client=mock_client(),
+            client=client or NativeMockClient(),
         )
 
     file_db = gw_gateway.ledger_url("gateway-sqlite", tmpdir, "", fresh=True) or ""
     normal_db = gw_gateway.ledger_url("gateway-sqlite:normal", tmpdir, "", fresh=True) or ""
     made: dict[str, Callable[[], Any]] = {
+        "passthrough (native mock client)": lambda: passthrough_native(
+            UPSTREAM, NativeMockClient()
+        ),
         "passthrough-httpx (mock transport)": lambda: gw_server.passthrough_httpx(
             UPSTREAM, client=mock_client()
         ),
         "gateway, SQLite :memory:": lambda: gateway("sqlite://:memory:"),
+        "gateway, SQLite :memory:, httpx mock transport": lambda: gateway(
+            "sqlite://:memory:", client=mock_client()
+        ),
         "gateway, SQLite :memory:, budget_headers=False": lambda: gateway(
             "sqlite://:memory:", "nohdr"
         ),

@@ -40,6 +40,7 @@ from gatewaykit.ledger.base import (
     UsageRecord,
     validate_context_id,
     validate_hold_id,
+    validate_record,
     validate_scopes,
     validate_ttl,
 )
@@ -112,6 +113,8 @@ class ModelLedger:
         self.key_order: list[str] = []
         #: Remembered response contexts: (id, owner) -> (tokens, expires at).
         self.contexts: dict[tuple[str, str], tuple[int, int]] = {}
+        #: The optional change signal (see ``Ledger``): bumped by every key change.
+        self.key_epoch = 0
 
     # -- lifecycle (so the model can stand in for a backend) ---------------------------
     async def open(self) -> None:
@@ -248,6 +251,7 @@ class ModelLedger:
     ) -> Hold:
         hold_id = validate_hold_id(hold_id)
         nanos = to_nanos(actual)
+        _check_record(record)
         now = self.now()
         hold = self.holds_.get(hold_id)
         if hold is None:
@@ -289,6 +293,7 @@ class ModelLedger:
 
     async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> Hold:
         hold_id = validate_hold_id(hold_id)
+        _check_record(record)
         now = self.now()
         hold = self.holds_.get(hold_id)
         if hold is None:
@@ -362,6 +367,7 @@ class ModelLedger:
         stored = dataclasses.replace(record, created_at=record.created_at or from_us(self.now()))
         self.keys[record.key_id] = stored
         self.key_order.append(record.key_id)
+        self.key_epoch += 1
         return stored
 
     async def find_key(self, key_hash: str) -> ApiKeyRecord | None:
@@ -372,6 +378,7 @@ class ModelLedger:
         if key is None:
             return False
         self.keys[key_id] = dataclasses.replace(key, revoked=True)
+        self.key_epoch += 1
         return True
 
     async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]:
@@ -417,3 +424,10 @@ class ModelLedger:
     def snapshot(self) -> dict[tuple[str, int], tuple[int, int]]:
         """Counters by (scope, window) for direct comparison in tests."""
         return {k: (c.spent, c.reserved) for k, c in self.counters.items()}
+
+
+def _check_record(record: UsageRecord | None) -> None:
+    """A record no store can hold is refused before anything happens (nothing stored)."""
+    if validate_record(record) is not None:
+        assert record is not None
+        to_nanos(record.cost)

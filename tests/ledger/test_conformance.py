@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 from datetime import datetime, timezone
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from gatewaykit.ledger.base import (
     ResponseContext,
     UsageRecord,
 )
+from gatewaykit.usage import MAX_TOKENS
 from tests.ledger.backends import Backend, FakeClock, Opener
 
 pytestmark = pytest.mark.anyio
@@ -691,6 +693,19 @@ async def test_api_key_crud(ledger: Ledger) -> None:
     assert "a" * 64 not in repr(revoked)
 
 
+async def test_key_epoch_counts_own_key_changes_before_they_return(ledger: Ledger) -> None:
+    """The optional change signal StandaloneMode's key cache follows (see ``Ledger``)."""
+    signalling: Any = ledger
+    epoch: int | None = getattr(signalling, "key_epoch", None)
+    if epoch is None:
+        pytest.skip("this backend offers no key_epoch")
+    await ledger.create_key(ApiKeyRecord(key_id="k1", key_hash="a" * 64, prefix="p", user="u"))
+    after_create: int = signalling.key_epoch
+    assert after_create > epoch
+    assert await ledger.revoke_key("k1")
+    assert signalling.key_epoch > after_create
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 
@@ -757,3 +772,35 @@ async def test_state_survives_reopen(backend: Backend, opener: Opener, clock: Fa
         assert await second.check() == []
     finally:
         await second.aclose()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("output_tokens", 10**30),
+        ("input_tokens", MAX_TOKENS + 1),
+        ("cache_read_tokens", -1),
+        ("cache_write_tokens", True),
+        ("input_tokens", "10"),
+        ("latency_ms", 2**63),
+        ("model", None),
+    ],
+)
+async def test_unstorable_usage_records_are_refused_and_store_nothing(
+    ledger: Ledger, field: str, value: object
+) -> None:
+    await ledger.reserve("r1", ["user:a"], D(1), ttl=60)
+    bad = dataclasses.replace(_record("r1"), **{field: value})  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=field):
+        await ledger.settle("r1", D("0.5"), record=bad)
+    with pytest.raises(ConfigurationError, match=field):
+        await ledger.release("r1", record=bad)
+    with pytest.raises(ConfigurationError, match=field):
+        await ledger.release("unknown", record=bad)  # no tombstone either
+    assert await ledger.get_hold("unknown") is None
+    hold = await ledger.get_hold("r1")
+    assert hold is not None
+    assert hold.live
+    edge = dataclasses.replace(_record("r1"), output_tokens=MAX_TOKENS, cache_read_tokens=0)
+    assert (await ledger.settle("r1", D("0.5"), record=edge)).state is HoldState.SETTLED
+    assert [r.output_tokens for r in await ledger.usage()] == [MAX_TOKENS]

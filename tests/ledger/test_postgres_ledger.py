@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -27,7 +28,7 @@ from gatewaykit.errors import (
     SchemaError,
 )
 from gatewaykit.ledger import open_ledger
-from gatewaykit.ledger.base import HoldState, Period, UsageRecord
+from gatewaykit.ledger.base import ApiKeyRecord, HoldState, Period, UsageRecord
 from gatewaykit.ledger.postgres import _RESERVE, PostgresLedger
 from tests.ledger.backend_postgres import DSN, fresh_schema
 from tests.ledger.backends import FakeClock
@@ -472,7 +473,7 @@ async def test_a_version_1_schema_is_migrated(schema: str) -> None:
     admin = await asyncpg.connect(DSN)
     try:
         versions = await admin.fetch(f'SELECT version FROM "{schema}".gatewaykit_schema')
-        assert sorted(r["version"] for r in versions) == [1, 2]
+        assert sorted(r["version"] for r in versions) == [1, 2, 3]
     finally:
         await admin.close()
 
@@ -510,3 +511,145 @@ async def test_sweep_prunes_expired_contexts_in_batches(schema: str) -> None:
         finally:
             await admin.close()
         assert left == 0
+
+
+def _usage(request_id: str, input_tokens: int = 10) -> UsageRecord:
+    return UsageRecord(
+        request_id=request_id,
+        model="m",
+        endpoint="chat.completions",
+        status="success",
+        usage_source="provider",
+        user="a",
+        input_tokens=input_tokens,
+        cost=AMOUNT,
+    )
+
+
+async def _settle_grouped(ledger: PostgresLedger, absurd: int, sizes: list[int]) -> list[Any]:
+    """16 concurrent settles on one budget (grouped by the combiner), one with 10**30 tokens."""
+    for i in range(16):
+        await ledger.reserve(f"r{i}", ["user:a"], AMOUNT, ttl=60)
+    results: list[Any] = [None] * 16
+
+    async def settle(i: int) -> None:
+        record = _usage(f"r{i}", 10**30 if i == absurd else 10)
+        try:
+            results[i] = await ledger.settle(f"r{i}", AMOUNT, record=record)
+        except Exception as exc:
+            results[i] = exc
+
+    sizes.clear()
+    async with anyio.create_task_group() as tg:
+        for i in range(16):
+            tg.start_soon(settle, i)
+    return results
+
+
+def _spy_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    sizes: list[int] = []
+    run_batch = PostgresLedger._run_batch
+
+    async def spy(self: PostgresLedger, sql: str, batch: list[Any]) -> None:
+        sizes.append(len(batch))
+        await run_batch(self, sql, batch)
+
+    monkeypatch.setattr(PostgresLedger, "_run_batch", spy)
+    return sizes
+
+
+async def test_an_unstorable_record_is_refused_before_it_joins_a_group(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10**30 tokens overflow bigint: the settle once failed its whole group."""
+    sizes = _spy_batches(monkeypatch)
+    async with PostgresLedger(DSN, schema=schema, pool_max=4) as ledger:
+        results = await _settle_grouped(ledger, 5, sizes)
+        assert max(sizes) > 1, sizes
+        assert [type(r).__name__ for r in results] == ["Hold"] * 5 + ["ConfigurationError"] + [
+            "Hold"
+        ] * 10
+        assert "MAX_TOKENS" in str(results[5])
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert (status.spent, status.held) == (AMOUNT * 15, AMOUNT)
+        settled = await ledger.settle("r5", AMOUNT, record=_usage("r5"))
+        assert settled.state is HoldState.SETTLED
+        assert len(await ledger.usage(limit=100)) == 16
+        assert await ledger.check() == []
+
+
+async def test_a_value_the_server_refuses_fails_only_its_operation(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Were an out-of-range value to reach the server, the group is rerun one by one."""
+    from gatewaykit.ledger import postgres as postgres_module
+
+    monkeypatch.setattr(postgres_module, "_check_record", lambda record: None)
+    sizes = _spy_batches(monkeypatch)
+    async with PostgresLedger(DSN, schema=schema, pool_max=4) as ledger:
+        results = await _settle_grouped(ledger, 3, sizes)
+        assert max(sizes) > 1, sizes
+        assert [type(r).__name__ for r in results] == ["Hold"] * 3 + ["LedgerError"] + ["Hold"] * 12
+        assert "int64" in str(results[3])
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert (status.spent, status.held) == (AMOUNT * 15, AMOUNT)
+        r3 = await ledger.get_hold("r3")
+        assert r3 is not None
+        assert r3.live
+        assert await ledger.check() == []
+
+
+async def _until(predicate: Any, seconds: float = 10.0) -> None:
+    """Poll ``predicate`` until true (fail after ``seconds``)."""
+    deadline = time.perf_counter() + seconds
+    while not predicate():
+        assert time.perf_counter() < deadline, "timed out"
+        await anyio.sleep(0.005)
+
+
+async def test_key_epoch_follows_notifications_and_reconnects(schema: str) -> None:
+    async with (
+        PostgresLedger(DSN, schema=schema, pool_max=2) as gateway,
+        PostgresLedger(DSN, schema=schema, pool_max=2) as cli,
+    ):
+        start = gateway.key_epoch  # the first read starts listening
+        await _until(lambda: gateway.key_epoch > start)  # listening (a bump on connect)
+        seen = gateway.key_epoch
+        record = ApiKeyRecord(key_id="k1", key_hash="a" * 64, prefix="p", user="u")
+        await cli.create_key(record)
+        await _until(lambda: gateway.key_epoch > seen)
+        seen = gateway.key_epoch
+        assert await cli.revoke_key("k1")
+        await _until(lambda: gateway.key_epoch > seen)
+        # Another schema's keys are not ours.
+        before = gateway.key_epoch
+        gateway._on_keys(None, 0, "gatewaykit_keys", schema + "_other")
+        assert gateway.key_epoch == before
+        # A lost listening connection: reconnected, and bumped (changes may be missed).
+        conn = await asyncpg.connect(DSN)
+        try:
+            killed = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = $1",
+                f"gatewaykit-keys:{schema}",
+            )
+        finally:
+            await conn.close()
+        assert killed == 1
+        await _until(lambda: gateway.key_epoch > before)
+        seen = gateway.key_epoch
+        assert await cli.revoke_key("k1")  # heard on the new connection
+        await _until(lambda: gateway.key_epoch > seen)
+
+
+async def test_key_epoch_counts_own_changes_without_listening(schema: str) -> None:
+    async with PostgresLedger(DSN, schema=schema, pool_max=2) as ledger:
+        record = ApiKeyRecord(key_id="k1", key_hash="a" * 64, prefix="p", user="u")
+        await ledger.create_key(record)
+        assert ledger._key_epoch == 1
+        assert await ledger.revoke_key("k1")
+        assert not await ledger.revoke_key("missing")
+        assert ledger._key_epoch == 2
+        assert ledger._listener is None  # nobody read key_epoch: no extra connection

@@ -26,8 +26,8 @@ from gatewaykit.errors import (
 )
 from gatewaykit.ledger import open_ledger
 from gatewaykit.ledger import sqlite as sqlite_module
-from gatewaykit.ledger._sqlite_schema import APPLICATION_ID, LATEST_VERSION
-from gatewaykit.ledger.base import HoldState, Period
+from gatewaykit.ledger._sqlite_schema import APPLICATION_ID, LATEST_VERSION, MIGRATIONS
+from gatewaykit.ledger.base import ApiKeyRecord, HoldState, Period, UsageRecord
 from gatewaykit.ledger.sqlite import SQLiteLedger
 from gatewaykit.money import from_nanos
 from tests.ledger.backends import FakeClock
@@ -416,8 +416,197 @@ def test_headroom_usd_is_from_nanos_exactly(nanos: int) -> None:
 
 
 async def test_a_version_1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
-    from gatewaykit.ledger._sqlite_schema import MIGRATIONS
+    pass
 
+
+def _usage(request_id: str, input_tokens: int = 10) -> UsageRecord:
+    return UsageRecord(
+        request_id=request_id,
+        model="gpt-test",
+        endpoint="chat.completions",
+        status="success",
+        usage_source="provider",
+        input_tokens=input_tokens,
+        cost=D("0.5"),
+    )
+
+
+async def _settle_in_one_batch(path: Path, ledger: SQLiteLedger, absurd: int) -> list[Any]:
+    """Settle 16 holds in ONE group-commit batch, the ``absurd``-th with 10**30 tokens."""
+    await asyncio.gather(*(ledger.reserve(f"r{i}", ["user:a"], D(1), ttl=60) for i in range(16)))
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the writer's next batch waits for this lock
+    first = asyncio.ensure_future(ledger.get_hold("r0"))
+    await asyncio.sleep(0.1)  # the writer took `first` alone and waits for the lock
+    settles = asyncio.gather(
+        *(
+            ledger.settle(f"r{i}", D("0.5"), record=_usage(f"r{i}", 10**30 if i == absurd else 10))
+            for i in range(16)
+        ),
+        return_exceptions=True,
+    )
+    await asyncio.sleep(0.1)  # every settle is queued behind `first`
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    await first
+    return list(await settles)
+
+
+async def test_an_unstorable_record_is_refused_before_it_joins_a_batch(tmp_path: Path) -> None:
+    """10**30 tokens (an OverflowError in sqlite3) once failed every settle of its batch."""
+    path = tmp_path / "a.db"
+    async with SQLiteLedger(str(path), busy_timeout=10) as ledger:
+        results = await _settle_in_one_batch(path, ledger, absurd=5)
+        assert [type(r).__name__ for r in results] == ["Hold"] * 5 + ["ConfigurationError"] + [
+            "Hold"
+        ] * 10
+        assert "MAX_TOKENS" in str(results[5])
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert (status.spent, status.held) == (D("7.5"), D(1))
+        # The hold is not lost: a storable record settles it.
+        assert (await ledger.settle("r5", D("0.5"), record=_usage("r5"))).state is (
+            HoldState.SETTLED
+        )
+        assert len(await ledger.usage()) == 16
+        assert await ledger.check() == []
+
+
+async def test_any_exception_of_one_operation_is_isolated_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Were an unstorable record to reach the writer, its savepoint undoes it alone."""
+    monkeypatch.setattr(  # skip the validation that normally refuses it before queueing
+        sqlite_module, "_record_cost", lambda record: 0 if record is None else 500_000_000
+    )
+    path = tmp_path / "a.db"
+    async with SQLiteLedger(str(path), busy_timeout=10) as ledger:
+        results = await _settle_in_one_batch(path, ledger, absurd=3)
+        assert [type(r).__name__ for r in results] == ["Hold"] * 3 + ["LedgerError"] + ["Hold"] * 12
+        assert "OverflowError" in str(results[3])
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert (status.spent, status.held) == (D("7.5"), D(1))
+        r3 = await ledger.get_hold("r3")
+        assert r3 is not None
+        assert r3.live
+        assert await ledger.check() == []
+
+
+def _spy_writer(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
+    """(sizes of the items put on the writer's queue, sizes of the batches it ran)."""
+    items: list[int] = []
+    batches: list[int] = []
+    flush, run = sqlite_module._Writer.flush, sqlite_module._Writer._run
+
+    def spy_flush(self: Any, loop: asyncio.AbstractEventLoop) -> None:
+        items.append(len(self.pending.get(loop, ())))
+        flush(self, loop)
+
+    def spy_run(store: Any, batch: list[Any], now: int, *, isolate: bool) -> Any:
+        if not isolate:
+            batches.append(len(batch))
+        return run(store, batch, now, isolate=isolate)
+
+    monkeypatch.setattr(sqlite_module._Writer, "flush", spy_flush)
+    monkeypatch.setattr(sqlite_module._Writer, "_run", staticmethod(spy_run))
+    return items, batches
+
+
+async def test_one_loop_iterations_operations_reach_the_writer_as_one_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One hand-off to the writer per loop iteration, however many tasks submitted."""
+    items, batches = _spy_writer(monkeypatch)
+    async with SQLiteLedger(str(tmp_path / "a.db")) as ledger:
+        await ledger.set_budget("user:a", limit=D(10_000))
+        items.clear()
+        batches.clear()
+        held = await asyncio.gather(
+            *(ledger.reserve(f"r{i}", ["user:a"], D(1), ttl=60) for i in range(100))
+        )
+        assert all(h.live for h in held)
+        assert (items, batches) == ([100], [100])
+        # More than a batch may hold: one hand-off, several batches of at most 512.
+        items.clear()
+        batches.clear()
+        await asyncio.gather(
+            *(ledger.settle(f"r{i}", D(1)) for i in range(100)),
+            *(ledger.reserve(f"s{i}", ["user:a"], D(1), ttl=60) for i in range(1100)),
+        )
+        assert items == [1200]
+        assert batches == [512, 512, 176]
+        status = await ledger.status("user:a")
+        assert status is not None
+        assert (status.spent, status.held) == (D(100), D(1100))
+        assert await ledger.check() == []
+
+
+async def test_operations_cancelled_before_their_hand_off_never_happen(tmp_path: Path) -> None:
+    async with SQLiteLedger(str(tmp_path / "a.db")) as ledger:
+        tasks = [
+            asyncio.ensure_future(ledger.reserve(f"r{i}", ["user:a"], D(1), ttl=60))
+            for i in range(20)
+        ]
+        await asyncio.sleep(0)  # each task submitted its reserve; the hand-off is next
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(task.cancelled() for task in tasks)
+        assert [await ledger.get_hold(f"r{i}") for i in range(20)] == [None] * 20
+        assert await ledger.status("user:a") is None
+
+
+async def test_operations_submitted_just_before_close_still_run(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.db")
+    ledger = SQLiteLedger(path)
+    await ledger.open()
+    task = asyncio.ensure_future(ledger.reserve("r1", ["user:a"], D(1), ttl=60))
+    await asyncio.sleep(0)  # submitted, not yet handed to the writer
+    await ledger.aclose()
+    assert (await task).live
+    with pytest.raises(LedgerUnavailableError, match="not open"):
+        await ledger.reserve("r2", ["user:a"], D(1), ttl=60)
+    async with SQLiteLedger(path) as again:
+        hold = await again.get_hold("r1")
+        assert hold is not None
+        assert hold.live
+
+
+async def _until(predicate: Any, seconds: float = 10.0) -> float:
+    """Poll ``predicate`` until true; return how long it took (fail after ``seconds``)."""
+    started = time.perf_counter()
+    while not predicate():
+        assert time.perf_counter() - started < seconds, "timed out"
+        await asyncio.sleep(0.005)
+    return time.perf_counter() - started
+
+
+async def test_key_epoch_follows_own_and_other_connections_key_changes(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.db")
+    async with SQLiteLedger(path) as gateway, SQLiteLedger(path) as cli:
+        start = gateway.key_epoch
+        await gateway.create_key(ApiKeyRecord(key_id="k1", key_hash="a" * 64, prefix="p", user="u"))
+        assert gateway.key_epoch > start  # its own change counts before it returns
+        seen = gateway.key_epoch
+        # Another connection's commit that changes no key moves nothing.
+        await cli.reserve("r1", ["user:a"], D(1), ttl=60)
+        await gateway.get_hold("r1")  # a batch: it notices the foreign commit
+        assert gateway.key_epoch == seen
+        assert not await cli.revoke_key("missing")
+        await gateway.get_hold("r1")
+        assert gateway.key_epoch == seen
+        # Another connection's revocation: noticed by an idle writer too (no batch runs).
+        assert await cli.revoke_key("k1")
+        await _until(lambda: gateway.key_epoch > seen, seconds=5)
+        seen = gateway.key_epoch
+        # ... and at the start of the next batch when busy.
+        await cli.create_key(ApiKeyRecord(key_id="k2", key_hash="b" * 64, prefix="p", user="u"))
+        await gateway.get_hold("r1")
+        assert gateway.key_epoch > seen
+
+
+async def test_a_version_1_file_gets_the_response_contexts_table(tmp_path: Path) -> None:
     path = tmp_path / "v1.db"
     conn = sqlite3.connect(path, isolation_level=None)
     for statement in MIGRATIONS[1]:
@@ -435,7 +624,7 @@ async def test_a_version_1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -
         assert status.limit == D(5)
         assert await ledger.response_context("resp_1", "user:a") is None
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT version FROM gatewaykit_schema").fetchall() == [(2,)]
+    assert conn.execute("SELECT version FROM gatewaykit_schema").fetchall() == [(LATEST_VERSION,)]
     assert conn.execute("SELECT count(*) FROM response_contexts").fetchone() == (0,)
     conn.close()
 
@@ -488,3 +677,27 @@ async def test_a_failed_batch_keeps_the_contexts_of_its_good_operations(tmp_path
         assert await ledger.response_context("resp_1", "user:a") == 10
         assert await ledger.response_context("resp_2", "user:a") is None
         assert await ledger.check() == []
+
+
+async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO gatewaykit_schema (version) VALUES (1)")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute(
+        "INSERT INTO api_keys (key_id, key_hash, prefix, user, created_at) "
+        "VALUES ('k1', ?, 'p', 'u', 0)",
+        ("a" * 64,),
+    )
+    conn.close()
+    async with SQLiteLedger(str(path)) as ledger:
+        assert await ledger.revoke_key("k1")
+        key = await ledger.find_key("a" * 64)
+        assert key is not None
+        assert key.revoked
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM gatewaykit_schema").fetchall() == [(LATEST_VERSION,)]
+    assert conn.execute("SELECT epoch FROM key_epoch").fetchall() == [(1,)]
+    conn.close()

@@ -41,6 +41,8 @@ class FakeLedger:
         self.records: list[UsageRecord] = []
         self.keys: dict[str, ApiKeyRecord] = {}
         self.extends = 0
+        #: Bumped by every key change, as the real backends' key_epoch.
+        self.key_epoch = 0
         self.down = False
         self.calls: list[str] = []
         #: Remembered response contexts (no TTL here): (id, owner) -> tokens.
@@ -234,6 +236,7 @@ class FakeLedger:
 
     async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord:
         self.keys[record.key_hash] = record
+        self.key_epoch += 1
         return record
 
     async def find_key(self, key_hash: str) -> ApiKeyRecord | None:
@@ -244,6 +247,7 @@ class FakeLedger:
         for digest, record in self.keys.items():
             if record.key_id == key_id:
                 self.keys[digest] = dataclasses.replace(record, revoked=True)
+                self.key_epoch += 1
                 return True
         return False
 

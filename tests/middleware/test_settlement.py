@@ -9,9 +9,10 @@ import pytest
 
 from gatewaykit.ledger.base import HoldState, Ledger
 from gatewaykit.modes.standalone import StandaloneSettlement
+from gatewaykit.pricing import ModelPrice
 from gatewaykit.settlement import RequestEstimate
-from gatewaykit.usage import Usage, UsageSource
-from tests.middleware.conftest import PRICES
+from gatewaykit.usage import MAX_TOKENS, Usage, UsageSource
+from tests.middleware.conftest import PRICES, open_backend
 from tests.middleware.fake_ledger import FakeLedger
 
 pytestmark = pytest.mark.anyio
@@ -128,3 +129,39 @@ async def test_a_ledger_failure_while_settling_never_raises(
     assert hold.live  # left to expire; nothing wrong recorded
     assert await ledger.usage() == []
     await ledger.release("req_1")
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_an_absurd_usage_report_is_charged_clamped_and_flagged(backend: str) -> None:
+    """10**30 tokens once overflowed the store: the hold was never charged at all."""
+    async with open_backend(backend) as ledger:
+        s = await settlement(ledger)
+        outcome = await s.on_success(Usage(input_tokens=10, output_tokens=10**30))
+        clamped = Usage(10, MAX_TOKENS, source=UsageSource.PROVIDER)
+        assert outcome.usage == clamped
+        assert outcome.charged == PRICES["gpt-test"].cost(clamped)  # an overrun, recorded
+        assert outcome.error is not None
+        assert "clamped" in outcome.error
+        hold = await ledger.get_hold("req_1")
+        assert hold is not None
+        assert (hold.state, hold.charged) == (HoldState.SETTLED, outcome.charged)
+        (record,) = await ledger.usage()
+        assert (record.output_tokens, record.usage_source, record.error) == (
+            MAX_TOKENS,
+            "provider",  # honest: the provider said so, only the count was capped
+            outcome.error,
+        )
+        assert f"output_tokens={10**30}" in outcome.error
+
+        # Clamped usage still too dear to price: the whole hold is charged, both noted.
+        dear = await settlement(ledger, "req_2", price=ModelPrice(Decimal(10**7), Decimal(10**7)))
+        outcome = await dear.on_success(Usage(input_tokens=10**30))
+        assert outcome.charged == ESTIMATE.amount
+        assert outcome.error is not None
+        assert "clamped" in outcome.error
+        assert "too large to price" in outcome.error
+        hold = await ledger.get_hold("req_2")
+        assert hold is not None
+        assert hold.state is HoldState.SETTLED

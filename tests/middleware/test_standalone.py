@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import anthropic
+import anyio
 import httpx
 import httpx2
 import openai
@@ -24,12 +28,21 @@ from starlette.types import ASGIApp
 from gatewaykit import GatewayMiddleware, get_settlement
 from gatewaykit.context import get_context
 from gatewaykit.errors import ConfigurationError
-from gatewaykit.ledger.base import Ledger, Period
+from gatewaykit.keys import generate_key
+from gatewaykit.ledger.base import ApiKeyRecord, Ledger, Period
 from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.pricing import ModelPrice
 from gatewaykit.upstream import Upstream
 from gatewaykit.usage import Usage
-from tests.middleware.conftest import MASTER_KEY, PRICES, MakeKey, bearer, chat, messages
+from tests.middleware.conftest import (
+    MASTER_KEY,
+    PRICES,
+    UPSTREAMS,
+    MakeKey,
+    bearer,
+    chat,
+    messages,
+)
 from tests.middleware.fake_ledger import FakeLedger
 
 pytestmark = pytest.mark.anyio
@@ -217,19 +230,60 @@ async def test_revoked_and_expired_keys_are_401(
         await openai_chat(app, expired)
 
 
+class _WithoutKeyEpoch:
+    """A ledger that cannot tell when keys change (no ``key_epoch``), as third-party
+    backends may be: the key cache then relies on ``key_cache_ttl`` alone."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "key_epoch":
+            raise AttributeError(name)
+        return getattr(self._ledger, name)
+
+
 async def test_key_cache_expires_revocations_made_elsewhere(
-    ledger: Ledger, make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+    ledger: Ledger, make_key: MakeKey
 ) -> None:
     clock = [0.0]
-    mode = make_mode(key_cache_ttl=5, clock=lambda: clock[0])
+    blind: Any = _WithoutKeyEpoch(ledger)
+    mode = StandaloneMode(
+        blind,
+        prices=PRICES,
+        upstreams=UPSTREAMS,
+        key_cache_ttl=5,
+        clock=lambda: clock[0],
+    )
     app = app_for(mode)
     key, record = await make_key("alice")
     await openai_chat(app, key)
     await ledger.revoke_key(record.key_id)  # e.g. the CLI, in another process
-    await openai_chat(app, key)  # still cached
+    await openai_chat(app, key)  # still cached: nothing tells this ledger's users
     clock[0] += 5.1
     with pytest.raises(openai.AuthenticationError):
         await openai_chat(app, key)
+
+
+async def test_key_epoch_ends_cached_lookups_at_once(
+    ledger: Ledger, make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+) -> None:
+    """A revocation the ledger knows of (its key_epoch moved) is refused on the next
+    request, however long key_cache_ttl is; so is a key created after a cached miss."""
+    mode = make_mode(key_cache_ttl=3600, clock=lambda: 0.0)
+    app = app_for(mode)
+    key, record = await make_key("alice")
+    await openai_chat(app, key)  # cached now
+    await ledger.revoke_key(record.key_id)  # not through the mode
+    with pytest.raises(openai.AuthenticationError, match="revoked"):
+        await openai_chat(app, key)
+    new = generate_key()
+    with pytest.raises(openai.AuthenticationError, match="invalid"):
+        await openai_chat(app, new.key)  # a miss, cached
+    await ledger.create_key(
+        ApiKeyRecord(key_id=new.key_id, key_hash=new.key_hash, prefix=new.prefix, user="bob")
+    )
+    await openai_chat(app, new.key)
 
 
 async def test_master_key_must_name_the_user(
@@ -705,3 +759,56 @@ async def test_every_refusal_in_the_endpoints_own_envelope(
             assert set(body["error"]) >= {"message", "type", "param", "code"}
             assert (body["error"]["type"], body["error"]["code"]) == OPENAI_TYPES[status]
     assert answers[429].headers["retry-after"]
+
+
+@contextlib.asynccontextmanager
+async def _gateway_and_cli(backend: str, tmp_path: Path) -> AsyncIterator[tuple[Ledger, Ledger]]:
+    """Two ledger instances on one store: the running gateway's, and one such as the
+    CLI opens (its own connection, as from another process)."""
+    if backend == "sqlite":
+        from gatewaykit.ledger.sqlite import SQLiteLedger
+
+        path = str(tmp_path / "gateway.db")
+        async with SQLiteLedger(path) as gateway, SQLiteLedger(path) as cli:
+            yield gateway, cli
+        return
+    from gatewaykit.ledger.postgres import PostgresLedger
+    from tests.ledger.backend_postgres import DSN, fresh_schema
+
+    async with (
+        fresh_schema("gk_mw") as schema,
+        PostgresLedger(DSN, schema=schema, pool_max=2) as gateway,
+        PostgresLedger(DSN, schema=schema, pool_max=2) as cli,
+    ):
+        yield gateway, cli
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_a_revocation_by_another_ledger_instance_reaches_a_running_gateway(
+    backend: str, tmp_path: Path, client_for: Callable[[ASGIApp], httpx.AsyncClient]
+) -> None:
+    """The issue: a running gateway served a key revoked by the CLI for up to
+    key_cache_ttl. With the ledger's key_epoch the window no longer depends on it."""
+    async with _gateway_and_cli(backend, tmp_path) as (gateway, cli):
+        mode = StandaloneMode(gateway, prices=PRICES, upstreams=UPSTREAMS, key_cache_ttl=3600)
+        client = client_for(app_for(mode))
+        new = generate_key()
+        await cli.create_key(
+            ApiKeyRecord(key_id=new.key_id, key_hash=new.key_hash, prefix=new.prefix, user="al")
+        )
+        served = await client.post("/v1/chat/completions", json=chat(), headers=bearer(new.key))
+        assert served.status_code == 200  # looked up and cached for an hour
+        assert await cli.revoke_key(new.key_id)
+        revoked_at = time.perf_counter()
+        while True:
+            response = await client.post(
+                "/v1/chat/completions", json=chat(), headers=bearer(new.key)
+            )
+            if response.status_code == 401:
+                break
+            assert response.status_code == 200
+            assert time.perf_counter() - revoked_at < 10, "the revocation never arrived"
+            await anyio.sleep(0.002)
+        assert "revoked" in response.json()["error"]["message"]
