@@ -3,7 +3,7 @@
 ``open_outbox("sqlite:///outbox.db")`` (or ``postgresql://…``) gives an :class:`Outbox`;
 :class:`OutboxSender` delivers its items with backoff until they are acknowledged.
 The built-in outboxes also keep open admissions (:class:`AdmissionStore`), which
-a heart-beating process recovers, so an admitted request gets its report
+:class:`AdmissionKeeper` heart-beats and recovers, so an admitted request gets its report
 even when the process serving it dies.
 ``PostgresOutbox`` is imported on first use, so asyncpg stays optional.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gatewaykit.outbox.admissions import AdmissionKeeper
 from gatewaykit.outbox.base import Admission, AdmissionStore, Outbox, OutboxItem
 from gatewaykit.outbox.sender import OutboxSender, RetryPolicy
 from gatewaykit.outbox.sqlite import SQLiteOutbox
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Admission",
+    "AdmissionKeeper",
     "AdmissionStore",
     "Outbox",
     "OutboxItem",
