@@ -146,12 +146,15 @@ class AdmissionKeeper:
     async def _loop(self) -> None:
         while True:
             await anyio.sleep(self.interval)
-            await self._beat()
-            await self._recover(own=False, cause="crash")
+            # Sweep only right after a beat that landed: this process's own heart-beat is
+            # then fresh, so it can never find its own live admissions stale.
+            if await self._beat():
+                await self._recover(own=False, cause="crash")
 
-    async def _beat(self) -> None:
+    async def _beat(self) -> bool:
         try:
             await self.store.heartbeat(self._instance_id)
+            return True
         except Exception as exc:
             logger.warning(
                 "outbox: heartbeat of instance %s failed (%s); if it stays failing for %gs, "
@@ -160,6 +163,7 @@ class AdmissionKeeper:
                 exc,
                 self.lease,
             )
+            return False
 
     async def _recover(self, *, own: bool, cause: RecoveryCause) -> None:
         me = self._instance_id
