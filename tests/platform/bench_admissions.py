@@ -17,6 +17,7 @@ difference divided by N. Deterministic whatever else runs on the machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import statistics
 import subprocess
@@ -169,7 +170,7 @@ async def main(count: int, rounds: int, postgres: str | None) -> None:
             path = str(Path(tmp) / f"{synchronous}.db")
             await bench(
                 f"SQLite outbox, synchronous={synchronous}",
-                lambda p=path, s=synchronous: SQLiteOutbox(p, synchronous=s),
+                functools.partial(SQLiteOutbox, path, synchronous=synchronous),
                 count,
                 rounds,
             )
