@@ -205,6 +205,7 @@ class FakeControlPlane:
         return request.headers.get("authorization") == f"Bearer {self.gateway_token}"
 
     async def _resolve(self, request: Request) -> Response:
+        raw = await request.body()  # read first: a gateway that gives up does not stop us
         if self.resolve_delay:
             await anyio.sleep(self.resolve_delay)
         if self.down:
@@ -212,7 +213,7 @@ class FakeControlPlane:
         if not self._gateway_ok(request):
             return _error(401, "invalid_gateway_token", "unknown gateway token")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except ValueError:
             return _error(400, "invalid_request", "body is not JSON")
         if not isinstance(body, dict):
