@@ -297,6 +297,9 @@ class PlatformMode:
         token = _credential(request.headers)
         if token is None:
             raise _missing_credential()
+        if self._stopping:
+            logger.info("refusing request %s: the gateway is shutting down", request.request_id)
+            raise RequestRejected(ErrorKind.UNAVAILABLE, "the gateway is shutting down; retry")
         if not self.running or not self.outbox.is_open:
             logger.error(
                 "PlatformMode is not running: enter `async with mode:` in the app's lifespan; "

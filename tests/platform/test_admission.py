@@ -326,6 +326,27 @@ async def test_a_request_still_open_at_shutdown_is_reported_once(
     assert plane.report_problems() == []
 
 
+async def test_requests_arriving_while_the_mode_stops_are_refused(
+    client: httpx.AsyncClient,
+    plane: FakeControlPlane,
+    plane_url: str,
+    outbox_path: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mode = make_mode(client, plane_url, outbox_path)
+    async with mode:
+        context = await mode.resolve(request("req_open"))
+        mode._stopping = True  # what leaving the block sets first
+        with pytest.raises(RequestRejected) as caught:
+            await mode.resolve(request("req_late"))
+        mode._stopping = False
+        await context.settlement.on_success(Usage(1, 1))
+    assert caught.value.status == 503
+    assert "shutting down" in caught.value.message
+    assert "async with mode" not in caplog.text  # not a configuration error
+    assert [c["request_id"] for c in plane.resolve_calls] == ["req_open"]
+
+
 async def test_a_stalled_owner_does_not_report_a_request_someone_else_recovered(
     mode: PlatformMode, plane: FakeControlPlane, caplog: pytest.LogCaptureFixture
 ) -> None:
