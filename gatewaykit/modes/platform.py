@@ -8,6 +8,14 @@ background :class:`~gatewaykit.outbox.OutboxSender` until the control plane ackn
 them, so a report survives control-plane outages, crashes and restarts. The wire protocol
 is specified in docs/platform-protocol.md.
 
+Exactly one report per admitted request, even across a crash: before a request goes
+upstream its admission is recorded in the outbox's store (one group-committed write), and
+its report is queued and the admission closed in one transaction. Admissions left open by
+a process that died become ``incomplete`` reports (see
+:class:`~gatewaykit.outbox.AdmissionKeeper`). A resolve whose outcome the gateway does not
+know (no answer in time, the connection lost after sending, a 5xx, an unusable 200) may
+still have been admitted: it is reported ``released`` (attempt id ``"-"``).
+
 The host enters the mode in its lifespan; that opens the outbox and runs the sender::
 
     outbox = open_outbox("sqlite:///outbox.db")
@@ -37,11 +45,13 @@ from gatewaykit.errors import (
     ErrorKind,
     InvalidAmountError,
     RequestRejected,
+    UpstreamConnectError,
     UpstreamError,
 )
 from gatewaykit.http import Timeouts, as_upstream_client, post
 from gatewaykit.modes.base import GatewayRequest
-from gatewaykit.outbox.base import Outbox
+from gatewaykit.outbox.admissions import AdmissionKeeper, RecoveryCause
+from gatewaykit.outbox.base import Admission, AdmissionStore, Outbox
 from gatewaykit.outbox.sender import OutboxSender, RetryPolicy
 from gatewaykit.pricing import ModelPrice, PriceTable, estimate_cost, estimate_prompt_tokens
 from gatewaykit.settlement import (
@@ -55,8 +65,13 @@ from gatewaykit.usage import Usage
 
 __all__ = [
     "ATTEMPT_ID_HEADER",
+    "RELEASE_ATTEMPT_ID",
     "PlatformMode",
     "PlatformSettlement",
+    "ReportStatus",
+    "admission_details",
+    "recovered_report",
+    "released_report",
     "usage_report",
 ]
 
@@ -65,6 +80,21 @@ logger = logging.getLogger("gatewaykit.platform")
 #: Response header naming the attempt that served the request (set by the adapters as
 #: they try each attempt; PlatformMode presets it to the first).
 ATTEMPT_ID_HEADER = "x-gatewaykit-attempt-id"
+
+#: The attempt id of a ``released`` report: the gateway never got a usable list of attempts.
+RELEASE_ATTEMPT_ID = "-"
+
+#: A usage report's ``status``: a settlement's, or ``released`` (admitted, never served).
+ReportStatus = SettlementStatus | Literal["released"]
+
+#: The ``error`` of a report recovered from an admission left open, by cause.
+_RECOVERED_ERRORS: dict[RecoveryCause, str] = {
+    "crash": (
+        "gateway restarted: the gateway process serving this request stopped (crash or kill) "
+        "before the request ended; what happened upstream is unknown"
+    ),
+    "shutdown": "the gateway shut down before the request ended",
+}
 
 #: The ``endpoint`` names sent to the control plane (the same as usage records use).
 _ENDPOINTS = {
@@ -115,9 +145,20 @@ class PlatformMode:
     else ``default_max_output_tokens``); without one, or for an unpriced model, the
     estimate is ``"0"`` and the control plane prices the request itself.
 
-    ``resolve_timeout`` bounds the whole resolve call; past it the request fails 503.
+    ``resolve_timeout`` bounds the whole resolve call; past it the request fails 503 (and
+    is reported ``released``, in case the control plane admitted it after all).
     ``retry``, ``report_timeout``, ``report_concurrency`` and ``shutdown_timeout``
     configure the outbox sender (see :class:`~gatewaykit.outbox.OutboxSender`).
+
+    ``instance_id`` and ``admission_lease`` configure the record of open admissions (see
+    :class:`~gatewaykit.outbox.AdmissionKeeper`): this process heart-beats every
+    ``admission_lease / 3`` seconds, and the open requests of a process that stopped
+    beating for ``admission_lease`` seconds are reported ``incomplete`` by whichever
+    process sharing the outbox notices first. The instance id is random per start unless
+    given; give a stable one only if no two live processes can share it — its admissions
+    from an earlier run are then reported at start, without waiting for the lease. An
+    outbox that does not implement :class:`~gatewaykit.outbox.AdmissionStore` keeps no
+    admissions (a warning at start says so).
     """
 
     def __init__(
@@ -134,6 +175,8 @@ class PlatformMode:
         report_timeout: float = 10.0,
         report_concurrency: int = 8,
         shutdown_timeout: float = 5.0,
+        instance_id: str | None = None,
+        admission_lease: float = 30.0,
     ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ConfigurationError(f"control plane base_url must be an http(s) URL: {base_url!r}")
@@ -178,7 +221,17 @@ class PlatformMode:
             concurrency=report_concurrency,
             shutdown_timeout=shutdown_timeout,
         )
+        self.admissions: AdmissionKeeper | None = None
+        if isinstance(outbox, AdmissionStore):
+            self.admissions = AdmissionKeeper(
+                outbox,
+                report=recovered_report,
+                instance_id=instance_id,
+                lease=admission_lease,
+                on_recovered=lambda keys: self.sender.notify(),
+            )
         self._opened_outbox = False
+        self._stopping = False
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -186,7 +239,7 @@ class PlatformMode:
 
     @property
     def running(self) -> bool:
-        return self.sender.running
+        return self.sender.running and not self._stopping
 
     # -- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> PlatformMode:
@@ -195,9 +248,16 @@ class PlatformMode:
             self._opened_outbox = True
         try:
             await self.sender.__aenter__()
+            try:
+                # Reports what a dead process left open (the sender is woken for them).
+                await self._start_admissions()
+            except BaseException:
+                await self.sender.__aexit__(None, None, None)
+                raise
         except BaseException:
             await self._close_outbox()
             raise
+        self._stopping = False
         return self
 
     async def __aexit__(
@@ -206,10 +266,28 @@ class PlatformMode:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._stopping = True  # refuse new requests: their admissions would outlive the mode
         try:
+            # Requests still open now are reported incomplete, then the sender flushes.
+            await self._stop_admissions()
             await self.sender.__aexit__(exc_type, exc, tb)
         finally:
             await self._close_outbox()
+
+    async def _start_admissions(self) -> None:
+        if self.admissions is not None:
+            await self.admissions.__aenter__()
+        else:
+            logger.warning(
+                "%r does not keep open admissions (gatewaykit.outbox.AdmissionStore): the "
+                "requests in flight when this process dies will never be reported",
+                self.outbox,
+            )
+
+    async def _stop_admissions(self) -> None:
+        # Task groups unwind in reverse: the keeper (entered last) stops first.
+        if self.admissions is not None:
+            await self.admissions.__aexit__(None, None, None)
 
     async def _close_outbox(self) -> None:
         if self._opened_outbox:
@@ -227,6 +305,9 @@ class PlatformMode:
         token = _credential(request.headers)
         if token is None:
             raise _missing_credential()
+        if self._stopping:
+            logger.info("refusing request %s: the gateway is shutting down", request.request_id)
+            raise RequestRejected(ErrorKind.UNAVAILABLE, "the gateway is shutting down; retry")
         if not self.running or not self.outbox.is_open:
             logger.error(
                 "PlatformMode is not running: enter `async with mode:` in the app's lifespan; "
@@ -243,17 +324,27 @@ class PlatformMode:
             "endpoint": endpoint,
             "estimate_usd": str(estimate.amount),
         }
-        answer = await self._post_resolve(request.request_id, payload)
+        answer = await self._post_resolve(request.request_id, payload, estimate)
         try:
             user_id, attempts = _parse_answer(answer, request)
         except _MalformedAnswer as exc:
             logger.warning("resolve of %s: malformed answer: %s", request.request_id, exc)
+            # A 200 is an admission from the control plane's side: give it back.
+            await self._release(
+                request.request_id, f"the resolve answer was unusable ({exc})", estimate
+            )
             raise _unavailable(f"the control plane gave a malformed answer ({exc})") from None
+        admitted = await self._record_admission(
+            request.request_id,
+            admission_details(attempts, request.parsed.model, endpoint, estimate),
+            estimate,
+        )
         settlement = PlatformSettlement(
             mode=self,
             request_id=request.request_id,
             estimate=estimate,
             attempts=attempts,
+            admitted=admitted,
         )
         context = GatewayContext(
             request_id=request.request_id,
@@ -292,7 +383,9 @@ class PlatformMode:
             prompt_tokens=prompt_tokens, max_output_tokens=max_output, amount=amount
         )
 
-    async def _post_resolve(self, request_id: str, payload: Mapping[str, Any]) -> Any:
+    async def _post_resolve(
+        self, request_id: str, payload: Mapping[str, Any], estimate: RequestEstimate
+    ) -> Any:
         headers = {
             "authorization": f"Bearer {self._token}",
             "content-type": "application/json",
@@ -307,18 +400,32 @@ class PlatformMode:
                     headers=headers,
                     timeouts=self._timeouts,
                 )
-        except TimeoutError:  # UpstreamTimeoutError included
-            logger.warning("resolve of %s timed out", request_id)
-            raise _unavailable(
-                f"the control plane did not answer within {self.resolve_timeout:g}s"
-            ) from None
-        except UpstreamError as exc:
+        except anyio.get_cancelled_exc_class():
+            # The caller gave up (a mode that does not shield resolve, as the middleware
+            # does): the control plane may still admit the request.
+            with anyio.CancelScope(shield=True):
+                await self._release(request_id, "the gateway stopped waiting for resolve", estimate)
+            raise
+        except (UpstreamError, TimeoutError) as exc:
+            if not isinstance(exc, UpstreamConnectError):  # it may have reached the plane
+                await self._release(request_id, _resolve_failure(exc), estimate)
+            if isinstance(exc, TimeoutError):  # UpstreamTimeoutError included
+                logger.warning("resolve of %s timed out", request_id)
+                raise _unavailable(
+                    f"the control plane did not answer within {self.resolve_timeout:g}s"
+                ) from None
             logger.warning("resolve of %s failed: %s", request_id, exc)
-            reason = exc.cause or type(exc).__name__
+            reason = (
+                exc.cause if isinstance(exc, UpstreamError) and exc.cause else type(exc).__name__
+            )
             raise _unavailable(f"the control plane is unreachable ({reason})") from None
         data = _json_or_none(raw)
         if status == 200:
             return data
+        if status >= 500:
+            # A 5xx may come after the control plane admitted (or from a proxy in front of
+            # it that gave up waiting): the outcome is unknown, so release.
+            await self._release(request_id, f"the resolve answer was HTTP {status}", estimate)
         error = data.get("error") if isinstance(data, dict) else None
         error = error if isinstance(error, dict) else {}
         if status == 401 and error.get("type") == "invalid_gateway_token":
@@ -350,11 +457,79 @@ class PlatformMode:
             details=details,
         )
 
+    # -- admissions and releases -------------------------------------------------------
+    async def _record_admission(
+        self, request_id: str, details: Mapping[str, Any], estimate: RequestEstimate
+    ) -> bool:
+        """Durably note that ``request_id`` was admitted, before anything goes upstream.
+
+        True when noted; False when the outbox keeps no admissions. A request whose
+        admission cannot be noted is refused 503 (and released): its report could not be
+        guaranteed.
+        """
+        if self.admissions is None:
+            return False
+        try:
+            with anyio.CancelScope(shield=True):
+                noted = await self.admissions.admit(request_id, details)
+        except Exception as exc:
+            logger.error(
+                "could not record the admission of %s (%s); refusing the request",
+                request_id,
+                _describe(exc),
+            )
+            await self._release(request_id, "the gateway could not record the admission", estimate)
+            raise _unavailable("the gateway cannot record usage right now") from None
+        if not noted:
+            # Not released: the open admission with this id belongs to another request.
+            logger.error("request id %s is already admitted and open; refusing it", request_id)
+            raise _unavailable("the gateway cannot record usage right now")
+        return True
+
+    async def _release(self, request_id: str, reason: str, estimate: RequestEstimate) -> None:
+        """Queue a ``released`` report: the control plane may have admitted ``request_id``,
+        and it was never served. Never raises (the log keeps a report it cannot store)."""
+        key, report = released_report(request_id, reason, estimate.prompt_tokens)
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.enqueue_report(key, report)
+            except Exception:
+                logger.exception(
+                    "could not store usage report %s; report: %s",
+                    key,
+                    json.dumps(report, separators=(",", ":")),
+                )
+
     # -- reporting ---------------------------------------------------------------------
     async def enqueue_report(self, key: str, payload: Mapping[str, Any]) -> None:
         """Durably queue one usage report and wake the sender."""
         await self.outbox.enqueue(key, payload)
         self.sender.notify()
+
+    async def complete_admission(
+        self, request_id: str, key: str, payload: Mapping[str, Any]
+    ) -> bool:
+        """Queue the report of an admitted request and close its admission, together.
+
+        False (nothing queued) when the admission was already closed: another process
+        found this one's heart-beat stale and reported the request ``incomplete``.
+        """
+        assert isinstance(self.outbox, AdmissionStore)
+        completed = await self.outbox.complete(request_id, key, payload)
+        self.sender.notify()
+        return completed
+
+
+def _resolve_failure(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no resolve answer in time"
+    cause = exc.cause if isinstance(exc, UpstreamError) else ""
+    return f"the resolve call failed ({cause or type(exc).__name__})"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _credential(headers: Mapping[str, str]) -> str | None:
@@ -468,7 +643,7 @@ def usage_report(
     *,
     request_id: str,
     attempt_id: str,
-    status: SettlementStatus,
+    status: ReportStatus,
     usage: Usage | None,
     error: str | None = None,
     observed: Mapping[str, Any] | None = None,
@@ -496,12 +671,73 @@ def usage_report(
     return report
 
 
+def admission_details(
+    attempts: tuple[Attempt, ...], model: str, endpoint: str, estimate: RequestEstimate
+) -> dict[str, Any]:
+    """What is written down when a request is admitted: enough to report it without us."""
+    return {
+        "attempt_ids": [attempt.attempt_id for attempt in attempts],
+        "model": model,
+        "endpoint": endpoint,
+        "prompt_tokens_estimate": estimate.prompt_tokens,
+        "estimate_usd": str(estimate.amount),
+    }
+
+
+def recovered_report(admission: Admission, cause: RecoveryCause) -> tuple[str, dict[str, Any]]:
+    """The report of an admission left open (its process died, or stopped with it open).
+
+    Status ``incomplete``, usage unknown (``null``, source ``none``). Which attempt was
+    being tried is not written down, so it names the first attempt offered; the
+    observations the process kept in memory are unknown (``null``).
+    """
+    attempt_ids = admission.details.get("attempt_ids") or [RELEASE_ATTEMPT_ID]
+    attempt_id = str(attempt_ids[0])
+    report = usage_report(
+        request_id=admission.request_id,
+        attempt_id=attempt_id,
+        status="incomplete",
+        usage=None,
+        error=_RECOVERED_ERRORS[cause],
+        observed={
+            "upstream_contacted": None,
+            "committed": None,
+            "output_chars": None,
+            "prompt_tokens_estimate": admission.details.get("prompt_tokens_estimate"),
+        },
+    )
+    return f"{admission.request_id}:{attempt_id}", report
+
+
+def released_report(
+    request_id: str, reason: str, prompt_tokens_estimate: int
+) -> tuple[str, dict[str, Any]]:
+    """The report of a request the control plane may have admitted but that was never
+    served (no usable resolve answer): status ``released``, attempt id ``"-"``."""
+    report = usage_report(
+        request_id=request_id,
+        attempt_id=RELEASE_ATTEMPT_ID,
+        status="released",
+        usage=None,
+        error=reason,
+        observed={
+            "upstream_contacted": False,
+            "committed": False,
+            "output_chars": 0,
+            "prompt_tokens_estimate": prompt_tokens_estimate,
+        },
+    )
+    return f"{request_id}:{RELEASE_ATTEMPT_ID}", report
+
+
 class PlatformSettlement(Settlement):
     """Settles by queueing one usage report in the mode's durable outbox.
 
     The reported attempt is the one that served, or the last one tried: the adapters set
     ``context.response_headers["x-gatewaykit-attempt-id"]`` as they try each attempt.
     ``charged`` in the outcome is always 0 — the control plane prices the report.
+    ``admitted``: the mode recorded this request's admission in the outbox, so the report
+    is queued by closing it (and not at all if another process already reported it).
     """
 
     def __init__(
@@ -511,12 +747,14 @@ class PlatformSettlement(Settlement):
         request_id: str,
         estimate: RequestEstimate,
         attempts: tuple[Attempt, ...],
+        admitted: bool = False,
     ) -> None:
         super().__init__(request_id=request_id, estimate=estimate)
         if not attempts:
             raise ConfigurationError("a PlatformSettlement needs at least one attempt")
         self._mode = mode
         self._attempts = attempts
+        self._admitted = admitted
         self._context: GatewayContext | None = None
         self.report_key: str | None = None
 
@@ -559,7 +797,7 @@ class PlatformSettlement(Settlement):
         key = f"{self.request_id}:{attempt_id}"
         self.report_key = key
         try:
-            await self._mode.enqueue_report(key, report)
+            await self._queue_report(key, report)
         except Exception:
             # Nothing durable could be written: the log line is the last copy of the report.
             logger.exception(
@@ -574,3 +812,17 @@ class PlatformSettlement(Settlement):
             refunded=status == "error" and not self.committed,
             error=error,
         )
+
+    async def _queue_report(self, key: str, report: Mapping[str, Any]) -> None:
+        if not self._admitted:
+            await self._mode.enqueue_report(key, report)
+        elif not await self._mode.complete_admission(self.request_id, key, report):
+            self.report_key = None
+            logger.warning(
+                "usage report %s not queued: another gateway process had already reported "
+                "request %s as incomplete (this process missed its heart-beats for longer "
+                "than the admission lease); report: %s",
+                key,
+                self.request_id,
+                json.dumps(report, separators=(",", ":")),
+            )

@@ -2,6 +2,9 @@
 
 ``open_outbox("sqlite:///outbox.db")`` (or ``postgresql://…``) gives an :class:`Outbox`;
 :class:`OutboxSender` delivers its items with backoff until they are acknowledged.
+The built-in outboxes also keep open admissions (:class:`AdmissionStore`), which
+:class:`AdmissionKeeper` heart-beats and recovers, so an admitted request gets its report
+even when the process serving it dies.
 ``PostgresOutbox`` is imported on first use, so asyncpg stays optional.
 """
 
@@ -9,7 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from gatewaykit.outbox.base import Outbox, OutboxItem
+from gatewaykit.outbox.admissions import AdmissionKeeper
+from gatewaykit.outbox.base import Admission, AdmissionStore, Outbox, OutboxItem
 from gatewaykit.outbox.sender import OutboxSender, RetryPolicy
 from gatewaykit.outbox.sqlite import SQLiteOutbox
 from gatewaykit.outbox.url import open_outbox
@@ -18,6 +22,9 @@ if TYPE_CHECKING:
     from gatewaykit.outbox.postgres import PostgresOutbox
 
 __all__ = [
+    "Admission",
+    "AdmissionKeeper",
+    "AdmissionStore",
     "Outbox",
     "OutboxItem",
     "OutboxSender",

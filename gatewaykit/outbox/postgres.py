@@ -4,6 +4,11 @@
 Many gateway processes may share one table. Claims use ``FOR UPDATE SKIP LOCKED`` and a
 lease, so concurrent senders split the work instead of racing for it; all times come from
 the database clock, so machines with skewed clocks agree on what is due.
+
+Open admissions live in ``<table>_admissions`` and the processes' heart-beats in
+``<table>_instances`` (see :class:`~gatewaykit.outbox.base.AdmissionStore`). Queueing a
+report and closing its admission is one statement; recovery locks the admissions it takes
+(``FOR UPDATE SKIP LOCKED``), so two processes recovering at once split them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ from typing import Any
 import asyncpg
 
 from gatewaykit.errors import ConfigurationError
-from gatewaykit.outbox.base import OutboxItem, validate_key, validate_table
+from gatewaykit.outbox.base import (
+    Admission,
+    OutboxItem,
+    ReportBuilder,
+    admission_tables,
+    validate_key,
+    validate_table,
+)
 
 __all__ = ["PostgresOutbox"]
 
@@ -45,6 +57,7 @@ class PostgresOutbox:
             raise ConfigurationError("PostgresOutbox needs a postgresql:// URL")
         self._dsn = dsn
         self.table = validate_table(table)
+        self._admissions, self._instances = admission_tables(self.table)
         # Bounded waits: a settlement enqueues while a client waits for its response.
         self._pool_options = {
             "min_size": min_size,
@@ -85,6 +98,23 @@ class PostgresOutbox:
                 await conn.execute(
                     f"CREATE INDEX IF NOT EXISTS {self.table}_due "
                     f"ON {self.table} (next_attempt_at) WHERE dead_at IS NULL"
+                )
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._admissions} ("
+                    " request_id text PRIMARY KEY,"
+                    " owner text NOT NULL,"
+                    " admitted_at timestamptz NOT NULL,"
+                    " details text NOT NULL)"
+                )
+                await conn.execute(
+                    f"CREATE INDEX IF NOT EXISTS {self._admissions}_owner "
+                    f"ON {self._admissions} (owner)"
+                )
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._instances} ("
+                    " owner text PRIMARY KEY,"
+                    " started_at timestamptz NOT NULL,"
+                    " heartbeat_at timestamptz NOT NULL)"
                 )
         except BaseException:
             await pool.close()
@@ -182,6 +212,102 @@ class PostgresOutbox:
             )
         )
 
+    # -- open admissions (AdmissionStore) ----------------------------------------------
+    async def admit(self, request_id: str, details: Mapping[str, Any], *, owner: str) -> bool:
+        validate_key(request_id)
+        text = json.dumps(details, separators=(",", ":"), sort_keys=True)
+        status = await self._p().execute(
+            f"INSERT INTO {self._admissions} (request_id, owner, admitted_at, details) "
+            f"VALUES ($1, $2, {_NOW}, $3) ON CONFLICT (request_id) DO NOTHING",
+            request_id,
+            owner,
+            text,
+        )
+        return self._count(status) == 1
+
+    async def complete(self, request_id: str, key: str, payload: Mapping[str, Any]) -> bool:
+        validate_key(key)
+        text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
+        # One statement: the report is inserted only if the admission was still open (a
+        # concurrent recovery holds its row lock until it commits, then this finds nothing).
+        closed = await self._p().fetchval(
+            f"WITH closed AS (DELETE FROM {self._admissions} WHERE request_id = $1 "
+            "RETURNING request_id), "
+            f"queued AS (INSERT INTO {self.table} "
+            "(idempotency_key, payload, enqueued_at, next_attempt_at) "
+            f"SELECT $2, $3, {_NOW}, {_NOW} FROM closed "
+            "ON CONFLICT (idempotency_key) DO NOTHING RETURNING 1) "
+            "SELECT count(*) FROM closed",
+            request_id,
+            key,
+            text,
+        )
+        return int(closed) == 1
+
+    async def recover(
+        self, report: ReportBuilder, *, stale_after: float, owner: str | None = None
+    ) -> list[str]:
+        admissions, instances = self._admissions, self._instances
+        cutoff = f"{_NOW} - make_interval(secs => $2)"
+        async with self._p().acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT a.request_id, a.owner, a.admitted_at, a.details FROM {admissions} a "
+                f"LEFT JOIN {instances} i ON i.owner = a.owner "
+                f"WHERE a.owner = $1 OR coalesce(i.heartbeat_at, a.admitted_at) < {cutoff} "
+                "ORDER BY a.admitted_at, a.request_id FOR UPDATE OF a SKIP LOCKED",
+                owner,
+                float(stale_after),
+            )
+            keys: list[str] = []
+            payloads: list[str] = []
+            for row in rows:
+                key, payload = report(_admission(row))
+                keys.append(validate_key(key))
+                payloads.append(json.dumps(payload, separators=(",", ":"), sort_keys=True))
+            if rows:
+                await conn.execute(
+                    f"INSERT INTO {self.table} "
+                    "(idempotency_key, payload, enqueued_at, next_attempt_at) "
+                    f"SELECT k, p, {_NOW}, {_NOW} FROM unnest($1::text[], $2::text[]) AS r(k, p) "
+                    "ON CONFLICT (idempotency_key) DO NOTHING",
+                    keys,
+                    payloads,
+                )
+                await conn.execute(
+                    f"DELETE FROM {admissions} WHERE request_id = ANY($1::text[])",
+                    [row["request_id"] for row in rows],
+                )
+            await conn.execute(
+                f"DELETE FROM {instances} i WHERE i.heartbeat_at < "
+                f"{_NOW} - make_interval(secs => $1) AND NOT EXISTS "
+                f"(SELECT 1 FROM {admissions} a WHERE a.owner = i.owner)",
+                float(stale_after),
+            )
+        return keys
+
+    async def heartbeat(self, owner: str) -> None:
+        await self._p().execute(
+            f"INSERT INTO {self._instances} (owner, started_at, heartbeat_at) "
+            f"VALUES ($1, {_NOW}, {_NOW}) "
+            "ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            owner,
+        )
+
+    async def retire(self, owner: str) -> None:
+        await self._p().execute(f"DELETE FROM {self._instances} WHERE owner = $1", owner)
+
+    async def admissions(self, *, limit: int = 100) -> list[Admission]:
+        rows = await self._p().fetch(
+            f"SELECT request_id, owner, admitted_at, details FROM {self._admissions} "
+            "ORDER BY admitted_at, request_id LIMIT $1",
+            limit,
+        )
+        return [_admission(row) for row in rows]
+
+    async def admission_count(self) -> int:
+        return int(await self._p().fetchval(f"SELECT count(*) FROM {self._admissions}"))
+
+    # -- reads -------------------------------------------------------------------------
     async def size(self) -> int:
         value = await self._p().fetchval(f"SELECT count(*) FROM {self.table} WHERE dead_at IS NULL")
         return int(value)
@@ -223,4 +349,13 @@ def _item(row: Any) -> OutboxItem:
         attempts=int(row["attempts"]),
         last_error=row["last_error"],
         dead=row["dead_at"] is not None,
+    )
+
+
+def _admission(row: Any) -> Admission:
+    return Admission(
+        request_id=row["request_id"],
+        owner=row["owner"],
+        admitted_at=row["admitted_at"],
+        details=json.loads(row["details"]),
     )

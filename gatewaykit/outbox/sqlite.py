@@ -7,6 +7,11 @@ single hop to that thread. Concurrent writes are *group-committed*: the writes t
 arrive while one transaction commits go into the next transaction together, so many
 reports share one fsync. ``BEGIN IMMEDIATE`` keeps a claim's select-then-lease atomic even
 when two processes share the file.
+
+Open admissions live in ``<table>_admissions`` and the heart-beats of the processes using
+the file in ``<table>_instances`` (see :class:`~gatewaykit.outbox.base.AdmissionStore`). An
+admission is one group-committed insert; queueing its report and closing it is one
+group-committed write of two statements, in the same transaction.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, TypeVar
@@ -23,13 +28,22 @@ import anyio
 import anyio.to_thread
 
 from gatewaykit.errors import ConfigurationError
-from gatewaykit.outbox.base import OutboxItem, validate_key, validate_table
+from gatewaykit.outbox.base import (
+    Admission,
+    OutboxItem,
+    ReportBuilder,
+    admission_tables,
+    validate_key,
+    validate_table,
+)
 
 __all__ = ["SQLiteOutbox"]
 
 _COLUMNS = "idempotency_key, payload, enqueued_at, attempts, last_error, dead_at"
 _T = TypeVar("_T")
-_Op = tuple[str, tuple[Any, ...]]
+_Statement = tuple[str, tuple[Any, ...]]
+#: One caller's write: statements that commit (or fail) together, in order.
+_Op = tuple[_Statement, ...]
 
 
 class SQLiteOutbox:
@@ -54,6 +68,7 @@ class SQLiteOutbox:
             raise ConfigurationError(f"unknown SQLite synchronous mode {synchronous!r}")
         self.path = path
         self.table = validate_table(table)
+        self._admissions, self._instances = admission_tables(self.table)
         self._synchronous = synchronous.upper()
         self._busy_ms = int(busy_timeout * 1000)
         self._db: sqlite3.Connection | None = None
@@ -93,6 +108,22 @@ class SQLiteOutbox:
                 f"CREATE INDEX IF NOT EXISTS {self.table}_due "
                 f"ON {self.table} (next_attempt_at) WHERE dead_at IS NULL"
             )
+            db.execute(
+                f"CREATE TABLE IF NOT EXISTS {self._admissions} ("
+                " request_id TEXT PRIMARY KEY,"
+                " owner TEXT NOT NULL,"
+                " admitted_at REAL NOT NULL,"
+                " details TEXT NOT NULL)"
+            )
+            db.execute(
+                f"CREATE INDEX IF NOT EXISTS {self._admissions}_owner ON {self._admissions} (owner)"
+            )
+            db.execute(
+                f"CREATE TABLE IF NOT EXISTS {self._instances} ("
+                " owner TEXT PRIMARY KEY,"
+                " started_at REAL NOT NULL,"
+                " heartbeat_at REAL NOT NULL)"
+            )
         except BaseException:
             db.close()
             raise
@@ -131,15 +162,20 @@ class SQLiteOutbox:
 
     # -- writes (group-committed) ------------------------------------------------------
     async def _write(self, sql: str, params: tuple[Any, ...]) -> int:
-        """Run one statement durably; concurrent writes share one commit.
+        """Run one statement durably; concurrent writes share one commit. Its row count."""
+        [count] = await self._write_all(((sql, params),))
+        return count
 
-        The first writer of a batch waits for the lock, then commits every statement that
-        joined the batch meanwhile in one transaction.
+    async def _write_all(self, statements: _Op) -> tuple[int, ...]:
+        """Run ``statements`` durably, all or none; concurrent writes share one commit.
+
+        The first writer of a batch waits for the lock, then commits every write that
+        joined the batch meanwhile in one transaction. Returns each statement's row count.
         """
         self._conn()
         batch = self._batch
         index = len(batch.ops)
-        batch.ops.append((sql, params))
+        batch.ops.append(statements)
         with anyio.CancelScope(shield=True):
             if index == 0:
                 async with self._lock:
@@ -232,6 +268,123 @@ class SQLiteOutbox:
             (time.time(),),
         )
 
+    # -- open admissions (AdmissionStore) ----------------------------------------------
+    async def admit(self, request_id: str, details: Mapping[str, Any], *, owner: str) -> bool:
+        validate_key(request_id)
+        text = json.dumps(details, separators=(",", ":"), sort_keys=True)
+        count = await self._write(
+            f"INSERT INTO {self._admissions} (request_id, owner, admitted_at, details) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+            (request_id, owner, time.time(), text),
+        )
+        return count == 1
+
+    async def complete(self, request_id: str, key: str, payload: Mapping[str, Any]) -> bool:
+        validate_key(key)
+        text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
+        now = time.time()
+        _, closed = await self._write_all(
+            (
+                (
+                    f"INSERT INTO {self.table} "
+                    "(idempotency_key, payload, enqueued_at, next_attempt_at) "
+                    f"SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM {self._admissions} "
+                    "WHERE request_id = ?) ON CONFLICT (idempotency_key) DO NOTHING",
+                    (key, text, now, now, request_id),
+                ),
+                (f"DELETE FROM {self._admissions} WHERE request_id = ?", (request_id,)),
+            )
+        )
+        return closed == 1
+
+    async def recover(
+        self, report: ReportBuilder, *, stale_after: float, owner: str | None = None
+    ) -> list[str]:
+        admissions, instances = self._admissions, self._instances
+        select = (
+            f"SELECT a.request_id, a.owner, a.admitted_at, a.details FROM {admissions} a "
+            f"LEFT JOIN {instances} i ON i.owner = a.owner "
+            "WHERE a.owner = ? OR coalesce(i.heartbeat_at, a.admitted_at) < ? "
+            "ORDER BY a.admitted_at, a.request_id"
+        )
+        stale_instance = f"SELECT 1 FROM {instances} WHERE heartbeat_at < ? LIMIT 1"
+        insert = (
+            f"INSERT INTO {self.table} (idempotency_key, payload, enqueued_at, next_attempt_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING"
+        )
+
+        def run(db: sqlite3.Connection) -> list[str]:
+            cutoff = time.time() - stale_after
+            params = (owner, cutoff)  # owner None: "a.owner = NULL" matches nothing
+            if (
+                db.execute(select + " LIMIT 1", params).fetchone() is None
+                and db.execute(stale_instance, (cutoff,)).fetchone() is None
+            ):
+                return []  # the usual case: no write lock taken, nothing committed
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                keys = []
+                now = time.time()
+                for request_id, row_owner, admitted_at, details in db.execute(
+                    select, params
+                ).fetchall():
+                    admission = Admission(
+                        request_id=request_id,
+                        owner=row_owner,
+                        admitted_at=datetime.fromtimestamp(admitted_at, tz=timezone.utc),
+                        details=json.loads(details),
+                    )
+                    key, payload = report(admission)
+                    text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
+                    db.execute(insert, (validate_key(key), text, now, now))
+                    db.execute(f"DELETE FROM {admissions} WHERE request_id = ?", (request_id,))
+                    keys.append(key)
+                db.execute(
+                    f"DELETE FROM {instances} WHERE heartbeat_at < ? AND NOT EXISTS "
+                    f"(SELECT 1 FROM {admissions} a WHERE a.owner = {instances}.owner)",
+                    (cutoff,),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return keys
+
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                keys = await self._in_thread(run)
+        return keys
+
+    async def heartbeat(self, owner: str) -> None:
+        now = time.time()
+        await self._write(
+            f"INSERT INTO {self._instances} (owner, started_at, heartbeat_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            (owner, now, now),
+        )
+
+    async def retire(self, owner: str) -> None:
+        await self._write(f"DELETE FROM {self._instances} WHERE owner = ?", (owner,))
+
+    async def admissions(self, *, limit: int = 100) -> list[Admission]:
+        sql = (
+            f"SELECT request_id, owner, admitted_at, details FROM {self._admissions} "
+            "ORDER BY admitted_at, request_id LIMIT ?"
+        )
+        rows = await self._in_thread(lambda db: db.execute(sql, (limit,)).fetchall())
+        return [
+            Admission(
+                request_id=request_id,
+                owner=owner,
+                admitted_at=datetime.fromtimestamp(admitted_at, tz=timezone.utc),
+                details=json.loads(details),
+            )
+            for request_id, owner, admitted_at, details in rows
+        ]
+
+    async def admission_count(self) -> int:
+        return int(await self._scalar(f"SELECT count(*) FROM {self._admissions}"))
+
     # -- reads -------------------------------------------------------------------------
     async def _scalar(self, sql: str) -> Any:
         row = await self._in_thread(lambda db: db.execute(sql).fetchone())
@@ -273,15 +426,15 @@ class _Batch:
 
     def __init__(self) -> None:
         self.ops: list[_Op] = []
-        self.results: list[int | Exception] = []
+        self.results: list[tuple[int, ...] | Exception] = []
         self.error: BaseException | None = None
         self.done = anyio.Event()
 
 
-def _transaction(db: sqlite3.Connection, ops: list[_Op]) -> list[int]:
+def _transaction(db: sqlite3.Connection, ops: Sequence[_Op]) -> list[tuple[int, ...]]:
     db.execute("BEGIN IMMEDIATE")
     try:
-        counts = [db.execute(sql, params).rowcount for sql, params in ops]
+        counts = [tuple(db.execute(sql, params).rowcount for sql, params in op) for op in ops]
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
@@ -289,15 +442,15 @@ def _transaction(db: sqlite3.Connection, ops: list[_Op]) -> list[int]:
     return counts
 
 
-def _commit(db: sqlite3.Connection, ops: list[_Op]) -> list[int | Exception]:
+def _commit(db: sqlite3.Connection, ops: list[_Op]) -> list[tuple[int, ...] | Exception]:
     """Commit ``ops`` together; if that fails, each alone, so one bad write spoils only
-    itself. Each result is a row count, or the exception its caller will raise."""
+    itself. Each result is the op's row counts, or the exception its caller will raise."""
     try:
         return list(_transaction(db, ops))
     except Exception as exc:
         if len(ops) == 1:
             return [exc]
-    results: list[int | Exception] = []
+    results: list[tuple[int, ...] | Exception] = []
     for op in ops:
         try:
             results.extend(_transaction(db, [op]))

@@ -6,11 +6,18 @@ and a settlement usable outside a request (:class:`RecordingSettlement`, with
 
 from __future__ import annotations
 
-from gatewaykit.testing.control_plane import FakeControlPlane, FakeUser, UsagePost, serve_app
+from gatewaykit.testing.control_plane import (
+    Admitted,
+    FakeControlPlane,
+    FakeUser,
+    UsagePost,
+    serve_app,
+)
 from gatewaykit.testing.fake_provider import FakeBehavior, FakeProvider, ReceivedRequest
 from gatewaykit.testing.settlement import RecordingSettlement, gateway_request, gateway_scope
 
 __all__ = [
+    "Admitted",
     "FakeBehavior",
     "FakeControlPlane",
     "FakeProvider",

@@ -4,8 +4,11 @@ It implements ``POST /v1/resolve`` and ``POST /v1/usage`` exactly as
 docs/platform-protocol.md specifies, keeps every call it received, and has knobs to
 misbehave: fail the next N usage posts, stall them past the gateway's timeout after
 recording them, answer with bodies that are not JSON, be down, refuse tokens, budgets,
-rate limits. It is a Starlette app (:attr:`FakeControlPlane.app`): call it in-process
-through ``httpx.ASGITransport`` or run it on a real socket with :func:`serve_app`::
+rate limits, answer resolve late. It keeps what it *admitted* apart from what was
+*reported*, so a test can assert the protocol's promise — exactly one report per admitted
+request — with :meth:`FakeControlPlane.report_problems`. It is a Starlette app
+(:attr:`FakeControlPlane.app`): call it in-process through ``httpx.ASGITransport`` or run
+it on a real socket with :func:`serve_app`::
 
     plane = FakeControlPlane(gateway_token="gw-test")
     plane.add_user("tok-alice", user_id="alice", budget_usd=Decimal("1"))
@@ -13,6 +16,7 @@ through ``httpx.ASGITransport`` or run it on a real socket with :func:`serve_app
     async with serve_app(plane.app) as base_url:
         ...
     assert plane.delivered_keys() == {...}
+    assert plane.report_problems() == []      # one report per admitted request
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-__all__ = ["FakeControlPlane", "FakeUser", "UsagePost", "serve_app"]
+__all__ = ["Admitted", "FakeControlPlane", "FakeUser", "UsagePost", "serve_app"]
 
-_STATUSES = ("success", "error", "incomplete", "no_usage")
+_STATUSES = ("success", "error", "incomplete", "no_usage", "released")
 _SOURCES = ("provider", "partial", "estimated", "none")
 _USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
 
@@ -60,6 +64,16 @@ class UsagePost:
     idempotency_key: str | None
     body: Any
     answered: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Admitted:
+    """A request the fake admitted (answered 200 to, or was about to)."""
+
+    request_id: str
+    user_token: str
+    attempt_ids: tuple[str, ...]
+    estimate_usd: Decimal
 
 
 def _error(status: int, type_: str, message: str, **extra: Any) -> JSONResponse:
@@ -104,13 +118,20 @@ class FakeControlPlane:
         self.resolve_status: int | None = None
         #: Resolve answers 200 with a body that is not JSON while True.
         self.malformed_resolve = False
-        #: Resolve waits this many seconds before answering.
+        #: Resolve waits this many seconds before doing anything (admitting included).
         self.resolve_delay = 0.0
+        #: Resolve admits at once, then waits this many seconds before answering: an
+        #: admission whose answer reaches the gateway after it gave up.
+        self.resolve_answer_delay = 0.0
         # -- records ----------------------------------------------------------------
         self.resolve_calls: list[dict[str, Any]] = []
         self.usage_posts: list[UsagePost] = []
         #: Accepted reports by idempotency key (the first body; repeats must match it).
         self.reports: dict[str, dict[str, Any]] = {}
+        #: Requests admitted, by request id.
+        self.admitted: dict[str, Admitted] = {}
+        #: Request ids released before they were admitted: a later resolve is refused 409.
+        self.released_early: set[str] = set()
         self._ids = itertools.count(1)
         self.app = Starlette(
             routes=[
@@ -152,11 +173,39 @@ class FakeControlPlane:
     def posts_for(self, key: str) -> list[UsagePost]:
         return [post for post in self.usage_posts if post.idempotency_key == key]
 
+    def reports_for(self, request_id: str) -> list[dict[str, Any]]:
+        """The accepted reports of one request (the protocol allows exactly one)."""
+        return [body for body in self.reports.values() if body["request_id"] == request_id]
+
+    def unreported(self) -> set[str]:
+        """Admitted requests the gateway has not reported (yet)."""
+        reported = {body["request_id"] for body in self.reports.values()}
+        return set(self.admitted) - reported
+
+    def report_problems(self) -> list[str]:
+        """Every way the accepted reports break "exactly one report per admitted request";
+        empty when they keep it. A release of a request never admitted is allowed (it is a
+        no-op); any other report of a request never admitted is not."""
+        problems = []
+        by_request: dict[str, list[dict[str, Any]]] = {}
+        for body in self.reports.values():
+            by_request.setdefault(body["request_id"], []).append(body)
+        for request_id in sorted(set(self.admitted) | set(by_request)):
+            bodies = by_request.get(request_id, [])
+            statuses = sorted(body["status"] for body in bodies)
+            if request_id not in self.admitted:
+                if statuses != ["released"]:
+                    problems.append(f"{request_id}: reported {statuses} but never admitted")
+            elif len(bodies) != 1:
+                problems.append(f"{request_id}: admitted, {len(bodies)} reports {statuses}")
+        return problems
+
     # -- endpoints ---------------------------------------------------------------------
     def _gateway_ok(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Bearer {self.gateway_token}"
 
     async def _resolve(self, request: Request) -> Response:
+        raw = await request.body()  # read first: a gateway that gives up does not stop us
         if self.resolve_delay:
             await anyio.sleep(self.resolve_delay)
         if self.down:
@@ -164,7 +213,7 @@ class FakeControlPlane:
         if not self._gateway_ok(request):
             return _error(401, "invalid_gateway_token", "unknown gateway token")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except ValueError:
             return _error(400, "invalid_request", "body is not JSON")
         if not isinstance(body, dict):
@@ -196,6 +245,10 @@ class FakeControlPlane:
         specs = self.attempts.get(model, self.attempts.get("*"))
         if specs is None:
             return _error(404, "not_found_error", f"model {model} is not served")
+        request_id = str(body["request_id"])
+        if request_id in self.released_early:
+            # The gateway gave up on this resolve and already released it: never admit it.
+            return _error(409, "released", f"request {request_id} was released by the gateway")
         if user.budget_usd is not None:
             remaining = user.budget_usd - user.held_usd
             if remaining <= 0 or estimate > remaining:
@@ -211,6 +264,14 @@ class FakeControlPlane:
         for spec in specs:
             attempt = {"attempt_id": f"att_{next(self._ids)}", "model": model, **spec}
             attempts.append(attempt)
+        self.admitted[request_id] = Admitted(
+            request_id=request_id,
+            user_token=str(body["user_token"]),
+            attempt_ids=tuple(str(a["attempt_id"]) for a in attempts),
+            estimate_usd=estimate,
+        )
+        if self.resolve_answer_delay:
+            await anyio.sleep(self.resolve_answer_delay)
         return JSONResponse(
             {"request_id": body["request_id"], "user_id": user.user_id, "attempts": attempts}
         )
@@ -253,7 +314,10 @@ class FakeControlPlane:
         if previous is not None and previous != body:
             answer(422)
             return _error(422, "idempotency_conflict", "key reused with a different report")
-        self.reports.setdefault(key, body)
+        if previous is None:
+            self.reports[key] = body
+            if body["status"] == "released":
+                self._release(str(body["request_id"]))
         if self.stall_usage_posts > 0:
             self.stall_usage_posts -= 1
             answer(200)
@@ -266,6 +330,17 @@ class FakeControlPlane:
         status = 200 if previous is not None else 202
         answer(status)
         return JSONResponse({"status": "accepted", "duplicate": previous is not None}, status)
+
+    def _release(self, request_id: str) -> None:
+        """Nothing is charged for a released request: its estimate goes back to the user.
+        A release of a request not (yet) admitted is remembered, so it never will be."""
+        admitted = self.admitted.get(request_id)
+        if admitted is None:
+            self.released_early.add(request_id)
+            return
+        user = self.users.get(admitted.user_token)
+        if user is not None and user.budget_usd is not None:
+            user.held_usd -= admitted.estimate_usd
 
 
 def _check_report(key: str | None, body: Any) -> str | None:
@@ -284,6 +359,8 @@ def _check_report(key: str | None, body: Any) -> str | None:
     if body["usage_source"] not in _SOURCES:
         return f"usage_source must be one of {_SOURCES}"
     usage = body["usage"]
+    if body["status"] == "released" and usage is not None:
+        return "a released report carries no usage"
     if usage is None:
         return None if body["usage_source"] == "none" else "usage null needs usage_source none"
     if not isinstance(usage, dict):

@@ -279,6 +279,17 @@ def configure(plane: FakeControlPlane, case: str) -> tuple[str, int]:
     return "tok-alice", 503
 
 
+#: Resolve outcomes after which the gateway releases the request.
+RELEASED = {
+    "server-error",
+    "malformed-json",
+    "timeout",
+    "down",
+    "no-attempts",
+    "wrong-provider",
+    "bad-base-url",
+}
+
 CASES = [
     "unknown-token",
     "budget",
@@ -303,6 +314,7 @@ CASES = [
 async def test_resolve_outcomes_in_the_endpoint_envelope(
     gateway: httpx.AsyncClient,
     plane: FakeControlPlane,
+    mode: PlatformMode,
     handler: Handler,
     case: str,
     fmt: WireFormat,
@@ -331,6 +343,29 @@ async def test_resolve_outcomes_in_the_endpoint_envelope(
         assert "retry" in message
     if case == "timeout":
         assert "did not answer within 0.5s" in message
+    # The outcomes that leave the gateway unsure whether the control plane admitted the
+    # request are reported "released"; a refusal (or a rejected gateway token) is not.
+    request_id = response.headers["x-request-id"]
+    await restore(plane)
+    await delivered(mode, plane, 1 if case in RELEASED else 0)
+    assert plane.report_problems() == []
+    if case in RELEASED:
+        assert list(plane.reports) == [f"{request_id}:-"]
+        [report] = plane.reports.values()
+        assert report["status"] == "released"
+        assert report["usage"] is None
+        assert report["usage_source"] == "none"
+        assert report["observed"]["upstream_contacted"] is False
+        assert plane.unreported() == set()
+    else:
+        assert plane.reports == {}
+        assert plane.admitted == {}
+
+
+async def restore(plane: FakeControlPlane) -> None:
+    """The control plane answers reports again (so the outbox can be drained)."""
+    plane.down = False
+    plane.gateway_token = GATEWAY_TOKEN
 
 
 async def test_missing_credential_is_401_without_calling_the_control_plane(
@@ -365,6 +400,7 @@ async def test_unreachable_control_plane_is_503(tmp_path: Path) -> None:
             response = await gw.post(
                 MESSAGES, json=messages_body(), headers={"x-api-key": "tok-alice"}
             )
+            assert await mode.outbox.size() == 0  # never reached it: nothing to release
     assert response.status_code == 503
     assert response.json()["error"]["message"] == (
         "the control plane is unreachable (ConnectError); please retry shortly"

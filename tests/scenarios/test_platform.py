@@ -75,7 +75,7 @@ BEARER = {"authorization": "Bearer tok-alice"}
 async def test_control_plane_down_at_resolve_is_503_in_the_envelope(
     gateway: tuple[Any, PlatformMode], plane: FakeControlPlane, path: str
 ) -> None:
-    app, _ = gateway
+    app, mode = gateway
     plane.down = True
     ex = await call(app, path, json_body=body(path), headers=BEARER)
     assert ex.status == 503
@@ -86,6 +86,13 @@ async def test_control_plane_down_at_resolve_is_503_in_the_envelope(
     else:
         assert data["error"]["type"] == "api_error"
     assert GATEWAY_TOKEN not in ex.body.decode()
+    # A 5xx leaves the gateway unsure whether it was admitted: it is released, once.
+    plane.down = False
+    mode.sender.notify()
+    await until(lambda: len(plane.reports) == 1)
+    [report] = plane.reports.values()
+    assert report["status"] == "released"
+    assert plane.report_problems() == []
 
 
 async def test_reports_made_during_an_outage_arrive_later_exactly_once(
@@ -175,7 +182,8 @@ async def test_no_platform_secret_in_debug_logs(
     assert ex.status == 503
     plane.down = False
     mode.sender.notify()
-    await until(lambda: len(plane.reports) == 6)
+    await until(lambda: len(plane.reports) == 7)  # six requests and the 503's release
+    assert plane.report_problems() == []
     assert caplog.records
     for secret in (GATEWAY_TOKEN, token, UPSTREAM_KEY):
         assert secret not in caplog.text
