@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
@@ -184,7 +184,7 @@ class GatewayMiddleware:
 
 
 def _new_request_id() -> str:
-    return f"req_{uuid.uuid4().hex}"
+    return f"req_{secrets.token_hex(16)}"
 
 
 class _GatedCall:
@@ -447,7 +447,8 @@ class _GatedCall:
             self.response_started = True
             self.status = int(message["status"])
             assert self.context is not None
-            headers = list(message.get("headers", ()))
+            rid = self.mw.request_id_header_raw
+            headers = [item for item in message.get("headers", ()) if item[0].lower() != rid]
             extra = self.context.response_headers
             if extra:
                 present = {name.lower() for name, _ in headers}
@@ -455,8 +456,6 @@ class _GatedCall:
                     raw = name.lower().encode("latin-1")
                     if raw not in present:
                         headers.append((raw, value.encode("latin-1")))
-            rid = self.mw.request_id_header_raw
-            headers = [(k, v) for k, v in headers if k.lower() != rid]
             headers.append((rid, self.request_id.encode("latin-1")))
             message = {**message, "headers": headers}
         elif kind == "http.response.pathsend":  # the ASGI extension ends a file response

@@ -6,7 +6,7 @@ nano-USD rounds up (ceiling), once, so a budget is never under-charged.
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, Decimal, InvalidOperation, localcontext
+from decimal import Decimal, InvalidOperation
 
 from gatewaykit.errors import InvalidAmountError
 
@@ -50,11 +50,20 @@ def parse_usd(value: object) -> Decimal:
 
 
 def to_nanos(value: object) -> int:
-    """USD → integer nano-USD, rounded up to the next nano-USD."""
+    """USD → integer nano-USD, rounded up to the next nano-USD.
+
+    Integer arithmetic on the Decimal's digits: exact at any size, and no decimal
+    context to enter (which costs more than the rest of a request's money arithmetic).
+    """
     amount = parse_usd(value)
-    with localcontext() as ctx:
-        ctx.prec = 60
-        nanos = int((amount * NANOS_PER_USD).to_integral_value(rounding=ROUND_CEILING))
+    _, digits, exponent = amount.as_tuple()
+    assert isinstance(exponent, int)  # parse_usd refused NaN and infinities
+    coefficient = int("".join(map(str, digits))) if digits else 0
+    shift = exponent + 9
+    if shift >= 0:
+        nanos = coefficient * 10**shift
+    else:
+        nanos = -(-coefficient // 10**-shift)  # ceiling: never under-charge
     if nanos > MAX_NANOS:
         raise InvalidAmountError(f"amount {amount} USD is larger than a ledger can hold")
     return nanos
@@ -64,8 +73,10 @@ def from_nanos(nanos: int) -> Decimal:
     """Integer nano-USD → ``Decimal`` USD, exact and normalised (no trailing zeros)."""
     if isinstance(nanos, bool) or not isinstance(nanos, int):
         raise InvalidAmountError(f"nano-USD must be an int, got {type(nanos).__name__}")
-    with localcontext() as ctx:
-        ctx.prec = 60
-        value = Decimal(nanos).scaleb(-9)
-        # Normalise without switching to exponent notation for whole numbers.
-        return value.quantize(Decimal(1)) if value == value.to_integral() else value.normalize()
+    # Built from its decimal digits (exact in any context), trailing zeros dropped:
+    # whole amounts stay integers ("5", not "5E+0"), fractions are normalised ("0.0042").
+    sign = "-" if nanos < 0 else ""
+    whole, fraction = divmod(abs(nanos), NANOS_PER_USD)
+    if not fraction:
+        return Decimal(f"{sign}{whole}")
+    return Decimal(f"{sign}{whole}.{fraction:09d}".rstrip("0"))

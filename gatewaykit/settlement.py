@@ -79,7 +79,8 @@ class Settlement(abc.ABC):
         self.output_chars = 0
         self.partial_usage: Usage | None = None
         self._outcome: SettlementOutcome | None = None
-        self._finishing: asyncio.Event | None = None  # set while _finish runs
+        self._finishing = False  # True while _finish runs
+        self._finished: asyncio.Event | None = None  # made only when a second hook waits
 
     def __repr__(self) -> str:
         state = "committed" if self.committed else "open"
@@ -144,16 +145,22 @@ class Settlement(abc.ABC):
     async def _terminal(
         self, status: SettlementStatus, usage: Usage | None, error: str | None
     ) -> SettlementOutcome:
+        if self._outcome is not None:
+            return self._outcome
         with anyio.CancelScope(shield=True):
-            while self._finishing is not None:  # another hook is settling: its outcome wins
-                await self._finishing.wait()
+            while self._finishing:  # another hook is settling: its outcome wins
+                if self._finished is None:
+                    self._finished = asyncio.Event()
+                await self._finished.wait()
             if self._outcome is None:
-                finishing = self._finishing = asyncio.Event()
+                self._finishing = True
                 try:
                     self._outcome = await self._finish(status, usage, error)
                 finally:
-                    self._finishing = None
-                    finishing.set()
+                    self._finishing = False
+                    if self._finished is not None:
+                        self._finished.set()
+                        self._finished = None
         assert self._outcome is not None
         return self._outcome
 

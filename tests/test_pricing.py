@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal, localcontext
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gatewaykit.errors import ConfigurationError, InvalidAmountError
-from gatewaykit.money import from_nanos
+from gatewaykit.money import MAX_NANOS, from_nanos, to_nanos
 from gatewaykit.pricing import (
     DEFAULT_PRICES,
     DEFAULT_PRICES_DATE,
@@ -189,3 +189,45 @@ def test_prompt_estimate() -> None:
     assert estimate_prompt_tokens(1) == 1
     assert estimate_prompt_tokens(8) == 2
     assert estimate_prompt_tokens(9) == 3
+
+
+@given(
+    rates=st.lists(
+        st.sampled_from([0, 2, 9, 15, 20]).flatmap(
+            lambda places: st.decimals(min_value=0, max_value=100_000, places=places)
+        ),
+        min_size=4,
+        max_size=4,
+    ),
+    counts=st.lists(st.integers(min_value=0, max_value=10**12), min_size=4, max_size=4),
+    prompt=st.integers(min_value=0, max_value=10**9),
+    output=st.integers(min_value=0, max_value=10**9),
+)
+def test_integer_costs_equal_decimal_costs(
+    rates: list[Decimal], counts: list[int], prompt: int, output: int
+) -> None:
+    """The integer fast path computes exactly what 80-digit Decimal arithmetic does."""
+    price = ModelPrice(*rates)
+    usage = Usage(counts[0], counts[1], counts[2], counts[3])
+    with localcontext() as ctx:
+        ctx.prec = 80
+        exact = (
+            counts[0] * price.input_per_mtok
+            + counts[1] * price.output_per_mtok
+            + counts[2] * price.cache_read
+            + counts[3] * price.cache_write
+        )
+        expected = (exact / 1_000_000 * 10**9).to_integral_value(rounding=ROUND_CEILING)
+    if expected > MAX_NANOS:
+        with pytest.raises(InvalidAmountError):
+            price.cost_nanos(usage)
+    else:
+        assert price.cost_nanos(usage) == int(expected)
+    with localcontext() as ctx:
+        ctx.prec = 80
+        hold = (prompt * price.dearest_input + output * price.output_per_mtok) / 1_000_000
+        expected_hold = (hold * 10**9).to_integral_value(rounding=ROUND_CEILING)
+    if expected_hold <= MAX_NANOS:
+        assert to_nanos(
+            estimate_cost(price, prompt_tokens=prompt, max_output_tokens=output)
+        ) == int(expected_hold)

@@ -14,6 +14,7 @@ from typing import Any
 
 from gatewaykit.adapters.endpoint import (
     ProxyEndpoint,
+    RawHeaders,
     base_headers,
     client_header,
     forwarded_body,
@@ -128,11 +129,11 @@ class _MessagesSpec:
     def url(self, upstream: Upstream) -> str:
         return f"{upstream.base_url}/v1/messages"
 
-    def headers(self, upstream: Upstream, client_headers: Mapping[str, str]) -> dict[str, str]:
+    def headers(self, upstream: Upstream, client_headers: RawHeaders) -> dict[str, str]:
         headers = base_headers()
-        version = client_header(client_headers, "anthropic-version")
+        version = client_header(client_headers, b"anthropic-version")
         headers["anthropic-version"] = version or DEFAULT_ANTHROPIC_VERSION
-        beta = client_header(client_headers, "anthropic-beta")
+        beta = client_header(client_headers, b"anthropic-beta")
         if beta:
             headers["anthropic-beta"] = beta
         if upstream.api_key:

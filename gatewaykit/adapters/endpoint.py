@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -70,6 +70,8 @@ _Message = MutableMapping[str, Any]
 _Receive = Callable[[], Awaitable[_Message]]
 _Send = Callable[[_Message], Awaitable[None]]
 
+RawHeaders = Sequence[tuple[bytes, bytes]]
+
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 _PASSED_HEADERS = frozenset({b"content-type", b"retry-after"})
 #: An upstream error body is passed to the client; beyond this it is cut.
@@ -84,8 +86,9 @@ class FormatSpec(BodyReader, Protocol):
 
     def url(self, upstream: Upstream) -> str: ...
 
-    def headers(self, upstream: Upstream, client_headers: Mapping[str, str]) -> dict[str, str]:
-        """Upstream request headers; RequestRejected (400) for an unsendable client header."""
+    def headers(self, upstream: Upstream, client_headers: RawHeaders) -> dict[str, str]:
+        """Upstream request headers (``client_headers``: the ASGI scope's); RequestRejected
+        (400) for a client header that must be forwarded but cannot be sent."""
         ...
 
     def prepare(self, context: GatewayContext, attempt: Attempt) -> tuple[bytes, StreamUsage]:
@@ -240,7 +243,7 @@ class _Exchange:
         """Run one attempt; None when a response went to the client."""
         spec, context = self.spec, self.context
         try:
-            headers = spec.headers(attempt.upstream, context_headers(self.scope))
+            headers = spec.headers(attempt.upstream, self.scope["headers"])
         except RequestRejected as rejection:
             return _Failure(
                 description=rejection.message,
@@ -409,11 +412,6 @@ class _Exchange:
             logger.debug("could not send the error response", exc_info=True)
 
 
-def context_headers(scope: _Scope) -> dict[str, str]:
-    """The client's request headers, lower-cased (only read for a few forwarded names)."""
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-
-
 async def _read_capped(chunks: AsyncIterator[bytes], limit: int) -> bytes:
     """At most ``limit`` bytes of a body (the rest is dropped with the response)."""
     parts: list[bytes] = []
@@ -467,11 +465,13 @@ def base_headers() -> dict[str, str]:
     }
 
 
-def client_header(headers: Mapping[str, str], name: str) -> str | None:
-    """A client header to forward upstream; a 400 when no HTTP client could send it."""
-    value = headers.get(name)
+def client_header(headers: RawHeaders, name: bytes) -> str | None:
+    """A client header to forward upstream (the first of that name; ``name`` lower-case);
+    a 400 when no HTTP client could send it."""
+    value = next((v.decode("latin-1") for k, v in headers if k.lower() == name), None)
     if value is not None and not header_value_ok(value):
         raise RequestRejected(
-            ErrorKind.INVALID_REQUEST, f"the {name} header holds a control or non-ASCII character"
+            ErrorKind.INVALID_REQUEST,
+            f"the {name.decode()} header holds a control or non-ASCII character",
         )
     return value

@@ -10,10 +10,9 @@ apart (``input_tokens = prompt_tokens - cached_tokens``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from gatewaykit.adapters.endpoint import ProxyEndpoint, base_headers, forwarded_body
+from gatewaykit.adapters.endpoint import ProxyEndpoint, RawHeaders, base_headers, forwarded_body
 from gatewaykit.adapters.reading import EventKind, StreamUsage, openai_usage, text_len
 from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
 from gatewaykit.context import GatewayContext
@@ -106,7 +105,7 @@ class _ChatSpec:
     def url(self, upstream: Upstream) -> str:
         return f"{upstream.base_url}/chat/completions"
 
-    def headers(self, upstream: Upstream, client_headers: Mapping[str, str]) -> dict[str, str]:
+    def headers(self, upstream: Upstream, client_headers: RawHeaders) -> dict[str, str]:
         headers = base_headers()
         if upstream.api_key:
             headers["authorization"] = f"Bearer {upstream.api_key}"

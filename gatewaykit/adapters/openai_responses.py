@@ -13,10 +13,9 @@ context a later request continuing it is billed for can be remembered
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from gatewaykit.adapters.endpoint import ProxyEndpoint, base_headers, forwarded_body
+from gatewaykit.adapters.endpoint import ProxyEndpoint, RawHeaders, base_headers, forwarded_body
 from gatewaykit.adapters.reading import EventKind, StreamUsage, openai_usage, text_len
 from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
 from gatewaykit.context import GatewayContext
@@ -99,7 +98,7 @@ class _ResponsesSpec:
     def url(self, upstream: Upstream) -> str:
         return f"{upstream.base_url}/responses"
 
-    def headers(self, upstream: Upstream, client_headers: Mapping[str, str]) -> dict[str, str]:
+    def headers(self, upstream: Upstream, client_headers: RawHeaders) -> dict[str, str]:
         headers = base_headers()
         if upstream.api_key:
             headers["authorization"] = f"Bearer {upstream.api_key}"

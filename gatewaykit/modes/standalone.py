@@ -213,6 +213,9 @@ class StandaloneMode:
         #: digest -> (record or None, expiry, the ledger's key_epoch when it was looked up)
         self._keys: OrderedDict[str, tuple[ApiKeyRecord | None, float, int | None]] = OrderedDict()
         self._limiter = RateLimiter(clock=clock)
+        self._routes: dict[
+            tuple[WireFormat | None, str], tuple[tuple[Attempt, ...], ModelPrice | None]
+        ] = {}
 
     def __repr__(self) -> str:
         return (
@@ -299,9 +302,7 @@ class StandaloneMode:
             user, key_id = identity.user, identity.key_id
             team = identity.team or self.teams.get(user)
 
-        serving = self._upstreams(fmt, request.parsed.model)
-        upstream = serving[0] if serving else None
-        price = self._price(request.parsed.model, upstream)
+        attempts, price = self._route(fmt, request.parsed.model)
         context_plan, context_tokens = await self._stored_context(request, user, price)
 
         if isinstance(identity, ApiKeyRecord):
@@ -333,7 +334,7 @@ class StandaloneMode:
                     f"{decision.retry_after}s",
                     headers=decision.headers,
                 )
-        if upstream is None:
+        if not attempts:
             raise RequestRejected(
                 ErrorKind.NOT_FOUND, f"no upstream serves model {request.parsed.model!r}"
             )
@@ -395,10 +396,7 @@ class StandaloneMode:
             stream=request.parsed.stream,
             body=request.body,
             raw_body=request.raw_body,
-            attempts=tuple(
-                Attempt(attempt_id=str(n), upstream=u, model=request.parsed.model)
-                for n, u in enumerate(serving, start=1)
-            ),
+            attempts=attempts,
             user_id=user,
             key_id=key_id,
             response_headers=headers,
@@ -447,6 +445,26 @@ class StandaloneMode:
             model=request.parsed.model,
         )
         return plan, tokens
+
+    def _route(
+        self, fmt: WireFormat | None, model: str
+    ) -> tuple[tuple[Attempt, ...], ModelPrice | None]:
+        """The attempts (every configured upstream that serves ``model`` in ``fmt``, in
+        order: the adapters fall back along them) and the price; remembered per model,
+        since both follow from configuration alone."""
+        key = (fmt, model)
+        route = self._routes.get(key)
+        if route is None:
+            serving = self._upstreams(fmt, model)
+            price = self._price(model, serving[0] if serving else None)
+            attempts = tuple(
+                Attempt(attempt_id=str(n), upstream=u, model=model)
+                for n, u in enumerate(serving, start=1)
+            )
+            if len(self._routes) >= _KEY_CACHE_SIZE:
+                self._routes.clear()
+            route = self._routes[key] = (attempts, price)
+        return route
 
     def _upstreams(self, fmt: WireFormat | None, model: str) -> list[Upstream]:
         """The configured upstreams that serve ``model`` in ``fmt``, in order (fallbacks)."""
