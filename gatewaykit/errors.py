@@ -17,8 +17,8 @@ GatewayKitError
 ├── ModelNotPricedError               no price for a model under the ``reject`` policy
 ├── MalformedStreamError (ValueError) an upstream stream or body the gateway cannot read
 ├── UpstreamError                     the upstream HTTP exchange failed (any client)
-│   ├── UpstreamConnectError          no connection could be made
-│   ├── UpstreamTimeoutError          connect, read or pool timeout
+│   ├── UpstreamConnectError          no connection could be made (in time, or at all)
+│   ├── UpstreamTimeoutError          the answer stopped coming (read timeout)
 │   └── UpstreamResponseTooLarge      a body over the gateway's cap
 └── RequestRejected                   a request refused on the wire (status + error kind)
 ```
@@ -169,11 +169,12 @@ class UpstreamError(GatewayKitError):
 
 
 class UpstreamConnectError(UpstreamError):
-    """No connection to the upstream could be made (refused, DNS, TLS)."""
+    """No connection to the upstream could be made: refused, DNS, TLS, or none in time
+    (connect timeout, or no free connection in the pool in time). The request never left."""
 
 
 class UpstreamTimeoutError(UpstreamError, TimeoutError):
-    """Connecting, waiting for a pooled connection or reading took too long."""
+    """The request was sent but the answer stopped coming (read timeout)."""
 
 
 class UpstreamResponseTooLarge(UpstreamError):

@@ -8,7 +8,7 @@ A pure ASGI middleware (DESIGN §2, §9). For a gated route (POST to a configure
    :class:`~gatewaykit.modes.base.RequestModeStrategy`) to admit it; a
    :class:`~gatewaykit.errors.RequestRejected` becomes an error in the route's own
    envelope (OpenAI or Anthropic), so official SDKs raise the right exception;
-3. stores the :class:`~gatewaykit.settlement.GatewayContext` in ``scope["gatewaykit"]``
+3. stores the :class:`~gatewaykit.context.GatewayContext` in ``scope["gatewaykit"]``
    (read it with ``get_settlement(request)``), replays the body to the app, and adds the
    context's response headers and the request id to ``http.response.start``;
 4. settles the request exactly once whatever happens — see *Backstop* below.

@@ -27,7 +27,7 @@ class HttpxClient:
         if library is None:
             raise TypeError(f"not an httpx or httpx2 AsyncClient: {type(client).__name__}")
         self.client = client
-        self._connect = (library.ConnectError, library.ConnectTimeout)
+        self._connect = (library.ConnectError, library.ConnectTimeout, library.PoolTimeout)
         self._timeout = (library.TimeoutException,)
         self._transport = (library.TransportError, library.StreamError)
         self._library = library

@@ -74,7 +74,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _NO_PERIOD = Period()
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _RETRIES = 5
-#: Channel of the api_keys trigger (migration 2); the payload is the ledger's schema.
+#: Channel of the api_keys trigger (migration 3); the payload is the ledger's schema.
 _KEYS_CHANNEL = "gatewaykit_keys"
 #: How often an idle key listener checks that its connection still works (seconds).
 _LISTEN_PING = 10.0

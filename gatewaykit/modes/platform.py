@@ -136,7 +136,8 @@ class PlatformMode:
     ``base_url`` is the control plane's root (``{base_url}/v1/resolve``,
     ``{base_url}/v1/usage``); ``gateway_token`` authenticates this gateway to it (sent as
     ``Authorization: Bearer``; never logged). ``client`` is the injected
-    ``httpx.AsyncClient`` (``httpx2`` works too) used for both calls. ``outbox`` holds the
+    upstream client used for both calls (:func:`gatewaykit.http.default_client`, or an
+    ``httpx``/``httpx2`` ``AsyncClient``). ``outbox`` holds the
     usage reports (``open_outbox("sqlite:///outbox.db")``); entering the mode opens it if
     needed and closes it on exit if it opened it.
 
@@ -733,8 +734,9 @@ def released_report(
 class PlatformSettlement(Settlement):
     """Settles by queueing one usage report in the mode's durable outbox.
 
-    The reported attempt is the one that served, or the last one tried: the adapters set
-    ``context.response_headers["x-gatewaykit-attempt-id"]`` as they try each attempt.
+    The reported attempt is the one that served, or the last one tried: the adapters call
+    ``note_attempt`` as they try each, which also names it in the response's
+    ``x-gatewaykit-attempt-id`` header.
     ``charged`` in the outcome is always 0 — the control plane prices the report.
     ``admitted``: the mode recorded this request's admission in the outbox, so the report
     is queued by closing it (and not at all if another process already reported it).
@@ -796,10 +798,13 @@ class PlatformSettlement(Settlement):
         )
         key = f"{self.request_id}:{attempt_id}"
         self.report_key = key
+        recorded = True
         try:
             await self._queue_report(key, report)
         except Exception:
-            # Nothing durable could be written: the log line is the last copy of the report.
+            # Nothing durable could be written: the log line is the last copy of the report,
+            # and the adapters withhold the answer's last bytes (SettlementOutcome.recorded).
+            recorded = False
             logger.exception(
                 "could not store usage report %s; report: %s",
                 key,
@@ -811,6 +816,7 @@ class PlatformSettlement(Settlement):
             usage=usage,
             refunded=status == "error" and not self.committed,
             error=error,
+            recorded=recorded,
         )
 
     async def _queue_report(self, key: str, report: Mapping[str, Any]) -> None:

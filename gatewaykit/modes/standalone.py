@@ -653,6 +653,7 @@ class StandaloneSettlement(Settlement):
                 usage=charge,
                 refunded=False,
                 error=f"settlement not recorded: {type(exc).__name__}",
+                recorded=False,
             )
         return SettlementOutcome(
             status=status,
