@@ -60,10 +60,8 @@ def to_nanos(value: object) -> int:
     assert isinstance(exponent, int)  # parse_usd refused NaN and infinities
     coefficient = int("".join(map(str, digits))) if digits else 0
     shift = exponent + 9
-    if shift >= 0:
-        nanos = coefficient * 10**shift
-    else:
-        nanos = -(-coefficient // 10**-shift)  # ceiling: never under-charge
+    # Beyond nine decimal places the ceiling: never under-charge.
+    nanos = coefficient * 10**shift if shift >= 0 else -(-coefficient // 10**-shift)
     if nanos > MAX_NANOS:
         raise InvalidAmountError(f"amount {amount} USD is larger than a ledger can hold")
     return nanos
