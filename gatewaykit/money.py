@@ -61,7 +61,7 @@ def to_nanos(value: object) -> int:
     coefficient = int("".join(map(str, digits))) if digits else 0
     shift = exponent + 9
     # Beyond nine decimal places the ceiling: never under-charge.
-    nanos = coefficient * 10**shift if shift >= 0 else -(-coefficient // 10**-shift)
+    nanos: int = coefficient * 10**shift if shift >= 0 else -(-coefficient // 10 ** (-shift))
     if nanos > MAX_NANOS:
         raise InvalidAmountError(f"amount {amount} USD is larger than a ledger can hold")
     return nanos

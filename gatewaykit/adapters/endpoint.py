@@ -272,7 +272,7 @@ class _Exchange:
                 if streaming:
                     chunks = response.chunks()
                     cut = StreamCut(reader)
-                    first = await read_first(chunks, cut, meter)
+                    first = await read_first(chunks, cut)
                     if not cut.real and cut.terminal is EventKind.ERROR:
                         # The provider's in-band error came before any output: nothing was
                         # delivered, so this still fails before the first chunk.

@@ -10,11 +10,13 @@ apart (``input_tokens = prompt_tokens - cached_tokens``).
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from gatewaykit.adapters.endpoint import ProxyEndpoint, RawHeaders, base_headers, forwarded_body
 from gatewaykit.adapters.reading import EventKind, StreamUsage, openai_usage, text_len
-from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
+from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent, parse_json
 from gatewaykit.context import GatewayContext
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.http import UpstreamClient
@@ -62,21 +64,54 @@ def _delta_chars(choices: Any, field: str = "delta") -> int:
     return chars
 
 
+_TEXT = re.compile(
+    rb'"(?:content|refusal|reasoning_content|reasoning|name|arguments)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
+)
+
+
+def _text_chars(data: bytes) -> int:
+    """Characters of generated text in a chunk's raw JSON, exactly (escapes decoded)."""
+    chars = 0
+    for raw in _TEXT.findall(data):
+        if b"\\" in raw:
+            try:
+                chars += len(json.loads(b'"' + raw + b'"'))
+            except ValueError:
+                chars += len(raw)
+        else:
+            chars += len(raw.decode("utf-8", "replace"))
+    return chars
+
+
 class ChatStreamUsage(StreamUsage):
     """Usage of an OpenAI chat stream. ``hide_usage``: cut the usage chunk out."""
 
     def __init__(self, *, hide_usage: bool = False) -> None:
         super().__init__()
         self.hide_usage = hide_usage
+        self._checked = False  # the first event was parsed as a JSON object
 
     def observe(self, event: SSEEvent) -> EventKind:
         data = event.data_bytes
         if data is None:
             return EventKind.FORWARD  # a comment or keep-alive
+        return self.observe_data(data)
+
+    def observe_data(self, data: bytes) -> EventKind:
         if data[:1] != b"{" and data.strip() == b"[DONE]":
             return EventKind.FINAL
-        chunk = event.json()
-        if not isinstance(chunk, dict):
+        if self._checked and b'"usage"' not in data and b'"error"' not in data:
+            # A content chunk after the first (nearly every event): only its text is
+            # wanted, found by a byte scan instead of a full JSON parse. Inside a JSON
+            # string a quote is always escaped, so '"content": "' can only be a key.
+            # The first event is parsed whole: a malformed stream is caught while the
+            # request can still be refunded and fall back; later ones reach the client
+            # as sent, and a usage chunk is always parsed.
+            self.output_chars += _text_chars(data)
+            return EventKind.FORWARD
+        chunk = parse_json(data)
+        self._checked = True
+        if type(chunk) is not dict:
             raise MalformedStreamError("a chat completion chunk is not a JSON object")
         choices = chunk.get("choices")
         if choices:

@@ -70,6 +70,11 @@ class StreamUsage:
     def observe(self, event: SSEEvent) -> EventKind:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def observe_data(self, data: bytes) -> EventKind:
+        """:meth:`observe` for an event that is one ``data:`` line (the relay's fast path,
+        with no :class:`SSEEvent` made); a reader that needs more may keep this default."""
+        return self.observe(SSEEvent(b"data: " + data + b"\n\n"))
+
     def _report(self, usage: Usage) -> None:
         """A final usage object arrived; a repeated one keeps the larger of each field."""
         self._final = usage if self._final is None else larger(self._final, usage)

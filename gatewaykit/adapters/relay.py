@@ -74,6 +74,25 @@ class StreamCut:
     def process(self, chunk: bytes) -> bytes:
         """The part of ``chunk`` to forward now; updates usage and the held tail."""
         reader = self.reader
+        end = len(chunk) - 2
+        if (
+            self.held is None
+            and chunk[:6] == b"data: "
+            and chunk.find(b"\n") == end
+            and chunk[end:] == b"\n\n"
+            and chunk[end - 1] != 13  # not a CRLF line ending
+            and not self.splitter.pending
+        ):
+            # The common read: exactly one event of one data line (OpenAI chat's chunks).
+            kind = reader.observe_data(chunk[6:end])
+            if kind is EventKind.FORWARD:
+                self.real = True
+                return chunk
+            if kind is EventKind.DROP:
+                return b""
+            self.terminal = kind
+            self.held = [chunk]
+            return b""
         aligned = not self.splitter.pending  # does this read start at an event boundary?
         events = self.splitter.feed(chunk)
         if self.held is not None:
@@ -122,7 +141,7 @@ class StreamCut:
         return b"".join(self.held or ())
 
 
-async def read_first(chunks: AsyncIterator[bytes], cut: StreamCut, meter: StreamMeter) -> bytes:
+async def read_first(chunks: AsyncIterator[bytes], cut: StreamCut) -> bytes:
     """Read until the first real event (or a held final/error event); return what to send.
 
     Comments and keep-alives before it are returned with it, so nothing is reordered and
@@ -132,7 +151,6 @@ async def read_first(chunks: AsyncIterator[bytes], cut: StreamCut, meter: Stream
     before: list[bytes] = []
     async for chunk in chunks:
         out = cut.process(chunk)
-        meter.sync()
         if out:
             before.append(out)
         if cut.real or cut.held is not None:
@@ -166,13 +184,13 @@ async def relay_stream(
         await send({"type": "http.response.body", "body": first, "more_body": True})
     failure: Exception | None = None
     try:
+        # The settlement's observations are synced from the reader only when they are
+        # read (settling, or a disconnect: StreamMeter.consumed), not per event.
         async for chunk in chunks:
             out = cut.process(chunk)
-            meter.sync()
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
         out = cut.leftover()
-        meter.sync()
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
     except (MalformedStreamError, UpstreamError) as exc:

@@ -16,7 +16,7 @@ from typing import Any
 
 from gatewaykit.errors import MalformedStreamError
 
-__all__ = ["MAX_EVENT_BYTES", "MalformedStreamError", "SSEEvent", "SSESplitter"]
+__all__ = ["MAX_EVENT_BYTES", "MalformedStreamError", "SSEEvent", "SSESplitter", "parse_json"]
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE = re.compile(rb"\r\n|\r|\n")
@@ -96,19 +96,27 @@ class SSEEvent:
         data = self.data_bytes
         if data is None:
             raise MalformedStreamError(f"event {self.event or 'message'!r} has no data")
-        try:
-            # json.loads minus its per-call wrapping: this runs once per streamed event.
-            text = data.decode("utf-8")
-            if text[:1].isspace():
-                text = text.lstrip()
-            value, end = _raw_decode(text)
-            if end != len(text) and not text[end:].isspace():
-                raise ValueError("trailing data")
-        except ValueError:  # includes UnicodeDecodeError and JSONDecodeError
-            raise MalformedStreamError(
-                f"event {self.event or 'message'!r} carries data that is not JSON"
-            ) from None
-        return value
+        return parse_json(data, self.event)
+
+
+def parse_json(data: bytes, event: str | None = None) -> Any:
+    """An event's data as JSON; :class:`MalformedStreamError` if it is not.
+
+    json.loads minus its per-call wrapping (encoding detection, argument handling): this
+    runs once per streamed event.
+    """
+    try:
+        text = data.decode("utf-8")
+        if text[:1].isspace():
+            text = text.lstrip()
+        value, end = _raw_decode(text)
+        if end != len(text) and not text[end:].isspace():
+            raise ValueError("trailing data")
+    except (ValueError, RecursionError):  # includes UnicodeDecodeError and JSONDecodeError
+        raise MalformedStreamError(
+            f"event {event or 'message'!r} carries data that is not JSON"
+        ) from None
+    return value
 
 
 #: The largest event the splitter waits for; an upstream that sends more without a blank

@@ -315,6 +315,12 @@ async def test_malformed_upstream(
     ex = await call(shim, fmt.path, json_body=fmt.body(stream=stream))
     assert ex.complete
     call_ = shim.settlement.call
+    if fmt is CHAT and stream and kind == "json":
+        # After its first event a chat stream is not parsed, only scanned for text: the
+        # garbled chunk reaches the client as sent, and the usage that follows is charged.
+        assert call_.status == "success"
+        assert call_.usage == fmt.expected()
+        return
     assert call_.status == "error"
     assert "malformed" in (call_.error or "") or "final event" in (call_.error or "")
     if stream and ex.status == 200:
