@@ -1,0 +1,506 @@
+"""Regression tests for the review of the rebuilt request path (issue 11 §3–§5, §7; issue 19).
+
+Each test drives the real stack (GatewayMiddleware + StandaloneMode + the adapters + a real
+SQLiteLedger) through the raw ASGI driver, in front of upstreams on real sockets: the fake
+provider, the scripted upstream, or a raw TCP server that misbehaves at the byte level.
+The ``ledger`` fixture checks afterwards that ``check()`` is clean and no hold is live.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import anyio
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from gatewaykit import GatewayMiddleware
+from gatewaykit.adapters import gateway_routes
+from gatewaykit.ledger.sqlite import SQLiteLedger
+from gatewaykit.modes.standalone import StandaloneMode
+from gatewaykit.testing import FakeBehavior, FakeProvider
+from gatewaykit.upstream import Upstream
+from gatewaykit.usage import Usage
+from tests.asgi import Exchange, call
+from tests.scenarios.conftest import PRICE, UPSTREAM_KEY, Build, Scripted, spent
+from tests.scenarios.test_upstream import body, chat_chunk, keyed
+
+pytestmark = pytest.mark.anyio
+
+CHAT = "/v1/chat/completions"
+MESSAGES = "/v1/messages"
+RESPONSES = "/v1/responses"
+
+#: "hello there" is 11 characters: the prompt is estimated at 3 tokens.
+PROMPT_ESTIMATE = 3
+USAGE_30_7 = {"prompt_tokens": 30, "completion_tokens": 7, "total_tokens": 37}
+
+
+def app_for(ledger: Any, client: Any, upstreams: list[Upstream], **routes: Any) -> Starlette:
+    """The real stack over ``ledger`` (which may be a wrapper) and explicit upstreams."""
+    mode = StandaloneMode(ledger, prices={"test-model": PRICE}, upstreams=upstreams)
+    return Starlette(
+        routes=gateway_routes(client=client, **routes),
+        middleware=[Middleware(GatewayMiddleware, mode=mode)],
+    )
+
+
+def both_providers(*urls: str, key: str = UPSTREAM_KEY) -> list[Upstream]:
+    """One OpenAI and one Anthropic upstream per base URL, tried in the order given."""
+    return [Upstream(f"{url}/v1", api_key=key, provider="openai") for url in urls] + [
+        Upstream(url, api_key=key, provider="anthropic") for url in urls
+    ]
+
+
+def openai_error(ex: Exchange) -> dict[str, Any]:
+    error = ex.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}, error
+    return error  # type: ignore[no-any-return]
+
+
+def anthropic_error(ex: Exchange) -> dict[str, Any]:
+    data = ex.json()
+    assert data["type"] == "error", data
+    assert set(data["error"]) >= {"type", "message"}, data
+    return data["error"]  # type: ignore[no-any-return]
+
+
+def envelope_error(path: str, ex: Exchange) -> dict[str, Any]:
+    return anthropic_error(ex) if path == MESSAGES else openai_error(ex)
+
+
+async def one_record(ledger: SQLiteLedger) -> Any:
+    [record] = await ledger.usage()
+    return record
+
+
+# -- §4: keep-alives and comments never commit a stream ----------------------------------------
+
+KEEP_ALIVE = b": keep-alive\n\n"
+PRELUDES = {
+    "comment": KEEP_ALIVE,
+    "blank": b"\n\n",
+    "garbage": b"this line is no field of any event\n\n",
+}
+IN_BAND_ERRORS = {
+    CHAT: b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n',
+    MESSAGES: (
+        b"event: error\n"
+        b'data: {"type": "error", "error": {"type": "overloaded_error", "message": "overloaded"}}'
+        b"\n\n"
+    ),
+    RESPONSES: (
+        b'event: error\ndata: {"type": "error", "code": "server_error", "message": "overloaded"}'
+        b"\n\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("ending", ["drop", "in-band-error"])
+@pytest.mark.parametrize(
+    ("path", "prelude"),
+    [
+        (CHAT, "comment"),
+        (CHAT, "blank"),
+        (CHAT, "garbage"),
+        (MESSAGES, "comment"),
+        (RESPONSES, "comment"),
+    ],
+)
+async def test_a_keep_alive_then_a_failure_before_any_output_refunds(
+    build: Build,
+    ledger: SQLiteLedger,
+    scripted: tuple[Scripted, str],
+    path: str,
+    prelude: str,
+    ending: str,
+) -> None:
+    """A comment, blank or unknown line is no output: the failure after it is still a
+    failure before the first chunk — the error status in the envelope, the hold refunded."""
+    upstream, url = scripted
+    upstream.chunks = [PRELUDES[prelude]]
+    if ending == "drop":
+        upstream.drop = True
+    else:
+        upstream.chunks.append(IN_BAND_ERRORS[path])
+    upstream.gap = 0.02  # the prelude arrives as a read of its own
+    headers = await keyed(ledger)
+    ex = await call(build(base=url), path, json_body=body(path), headers=headers)
+    assert ex.status == 502  # one response start (Exchange.start checks), not a 200
+    error = envelope_error(path, ex)
+    assert error["type"] == "api_error"
+    if ending == "in-band-error":
+        assert "overloaded" in error["message"]
+    assert PRELUDES[prelude] not in ex.body
+    assert await spent(ledger) == 0
+    record = await one_record(ledger)
+    assert (record.status, record.cost) == ("error", 0)
+
+
+@pytest.mark.parametrize("ending", ["drop", "in-band-error"])
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+async def test_a_keep_alive_then_a_failure_falls_back_to_the_next_upstream(
+    ledger: SQLiteLedger,
+    client: Any,
+    provider: tuple[FakeProvider, str],
+    scripted: tuple[Scripted, str],
+    path: str,
+    ending: str,
+) -> None:
+    fake, fake_url = provider
+    fake.behavior = FakeBehavior(events=3, input_tokens=11)
+    upstream, url = scripted
+    upstream.chunks = [KEEP_ALIVE]
+    if ending == "drop":
+        upstream.drop = True
+    else:
+        upstream.chunks.append(IN_BAND_ERRORS[path])
+    upstream.gap = 0.02
+    app = app_for(ledger, client, both_providers(url, fake_url))
+    headers = await keyed(ledger)
+    ex = await call(app, path, json_body=body(path), headers=headers)
+    assert ex.status == 200
+    assert (upstream.requests, len(fake.requests)) == (1, 1)
+    assert b"keep-alive" not in ex.body  # nothing of the failed attempt reached the client
+    assert b"tok0" in ex.body
+    final = b"data: [DONE]\n\n" if path == CHAT else b"message_stop"
+    assert final in ex.chunks[-1]
+    record = await one_record(ledger)
+    assert (record.status, record.usage_source) == ("success", "provider")
+    assert await spent(ledger) == PRICE.cost(Usage(input_tokens=11, output_tokens=3))
+
+
+async def test_comments_before_the_first_event_reach_the_client_with_it_in_order(
+    build: Build, ledger: SQLiteLedger, scripted: tuple[Scripted, str]
+) -> None:
+    upstream, url = scripted
+    comments = [KEEP_ALIVE, b": ping 2\n\n"]
+    first = chat_chunk("hello")
+    upstream.chunks = [*comments, first, chat_chunk(usage=USAGE_30_7), b"data: [DONE]\n\n"]
+    upstream.gap = 0.02
+    headers = await keyed(ledger)
+    request = body(CHAT, stream_options={"include_usage": True})  # nothing is cut out
+    ex = await call(build(base=url), CHAT, json_body=request, headers=headers)
+    assert ex.status == 200
+    assert ex.body == b"".join(upstream.chunks)  # byte-exact, in order
+    # Held back until the first real event, then sent with it.
+    assert ex.chunks[0].startswith(b"".join(comments) + first)
+    assert await spent(ledger) == PRICE.cost(Usage(input_tokens=30, output_tokens=7))
+
+
+# -- §5: first_chunk_timeout never covers the settle ----------------------------------------
+
+
+class SlowSettle:
+    """A real ledger whose settle takes ``delay`` seconds longer (a slow disk, a busy
+    PostgreSQL)."""
+
+    def __init__(self, ledger: SQLiteLedger, delay: float) -> None:
+        self._ledger = ledger
+        self.delay = delay
+        self.settles = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+    async def settle(self, *args: Any, **kwargs: Any) -> Any:
+        self.settles += 1
+        await anyio.sleep(self.delay)
+        return await self._ledger.settle(*args, **kwargs)
+
+
+FIRST_CHUNK_TIMEOUT = 0.2
+SLOW_SETTLE = 0.6  # three times the first-chunk timeout
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES, RESPONSES])
+async def test_a_slow_settle_after_a_stream_started_is_no_first_chunk_timeout(
+    ledger: SQLiteLedger, client: Any, provider: tuple[FakeProvider, str], path: str
+) -> None:
+    fake, url = provider
+    fake.behavior = FakeBehavior(events=2, input_tokens=20)
+    slow = SlowSettle(ledger, SLOW_SETTLE)
+    app = app_for(slow, client, both_providers(url, url), first_chunk_timeout=FIRST_CHUNK_TIMEOUT)
+    headers = await keyed(ledger)
+    ex = await call(app, path, json_body=body(path), headers=headers)
+    assert ex.status == 200  # exactly one response start (Exchange.start checks)
+    assert len(fake.requests) == 1  # no fallback to the second upstream
+    assert slow.settles == 1
+    final = {CHAT: b"[DONE]", MESSAGES: b"message_stop", RESPONSES: b"response.completed"}[path]
+    assert final in ex.chunks[-1]
+    assert b"event: error" not in ex.body
+    assert b'data: {"error"' not in ex.body
+    record = await one_record(ledger)
+    assert (record.status, record.usage_source) == ("success", "provider")
+    assert await spent(ledger) == PRICE.cost(Usage(input_tokens=20, output_tokens=2))
+
+
+async def test_a_slow_settle_of_a_stream_answered_with_json_is_no_first_chunk_timeout(
+    ledger: SQLiteLedger,
+    client: Any,
+    provider: tuple[FakeProvider, str],
+    scripted: tuple[Scripted, str],
+) -> None:
+    fake, fake_url = provider
+    upstream, url = scripted
+    upstream.content_type = b"application/json"
+    payload = {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": USAGE_30_7,
+    }
+    upstream.chunks = [json.dumps(payload).encode()]
+    slow = SlowSettle(ledger, SLOW_SETTLE)
+    app = app_for(
+        slow, client, both_providers(url, fake_url), first_chunk_timeout=FIRST_CHUNK_TIMEOUT
+    )
+    headers = await keyed(ledger)
+    ex = await call(app, CHAT, json_body=body(CHAT, stream=True), headers=headers)
+    assert ex.status == 200
+    assert ex.json() == payload
+    assert (upstream.requests, len(fake.requests)) == (1, 0)  # served once, no fallback
+    assert slow.settles == 1
+    record = await one_record(ledger)
+    assert (record.status, record.usage_source) == ("success", "provider")
+    assert await spent(ledger) == PRICE.cost(Usage(input_tokens=30, output_tokens=7))
+
+
+# -- §7: usage that cannot be read, reported twice, or too large to read ----------------------
+
+UNREADABLE_CHAT = {
+    "negative": {"prompt_tokens": -5, "completion_tokens": 7},
+    "float-next-to-int": {"prompt_tokens": 30, "completion_tokens": 7.0},
+    "string-next-to-int": {"prompt_tokens": "30", "completion_tokens": 7},
+    "negative-cached": {
+        "prompt_tokens": 30,
+        "completion_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": -1},
+    },
+}
+UNREADABLE_ANTHROPIC = {
+    "negative": {"input_tokens": -5, "output_tokens": 7},
+    "float-next-to-int": {"input_tokens": 30, "output_tokens": 7.5},
+    "string-next-to-int": {"input_tokens": 30, "output_tokens": "7"},
+}
+UNREADABLE_RESPONSES = {
+    "negative": {"input_tokens": 30, "output_tokens": -7},
+    "float-next-to-int": {"input_tokens": 30.0, "output_tokens": 7},
+    "string-next-to-int": {"input_tokens": 30, "output_tokens": "7"},
+}
+TEXT = "x" * 40  # 40 characters of output: estimated at 10 tokens
+
+
+def unreadable_stream(path: str, usage: dict[str, Any]) -> list[bytes]:
+    """A complete stream whose only usage report is ``usage``."""
+    if path == CHAT:
+        return [chat_chunk(TEXT), chat_chunk(usage=usage), b"data: [DONE]\n\n"]
+    if path == MESSAGES:
+
+        def event(kind: str, data: dict[str, Any]) -> bytes:
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "content": []}
+        return [
+            event("message_start", {"message": {**message, "usage": usage}}),
+            event(
+                "content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": TEXT}}
+            ),
+            event("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": usage}),
+            event("message_stop", {}),
+        ]
+    response = {"id": "resp_1", "object": "response", "status": "completed", "usage": usage}
+    return [
+        b"event: response.output_text.delta\ndata: "
+        + json.dumps({"type": "response.output_text.delta", "delta": TEXT}).encode()
+        + b"\n\n",
+        b"event: response.completed\ndata: "
+        + json.dumps({"type": "response.completed", "response": response}).encode()
+        + b"\n\n",
+    ]
+
+
+def unreadable_body(path: str, usage: dict[str, Any]) -> bytes:
+    """A complete JSON answer whose usage is ``usage``."""
+    if path == CHAT:
+        payload: dict[str, Any] = {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": TEXT}}],
+        }
+    elif path == MESSAGES:
+        payload = {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "text", "text": TEXT}],
+        }
+    else:
+        payload = {
+            "id": "resp_1",
+            "object": "response",
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": TEXT}]}],
+        }
+    return json.dumps({**payload, "usage": usage}).encode()
+
+
+UNREADABLE_CASES = [
+    pytest.param(path, name, usage, id=f"{path.rsplit('/', 1)[1]}-{name}")
+    for path, table in (
+        (CHAT, UNREADABLE_CHAT),
+        (MESSAGES, UNREADABLE_ANTHROPIC),
+        (RESPONSES, UNREADABLE_RESPONSES),
+    )
+    for name, usage in table.items()
+]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+@pytest.mark.parametrize(("path", "name", "usage"), UNREADABLE_CASES)
+async def test_unreadable_token_counts_are_missing_usage_never_zero(
+    build: Build,
+    ledger: SQLiteLedger,
+    scripted: tuple[Scripted, str],
+    path: str,
+    name: str,
+    usage: dict[str, Any],
+    stream: bool,
+) -> None:
+    """A negative, float or string count makes the whole usage object unreadable: the
+    missing-usage policy (``estimate``) charges the prompt estimate plus the output seen,
+    with source ``estimated`` — never the readable fields alone, never $0."""
+    upstream, url = scripted
+    if stream:
+        upstream.chunks = unreadable_stream(path, usage)
+    else:
+        upstream.content_type = b"application/json"
+        upstream.chunks = [unreadable_body(path, usage)]
+    headers = await keyed(ledger)
+    ex = await call(build(base=url), path, json_body=body(path, stream=stream), headers=headers)
+    assert ex.status == 200
+    record = await one_record(ledger)
+    assert (record.status, record.usage_source) == ("no_usage", "estimated")
+    assert (record.input_tokens, record.output_tokens) == (PROMPT_ESTIMATE, 10)
+    expected = PRICE.cost(Usage(input_tokens=PROMPT_ESTIMATE, output_tokens=10))
+    assert await spent(ledger) == record.cost == expected
+
+
+async def test_usage_reported_twice_in_a_chat_stream_charges_the_larger_of_each_field(
+    build: Build, ledger: SQLiteLedger, scripted: tuple[Scripted, str]
+) -> None:
+    upstream, url = scripted
+    upstream.chunks = [
+        chat_chunk("hello"),
+        chat_chunk(usage={"prompt_tokens": 30, "completion_tokens": 5, "total_tokens": 35}),
+        chat_chunk(usage={"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29}),
+        b"data: [DONE]\n\n",
+    ]
+    upstream.gap = 0.02
+    headers = await keyed(ledger)
+    ex = await call(build(base=url), CHAT, json_body=body(CHAT), headers=headers)
+    assert ex.status == 200
+    record = await one_record(ledger)
+    assert (record.usage_source, record.input_tokens, record.output_tokens) == ("provider", 30, 9)
+    assert await spent(ledger) == PRICE.cost(Usage(input_tokens=30, output_tokens=9))
+
+
+@pytest.mark.parametrize(
+    ("path", "stream"),
+    [(CHAT, False), (CHAT, True), (MESSAGES, False)],
+    ids=["chat-json", "chat-stream-answered-json", "messages-json"],
+)
+async def test_a_json_answer_over_max_response_bytes_is_not_read_without_bound(
+    build: Build, ledger: SQLiteLedger, scripted: tuple[Scripted, str], path: str, stream: bool
+) -> None:
+    """The upstream sends more than the limit, then stalls for 30 s: the gateway stops
+    reading at the limit (it answers long before the stall ends), tells the client in the
+    envelope, and charges the served-but-unreadable answer per the missing-usage policy."""
+    upstream, url = scripted
+    upstream.content_type = b"application/json"
+    upstream.chunks = [b'{"usage": {"prompt_tokens": 30}, "pad": "' + b"x" * 8192, b'"}']
+    upstream.gap = 30  # the rest of the body would come only after the test's deadline
+    headers = await keyed(ledger)
+    app = build(base=url, routes={"max_response_bytes": 1024})
+    ex = await call(app, path, json_body=body(path, stream=stream), headers=headers, deadline=3)
+    assert ex.status == 502
+    error = envelope_error(path, ex)
+    assert error["type"] == "api_error"
+    assert "1024 bytes" in error["message"]
+    assert b"xxxx" not in ex.body
+    assert upstream.requests == 1  # served (and billed) by the provider: no second attempt
+    record = await one_record(ledger)
+    assert (record.status, record.usage_source) == ("no_usage", "estimated")
+    assert (record.input_tokens, record.output_tokens) == (PROMPT_ESTIMATE, 0)
+    assert await spent(ledger) == record.cost == PRICE.cost(Usage(input_tokens=PROMPT_ESTIMATE))
+
+
+# -- §7: client input no HTTP client or encoder could send on --------------------------------
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("anthropic-beta", "tools-2024-04-04\x7f"), ("anthropic-version", "2023-06-01\x7f")],
+)
+async def test_a_client_anthropic_header_with_0x7f_is_400_in_the_envelope(
+    build: Build,
+    ledger: SQLiteLedger,
+    provider: tuple[FakeProvider, str],
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+    value: str,
+    stream: bool,
+) -> None:
+    fake, _ = provider
+    caplog.set_level(logging.DEBUG)
+    headers = {**await keyed(ledger), name: value}
+    ex = await call(build(), MESSAGES, json_body=body(MESSAGES, stream=stream), headers=headers)
+    assert ex.status == 400
+    error = anthropic_error(ex)
+    assert error["type"] == "invalid_request_error"
+    assert name in error["message"]
+    assert fake.requests == []  # never sent on
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert [r for r in caplog.records if r.exc_info] == []  # no traceback at any level
+    assert await spent(ledger) == 0
+    record = await one_record(ledger)
+    assert (record.status, record.cost) == ("error", 0)  # the hold was refunded
+
+
+LONE_SURROGATE = b'"hi \\ud800 there"'
+SURROGATE_PAIR = b'"hi \\ud83d\\ude00 there"'  # an escaped emoji: fine
+
+
+def raw_body(path: str, text: bytes) -> bytes:
+    if path == RESPONSES:
+        return b'{"model": "test-model", "input": ' + text + b"}"
+    tokens = b', "max_tokens": 10' if path == MESSAGES else b""
+    return (
+        b'{"model": "test-model", "messages": [{"role": "user", "content": '
+        + text
+        + b"}]"
+        + tokens
+        + b"}"
+    )
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES, RESPONSES])
+async def test_a_lone_surrogate_escape_is_400_in_the_envelope(
+    build: Build,
+    ledger: SQLiteLedger,
+    provider: tuple[FakeProvider, str],
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    fake, _ = provider
+    headers = await keyed(ledger)
+    ex = await call(build(), path, body=raw_body(path, LONE_SURROGATE), headers=headers)
+    assert ex.status == 400
+    assert envelope_error(path, ex)["type"] == "invalid_request_error"
+    assert fake.requests == []
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert await ledger.usage() == []  # refused before anything was held
+    # A surrogate *pair* is one character: served as usual.
+    ex = await call(build(), path, body=raw_body(path, SURROGATE_PAIR), headers=headers)
+    assert ex.status == 200
+    assert len(fake.requests) == 1
