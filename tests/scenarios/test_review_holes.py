@@ -19,7 +19,10 @@ from starlette.middleware import Middleware
 
 from gatewaykit import GatewayMiddleware
 from gatewaykit.adapters import gateway_routes
+from gatewaykit.errors import LedgerUnavailableError
+from gatewaykit.ledger.base import HoldState
 from gatewaykit.ledger.sqlite import SQLiteLedger
+from gatewaykit.modes import standalone
 from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.testing import FakeBehavior, FakeProvider
 from gatewaykit.upstream import Upstream
@@ -504,3 +507,168 @@ async def test_a_lone_surrogate_escape_is_400_in_the_envelope(
     ex = await call(build(), path, body=raw_body(path, SURROGATE_PAIR), headers=headers)
     assert ex.status == 200
     assert len(fake.requests) == 1
+
+
+# -- issue 19: no answer leaves before its charge is durable -----------------------------------
+
+
+class SettleDown:
+    """A real ledger whose settle fails for good: the store is unreachable by the time the
+    request settles (it was up when the request was admitted)."""
+
+    def __init__(self, ledger: SQLiteLedger) -> None:
+        self._ledger = ledger
+        self.settles = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+    async def settle(self, *args: Any, **kwargs: Any) -> Any:
+        self.settles += 1
+        raise LedgerUnavailableError("store unreachable")
+
+
+FINAL_EVENTS = {CHAT: b"[DONE]", MESSAGES: b"message_stop", RESPONSES: b"response.completed"}
+
+
+@pytest.fixture
+def quick_settle_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """StandaloneSettlement's settle retries, minus most of their waiting."""
+    monkeypatch.setattr(standalone, "_SETTLE_RETRY_DELAYS", (0.01, 0.01, 0.01), raising=False)
+
+
+async def expire_the_hold(ledger: SQLiteLedger, hold_id: str) -> None:
+    """Wait for the hold's TTL to pass and the sweeper to expire it (as in production)."""
+    with anyio.fail_after(3):
+        while not await ledger.sweep():  # noqa: ASYNC110 - the sweeper is polled, like cron
+            await anyio.sleep(0.05)
+    hold = await ledger.get_hold(hold_id)
+    assert hold is not None
+    assert hold.state is HoldState.EXPIRED
+
+
+@pytest.mark.usefixtures("quick_settle_retries")
+@pytest.mark.parametrize("path", [CHAT, MESSAGES, RESPONSES])
+async def test_an_answer_whose_charge_cannot_be_recorded_is_withheld(
+    ledger: SQLiteLedger,
+    client: Any,
+    provider: tuple[FakeProvider, str],
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    """Non-streaming: the body is the answer, so none of it leaves before the settle is
+    durable. The settle fails for good (after the settlement's retries): the client gets a
+    503 in the route's envelope instead, and the hold stays live for the sweeper."""
+    fake, url = provider
+    fake.behavior = FakeBehavior(events=3, input_tokens=20)
+    down = SettleDown(ledger)
+    mode = StandaloneMode(
+        down, prices={"test-model": PRICE}, upstreams=both_providers(url), hold_ttl=0.6
+    )
+    app = Starlette(
+        routes=gateway_routes(client=client),
+        middleware=[Middleware(GatewayMiddleware, mode=mode)],
+    )
+    headers = await keyed(ledger)
+    ex = await call(app, path, json_body=body(path, stream=False), headers=headers)
+    assert ex.status == 503  # one response start (Exchange.start checks): not the answer's
+    error = envelope_error(path, ex)
+    assert error["type"] == "api_error"
+    assert "could not record" in error["message"]
+    assert b"tok0" not in ex.body  # no byte of the answer
+    assert len(fake.requests) == 1
+    assert down.settles > 1  # retried before giving up
+    assert "could not settle" in caplog.text
+    hold = await ledger.get_hold(ex.headers["x-request-id"])
+    assert hold is not None
+    assert hold.state is HoldState.HELD  # left for the sweeper, never dropped
+    assert await ledger.usage() == []
+    await expire_the_hold(ledger, hold.hold_id)
+
+
+@pytest.mark.usefixtures("quick_settle_retries")
+@pytest.mark.parametrize("path", [CHAT, MESSAGES, RESPONSES])
+async def test_a_stream_whose_charge_cannot_be_recorded_ends_with_an_error_not_its_final_event(
+    ledger: SQLiteLedger, client: Any, provider: tuple[FakeProvider, str], path: str
+) -> None:
+    fake, url = provider
+    fake.behavior = FakeBehavior(events=3, input_tokens=20)
+    down = SettleDown(ledger)
+    mode = StandaloneMode(
+        down, prices={"test-model": PRICE}, upstreams=both_providers(url), hold_ttl=0.6
+    )
+    app = Starlette(
+        routes=gateway_routes(client=client),
+        middleware=[Middleware(GatewayMiddleware, mode=mode)],
+    )
+    headers = await keyed(ledger)
+    ex = await call(app, path, json_body=body(path, stream=True), headers=headers)
+    assert ex.status == 200
+    assert ex.complete
+    assert b"tok2" in ex.body  # the stream itself went out as it came
+    last = ex.chunks[-1]
+    assert b"could not record" in last
+    assert b"error" in last
+    if path == CHAT:
+        # The in-band error ends a chat stream as OpenAI's errors do: then [DONE].
+        assert ex.body.count(b"[DONE]") == 1
+        assert last.index(b"could not record") < last.index(b"[DONE]")
+    else:
+        assert FINAL_EVENTS[path] not in ex.body
+    assert down.settles > 1
+    hold = await ledger.get_hold(ex.headers["x-request-id"])
+    assert hold is not None
+    assert hold.state is HoldState.HELD
+    assert await ledger.usage() == []
+    await expire_the_hold(ledger, hold.hold_id)
+
+
+class LedgerDown:
+    """A real ledger that can be taken down: every call fails while ``down`` is set."""
+
+    def __init__(self, ledger: SQLiteLedger) -> None:
+        self._ledger = ledger
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._ledger, name)
+        if not callable(target):
+            return target
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise LedgerUnavailableError("store unreachable")
+            return await target(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.usefixtures("quick_settle_retries")
+async def test_fail_open_still_serves_an_answer_whose_charge_cannot_be_booked(
+    ledger: SQLiteLedger, client: Any, provider: tuple[FakeProvider, str]
+) -> None:
+    """``ledger_unavailable="fail_open"`` chose availability over the cap: a request
+    admitted without a hold is served even when its charge cannot be booked afterwards
+    (documented: the charge is lost and logged)."""
+    fake, url = provider
+    fake.behavior = FakeBehavior(events=3, input_tokens=20)
+    store = LedgerDown(ledger)
+    mode = StandaloneMode(
+        store,
+        prices={"test-model": PRICE},
+        upstreams=both_providers(url),
+        ledger_unavailable="fail_open",
+    )
+    app = Starlette(
+        routes=gateway_routes(client=client),
+        middleware=[Middleware(GatewayMiddleware, mode=mode)],
+    )
+    headers = await keyed(ledger)
+    request = body(CHAT, stream=False)
+    assert (await call(app, CHAT, json_body=request, headers=headers)).status == 200  # cached
+    store.down = True
+    ex = await call(app, CHAT, json_body=request, headers=headers)
+    assert ex.status == 200
+    assert b"tok0" in ex.body
+    store.down = False
+    assert len(await ledger.usage()) == 1  # only the first request's charge
