@@ -8,28 +8,36 @@ The ``ledger`` fixture checks afterwards that ``check()`` is clean and no hold i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from gatewaykit import GatewayMiddleware
 from gatewaykit.adapters import gateway_routes
-from gatewaykit.errors import LedgerUnavailableError
+from gatewaykit.errors import ConfigurationError, LedgerUnavailableError
 from gatewaykit.ledger.base import HoldState
 from gatewaykit.ledger.sqlite import SQLiteLedger
 from gatewaykit.modes import standalone
+from gatewaykit.modes.platform import PlatformMode
 from gatewaykit.modes.standalone import StandaloneMode
-from gatewaykit.testing import FakeBehavior, FakeProvider
+from gatewaykit.outbox import RetryPolicy, SQLiteOutbox
+from gatewaykit.testing import FakeBehavior, FakeControlPlane, FakeProvider
 from gatewaykit.upstream import Upstream
 from gatewaykit.usage import Usage
 from tests.asgi import Exchange, call
 from tests.scenarios.conftest import PRICE, UPSTREAM_KEY, Build, Scripted, spent
-from tests.scenarios.test_upstream import body, chat_chunk, keyed
+from tests.scenarios.test_upstream import body, chat_chunk, free_port, keyed
 
 pytestmark = pytest.mark.anyio
 
@@ -672,3 +680,278 @@ async def test_fail_open_still_serves_an_answer_whose_charge_cannot_be_booked(
     assert b"tok0" in ex.body
     store.down = False
     assert len(await ledger.usage()) == 1  # only the first request's charge
+
+
+# -- §3: the provider credential and header values never leak --------------------------------
+
+HEADER_SECRET = "hdr-SECRET-value-5150"
+#: What the gateway is configured with, read from a file: the newline is stripped.
+KEY_AS_READ = UPSTREAM_KEY + "\n"
+
+
+class Misbehaving:
+    """A raw TCP "provider" failing at the byte level, as set by ``mode``:
+
+    ``silent``: reads the request, never answers (a read timeout before any byte);
+    ``stall-mid-stream``: answers one event, then stays silent (a read timeout after it);
+    ``reset-before-headers`` / ``reset-mid-stream`` / ``reset-mid-body``: resets the
+    connection (TCP RST) before the response, after one event, inside a JSON body.
+    """
+
+    def __init__(self) -> None:
+        self.mode = "silent"
+        self.requests: list[bytes] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            self.requests.append(head + await reader.readexactly(length))
+            mode = self.mode
+            if mode in ("reset-mid-stream", "stall-mid-stream"):
+                event = chat_chunk("hello")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                    + f"{len(event):x}\r\n".encode()
+                    + event
+                    + b"\r\n"
+                )
+            elif mode == "reset-mid-body":
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b'content-length: 1000\r\n\r\n{"choices": [{"index": 0, '
+                )
+            await writer.drain()
+            if mode.startswith("reset"):
+                if mode != "reset-before-headers":
+                    await anyio.sleep(0.05)  # let the bytes be read before the reset
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+                return
+            await reader.read()  # silent until the gateway gives up and closes
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        writer.close()
+
+
+@pytest.fixture(scope="module")
+async def misbehaving_server() -> AsyncIterator[tuple[Misbehaving, str]]:
+    upstream = Misbehaving()
+    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield upstream, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def misbehaving(misbehaving_server: tuple[Misbehaving, str]) -> tuple[Misbehaving, str]:
+    upstream, url = misbehaving_server
+    upstream.mode = "silent"
+    upstream.requests.clear()
+    return upstream, url
+
+
+@pytest.fixture(params=["aiohttp", "httpx"])
+async def any_client(request: pytest.FixtureRequest, client: Any) -> AsyncIterator[Any]:
+    """The default (aiohttp) upstream client, or an httpx.AsyncClient wrapped by gatewaykit."""
+    if request.param == "aiohttp":
+        yield client
+    else:
+        async with httpx.AsyncClient() as http:
+            yield http
+
+
+#: (what the upstream does, whether the request streams, committed before the failure)
+TRANSPORT_FAILURES = [
+    ("refused", True, False),
+    ("refused", False, False),
+    ("silent", True, False),
+    ("silent", False, False),
+    ("reset-before-headers", True, False),
+    ("reset-before-headers", False, False),
+    ("reset-mid-stream", True, True),
+    ("stall-mid-stream", True, True),
+    ("reset-mid-body", False, False),
+]
+FAILURE_IDS = [f"{mode}-{'stream' if stream else 'json'}" for mode, stream, _ in TRANSPORT_FAILURES]
+
+
+def secret_upstreams(url: str) -> list[Upstream]:
+    return [
+        Upstream(f"{url}/v1", api_key=KEY_AS_READ, headers={"x-upstream-secret": HEADER_SECRET})
+    ]
+
+
+def failing_url(mode: str, misbehaving: tuple[Misbehaving, str]) -> str:
+    upstream, url = misbehaving
+    if mode == "refused":
+        return f"http://127.0.0.1:{free_port()}"
+    upstream.mode = mode
+    return url
+
+
+def rendered(record: logging.LogRecord) -> str:
+    """All of a log record a handler could write out: message, arguments, the exception
+    with its whole chain (suppressed contexts too) and stack."""
+    parts = [record.getMessage(), repr(record.args), record.stack_info or ""]
+    if record.exc_info and record.exc_info[1] is not None:
+        parts.append(logging.Formatter().formatException(record.exc_info))
+        seen: set[int] = set()
+        pending: list[BaseException | None] = [record.exc_info[1]]
+        while pending:
+            exc = pending.pop()
+            if exc is None or id(exc) in seen:
+                continue
+            seen.add(id(exc))
+            parts += [str(exc), repr(exc), repr(getattr(exc, "args", ()))]
+            pending += [exc.__cause__, exc.__context__]
+    return "\n".join(parts)
+
+
+def assert_no_secret(where: str, text: str, *secrets: str) -> None:
+    for secret in secrets:
+        assert secret not in text, f"{secret!r} in {where}"
+        assert secret[4:-2] not in text, f"most of {secret!r} in {where}"
+
+
+@pytest.mark.parametrize(("mode", "stream", "committed"), TRANSPORT_FAILURES, ids=FAILURE_IDS)
+async def test_transport_failures_never_leak_the_key_or_a_header_value(
+    ledger: SQLiteLedger,
+    any_client: Any,
+    misbehaving: tuple[Misbehaving, str],
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+    stream: bool,
+    committed: bool,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = failing_url(mode, misbehaving)
+    app = app_for(ledger, any_client, secret_upstreams(url), read_timeout=0.3)
+    headers = await keyed(ledger)
+    ex = await call(app, CHAT, json_body=body(CHAT, stream=stream), headers=headers)
+    record = await one_record(ledger)
+    assert record.status == "error"
+    assert record.error
+    if committed:
+        assert ex.status == 200
+        assert b"error" in ex.chunks[-1]  # told in-band
+        assert await spent(ledger) == record.cost > 0  # charged what went out
+    else:
+        assert ex.status in (502, 504)
+        assert await spent(ledger) == 0
+    if mode != "refused":
+        [sent] = misbehaving[0].requests  # the key went out stripped, and only there
+        assert f"authorization: Bearer {UPSTREAM_KEY}\r\n".encode() in sent
+    client_key = headers["authorization"].split()[1]
+    secrets = (UPSTREAM_KEY, HEADER_SECRET, client_key)
+    assert caplog.records or committed  # DEBUG is captured (a failed attempt is logged)
+    for log in caplog.records:
+        assert_no_secret(f"log record {log.getMessage()!r}", rendered(log), *secrets)
+    assert_no_secret("the usage record", repr(record), *secrets)
+    assert_no_secret("the response", ex.body.decode(errors="replace"), *secrets)
+
+
+@pytest.mark.parametrize(("mode", "stream", "committed"), TRANSPORT_FAILURES, ids=FAILURE_IDS)
+async def test_transport_failures_never_leak_the_key_into_platform_reports(
+    any_client: Any,
+    misbehaving: tuple[Misbehaving, str],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    mode: str,
+    stream: bool,
+    committed: bool,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = failing_url(mode, misbehaving)
+    plane = FakeControlPlane(gateway_token="gw-token-SECRET-777")
+    plane.add_user("tok-alice", user_id="alice")
+    attempt = {"provider": "openai", "base_url": f"{url}/v1", "api_key": KEY_AS_READ}
+    plane.set_attempts("*", {**attempt, "headers": {"x-upstream-secret": HEADER_SECRET}})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=plane.app)) as plane_http:
+        platform = PlatformMode(
+            base_url="http://plane.test",
+            gateway_token="gw-token-SECRET-777",
+            client=plane_http,
+            outbox=SQLiteOutbox(str(tmp_path / "outbox.db")),
+            retry=RetryPolicy(initial_delay=0.02, max_delay=0.05),
+        )
+        app = GatewayMiddleware(
+            Starlette(routes=gateway_routes(client=any_client, read_timeout=0.3)), mode=platform
+        )
+        async with platform:
+            chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            ex = await call(
+                app,
+                CHAT,
+                json_body={**chat, "stream": stream},
+                headers={"authorization": "Bearer tok-alice"},
+            )
+            assert ex.status in ((200,) if committed else (502, 504))
+            platform.sender.notify()
+            with anyio.fail_after(5):
+                while not plane.reports:  # noqa: ASYNC110 - the fake exposes only a dict
+                    await anyio.sleep(0.02)
+    [report] = plane.reports.values()
+    assert report["status"] == "error"
+    assert report["error"]
+    secrets = (UPSTREAM_KEY, HEADER_SECRET)
+    assert_no_secret("the usage report", json.dumps(report), *secrets)
+    for log in caplog.records:
+        assert_no_secret(f"log record {log.getMessage()!r}", rendered(log), *secrets)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+async def test_a_key_read_with_its_newline_is_stripped_and_works_with_httpx(
+    ledger: SQLiteLedger, provider: tuple[FakeProvider, str], path: str, stream: bool
+) -> None:
+    """The fake provider accepts only ``UPSTREAM_KEY``; the configured key is that plus the
+    newline a key file ends with. httpx (h11) refuses a header value with a newline and
+    quotes it whole in its error — the key must never get that far."""
+    fake, url = provider
+    async with httpx.AsyncClient() as http:
+        app = app_for(ledger, http, both_providers(url, key=KEY_AS_READ))
+        headers = await keyed(ledger)
+        ex = await call(app, path, json_body=body(path, stream=stream), headers=headers)
+    assert ex.status == 200
+    [received] = fake.requests
+    if path == CHAT:
+        assert received.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    else:
+        assert received.headers["x-api-key"] == UPSTREAM_KEY
+    assert (await one_record(ledger)).status == "success"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sk-proj-abcdef0123\n456789",
+        "sk-proj-abcdef0123\r456789",
+        "sk-proj-abcdef0123\x00456789",
+        "sk-proj-abcdef0123\x7f456789",
+        "sk-proj-abcdef0123\t\n456789",
+        "sk-proj-abcdef0123\u00e9456789",
+    ],
+    ids=["lf", "cr", "nul", "del", "tab-lf", "non-ascii"],
+)
+def test_an_upstream_key_with_a_control_character_is_refused_without_quoting_it(
+    key: str,
+) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        Upstream("https://api.example.com/v1", api_key=key)
+    error = refused.value
+    text = f"{error} {error!r} {error.args!r} {error.__cause__!r} {error.__context__!r}"
+    for part in ("abcdef0123", "456789"):
+        assert part not in text
+    with pytest.raises(ConfigurationError) as refused:
+        Upstream("https://api.example.com/v1", headers={"x-secret": key})
+    error = refused.value
+    text = f"{error} {error!r} {error.args!r} {error.__cause__!r} {error.__context__!r}"
+    for part in ("abcdef0123", "456789"):
+        assert part not in text
