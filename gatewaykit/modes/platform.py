@@ -796,10 +796,13 @@ class PlatformSettlement(Settlement):
         )
         key = f"{self.request_id}:{attempt_id}"
         self.report_key = key
+        recorded = True
         try:
             await self._queue_report(key, report)
         except Exception:
-            # Nothing durable could be written: the log line is the last copy of the report.
+            # Nothing durable could be written: the log line is the last copy of the report,
+            # and the adapters withhold the answer (unrecorded, it would be free).
+            recorded = False
             logger.exception(
                 "could not store usage report %s; report: %s",
                 key,
@@ -811,6 +814,7 @@ class PlatformSettlement(Settlement):
             usage=usage,
             refunded=status == "error" and not self.committed,
             error=error,
+            recorded=recorded,
         )
 
     async def _queue_report(self, key: str, report: Mapping[str, Any]) -> None:
