@@ -955,3 +955,59 @@ def test_an_upstream_key_with_a_control_character_is_refused_without_quoting_it(
     text = f"{error} {error!r} {error.args!r} {error.__cause__!r} {error.__context__!r}"
     for part in ("abcdef0123", "456789"):
         assert part not in text
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_platform_an_answer_whose_report_cannot_be_stored_is_withheld(
+    client: Any,
+    provider: tuple[FakeProvider, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stream: bool,
+) -> None:
+    """PlatformMode's charge is its usage report: when the outbox cannot store it, the
+    answer is withheld as in standalone mode (a 503, or an in-band error for a stream)."""
+    fake, url = provider
+    fake.behavior = FakeBehavior(events=3, input_tokens=20)
+    plane = FakeControlPlane(gateway_token="gw-token-SECRET-777")
+    plane.add_user("tok-alice", user_id="alice")
+    plane.set_attempts(
+        "*", {"provider": "openai", "base_url": f"{url}/v1", "api_key": UPSTREAM_KEY}
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=plane.app)) as plane_http:
+        platform = PlatformMode(
+            base_url="http://plane.test",
+            gateway_token="gw-token-SECRET-777",
+            client=plane_http,
+            outbox=SQLiteOutbox(str(tmp_path / "outbox.db")),
+            retry=RetryPolicy(initial_delay=0.02, max_delay=0.05),
+        )
+        app = GatewayMiddleware(Starlette(routes=gateway_routes(client=client)), mode=platform)
+
+        async def disk_full(*args: Any, **kwargs: Any) -> Any:
+            raise OSError("disk full")
+
+        async with platform:
+            monkeypatch.setattr(platform, "complete_admission", disk_full)
+            monkeypatch.setattr(platform, "enqueue_report", disk_full)
+            chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            ex = await call(
+                app,
+                CHAT,
+                json_body={**chat, "stream": stream},
+                headers={"authorization": "Bearer tok-alice"},
+            )
+            monkeypatch.undo()
+    assert len(fake.requests) == 1
+    if stream:
+        assert ex.status == 200
+        assert b"could not record" in ex.chunks[-1]
+    else:
+        assert ex.status == 503
+        error = openai_error(ex)
+        assert (error["type"], "could not record" in error["message"]) == ("api_error", True)
+        assert b"tok0" not in ex.body
+    # The admission stayed open: the stopping mode reported the request incomplete, once.
+    [report] = plane.reports.values()
+    assert report["status"] == "incomplete"
+    assert plane.report_problems() == []
