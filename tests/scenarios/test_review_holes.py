@@ -26,7 +26,7 @@ from starlette.middleware import Middleware
 from gatewaykit import GatewayMiddleware
 from gatewaykit.adapters import gateway_routes
 from gatewaykit.errors import ConfigurationError, LedgerUnavailableError
-from gatewaykit.ledger.base import HoldState
+from gatewaykit.ledger.base import HoldState, Ledger
 from gatewaykit.ledger.sqlite import SQLiteLedger
 from gatewaykit.modes import standalone
 from gatewaykit.modes.platform import PlatformMode
@@ -545,7 +545,7 @@ def quick_settle_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(standalone, "_SETTLE_RETRY_DELAYS", (0.01, 0.01, 0.01), raising=False)
 
 
-async def expire_the_hold(ledger: SQLiteLedger, hold_id: str) -> None:
+async def expire_the_hold(ledger: Ledger, hold_id: str) -> None:
     """Wait for the hold's TTL to pass and the sweeper to expire it (as in production)."""
     with anyio.fail_after(3):
         while not await ledger.sweep():  # noqa: ASYNC110 - the sweeper is polled, like cron
@@ -592,6 +592,48 @@ async def test_an_answer_whose_charge_cannot_be_recorded_is_withheld(
     assert hold.state is HoldState.HELD  # left for the sweeper, never dropped
     assert await ledger.usage() == []
     await expire_the_hold(ledger, hold.hold_id)
+
+
+@pytest.fixture
+async def pg_ledger() -> AsyncIterator[Any]:
+    from gatewaykit.ledger.postgres import PostgresLedger
+    from tests.ledger.backend_postgres import DSN, fresh_schema
+
+    async with fresh_schema("gk_holes") as schema, PostgresLedger(DSN, schema=schema) as store:
+        yield store
+        assert await store.check() == []
+        assert await store.holds() == []
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("quick_settle_retries")
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_an_answer_whose_charge_cannot_be_recorded_is_withheld_on_postgres(
+    pg_ledger: Any, client: Any, provider: tuple[FakeProvider, str], stream: bool
+) -> None:
+    fake, url = provider
+    fake.behavior = FakeBehavior(events=3, input_tokens=20)
+    down = SettleDown(pg_ledger)
+    mode = StandaloneMode(
+        down, prices={"test-model": PRICE}, upstreams=both_providers(url), hold_ttl=1
+    )
+    app = Starlette(
+        routes=gateway_routes(client=client),
+        middleware=[Middleware(GatewayMiddleware, mode=mode)],
+    )
+    headers = await keyed(pg_ledger)
+    ex = await call(app, CHAT, json_body=body(CHAT, stream=stream), headers=headers)
+    if stream:
+        assert ex.status == 200
+        assert b"could not record" in ex.chunks[-1]
+    else:
+        assert ex.status == 503
+        assert b"tok0" not in ex.body
+    hold = await pg_ledger.get_hold(ex.headers["x-request-id"])
+    assert hold is not None
+    assert hold.state is HoldState.HELD
+    assert await pg_ledger.usage() == []
+    await expire_the_hold(pg_ledger, hold.hold_id)
 
 
 @pytest.mark.usefixtures("quick_settle_retries")
