@@ -803,7 +803,7 @@ class PlatformSettlement(Settlement):
             await self._queue_report(key, report)
         except Exception:
             # Nothing durable could be written: the log line is the last copy of the report,
-            # and the adapters withhold the answer's last bytes (SettlementOutcome.recorded).
+            # and the adapters withhold the answer (unrecorded, it would be free).
             recorded = False
             logger.exception(
                 "could not store usage report %s; report: %s",

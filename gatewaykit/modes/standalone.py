@@ -653,7 +653,10 @@ class StandaloneSettlement(Settlement):
                 usage=charge,
                 refunded=False,
                 error=f"settlement not recorded: {type(exc).__name__}",
-                recorded=False,
+                # Unrecorded: the adapters withhold the answer (it is not free). A request
+                # admitted without a hold (fail_open) is served and its charge lost, as
+                # configured.
+                recorded=self.unheld_scopes is not None,
             )
         return SettlementOutcome(
             status=status,
