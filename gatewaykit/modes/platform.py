@@ -43,17 +43,18 @@ from gatewaykit.envelopes import WireFormat
 from gatewaykit.errors import (
     ConfigurationError,
     ErrorKind,
-    InvalidAmountError,
     RequestRejected,
     UpstreamConnectError,
     UpstreamError,
 )
 from gatewaykit.http import Timeouts, as_upstream_client, post
+from gatewaykit.modes.admission import credential, endpoint_name, missing_credential
+from gatewaykit.modes.admission import estimate as held_estimate
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.outbox.admissions import AdmissionKeeper, RecoveryCause
 from gatewaykit.outbox.base import Admission, AdmissionStore, Outbox
 from gatewaykit.outbox.sender import OutboxSender, RetryPolicy
-from gatewaykit.pricing import ModelPrice, PriceTable, estimate_cost, estimate_prompt_tokens
+from gatewaykit.pricing import ModelPrice, PriceTable
 from gatewaykit.settlement import (
     RequestEstimate,
     Settlement,
@@ -96,12 +97,6 @@ _RECOVERED_ERRORS: dict[RecoveryCause, str] = {
     "shutdown": "the gateway shut down before the request ended",
 }
 
-#: The ``endpoint`` names sent to the control plane (the same as usage records use).
-_ENDPOINTS = {
-    WireFormat.OPENAI_CHAT: "chat.completions",
-    WireFormat.ANTHROPIC_MESSAGES: "messages",
-    WireFormat.OPENAI_RESPONSES: "responses",
-}
 _PROVIDERS: dict[str, Literal["openai", "anthropic"]] = {
     "openai": "openai",
     "openai-compatible": "openai",
@@ -299,13 +294,13 @@ class PlatformMode:
     # -- admission ---------------------------------------------------------------------
     async def authenticate(self, headers: Mapping[str, str]) -> None:
         """401 when the request carries no credential (checked before a bad body's 400)."""
-        if _credential(headers) is None:
-            raise _missing_credential()
+        if credential(headers) is None:
+            raise missing_credential()
 
     async def resolve(self, request: GatewayRequest) -> GatewayContext:
-        token = _credential(request.headers)
+        token = credential(request.headers)
         if token is None:
-            raise _missing_credential()
+            raise missing_credential()
         if self._stopping:
             logger.info("refusing request %s: the gateway is shutting down", request.request_id)
             raise RequestRejected(ErrorKind.UNAVAILABLE, "the gateway is shutting down; retry")
@@ -316,8 +311,11 @@ class PlatformMode:
                 request.request_id,
             )
             raise RequestRejected(ErrorKind.UNAVAILABLE, "the gateway is not ready; retry shortly")
-        estimate = self._estimate(request)
-        endpoint = _ENDPOINTS.get(request.format, request.path) if request.format else request.path
+        price = None if self.prices is None else self.prices.lookup(request.parsed.model)
+        estimate = held_estimate(
+            request, price, default_max_output_tokens=self.default_max_output_tokens
+        )
+        endpoint = endpoint_name(request)
         payload = {
             "request_id": request.request_id,
             "user_token": token,
@@ -361,28 +359,6 @@ class PlatformMode:
         context.response_headers[ATTEMPT_ID_HEADER] = attempts[0].attempt_id
         settlement.bind(context)
         return context
-
-    def _estimate(self, request: GatewayRequest) -> RequestEstimate:
-        prompt_tokens = estimate_prompt_tokens(request.parsed.prompt_chars)
-        max_output = request.parsed.max_output_tokens
-        if max_output is None:
-            max_output = self.default_max_output_tokens
-        max_output *= request.parsed.choices  # OpenAI's n: every completion may use the cap
-        amount = Decimal(0)
-        price = None if self.prices is None else self.prices.lookup(request.parsed.model)
-        if price is not None:
-            try:
-                amount = estimate_cost(
-                    price, prompt_tokens=prompt_tokens, max_output_tokens=max_output
-                )
-            except InvalidAmountError:
-                raise RequestRejected(
-                    ErrorKind.INVALID_REQUEST,
-                    f"the request's output token limit ({max_output}) is too large to budget for",
-                ) from None
-        return RequestEstimate(
-            prompt_tokens=prompt_tokens, max_output_tokens=max_output, amount=amount
-        )
 
     async def _post_resolve(
         self, request_id: str, payload: Mapping[str, Any], estimate: RequestEstimate
@@ -531,23 +507,6 @@ def _resolve_failure(exc: BaseException) -> str:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _credential(headers: Mapping[str, str]) -> str | None:
-    authorization = headers.get("authorization", "").strip()
-    if authorization:
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    api_key = headers.get("x-api-key", "").strip()
-    return api_key or None
-
-
-def _missing_credential() -> RequestRejected:
-    return RequestRejected(
-        ErrorKind.AUTHENTICATION,
-        "missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'",
-    )
 
 
 def _unavailable(message: str) -> RequestRejected:

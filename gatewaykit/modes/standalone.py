@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import hmac
 import logging
-import math
 import re
 import time
 from collections import OrderedDict
@@ -50,7 +49,6 @@ from gatewaykit.errors import (
     ConfigurationError,
     ErrorKind,
     HoldClosedError,
-    InvalidAmountError,
     LedgerUnavailableError,
     RequestRejected,
 )
@@ -64,9 +62,17 @@ from gatewaykit.ledger.base import (
     UsageRecord,
     validate_ttl,
 )
+from gatewaykit.modes.admission import (
+    PROVIDERS,
+    credential,
+    endpoint_name,
+    estimate,
+    missing_credential,
+)
 from gatewaykit.modes.base import GatewayRequest
+from gatewaykit.modes.charging import DisconnectPolicy, MissingUsagePolicy, charge_for
 from gatewaykit.money import parse_usd
-from gatewaykit.pricing import ModelPrice, PriceTable, estimate_cost, estimate_prompt_tokens
+from gatewaykit.pricing import ModelPrice, PriceTable
 from gatewaykit.ratelimit import RateLimiter
 from gatewaykit.settlement import (
     RequestEstimate,
@@ -82,7 +88,7 @@ from gatewaykit.stored_context import (
     read_continuation,
 )
 from gatewaykit.upstream import Attempt, Upstream
-from gatewaykit.usage import Usage, UsageSource, clamp_usage
+from gatewaykit.usage import Usage, UsageSource
 
 __all__ = [
     "DisconnectPolicy",
@@ -96,27 +102,14 @@ __all__ = [
 
 logger = logging.getLogger("gatewaykit.standalone")
 
-MissingUsagePolicy = Literal["estimate", "hold", "allow_free", "fail"]
 LedgerUnavailablePolicy = Literal["fail_closed", "fail_open"]
-DisconnectPolicy = Literal["charge_observed", "release"]
 #: ``"reject"`` (400), ``"allow"`` (served unbudgeted: held and charged 0), or a fallback
 #: price: a :class:`ModelPrice`, or a ``Decimal`` USD per million tokens for input and
 #: output alike.
 UnpricedPolicy = Literal["reject", "allow"] | ModelPrice | Decimal
 
-_ENDPOINTS = {
-    WireFormat.OPENAI_CHAT: "chat.completions",
-    WireFormat.ANTHROPIC_MESSAGES: "messages",
-    WireFormat.OPENAI_RESPONSES: "responses",
-}
-_PROVIDER = {
-    WireFormat.OPENAI_CHAT: "openai",
-    WireFormat.ANTHROPIC_MESSAGES: "anthropic",
-    WireFormat.OPENAI_RESPONSES: "openai",
-}
 _KEY_CACHE_SIZE = 10_000
 _USER = re.compile(r"[^\s]{1,200}")  # what a budget scope id allows
-_NO_USAGE_ERROR = "stream completed without usage data"
 #: Pauses between attempts to settle while the ledger is unreachable (about 1.3 s in all).
 _SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0)
 
@@ -263,12 +256,9 @@ class StandaloneMode:
 
     async def authenticate(self, headers: Mapping[str, str]) -> ApiKeyRecord | None:
         """The key record the request's credential names, None for the master key; else 401."""
-        presented = _credential(headers)
+        presented = credential(headers)
         if presented is None:
-            raise RequestRejected(
-                ErrorKind.AUTHENTICATION,
-                "missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'",
-            )
+            raise missing_credential()
         digest = hash_key(presented)
         if self._master_hash is not None and hmac.compare_digest(digest, self._master_hash):
             return None
@@ -339,12 +329,13 @@ class StandaloneMode:
                 ErrorKind.NOT_FOUND, f"no upstream serves model {request.parsed.model!r}"
             )
 
-        prompt_tokens = estimate_prompt_tokens(request.parsed.prompt_chars) + context_tokens
-        max_output = request.parsed.max_output_tokens
-        if max_output is None:
-            max_output = self.default_max_output_tokens
-        max_output *= request.parsed.choices  # OpenAI's n: every completion may use the cap
-        amount = Decimal(0) if price is None else _estimate_cost(price, prompt_tokens, max_output)
+        held_estimate = estimate(
+            request,
+            price,
+            default_max_output_tokens=self.default_max_output_tokens,
+            extra_prompt_tokens=context_tokens,
+        )
+        amount = held_estimate.amount
         scopes = [f"user:{user}"]
         if key_id is not None:
             scopes.append(f"key:{key_id}")
@@ -374,12 +365,10 @@ class StandaloneMode:
         settlement = StandaloneSettlement(
             self.ledger,
             request_id=request.request_id,
-            estimate=RequestEstimate(
-                prompt_tokens=prompt_tokens, max_output_tokens=max_output, amount=amount
-            ),
+            estimate=held_estimate,
             price=price,
             model=request.parsed.model,
-            endpoint=_ENDPOINTS.get(fmt, request.path) if fmt else request.path,
+            endpoint=endpoint_name(request),
             key_id=key_id,
             user=user,
             missing_usage=self.missing_usage,
@@ -468,7 +457,7 @@ class StandaloneMode:
 
     def _upstreams(self, fmt: WireFormat | None, model: str) -> list[Upstream]:
         """The configured upstreams that serve ``model`` in ``fmt``, in order (fallbacks)."""
-        provider = _PROVIDER.get(fmt) if fmt is not None else None
+        provider = PROVIDERS.get(fmt) if fmt is not None else None
         return [
             upstream
             for upstream in self.upstreams
@@ -547,80 +536,23 @@ class StandaloneSettlement(Settlement):
         with contextlib.suppress(HoldClosedError):
             await self.ledger.extend(self.request_id, ttl=self.hold_ttl)
 
-    def _cost(self, usage: Usage) -> Decimal:
-        return Decimal(0) if self.price is None else self.price.cost(usage)
-
-    def _observed(self, reported: Usage | None) -> Usage | None:
-        """What was consumed by a call that did not finish; None when nothing was."""
-        if reported is not None and reported.source is UsageSource.PROVIDER:
-            # The provider's own final totals (e.g. OpenAI's usage chunk arrived, then the
-            # client left before [DONE]): charged as reported, not inflated by the estimate.
-            return reported
-        partial = reported or self.partial_usage
-        output = math.ceil(self.output_chars / 4)
-        if partial is not None:
-            return Usage(
-                input_tokens=partial.input_tokens,
-                output_tokens=max(partial.output_tokens, output),
-                cache_read_tokens=partial.cache_read_tokens,
-                cache_write_tokens=partial.cache_write_tokens,
-                source=UsageSource.PARTIAL,
-            )
-        if not self.upstream_contacted and output == 0:
-            return None
-        return Usage(
-            input_tokens=self.estimate.prompt_tokens,
-            output_tokens=output,
-            source=UsageSource.ESTIMATED,
-        )
-
     async def _finish(
         self, status: SettlementStatus, usage: Usage | None, error: str | None
     ) -> SettlementOutcome:
-        charge: Usage | None
-        amount: Decimal | None = None  # None: release the hold
-        if status == "success":
-            assert usage is not None
-            charge = usage
-        elif status == "no_usage":
-            if self.missing_usage == "allow_free":
-                charge = None
-                amount = Decimal(0)
-            elif self.missing_usage == "hold":
-                charge = Usage(
-                    input_tokens=self.estimate.prompt_tokens,
-                    output_tokens=self.estimate.max_output_tokens,
-                    source=UsageSource.ESTIMATED,
-                )
-                amount = self.estimate.amount
-            else:
-                observed = self._observed(None)
-                charge = observed or Usage(
-                    input_tokens=self.estimate.prompt_tokens, source=UsageSource.ESTIMATED
-                )
-                if charge.source is UsageSource.PARTIAL:
-                    charge = _with_source(charge, UsageSource.ESTIMATED)
-                if self.missing_usage == "fail":
-                    error = _NO_USAGE_ERROR
-        elif status == "error" and not self.committed:
-            charge = None  # nothing was delivered: refund
-        elif self.disconnect == "release":
-            charge = None
-        else:  # incomplete, or error after commit: charge what was consumed
-            charge = self._observed(usage)
-        if charge is not None:  # an absurd report must not overflow the store
-            charge, clamped = clamp_usage(charge)
-            if clamped:
-                error = f"{clamped} ({error})" if error else clamped
-        if charge is not None and amount is None:
-            try:
-                amount = self._cost(charge)
-            except InvalidAmountError:
-                # Usage no ledger can price is a bogus report; never leave the hold live
-                # over it: charge the whole hold and say why in the record.
-                amount = self.estimate.amount
-                note = "reported usage is too large to price; charged the hold"
-                error = f"{note} ({error})" if error else note
+        decided = charge_for(
+            status,
+            usage,
+            error,
+            estimate=self.estimate,
+            price=self.price,
+            committed=self.committed,
+            upstream_contacted=self.upstream_contacted,
+            output_chars=self.output_chars,
+            partial_usage=self.partial_usage,
+            missing_usage=self.missing_usage,
+            disconnect=self.disconnect,
+        )
+        charge, amount, error = decided.usage, decided.amount, decided.error
         record = UsageRecord(
             request_id=self.request_id,
             model=self.model,
@@ -706,37 +638,6 @@ class StandaloneSettlement(Settlement):
         hold = await self.ledger.settle(self.request_id, amount, record=record)
         charged: Decimal = hold.charged
         return charged
-
-
-def _estimate_cost(price: ModelPrice, prompt_tokens: int, max_output: int) -> Decimal:
-    """The hold for a request; an output cap no ledger could hold is the client's 400."""
-    try:
-        return estimate_cost(price, prompt_tokens=prompt_tokens, max_output_tokens=max_output)
-    except InvalidAmountError:
-        raise RequestRejected(
-            ErrorKind.INVALID_REQUEST,
-            f"the request's output token limit ({max_output}) is too large to budget for",
-        ) from None
-
-
-def _with_source(usage: Usage, source: UsageSource) -> Usage:
-    return Usage(
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        cache_read_tokens=usage.cache_read_tokens,
-        cache_write_tokens=usage.cache_write_tokens,
-        source=source,
-    )
-
-
-def _credential(headers: Mapping[str, str]) -> str | None:
-    authorization = headers.get("authorization", "").strip()
-    if authorization:
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    api_key = headers.get("x-api-key", "").strip()
-    return api_key or None
 
 
 def _unpriced_price(policy: object) -> ModelPrice | None:
