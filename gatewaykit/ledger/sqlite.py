@@ -79,6 +79,8 @@ _KEY_COLUMNS = (
     "key_id, key_hash, prefix, user, team, revoked, created_at, expires_at, allowed_models, rpm"
 )
 _MAX_BATCH = 512
+#: How long a busy writer waits for more operations before it commits (seconds).
+_LINGER = 0.0002
 #: How often an idle writer checks whether another connection changed an API key.
 _IDLE_POLL = 0.5
 _MAX_CACHED = 100_000
@@ -947,6 +949,7 @@ class _Writer(threading.Thread):
         get, get_nowait = self.queue.get, self.queue.get_nowait
         stopping = False
         carry: list[_Op] = []  # taken from the queue, beyond the last batch's cap
+        busy = False  # the last batch held more than one operation
         while True:
             if carry:
                 batch, carry = carry, []
@@ -968,15 +971,21 @@ class _Writer(threading.Thread):
                 if first is None:
                     break
                 batch = first
+            # Under load (the last batch held several operations) wait a moment for more
+            # before committing: one fsync then covers more of them. A lone operation
+            # (an idle gateway, c=1) never waits.
+            linger = _LINGER if busy else 0.0
             while not stopping and len(batch) < _MAX_BATCH:
                 try:
-                    item = get_nowait()
+                    item = get(timeout=linger) if linger else get_nowait()
                 except queue.Empty:
                     break
+                linger = 0.0
                 if item is None:
                     stopping = True
                     break
                 batch.extend(item)
+            busy = len(batch) > 1
             if len(batch) > _MAX_BATCH:
                 batch, carry = batch[:_MAX_BATCH], batch[_MAX_BATCH:]
             batch = [op for op in batch if not op[2].cancelled()]  # cancelled before running
