@@ -15,6 +15,10 @@ __all__ = ["NANOS_PER_USD", "from_nanos", "parse_usd", "to_nanos"]
 NANOS_PER_USD = 10**9
 #: Largest amount a signed 64-bit nano-USD counter holds (about $9.2 billion).
 MAX_NANOS = 2**63 - 1
+#: Decimal exponents (of the leading digit) an amount may have: prices per million tokens
+#: far below a nano-USD, budgets far beyond any ledger, but nothing absurd.
+_MIN_EXPONENT = -30
+_MAX_EXPONENT = 18
 
 
 def parse_usd(value: object) -> Decimal:
@@ -46,6 +50,13 @@ def parse_usd(value: object) -> Decimal:
         raise InvalidAmountError(f"money must be finite, got {amount}")
     if amount < 0:
         raise InvalidAmountError(f"money must not be negative, got {amount}")
+    if amount and not _MIN_EXPONENT <= amount.adjusted() <= _MAX_EXPONENT:
+        # Arithmetic on its digits would then cost time and memory without bound (an
+        # exponent of a million is a short string); no price or budget is near these.
+        raise InvalidAmountError(
+            f"money must be 0 or between 1E{_MIN_EXPONENT} and 1E{_MAX_EXPONENT + 1} USD, "
+            f"got {amount:.3E}"
+        )
     return amount
 
 
@@ -59,6 +70,8 @@ def to_nanos(value: object) -> int:
     _, digits, exponent = amount.as_tuple()
     assert isinstance(exponent, int)  # parse_usd refused NaN and infinities
     coefficient = int("".join(map(str, digits))) if digits else 0
+    if not coefficient:
+        return 0  # zero, whatever its exponent ("0E+999999999")
     shift = exponent + 9
     # Beyond nine decimal places the ceiling: never under-charge.
     nanos: int = coefficient * 10**shift if shift >= 0 else -(-coefficient // 10 ** (-shift))

@@ -248,18 +248,17 @@ _UNITS_PER_NANO_MTOK = 10**12
 
 def _integer_rates(price: ModelPrice) -> tuple[int, int, int, int] | None:
     rates = []
-    with localcontext() as ctx:
-        ctx.prec = 80
-        for rate in (
-            price.input_per_mtok,
-            price.output_per_mtok,
-            price.cache_read,
-            price.cache_write,
-        ):
-            scaled = rate.scaleb(15)
-            if scaled != scaled.to_integral_value():
-                return None  # finer than 10^-15 USD per million tokens: Decimal arithmetic
-            rates.append(int(scaled))
+    for rate in (price.input_per_mtok, price.output_per_mtok, price.cache_read, price.cache_write):
+        _, digits, exponent = rate.as_tuple()
+        assert isinstance(exponent, int)  # parse_usd refused NaN and infinities
+        coefficient = int("".join(map(str, digits))) if digits else 0
+        shift = exponent + 15
+        if not coefficient:
+            rates.append(0)  # zero, whatever its exponent
+            continue
+        if shift < 0 and coefficient % 10**-shift:
+            return None  # finer than 10^-15 USD per million tokens: Decimal arithmetic
+        rates.append(coefficient * 10**shift if shift >= 0 else coefficient // 10**-shift)
     return rates[0], rates[1], rates[2], rates[3]
 
 

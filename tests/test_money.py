@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from gatewaykit.errors import ConfigurationError, GatewayKitError, InvalidAmountError
 from gatewaykit.money import MAX_NANOS, NANOS_PER_USD, from_nanos, parse_usd, to_nanos
+from gatewaykit.pricing import ModelPrice
+from gatewaykit.usage import Usage
 
 amounts = st.decimals(min_value=0, max_value=10**9, places=12, allow_nan=False)
 
@@ -100,3 +102,15 @@ def test_too_large_and_non_int_nanos() -> None:
         from_nanos(1.5)  # type: ignore[arg-type]
     with pytest.raises(InvalidAmountError):
         from_nanos(True)
+
+
+@pytest.mark.parametrize("text", ["1E+10000000", "1E-10000000", "1E+999999999", "1E+19"])
+def test_absurd_exponents_are_refused_at_once(text: str) -> None:
+    """An exponent of a million is a short string; computing with it used to hang."""
+    with pytest.raises(InvalidAmountError, match="between"):
+        to_nanos(text)
+
+
+def test_zero_with_any_exponent_is_zero() -> None:
+    assert to_nanos("0E+999999999") == 0
+    assert ModelPrice(Decimal("0E+999999999"), Decimal(1)).cost_nanos(Usage(input_tokens=5)) == 0

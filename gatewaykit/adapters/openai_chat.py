@@ -69,6 +69,16 @@ _TEXT = re.compile(
 )
 
 
+_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
+
+
+def _no_usage(data: bytes) -> bool:
+    """Whether a chunk carries no usage: no "usage" key, or only ``"usage": null`` (which
+    OpenAI sends in every chunk of a stream that asked for usage)."""
+    count = data.count(b'"usage"')
+    return not count or count == len(_NULL_USAGE.findall(data))
+
+
 def _text_chars(data: bytes) -> int:
     """Characters of generated text in a chunk's raw JSON, exactly (escapes decoded)."""
     chars = 0
@@ -100,7 +110,7 @@ class ChatStreamUsage(StreamUsage):
     def observe_data(self, data: bytes) -> EventKind:
         if data[:1] != b"{" and data.strip() == b"[DONE]":
             return EventKind.FINAL
-        if self._checked and b'"usage"' not in data and b'"error"' not in data:
+        if self._checked and b'"error"' not in data and _no_usage(data):
             # A content chunk after the first (nearly every event): only its text is
             # wanted, found by a byte scan instead of a full JSON parse. Inside a JSON
             # string a quote is always escaped, so '"content": "' can only be a key.

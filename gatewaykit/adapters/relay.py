@@ -253,23 +253,15 @@ async def relay_body(
     content_type = response.headers.get("content-type", "application/json")
     try:
         body = await response.read(max_bytes)
-    finally:
+    except BaseException:
         await response.aclose()
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        payload = None
-    if not isinstance(payload, dict):
-        return "the upstream provider sent a malformed JSON response"
-    try:
-        usage = reader.usage_from_body(payload)
-        chars = reader.output_chars_from_body(payload)
-        response_id = reader.response_id_from_body(payload)
-    except (TypeError, ValueError, AttributeError):
-        return "the upstream provider sent malformed usage"
-    settlement.note_output(chars)
-    if response_id is not None:
-        settlement.note_response(response_id)
+        raise
+    # Usage is read, and noted on the settlement, before the next await: a client that
+    # leaves from here on is charged what the provider reported, not an estimate.
+    problem, usage = _read_body(body, reader, settlement)
+    await response.aclose()
+    if problem is not None:
+        return problem
     await settlement.on_first_chunk()
     if usage is not None:
         outcome = await settlement.on_success(usage)
@@ -285,6 +277,30 @@ async def relay_body(
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
     return None
+
+
+def _read_body(
+    body: bytes, reader: BodyReader, settlement: Settlement
+) -> tuple[str | None, Usage | None]:
+    """(why the answer is unusable, or None; its usage) — noting usage and output."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        payload = None
+    if not isinstance(payload, dict):
+        return "the upstream provider sent a malformed JSON response", None
+    try:
+        usage = reader.usage_from_body(payload)
+        chars = reader.output_chars_from_body(payload)
+        response_id = reader.response_id_from_body(payload)
+    except (TypeError, ValueError, AttributeError):
+        return "the upstream provider sent malformed usage", None
+    settlement.note_output(chars)
+    if usage is not None:
+        settlement.note_usage(usage)
+    if response_id is not None:
+        settlement.note_response(response_id)
+    return None, usage
 
 
 async def send_error(

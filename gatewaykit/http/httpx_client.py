@@ -29,7 +29,9 @@ class HttpxClient:
         self.client = client
         self._connect = (library.ConnectError, library.ConnectTimeout, library.PoolTimeout)
         self._timeout = (library.TimeoutException,)
-        self._transport = (library.TransportError, library.StreamError)
+        # RequestError covers TransportError and DecodingError (a body that will not
+        # decode); InvalidURL and ValueError (a header value the library refuses) too.
+        self._transport = (library.RequestError, library.StreamError, library.InvalidURL)
         self._library = library
         self._timeouts: dict[Timeouts, Any] = {}
         self._urls: dict[str, Any] = {}
@@ -48,7 +50,7 @@ class HttpxClient:
             return UpstreamConnectError("could not connect", cause=name)
         if isinstance(exc, self._timeout):
             return UpstreamTimeoutError("timed out", cause=name)
-        if isinstance(exc, (*self._transport, OSError)):
+        if isinstance(exc, (*self._transport, OSError, ValueError)):
             return UpstreamError("the connection failed", cause=name)
         raise exc
 
@@ -69,13 +71,13 @@ class HttpxClient:
                 write=timeouts.write,
                 pool=timeouts.pool,
             )
-        # Parsing a URL string is a noticeable share of a request's cost in httpx.
-        parsed = self._urls.get(url)
-        if parsed is None:
-            parsed = self._library.URL(url)
-            if len(self._urls) < 1024:
-                self._urls[url] = parsed
         try:
+            # Parsing a URL string is a noticeable share of a request's cost in httpx.
+            parsed = self._urls.get(url)
+            if parsed is None:
+                parsed = self._library.URL(url)
+                if len(self._urls) < 1024:
+                    self._urls[url] = parsed
             request = self.client.build_request(
                 method, parsed, content=body, headers=headers, timeout=timeout
             )

@@ -91,6 +91,8 @@ async def test_aiohttp_connect_error_is_mapped_without_its_text() -> None:
         (httpx.ConnectTimeout("slow"), UpstreamConnectError),
         (httpx.ReadTimeout("slow"), UpstreamTimeoutError),
         (httpx.RemoteProtocolError(f"Illegal header value b'Bearer {SECRET}'"), UpstreamError),
+        (httpx.DecodingError(f"bad gzip {SECRET}"), UpstreamError),
+        (UnicodeEncodeError("ascii", SECRET, 0, 1, "not ascii"), UpstreamError),
     ],
 )
 async def test_httpx_errors_are_mapped_by_class_without_their_text(

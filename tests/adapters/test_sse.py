@@ -187,3 +187,19 @@ def test_extractors_follow_the_usage_extractor_protocol(cls: type[Any]) -> None:
     extractor.feed(b"[1, 2]")
     with pytest.raises(MalformedStreamError):
         extractor.feed(b"\n\n")
+
+
+def test_chat_chunks_with_usage_null_are_scanned_and_the_usage_chunk_still_read() -> None:
+    """OpenAI sends "usage": null in every chunk once usage is asked for."""
+    chunk = {"choices": [{"index": 0, "delta": {"content": "hé\n"}}], "usage": None}
+    usage = {"prompt_tokens": 9, "completion_tokens": 4}
+    stream = sse(chunk) + sse(chunk) + sse({"choices": [], "usage": usage}) + b"data: [DONE]\n\n"
+    extractor = ChatStreamUsage(hide_usage=True)
+    assert kinds(extractor, stream) == [
+        EventKind.FORWARD,
+        EventKind.FORWARD,
+        EventKind.DROP,
+        EventKind.FINAL,
+    ]
+    assert extractor.output_chars == 2 * len("hé\n")
+    assert extractor.result() == Usage(input_tokens=9, output_tokens=4)

@@ -73,6 +73,9 @@ def _delta(content: str, finish: str | None = None) -> dict[str, object]:
         "choices": [
             {"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": finish}
         ],
+        # What OpenAI sends in every chunk of a stream that asked for usage (gatewaykit
+        # always asks): the usage reader must not mistake it for a usage chunk.
+        "usage": None,
     }
 
 
