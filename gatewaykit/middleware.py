@@ -48,6 +48,7 @@ raises before the response started              ``on_error(exc)`` (refund), re-r
 raises after the response started               ``on_error(exc)``, re-raises
 is cancelled by a client disconnect             ``on_incomplete()`` (disconnect policy)
 is cancelled from outside (shutdown)            ``on_incomplete()``, cancellation propagates
+is cancelled while being admitted               (admission finishes) ``on_incomplete()``
 =============================================  ==========================================
 
 The first non-empty body chunk of a response with status < 400 marks the settlement
@@ -83,7 +84,7 @@ from gatewaykit.errors import (
 )
 from gatewaykit.modes.base import GatewayRequest, RequestModeStrategy
 from gatewaykit.parsing import Estimator, ParsedRequest, parse_body, parse_request
-from gatewaykit.settlement import Settlement
+from gatewaykit.settlement import Settlement, SettlementOutcome
 
 __all__ = ["DEFAULT_ROUTES", "GatewayMiddleware", "SupportsAuthenticate"]
 
@@ -163,6 +164,8 @@ class GatewayMiddleware:
         self.request_id_header_raw = self.request_id_header.encode("latin-1")
         self.heartbeat_interval = heartbeat_interval
         self.request_id_factory = request_id_factory or _new_request_id
+        #: Settlements of cancelled requests being closed (see _GatedCall.run).
+        self._closing: set[asyncio.Future[SettlementOutcome]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -173,6 +176,15 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         await _GatedCall(self, scope, receive, send, route).run()
+
+    def _abandon(self, admission: asyncio.Future[GatewayContext]) -> None:
+        """An admission whose request was cancelled meanwhile: close its settlement."""
+        if admission.cancelled() or admission.exception() is not None:
+            return  # nothing was admitted (a refusal or a failure)
+        settlement = admission.result().settlement
+        task = asyncio.ensure_future(settlement.on_incomplete())
+        self._closing.add(task)  # kept referenced until it is done
+        task.add_done_callback(self._closing.discard)
 
     def _match(self, scope: Scope) -> WireFormat | Estimator | None:
         path: str = scope["path"]
@@ -249,12 +261,17 @@ class _GatedCall:
             return
         if request is None:
             return  # the client left before the body arrived: nothing was admitted
+        # Admission runs as its own task, awaited through asyncio.shield: a cancellation
+        # of this request (anyio's or a plain task.cancel()) between "hold written" and
+        # "context returned" cannot abandon the hold: the admission finishes and its
+        # settlement is closed as incomplete (_abandon). anyio's shielded scope would not
+        # stop a plain task.cancel().
+        admission = asyncio.ensure_future(self.mw.mode.resolve(request))
         try:
-            # Shielded: a cancellation landing between "hold written" and "context
-            # returned" would leak the hold until its TTL. It is delivered inside _serve,
-            # whose first await is under the handler that settles.
-            with anyio.CancelScope(shield=True):
-                context = await self.mw.mode.resolve(request)
+            context = await asyncio.shield(admission)
+        except asyncio.CancelledError:
+            admission.add_done_callback(self.mw._abandon)
+            raise
         except RequestRejected as rejection:
             await self._send_error(rejection)
             return
