@@ -27,7 +27,7 @@ from starlette.types import ASGIApp
 
 from gatewaykit import GatewayMiddleware, get_settlement
 from gatewaykit.context import get_context
-from gatewaykit.errors import ConfigurationError
+from gatewaykit.errors import ConfigurationError, HoldConflictError, LedgerError, SchemaError
 from gatewaykit.keys import generate_key
 from gatewaykit.ledger.base import ApiKeyRecord, Ledger, Period
 from gatewaykit.modes.standalone import StandaloneMode
@@ -812,3 +812,26 @@ async def test_a_revocation_by_another_ledger_instance_reaches_a_running_gateway
             assert time.perf_counter() - revoked_at < 10, "the revocation never arrived"
             await anyio.sleep(0.002)
         assert "revoked" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [SchemaError("the ledger's schema is newer"), HoldConflictError("replayed"), LedgerError("x")],
+)
+async def test_any_ledger_error_while_admitting_is_503_in_the_envelope(
+    make_mode: Callable[..., StandaloneMode], make_key: MakeKey, ledger: Ledger, error: Exception
+) -> None:
+    """Only 'unavailable' was mapped; any other LedgerError was Starlette's bare 500."""
+    if not isinstance(ledger, FakeLedger):
+        pytest.skip("the failure is injected into the fake ledger")
+    key, _ = await make_key("alice")
+    app = app_for(make_mode())
+
+    async def failing(*args: object, **kwargs: object) -> object:
+        raise error
+
+    ledger.reserve = failing  # type: ignore[method-assign, assignment]
+    with pytest.raises(openai.InternalServerError) as refused:
+        await openai_chat(app, key)
+    assert refused.value.status_code == 503
+    assert refused.value.type == "api_error"
