@@ -195,6 +195,7 @@ async def relay_stream(
             await send({"type": "http.response.body", "body": out, "more_body": True})
     except (MalformedStreamError, UpstreamError) as exc:
         failure = exc
+        logger.warning("upstream stream failed after it started: %s", exc)
     await response.aclose()
     tail = await _settle_stream(settlement, wire, cut, meter, failure)
     await send({"type": "http.response.body", "body": tail, "more_body": False})

@@ -594,8 +594,9 @@ def _parse_attempt(item: Any, index: int, default_model: str) -> Attempt:
             headers=dict(headers),
             name=attempt_id,
         )
-    except ConfigurationError:
-        raise _MalformedAnswer(f"{where}.base_url must be an http(s) URL") from None
+    except ConfigurationError as exc:
+        # Upstream's own words: which field is wrong, never a key or header value.
+        raise _MalformedAnswer(f"{where}: {exc}") from None
     return Attempt(attempt_id=attempt_id, upstream=upstream, model=model)
 
 
