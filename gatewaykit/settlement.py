@@ -7,8 +7,9 @@ a small state machine (DESIGN §4)::
       │                         │
       └──── on_success / on_error / on_no_usage / on_incomplete ────▶ finished (once)
 
-The first terminal hook wins; later calls return the first outcome. Terminal hooks run
-shielded from cancellation, so a client disconnect cannot interrupt the ledger write.
+The first terminal hook wins; later calls return the first outcome. The transition runs
+in a task of its own, awaited through ``asyncio.shield``, so no cancellation (a client
+disconnect, a server shutting down) can interrupt the ledger write.
 Subclasses implement :meth:`Settlement._finish`; this base owns the state machine.
 """
 
@@ -19,8 +20,6 @@ import asyncio
 import dataclasses
 from decimal import Decimal
 from typing import Any, Literal
-
-import anyio
 
 from gatewaykit.context import get_context
 from gatewaykit.upstream import Attempt
@@ -79,8 +78,7 @@ class Settlement(abc.ABC):
         self.output_chars = 0
         self.partial_usage: Usage | None = None
         self._outcome: SettlementOutcome | None = None
-        self._finishing = False  # True while _finish runs
-        self._finished: asyncio.Event | None = None  # made only when a second hook waits
+        self._finishing: asyncio.Future[SettlementOutcome] | None = None
 
     def __repr__(self) -> str:
         state = "committed" if self.committed else "open"
@@ -147,28 +145,32 @@ class Settlement(abc.ABC):
     ) -> SettlementOutcome:
         if self._outcome is not None:
             return self._outcome
-        with anyio.CancelScope(shield=True):
-            while self._finishing:  # another hook is settling: its outcome wins
-                if self._finished is None:
-                    self._finished = asyncio.Event()
-                await self._finished.wait()
-            if self._outcome is None:
-                self._finishing = True
-                try:
-                    self._outcome = await self._finish(status, usage, error)
-                finally:
-                    self._finishing = False
-                    if self._finished is not None:
-                        self._finished.set()
-                        self._finished = None
-        assert self._outcome is not None
+        # The transition runs as a task of its own, awaited through asyncio.shield: no
+        # cancellation of the caller (anyio's or a plain task.cancel(), which an anyio
+        # shield would not stop) can interrupt the ledger write, and a hook called while
+        # another settles waits for that one's outcome (the first wins).
+        finishing = self._finishing
+        if finishing is None:
+            finishing = self._finishing = asyncio.ensure_future(
+                self._finish_once(status, usage, error)
+            )
+        return await asyncio.shield(finishing)
+
+    async def _finish_once(
+        self, status: SettlementStatus, usage: Usage | None, error: str | None
+    ) -> SettlementOutcome:
+        try:
+            self._outcome = await self._finish(status, usage, error)
+        finally:
+            if self._outcome is None:  # failed: a later hook may try again
+                self._finishing = None
         return self._outcome
 
     @abc.abstractmethod
     async def _finish(
         self, status: SettlementStatus, usage: Usage | None, error: str | None
     ) -> SettlementOutcome:
-        """Perform the terminal transition exactly once (already shielded and locked)."""
+        """Perform the terminal transition exactly once (in its own task, shielded)."""
 
 
 def _describe(error: BaseException | str) -> str:
