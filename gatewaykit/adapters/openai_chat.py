@@ -76,6 +76,8 @@ def _no_usage(data: bytes) -> bool:
     """Whether a chunk carries no usage: no "usage" key, or only ``"usage": null`` (which
     OpenAI sends in every chunk of a stream that asked for usage)."""
     count = data.count(b'"usage"')
+    if count == 1 and b'"usage":null' in data:  # OpenAI's compact form: no regex
+        return True
     return not count or count == len(_NULL_USAGE.findall(data))
 
 

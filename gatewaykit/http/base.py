@@ -65,7 +65,9 @@ class UpstreamResponse(Protocol):
         ...
 
     def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, undecoded, one item per network read."""
+        """The body as it arrives, one item per network read, with any Content-Encoding
+        removed (gatewaykit asks for ``identity``; a provider that compresses anyway is
+        still forwarded readable)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -127,7 +127,8 @@ class _Response:
                 raise too_large(limit)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        iterator = self._response.aiter_raw()
+        # Decoded, as aiohttp's are: the bytes are forwarded without a Content-Encoding.
+        iterator = self._response.aiter_bytes()
         while True:
             try:
                 chunk = await iterator.__anext__()

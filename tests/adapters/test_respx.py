@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -379,3 +380,23 @@ async def test_a_failing_receive_counts_as_a_disconnect(client: httpx.AsyncClien
         with anyio.fail_after(2):
             await shim(scope, receive, send)
     assert shim.settlement.call.status == "incomplete"
+
+
+async def test_a_stream_compressed_despite_identity_is_forwarded_readable(
+    client: httpx.AsyncClient,
+) -> None:
+    """The gateway asks for identity; a provider that gzips anyway is decoded (the client
+    gets no Content-Encoding header, so it must get plain bytes), as aiohttp does."""
+    plain = content("a") + USAGE + DONE
+    with respx.mock:
+        respx.post(f"{OPENAI}/v1/chat/completions").mock(
+            return_value=httpx.Response(
+                200,
+                headers={"content-type": "text/event-stream", "content-encoding": "gzip"},
+                content=gzip.compress(plain),
+            )
+        )
+        shim = Shim(openai_chat_completions(client=client), CHAT, [upstream_for(CHAT)])
+        ex = await call(shim, CHAT.path, json_body=CHAT.body(stream=True))
+    assert b"".join(ex.chunks) == content("a") + DONE  # the usage chunk hidden, as asked
+    assert shim.settlement.call.status == "success"
