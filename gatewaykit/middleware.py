@@ -69,7 +69,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable, Mapping
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -84,7 +84,7 @@ from gatewaykit.errors import (
 )
 from gatewaykit.modes.base import GatewayRequest, RequestModeStrategy
 from gatewaykit.parsing import Estimator, ParsedRequest, parse_body, parse_request
-from gatewaykit.settlement import Settlement, SettlementOutcome
+from gatewaykit.settlement import Settlement
 
 __all__ = ["DEFAULT_ROUTES", "GatewayMiddleware", "SupportsAuthenticate"]
 
@@ -164,8 +164,9 @@ class GatewayMiddleware:
         self.request_id_header_raw = self.request_id_header.encode("latin-1")
         self.heartbeat_interval = heartbeat_interval
         self.request_id_factory = request_id_factory or _new_request_id
-        #: Settlements of cancelled requests being closed (see _GatedCall.run).
-        self._closing: set[asyncio.Future[SettlementOutcome]] = set()
+        #: Admissions of cancelled requests, and their settlements being closed (see
+        #: _GatedCall.run): referenced here until done, so none is collected mid-run.
+        self._closing: set[asyncio.Future[Any]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -270,6 +271,8 @@ class _GatedCall:
         try:
             context = await asyncio.shield(admission)
         except asyncio.CancelledError:
+            self.mw._closing.add(admission)  # kept referenced until it is done
+            admission.add_done_callback(self.mw._closing.discard)
             admission.add_done_callback(self.mw._abandon)
             raise
         except RequestRejected as rejection:
