@@ -12,14 +12,12 @@ the finished ones are reported once, as they were, and nothing else.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -27,13 +25,13 @@ import httpx
 import pytest
 
 from gatewaykit.testing import FakeBehavior, FakeControlPlane, FakeProvider, serve_app
+from tests.processes import child_process
 
 from ._gateway_child import GATEWAY_TOKEN
 from .conftest import POSTGRES_DSN, until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 LEASE = 1.0  # seconds without a heart-beat before a process counts as dead
 STREAMS = 5
 FINISHED = 3
@@ -47,21 +45,12 @@ def _free_port() -> int:
         return port
 
 
-@contextlib.contextmanager
 def gateway_process(
     port: int, plane_url: str, outbox_url: str, table: str, log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "tests.platform._gateway_child"]
-    command += [str(port), plane_url, outbox_url, table, str(LEASE)]
-    with log.open("ab") as out:
-        process = subprocess.Popen(command, env=env, cwd=str(ROOT), stdout=out, stderr=out)
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    return child_process(
+        "tests.platform._gateway_child", [str(port), plane_url, outbox_url, table, str(LEASE)], log
+    )
 
 
 async def wait_ready(http: httpx.AsyncClient, url: str, process: subprocess.Popen[bytes]) -> None:

@@ -18,9 +18,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -33,29 +31,21 @@ from gatewaykit.ledger.base import HoldState
 from gatewaykit.ledger.sqlite import SQLiteLedger
 from gatewaykit.testing import FakeBehavior, FakeProvider
 from tests.adapters.conftest import serve
+from tests.processes import child_process
 from tests.scenarios.conftest import new_key
 from tests.scenarios.test_upstream import free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-@contextlib.contextmanager
 def gateway_process(
     port: int, db_path: Path, provider_url: str, marker: Path, log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "tests.scenarios._slow_settle_child"]
-    command += [str(port), str(db_path), provider_url, str(marker)]
-    with log.open("ab") as out:
-        process = subprocess.Popen(command, env=env, cwd=str(ROOT), stdout=out, stderr=out)
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    return child_process(
+        "tests.scenarios._slow_settle_child",
+        [str(port), str(db_path), provider_url, str(marker)],
+        log,
+    )
 
 
 async def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
