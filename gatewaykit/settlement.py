@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import logging
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -32,6 +33,8 @@ __all__ = [
     "SettlementStatus",
     "get_settlement",
 ]
+
+logger = logging.getLogger("gatewaykit.settlement")
 
 SettlementStatus = Literal["success", "error", "no_usage", "incomplete"]
 
@@ -151,10 +154,25 @@ class Settlement(abc.ABC):
         # another settles waits for that one's outcome (the first wins).
         finishing = self._finishing
         if finishing is None:
+            # Referenced by the settlement, and while it waits by what it awaits (the
+            # ledger's pending operation): never collected mid-run.
             finishing = self._finishing = asyncio.ensure_future(
                 self._finish_once(status, usage, error)
             )
-        return await asyncio.shield(finishing)
+        try:
+            return await asyncio.shield(finishing)
+        except asyncio.CancelledError:
+            # Nobody will await the outcome now: a transition that fails is logged.
+            finishing.add_done_callback(self._log_failure)
+            raise
+
+    def _log_failure(self, finishing: asyncio.Future[SettlementOutcome]) -> None:
+        if not finishing.cancelled() and finishing.exception() is not None:
+            logger.error(
+                "settling request %s failed after its caller was cancelled: %s",
+                self.request_id,
+                type(finishing.exception()).__name__,
+            )
 
     async def _finish_once(
         self, status: SettlementStatus, usage: Usage | None, error: str | None
