@@ -150,8 +150,13 @@ AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON api_keys
 FOR EACH STATEMENT EXECUTE FUNCTION gk_keys_changed();
 """
 
+# A key's tokens-per-minute limit (gatewaykit.ratelimit), beside its rpm.
+_V4 = r"""
+ALTER TABLE api_keys ADD COLUMN tpm integer;
+"""
+
 #: Migration scripts in order; never edit a released one, append a new one.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _OURS = ("budgets", "counters", "holds", "usage_records", "api_keys")

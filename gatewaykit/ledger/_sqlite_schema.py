@@ -115,6 +115,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE key_epoch (id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL)",
         "INSERT INTO key_epoch (id, epoch) VALUES (1, 0)",
     ),
+    # A key's tokens-per-minute limit (gatewaykit.ratelimit), beside its rpm.
+    4: ("ALTER TABLE api_keys ADD COLUMN tpm INTEGER",),
 }
 LATEST_VERSION = max(MIGRATIONS)
 

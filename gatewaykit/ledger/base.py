@@ -43,6 +43,7 @@ __all__ = [
     "ResponseContext",
     "UsageRecord",
     "validate_context_id",
+    "validate_key_limits",
     "validate_hold_id",
     "validate_record",
     "validate_scopes",
@@ -362,6 +363,27 @@ class ApiKeyRecord:
     expires_at: datetime | None = None
     allowed_models: tuple[str, ...] | None = None
     rpm: int | None = None
+    tpm: int | None = None
+
+
+#: The fields of an :class:`ApiKeyRecord` that ``Ledger.update_key`` may change.
+KEY_LIMITS = ("rpm", "tpm")
+
+
+def validate_key_limits(changes: dict[str, int | None]) -> dict[str, int | None]:
+    """Check ``update_key``'s changes: known limit names, each a positive int or None."""
+    if not changes:
+        raise ConfigurationError("update_key needs at least one change")
+    for name, value in changes.items():
+        if name not in KEY_LIMITS:
+            raise ConfigurationError(
+                f"update_key cannot change {name!r}; it changes {', '.join(KEY_LIMITS)}"
+            )
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigurationError(f"{name} must be a positive int or None, not {value!r}")
+        if value is not None and not 1 <= value < 2**31:
+            raise ConfigurationError(f"{name} must be from 1 to {2**31 - 1}, not {value}")
+    return changes
 
 
 @runtime_checkable
@@ -469,5 +491,11 @@ class Ledger(Protocol):
 
     async def revoke_key(self, key_id: str) -> bool:
         """Revoke; False if no such key."""
+
+    async def update_key(self, key_id: str, **limits: int | None) -> ApiKeyRecord | None:
+        """Set a key's limits (``rpm``, ``tpm``; None removes one); None if no such key.
+
+        Like ``revoke_key``, it moves ``key_epoch`` so running gateways see it at once.
+        """
 
     async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]: ...

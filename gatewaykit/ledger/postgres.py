@@ -60,6 +60,7 @@ from gatewaykit.ledger.base import (
     UsageRecord,
     validate_context_id,
     validate_hold_id,
+    validate_key_limits,
     validate_record,
     validate_scopes,
     validate_ttl,
@@ -419,7 +420,8 @@ SELECT count(*) AS pruned FROM gone
 """
 
 _KEY_COLUMNS = (
-    "key_id, key_hash, prefix, user_id, team, revoked, created_at, expires_at, allowed_models, rpm"
+    "key_id, key_hash, prefix, user_id, team, revoked, created_at, expires_at, allowed_models, "
+    "rpm, tpm"
 )
 _USAGE_COLUMNS = (
     "request_id, key_id, user_id, model, endpoint, status, usage_source, input_tokens, "
@@ -522,6 +524,7 @@ def _key(r: Any) -> ApiKeyRecord:
         expires_at=r["expires_at"],
         allowed_models=None if r["allowed_models"] is None else tuple(r["allowed_models"]),
         rpm=r["rpm"],
+        tpm=r["tpm"],
     )
 
 
@@ -1168,7 +1171,7 @@ class PostgresLedger:
         try:
             rows = await self._fetch(
                 f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES "
-                "($1, $2, $3, $4, $5, $6, coalesce($7, gk_now()), $8, $9, $10) "
+                "($1, $2, $3, $4, $5, $6, coalesce($7, gk_now()), $8, $9, $10, $11) "
                 "RETURNING created_at",
                 record.key_id,
                 record.key_hash,
@@ -1180,6 +1183,7 @@ class PostgresLedger:
                 record.expires_at,
                 None if record.allowed_models is None else list(record.allowed_models),
                 record.rpm,
+                record.tpm,
             )
         except LedgerUnavailableError as exc:
             if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
@@ -1205,6 +1209,20 @@ class PostgresLedger:
         if rows:
             self._key_epoch += 1
         return bool(rows)
+
+    async def update_key(self, key_id: str, **limits: int | None) -> ApiKeyRecord | None:
+        """Set a key's limits (``rpm``, ``tpm``; None removes one); None if no such key."""
+        changes = validate_key_limits(limits)
+        assignments = ", ".join(f"{name} = ${n}" for n, name in enumerate(changes, start=2))
+        rows = await self._fetch(
+            f"UPDATE api_keys SET {assignments} WHERE key_id = $1 RETURNING {_KEY_COLUMNS}",
+            key_id,
+            *changes.values(),
+        )
+        if not rows:
+            return None
+        self._key_epoch += 1
+        return _key(rows[0])
 
     async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]:
         """Keys in creation order, optionally of one user."""

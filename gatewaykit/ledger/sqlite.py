@@ -55,6 +55,7 @@ from gatewaykit.ledger.base import (
     UsageRecord,
     validate_context_id,
     validate_hold_id,
+    validate_key_limits,
     validate_record,
     validate_scopes,
     validate_ttl,
@@ -76,7 +77,8 @@ _USAGE_COLUMNS = (
     "created_at"
 )
 _KEY_COLUMNS = (
-    "key_id, key_hash, prefix, user, team, revoked, created_at, expires_at, allowed_models, rpm"
+    "key_id, key_hash, prefix, user, team, revoked, created_at, expires_at, allowed_models, rpm, "
+    "tpm"
 )
 _MAX_BATCH = 512
 #: How long a busy writer waits for more operations before it commits (seconds).
@@ -716,6 +718,7 @@ class _Store:
             expires_at=None if r[7] is None else _dt(r[7]),
             allowed_models=None if r[8] is None else tuple(json.loads(r[8])),
             rpm=r[9],
+            tpm=r[10],
         )
 
     def create_key(self, now: int, record: ApiKeyRecord) -> ApiKeyRecord:
@@ -723,7 +726,7 @@ class _Store:
         created = now if record.created_at is None else _dt_us(record.created_at)
         try:
             self.c.execute(
-                f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.key_id,
                     record.key_hash,
@@ -735,6 +738,7 @@ class _Store:
                     None if record.expires_at is None else _dt_us(record.expires_at),
                     None if record.allowed_models is None else json.dumps(record.allowed_models),
                     record.rpm,
+                    record.tpm,
                 ),
             )
         except sqlite3.IntegrityError:
@@ -758,6 +762,23 @@ class _Store:
             return False
         self.key_changed()
         return True
+
+    def update_key(
+        self, now: int, key_id: str, changes: dict[str, int | None]
+    ) -> ApiKeyRecord | None:
+        self.flush()
+        assignments = ", ".join(f"{name} = ?" for name in changes)  # names validated
+        cursor = self.c.execute(
+            f"UPDATE api_keys SET {assignments} WHERE key_id = ?",
+            (*changes.values(), key_id),
+        )
+        if cursor.rowcount == 0:
+            return None
+        self.key_changed()
+        row = self.c.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)
+        ).fetchone()
+        return self._key(row)
 
     def key_changed(self) -> None:
         """Tell every connection (via the stored epoch) and this ledger that a key changed."""
@@ -1311,6 +1332,9 @@ class SQLiteLedger:
 
     async def revoke_key(self, key_id: str) -> bool:
         return await self._call(_Store.revoke_key, key_id)
+
+    async def update_key(self, key_id: str, **limits: int | None) -> ApiKeyRecord | None:
+        return await self._call(_Store.update_key, key_id, validate_key_limits(limits))
 
     async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]:
         return await self._call(_Store.list_keys, user)

@@ -9,7 +9,9 @@
    an unpriced model under the ``reject`` policy → 400;
 3. an ordinary key naming another user, or a model outside the key's ``allowed_models``
    → 403;
-4. the key's requests-per-minute limit → 429 with ``Retry-After``;
+4. the rate limits of the key, the user and the team (requests and tokens per minute;
+   :mod:`gatewaykit.ratelimit`) → 429 with ``Retry-After`` and OpenAI's
+   ``x-ratelimit-*`` headers;
 5. no upstream serves the model → 404 (every upstream that does becomes an attempt, in
    configuration order: the adapters fall back to the next one before the first chunk);
 6. one atomic hold of the estimate on every scope that applies (``key:<key_id>``,
@@ -73,7 +75,7 @@ from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.charging import DisconnectPolicy, MissingUsagePolicy, charge_for
 from gatewaykit.money import parse_usd
 from gatewaykit.pricing import ModelPrice, PriceTable
-from gatewaykit.ratelimit import RateLimiter
+from gatewaykit.ratelimit import InProcessRateLimiter, RateLimit, RateLimiter
 from gatewaykit.settlement import (
     RequestEstimate,
     Settlement,
@@ -119,8 +121,13 @@ class StandaloneMode:
 
     See the module docstring for the admission order, and docs/configuration.md for every
     option. ``teams`` maps a user to a team for requests whose key names no team (and for
-    master-key requests); a key's own ``team`` wins. ``default_rpm`` applies to keys
-    without their own ``rpm``; the master key is never rate limited.
+    master-key requests); a key's own ``team`` wins.
+
+    Rate limits: a key's own ``rpm``/``tpm``, else ``default_rpm``/``default_tpm``;
+    ``rate_limits`` adds limits on ``user:<name>`` and ``team:<name>`` scopes (``user:*``
+    and ``team:*``: every user or team, each counted on its own). The master key has no
+    key limits; its user's and team's apply. ``rate_limiter`` counts them (default: an
+    :class:`~gatewaykit.ratelimit.InProcessRateLimiter`, per process).
     """
 
     def __init__(
@@ -137,6 +144,9 @@ class StandaloneMode:
         default_max_output_tokens: int = 4096,
         key_cache_ttl: float = 5.0,
         default_rpm: int | None = None,
+        default_tpm: int | None = None,
+        rate_limits: Sequence[RateLimit] = (),
+        rate_limiter: RateLimiter | None = None,
         teams: Mapping[str, str] | None = None,
         budget_headers: bool = True,
         ledger_unavailable: LedgerUnavailablePolicy = "fail_closed",
@@ -166,6 +176,15 @@ class StandaloneMode:
             raise ConfigurationError("key_cache_ttl must be ≥ 0 seconds")
         if default_rpm is not None and (isinstance(default_rpm, bool) or default_rpm < 1):
             raise ConfigurationError("default_rpm must be a positive int or None")
+        if default_tpm is not None and (isinstance(default_tpm, bool) or default_tpm < 1):
+            raise ConfigurationError("default_tpm must be a positive int or None")
+        for limit in rate_limits:
+            if not isinstance(limit, RateLimit) or not limit.scope.startswith(("user:", "team:")):
+                raise ConfigurationError(
+                    f"rate_limits takes RateLimit objects on user: or team: scopes, not {limit!r}"
+                )
+        if rate_limiter is not None and not isinstance(rate_limiter, RateLimiter):
+            raise ConfigurationError("rate_limiter must implement gatewaykit.ratelimit.RateLimiter")
         if ledger_unavailable not in ("fail_closed", "fail_open"):
             raise ConfigurationError(
                 f"ledger_unavailable must be fail_closed or fail_open, not {ledger_unavailable!r}"
@@ -196,6 +215,10 @@ class StandaloneMode:
         self.default_max_output_tokens = default_max_output_tokens
         self.key_cache_ttl = float(key_cache_ttl)
         self.default_rpm = default_rpm
+        self.default_tpm = default_tpm
+        self.rate_limits = {limit.scope: limit for limit in rate_limits}
+        self._any_scope_limit = bool(self.rate_limits)
+        self.rate_limiter: RateLimiter = rate_limiter or InProcessRateLimiter(clock=clock)
         self.teams = dict(teams or {})
         self.budget_headers = budget_headers
         self.ledger_unavailable: LedgerUnavailablePolicy = ledger_unavailable
@@ -205,7 +228,7 @@ class StandaloneMode:
         self._clock = clock
         #: digest -> (record or None, expiry, the ledger's key_epoch when it was looked up)
         self._keys: OrderedDict[str, tuple[ApiKeyRecord | None, float, int | None]] = OrderedDict()
-        self._limiter = RateLimiter(clock=clock)
+        self._key_limits: dict[str, RateLimit] = {}
         self._routes: dict[
             tuple[WireFormat | None, str], tuple[tuple[Attempt, ...], ModelPrice | None]
         ] = {}
@@ -308,33 +331,82 @@ class StandaloneMode:
                 raise RequestRejected(
                     ErrorKind.PERMISSION, f"this API key may not use model {request.parsed.model!r}"
                 )
-        headers: dict[str, str] = {}
-        rpm = (
-            None
-            if identity is None
-            else (identity.rpm if identity.rpm is not None else self.default_rpm)
-        )
-        if rpm is not None and key_id is not None:
-            decision = self._limiter.hit(key_id, rpm)
-            headers.update(decision.headers)
-            if not decision.allowed:
-                raise RequestRejected(
-                    ErrorKind.RATE_LIMIT,
-                    f"rate limit of {rpm} requests per minute exceeded; retry after "
-                    f"{decision.retry_after}s",
-                    headers=decision.headers,
-                )
-        if not attempts:
-            raise RequestRejected(
-                ErrorKind.NOT_FOUND, f"no upstream serves model {request.parsed.model!r}"
-            )
-
         held_estimate = estimate(
             request,
             price,
             default_max_output_tokens=self.default_max_output_tokens,
             extra_prompt_tokens=context_tokens,
         )
+        headers: dict[str, str] = {}
+        limits = self._rate_limits(identity, user, team)
+        token_limits: tuple[RateLimit, ...] = ()
+        if limits:
+            tokens = held_estimate.prompt_tokens + held_estimate.max_output_tokens
+            decision = await self.rate_limiter.acquire(request.request_id, limits, tokens)
+            headers.update(decision.headers)
+            if not decision.allowed:
+                raise RequestRejected(
+                    ErrorKind.RATE_LIMIT,
+                    f"{decision.reason}; retry after {decision.headers['retry-after']}s",
+                    headers=decision.headers,
+                )
+            token_limits = tuple(limit for limit in limits if limit.tpm is not None)
+        try:
+            return await self._hold(
+                request, held_estimate, price, attempts, user, key_id, team,
+                context_plan, headers, token_limits,
+            )  # fmt: skip
+        except BaseException:
+            if token_limits:  # admitted by the limiter, refused here: no tokens were used
+                await self.rate_limiter.settle(request.request_id, token_limits, 0)
+            raise
+
+    def _rate_limits(
+        self, identity: ApiKeyRecord | None, user: str, team: str | None
+    ) -> tuple[RateLimit, ...]:
+        """The limits that apply to a request: its key's, its user's, its team's."""
+        limits: tuple[RateLimit, ...] = ()
+        if identity is not None:
+            rpm = identity.rpm if identity.rpm is not None else self.default_rpm
+            tpm = identity.tpm if identity.tpm is not None else self.default_tpm
+            if rpm is not None or tpm is not None:
+                limit = self._key_limits.get(identity.key_id)
+                if limit is None or limit.rpm != rpm or limit.tpm != tpm:
+                    if len(self._key_limits) >= _KEY_CACHE_SIZE:
+                        self._key_limits.clear()
+                    limit = RateLimit(f"key:{identity.key_id}", rpm=rpm, tpm=tpm)
+                    self._key_limits[identity.key_id] = limit
+                limits = (limit,)
+        if self._any_scope_limit:
+            scopes = [f"user:{user}"] + ([f"team:{team}"] if team else [])
+            for scope in scopes:
+                limit = self.rate_limits.get(scope)
+                if limit is None:
+                    every = self.rate_limits.get(scope.split(":", 1)[0] + ":*")
+                    if every is not None:
+                        limit = RateLimit(scope, rpm=every.rpm, tpm=every.tpm)
+                if limit is not None:
+                    limits += (limit,)
+        return limits
+
+    async def _hold(
+        self,
+        request: GatewayRequest,
+        held_estimate: RequestEstimate,
+        price: ModelPrice | None,
+        attempts: tuple[Attempt, ...],
+        user: str,
+        key_id: str | None,
+        team: str | None,
+        context_plan: ContextPlan | None,
+        headers: dict[str, str],
+        token_limits: tuple[RateLimit, ...],
+    ) -> GatewayContext:
+        """After the rate limits: route (404), hold the estimate (402/503), the context."""
+        if not attempts:
+            raise RequestRejected(
+                ErrorKind.NOT_FOUND, f"no upstream serves model {request.parsed.model!r}"
+            )
         amount = held_estimate.amount
         scopes = [f"user:{user}"]
         if key_id is not None:
@@ -376,11 +448,13 @@ class StandaloneMode:
             hold_ttl=self.hold_ttl,
             scopes=None if held else tuple(scopes),
             context_plan=context_plan,
+            rate_limiter=self.rate_limiter if token_limits else None,
+            token_limits=token_limits,
         )
         return GatewayContext(
             request_id=request.request_id,
             settlement=settlement,
-            format=fmt,
+            format=request.format,
             model=request.parsed.model,
             stream=request.parsed.stream,
             body=request.body,
@@ -493,6 +567,9 @@ class StandaloneSettlement(Settlement):
     ``note_response``) or its conversation will be billed for is written with the settle.
     Other outcomes remember nothing, so such an id stays unknown (held at the context
     window, or refused) rather than remembered too small.
+
+    ``token_limits`` are the tokens-per-minute limits the request was admitted under:
+    once charged, ``rate_limiter`` replaces its estimate there with the tokens charged.
     """
 
     def __init__(
@@ -512,8 +589,12 @@ class StandaloneSettlement(Settlement):
         scopes: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         context_plan: ContextPlan | None = None,
+        rate_limiter: RateLimiter | None = None,
+        token_limits: Sequence[RateLimit] = (),
     ) -> None:
         super().__init__(request_id=request_id, estimate=estimate)
+        self.rate_limiter = rate_limiter
+        self.token_limits = tuple(token_limits)
         self.context_plan = context_plan
         self.ledger = ledger
         self.price = price
@@ -570,6 +651,8 @@ class StandaloneSettlement(Settlement):
             latency_ms=int((self._clock() - self._started) * 1000),
             response_context=self._response_context(status, charge),
         )
+        if self.rate_limiter is not None:
+            await self._settle_tokens(self.rate_limiter, charge.total_tokens if charge else 0)
         try:
             amount = await self._write(amount, record)
         except Exception as exc:
@@ -597,6 +680,17 @@ class StandaloneSettlement(Settlement):
             refunded=amount is None,
             error=error,
         )
+
+    async def _settle_tokens(self, limiter: RateLimiter, tokens: int) -> None:
+        """Count the tokens charged in place of the estimate; never fails the settlement."""
+        try:
+            await limiter.settle(self.request_id, self.token_limits, tokens)
+        except Exception as exc:  # a custom limiter's failure: the estimate stays counted
+            logger.warning(
+                "could not settle request %s's tokens with the rate limiter: %s",
+                self.request_id,
+                type(exc).__name__,
+            )
 
     def _response_context(
         self, status: SettlementStatus, charge: Usage | None

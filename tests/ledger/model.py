@@ -40,6 +40,7 @@ from gatewaykit.ledger.base import (
     UsageRecord,
     validate_context_id,
     validate_hold_id,
+    validate_key_limits,
     validate_record,
     validate_scopes,
     validate_ttl,
@@ -380,6 +381,15 @@ class ModelLedger:
         self.keys[key_id] = dataclasses.replace(key, revoked=True)
         self.key_epoch += 1
         return True
+
+    async def update_key(self, key_id: str, **limits: int | None) -> ApiKeyRecord | None:
+        changes = validate_key_limits(limits)
+        key = self.keys.get(key_id)
+        if key is None:
+            return None
+        self.keys[key_id] = key = dataclasses.replace(key, **changes)  # type: ignore[arg-type]
+        self.key_epoch += 1
+        return key
 
     async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]:
         return [self.keys[k] for k in self.key_order if user is None or self.keys[k].user == user]

@@ -674,6 +674,7 @@ async def test_api_key_crud(ledger: Ledger) -> None:
         team="t1",
         allowed_models=("gpt-4o", "claude-haiku-4-5"),
         rpm=60,
+        tpm=10_000,
         expires_at=utc(2027, 1, 1),
     )
     stored = await ledger.create_key(record)
@@ -693,6 +694,24 @@ async def test_api_key_crud(ledger: Ledger) -> None:
     assert "a" * 64 not in repr(revoked)
 
 
+async def test_update_key_sets_and_clears_limits(ledger: Ledger) -> None:
+    await ledger.create_key(
+        ApiKeyRecord(key_id="k1", key_hash="a" * 64, prefix="p", user="u", rpm=5)
+    )
+    updated = await ledger.update_key("k1", tpm=1000)
+    assert updated is not None
+    assert (updated.rpm, updated.tpm) == (5, 1000)
+    assert await ledger.find_key("a" * 64) == updated
+    cleared = await ledger.update_key("k1", rpm=None, tpm=2000)
+    assert cleared is not None
+    assert (cleared.rpm, cleared.tpm) == (None, 2000)
+    assert await ledger.update_key("missing", rpm=1) is None
+    for bad in ({}, {"revoked": 1}, {"rpm": 0}, {"tpm": True}, {"tpm": 2**31}, {"rpm": 1.5}):
+        with pytest.raises(ConfigurationError):
+            await ledger.update_key("k1", **bad)  # type: ignore[arg-type]
+    assert await ledger.find_key("a" * 64) == cleared
+
+
 async def test_key_epoch_counts_own_key_changes_before_they_return(ledger: Ledger) -> None:
     """The optional change signal StandaloneMode's key cache follows (see ``Ledger``)."""
     signalling: Any = ledger
@@ -703,7 +722,10 @@ async def test_key_epoch_counts_own_key_changes_before_they_return(ledger: Ledge
     after_create: int = signalling.key_epoch
     assert after_create > epoch
     assert await ledger.revoke_key("k1")
-    assert signalling.key_epoch > after_create
+    after_revoke: int = signalling.key_epoch
+    assert after_revoke > after_create
+    assert await ledger.update_key("k1", tpm=10)
+    assert signalling.key_epoch > after_revoke
 
 
 # -- bad input ----------------------------------------------------------------------------------

@@ -456,6 +456,31 @@ def _context_record(n: int, tokens: int, growth: int, conversation: str | None =
     return UsageRecord(f"r{n}", "m", "responses", "success", "provider", response_context=context)
 
 
+async def test_a_version_3_schema_keeps_its_keys_and_gets_their_tpm(schema: str) -> None:
+    from gatewaykit.ledger._postgres_schema import MIGRATIONS
+
+    admin: Any = await asyncpg.connect(DSN)
+    try:
+        await admin.execute(f'SET search_path TO "{schema}"')
+        for version in (1, 2, 3):
+            await admin.execute(MIGRATIONS[version - 1])
+            await admin.execute("INSERT INTO gatewaykit_schema (version) VALUES ($1)", version)
+        await admin.execute(
+            "INSERT INTO api_keys (key_id, key_hash, prefix, user_id, created_at, rpm) "
+            "VALUES ('k1', $1, 'p', 'u', now(), 7)",
+            "a" * 64,
+        )
+    finally:
+        await admin.close()
+    async with PostgresLedger(DSN, schema=schema) as ledger:
+        key = await ledger.find_key("a" * 64)
+        assert key is not None
+        assert (key.rpm, key.tpm) == (7, None)
+        updated = await ledger.update_key("k1", tpm=500)
+        assert updated is not None
+        assert (updated.rpm, updated.tpm) == (7, 500)
+
+
 async def test_a_version_1_schema_is_migrated(schema: str) -> None:
     from gatewaykit.ledger._postgres_schema import MIGRATIONS
 
@@ -473,7 +498,7 @@ async def test_a_version_1_schema_is_migrated(schema: str) -> None:
     admin = await asyncpg.connect(DSN)
     try:
         versions = await admin.fetch(f'SELECT version FROM "{schema}".gatewaykit_schema')
-        assert sorted(r["version"] for r in versions) == [1, 2, 3]
+        assert sorted(r["version"] for r in versions) == list(range(1, len(MIGRATIONS) + 1))
     finally:
         await admin.close()
 

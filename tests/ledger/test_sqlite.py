@@ -606,6 +606,29 @@ async def test_key_epoch_follows_own_and_other_connections_key_changes(tmp_path:
         assert gateway.key_epoch > seen
 
 
+async def test_a_version_3_file_keeps_its_keys_and_gets_their_tpm(tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for version in (1, 2, 3):
+        for statement in MIGRATIONS[version]:
+            conn.execute(statement)
+    conn.execute("INSERT INTO gatewaykit_schema (version) VALUES (3)")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute(
+        "INSERT INTO api_keys (key_id, key_hash, prefix, user, created_at, rpm) "
+        "VALUES ('k1', ?, 'p', 'u', 0, 7)",
+        ("a" * 64,),
+    )
+    conn.close()
+    async with SQLiteLedger(str(path)) as ledger:
+        key = await ledger.find_key("a" * 64)
+        assert key is not None
+        assert (key.rpm, key.tpm) == (7, None)
+        updated = await ledger.update_key("k1", tpm=500)
+        assert updated is not None
+        assert (updated.rpm, updated.tpm) == (7, 500)
+
+
 async def test_a_version_1_file_gets_the_response_contexts_table(tmp_path: Path) -> None:
     path = tmp_path / "v1.db"
     conn = sqlite3.connect(path, isolation_level=None)

@@ -251,5 +251,13 @@ class FakeLedger:
                 return True
         return False
 
+    async def update_key(self, key_id: str, **limits: int | None) -> ApiKeyRecord | None:
+        for digest, record in self.keys.items():
+            if record.key_id == key_id:
+                self.keys[digest] = updated = dataclasses.replace(record, **limits)  # type: ignore[arg-type]
+                self.key_epoch += 1
+                return updated
+        return None
+
     async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]:
         return [r for r in self.keys.values() if user is None or r.user == user]

@@ -9,7 +9,6 @@ import pytest
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.errors import RequestRejected
 from gatewaykit.parsing import ATTACHMENT_CHARS, ParsedRequest, parse_body, parse_request
-from gatewaykit.ratelimit import RateLimiter
 
 CHAT = WireFormat.OPENAI_CHAT
 MESSAGES = WireFormat.ANTHROPIC_MESSAGES
@@ -122,31 +121,3 @@ def test_parse_body() -> None:
     for raw in (b"", b"null", b"[]", b"\x80"):
         with pytest.raises(RequestRejected):
             parse_body(raw)
-
-
-def test_rate_limiter_sliding_window() -> None:
-    now = [1000.0]
-    limiter = RateLimiter(clock=lambda: now[0], wall_clock=lambda: 5000.0 + now[0])
-    first = limiter.hit("k", 2)
-    assert (first.allowed, first.remaining, first.reset_at) == (True, 1, 6060)
-    now[0] += 30
-    assert limiter.hit("k", 2).remaining == 0
-    refused = limiter.hit("k", 2)
-    assert (refused.allowed, refused.retry_after) == (False, 30)
-    assert refused.headers["retry-after"] == "30"
-    assert limiter.hit("other", 2).allowed  # keys are independent
-    now[0] += 30  # the first request leaves the window
-    assert limiter.hit("k", 2).allowed
-    assert not limiter.hit("k", 2).allowed
-    assert "retry-after" not in first.headers
-
-
-def test_rate_limiter_forgets_idle_keys() -> None:
-    now = [0.0]
-    limiter = RateLimiter(clock=lambda: now[0])
-    for n in range(999):
-        limiter.hit(f"k{n}", 1)
-    now[0] += 61
-    limiter.hit("last", 1)  # the 1000th call prunes
-    assert limiter.hit("k0", 1).allowed
-    assert len(limiter._hits) <= 3

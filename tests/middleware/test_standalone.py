@@ -337,20 +337,24 @@ async def test_rpm_limit_answers_429_with_rate_limit_headers(
     app = app_for(make_mode())
     client = client_for(app)
     first = await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))
-    assert first.headers["x-ratelimit-limit"] == "2"
-    assert first.headers["x-ratelimit-remaining"] == "1"
-    assert int(first.headers["x-ratelimit-reset"]) > 0
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-reset-requests"] == "1m0s"
+    assert "x-ratelimit-limit-tokens" not in first.headers  # no tpm on this key
+    assert "x-ratelimit-limit" not in first.headers  # the pre-OpenAI names are gone
     second = await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))
-    assert second.headers["x-ratelimit-remaining"] == "0"
+    assert second.headers["x-ratelimit-remaining-requests"] == "0"
     third = await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))
     assert third.status_code == 429
     assert 1 <= int(third.headers["retry-after"]) <= 60
-    assert third.headers["x-ratelimit-remaining"] == "0"
+    assert 1 <= int(third.headers["retry-after-ms"]) <= 60_000
+    assert third.headers["x-ratelimit-remaining-requests"] == "0"
     assert third.json()["error"]["type"] == "rate_limit_error"
+    assert "2 requests per minute" in third.json()["error"]["message"]
     with pytest.raises(openai.RateLimitError) as limited:
         await openai_chat(app, key)
     assert limited.value.response.headers["retry-after"] == third.headers["retry-after"]
-    # the master key is never rate limited
+    # the master key has no key limits
     for _ in range(3):
         ok = await client.post(
             "/v1/chat/completions", json=chat(user="x"), headers=bearer(MASTER_KEY)

@@ -1,0 +1,132 @@
+"""What every rate limiter shares: the limits, the decision, its headers, the protocol.
+
+Limits are per scope (``key:<id>``, ``user:<name>``, ``team:<name>``) and per sliding
+60-second window: at most ``rpm`` requests admitted, and at most ``tpm`` tokens counted,
+in any 60 seconds. A request's tokens are counted at its admission: its estimate (prompt
+estimate plus output cap) while it is in flight, replaced by its actual tokens when it
+settles. docs/rate-limits.md states the semantics and the worst-case overshoot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+from gatewaykit.errors import ConfigurationError
+
+__all__ = [
+    "WINDOW",
+    "LimitState",
+    "RateDecision",
+    "RateLimit",
+    "RateLimiter",
+    "UnavailablePolicy",
+    "format_duration",
+]
+
+#: The window every limit counts over, in seconds.
+WINDOW = 60.0
+
+#: What a limiter does while its store is unreachable: admit (``fail_open``) or answer 503.
+UnavailablePolicy = Literal["fail_open", "fail_closed"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RateLimit:
+    """The per-minute limits of one scope; None is no limit of that kind.
+
+    In :class:`~gatewaykit.StandaloneMode`'s ``rate_limits``, the scope ``user:*`` (or
+    ``team:*``) stands for every user (team), each with a window of its own.
+    """
+
+    scope: str
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scope, str) or ":" not in self.scope:
+            raise ConfigurationError(
+                f"RateLimit scope must look like 'kind:id', not {self.scope!r}"
+            )
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigurationError(f"RateLimit {name} must be a positive int or None")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LimitState:
+    """One dimension (requests or tokens) of the tightest limit that applied."""
+
+    limit: int
+    remaining: int
+    reset: float  # seconds until the oldest counted entry leaves the window
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RateDecision:
+    """The outcome of one request against its limits, with the headers to send either way.
+
+    ``requests`` and ``tokens`` describe the limit with the least room left among those
+    that applied (None when no limit of that kind applied, or the store was unreachable).
+    ``retry_after`` is the wait before the request could pass (0 when allowed).
+    """
+
+    allowed: bool
+    requests: LimitState | None = None
+    tokens: LimitState | None = None
+    retry_after: float = 0.0
+    reason: str = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """OpenAI's ``x-ratelimit-*`` headers, plus ``Retry-After`` when refused."""
+        headers: dict[str, str] = {}
+        for kind, state in (("requests", self.requests), ("tokens", self.tokens)):
+            if state is not None:
+                headers[f"x-ratelimit-limit-{kind}"] = str(state.limit)
+                headers[f"x-ratelimit-remaining-{kind}"] = str(state.remaining)
+                headers[f"x-ratelimit-reset-{kind}"] = format_duration(state.reset)
+        if not self.allowed:
+            headers["retry-after"] = str(max(math.ceil(self.retry_after), 1))
+            headers["retry-after-ms"] = str(max(math.ceil(self.retry_after * 1000), 1))
+        return headers
+
+
+@runtime_checkable
+class RateLimiter(Protocol):
+    """Counts requests and tokens per scope; admits a request only if every limit has room.
+
+    Implementations: :class:`~gatewaykit.ratelimit.InProcessRateLimiter` (one process)
+    and :class:`~gatewaykit.ratelimit.RedisRateLimiter` (any number of processes).
+    """
+
+    async def acquire(
+        self, request_id: str, limits: Sequence[RateLimit], tokens: int
+    ) -> RateDecision:
+        """Admit ``request_id`` (estimated at ``tokens``) against all ``limits`` or none.
+
+        Admitted, it counts as one request on every limit with an ``rpm`` and as
+        ``tokens`` on every limit with a ``tpm``. Refused, nothing is counted.
+        """
+
+    async def settle(self, request_id: str, limits: Sequence[RateLimit], tokens: int) -> None:
+        """Replace an admitted request's estimate with the ``tokens`` it actually used
+        (0 when it was refused after admission); a no-op once it left the window."""
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as OpenAI writes its reset headers (Go style): ``20ms``, ``1.5s``, ``6m0s``."""
+    millis = max(math.ceil(seconds * 1000), 0)
+    if millis < 1000:
+        return f"{millis}ms"
+    minutes, millis = divmod(millis, 60_000)
+    hours, minutes = divmod(minutes, 60)
+    secs = f"{millis / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{secs}"
+    return f"{minutes}m{secs}" if minutes else secs
