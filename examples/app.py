@@ -1,14 +1,16 @@
 """An LLM gateway in one file: gatewaykit's example app.
 
     python examples/app.py [--host 127.0.0.1] [--port 8000] [--db URL] [--prices FILE]
-                           [--hold-ttl SECONDS] [--platform URL]
+                           [--hold-ttl SECONDS] [--platform URL] [--redis URL]
 
 Serves ``POST /v1/chat/completions``, ``/v1/messages``, ``/v1/responses`` and
 ``GET /healthz``. Standalone by default: API keys and budgets in the ledger named by
 ``--db`` (default ``$GATEWAYKIT_DB``, else ``sqlite:///gatewaykit.db``), managed with the
 ``gatewaykit`` command line. ``--platform URL`` asks a control plane instead, with the
 gateway token from ``GATEWAYKIT_PLATFORM_TOKEN``; ``--db`` then names the database of the
-durable usage-report outbox (default ``sqlite:///gatewaykit-outbox.db``).
+durable usage-report outbox (default ``sqlite:///gatewaykit-outbox.db``). ``--redis URL``
+(``pip install 'gatewaykit[redis]'``) counts the keys' rate limits in Redis, so every
+process started with it shares them; without it each process counts its own.
 
 Upstreams come from the variables the official SDKs read: ``OPENAI_BASE_URL`` (ending in
 ``/v1``) and ``OPENAI_API_KEY`` for chat completions and responses, ``ANTHROPIC_BASE_URL``
@@ -26,8 +28,10 @@ import os
 import shutil
 import socket
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import uvicorn
@@ -53,6 +57,9 @@ from gatewaykit.modes.base import RequestModeStrategy
 from gatewaykit.outbox import open_outbox
 from gatewaykit.testing import FakeProvider
 
+if TYPE_CHECKING:
+    from gatewaykit.ratelimit.redis import RedisRateLimiter
+
 DEFAULT_DB = "sqlite:///gatewaykit.db"
 DEFAULT_OUTBOX = "sqlite:///gatewaykit-outbox.db"
 
@@ -67,6 +74,7 @@ class Settings:
     prices: Path | None = None
     hold_ttl: float = 600.0
     platform: str | None = None
+    redis: str | None = dataclasses.field(default=None, repr=False)  # may hold a password
     platform_token: str | None = dataclasses.field(default=None, repr=False)
     master_key: str | None = dataclasses.field(default=None, repr=False)
     openai_base_url: str | None = None
@@ -99,6 +107,9 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
     parser.add_argument(
         "--platform", metavar="URL", help="control plane URL (token: GATEWAYKIT_PLATFORM_TOKEN)"
     )
+    parser.add_argument(
+        "--redis", metavar="URL", help="share rate limits through Redis (redis://host:port/db)"
+    )
     args = parser.parse_args(argv)
     # A separate default file in platform mode: a ledger refuses a file holding an outbox.
     default_db = DEFAULT_OUTBOX if args.platform else DEFAULT_DB
@@ -109,6 +120,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         prices=args.prices,
         hold_ttl=args.hold_ttl,
         platform=args.platform,
+        redis=args.redis,
         platform_token=environ.get("GATEWAYKIT_PLATFORM_TOKEN"),
         master_key=environ.get("GATEWAYKIT_MASTER_KEY") or None,
         openai_base_url=environ.get("OPENAI_BASE_URL") or None,
@@ -170,6 +182,7 @@ def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -
     prices = load_prices(settings)
     fake_port: int | None = fake_socket.getsockname()[1] if fake_socket is not None else None
     ledger: Ledger | None = None
+    redis_limiter: RedisRateLimiter | None = None
     platform: PlatformMode | None = None
     mode: RequestModeStrategy
     if settings.platform is not None:
@@ -186,12 +199,21 @@ def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -
         )
     else:
         ledger = open_ledger(settings.db)
+        if settings.redis is not None:
+            try:  # redis-py is an optional extra: imported only when asked for
+                from gatewaykit.ratelimit.redis import RedisRateLimiter
+            except ImportError:
+                raise ConfigurationError(
+                    "--redis needs redis-py: pip install 'gatewaykit[redis]'"
+                ) from None
+            redis_limiter = RedisRateLimiter.from_url(settings.redis)
         mode = StandaloneMode(
             ledger,
             prices=prices,
             upstreams=configured_upstreams(settings, fake_port),
             master_key=settings.master_key,
             hold_ttl=settings.hold_ttl,
+            rate_limiter=redis_limiter,
         )
 
     @contextlib.asynccontextmanager
@@ -215,6 +237,8 @@ def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -
                 sweeper = anyio.CancelScope()
                 tasks.start_soon(sweep_periodically, ledger, settings.hold_ttl / 4, sweeper)
                 stack.callback(sweeper.cancel)
+            if redis_limiter is not None:
+                await stack.enter_async_context(redis_limiter)
             if platform is not None:
                 await stack.enter_async_context(platform)
             yield
@@ -270,6 +294,12 @@ async def preflight(settings: Settings) -> None:
     await ledger.aclose()
 
 
+def redis_location(url: str) -> str:
+    """Host, port and database of a Redis URL: never its password."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
+
+
 def banner(settings: Settings, fake_port: int | None) -> str:
     base = f"http://{settings.host}:{settings.port}"
     db = absolute_db_url(settings.db)
@@ -296,6 +326,8 @@ def banner(settings: Settings, fake_port: int | None) -> str:
             lines.append(f"  upstream   {upstream.provider} {upstream.base_url} ({served})")
     prices = f"defaults + {settings.prices}" if settings.prices else "built-in defaults"
     lines.append(f"  prices     {prices}; hold TTL {settings.hold_ttl:g} s")
+    if settings.redis is not None:
+        lines.append(f"  limits     shared through Redis at {redis_location(settings.redis)}")
     lines.append(f"  master key {'set' if settings.master_key else 'not set'}")
     lines.append("Create a key (printed once) with:")
     lines.append(f"  {cli_command()} --db {db} keys create --user alice --budget 5")

@@ -208,6 +208,17 @@ def _key_json(record: ApiKeyRecord) -> dict[str, Any]:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+_PER_MINUTE = click.IntRange(min=1, max=2**31 - 1)
+
+
+def _limit_or_none(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A per-minute limit, or ``none`` to remove it (``keys update``)."""
+    if value is None or value.strip().lower() == "none":
+        return None
+    converted: int = _PER_MINUTE.convert(value, param, ctx)  # type: ignore[arg-type]  # parses str
+    return converted
+
+
 PERIOD_HELP = "Budget window: none, day, week, month (UTC calendar) or a number of seconds."
 
 # -- the command tree --------------------------------------------------------------------
@@ -234,14 +245,15 @@ def main(ctx: click.Context, db: str, as_json: bool) -> None:
 
 @main.group()
 def keys() -> None:
-    """Create, list and revoke API keys."""
+    """Create, list, update and revoke API keys."""
 
 
 @keys.command("create")
 @click.option("--user", required=True, help="The user the key belongs to.")
 @click.option("--budget", metavar="USD", help="Give the key its own budget (scope key:<key_id>).")
 @click.option("--period", metavar="PERIOD", help=PERIOD_HELP + "  [default: none]")
-@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute allowed.")
+@click.option("--rpm", type=_PER_MINUTE, help="Requests per minute allowed.")
+@click.option("--tpm", type=_PER_MINUTE, help="Tokens per minute allowed (prompt + output).")
 @click.option("--team", help="The key's team: a team:<TEAM> budget then applies too.")
 @click.option(
     "--model",
@@ -258,6 +270,7 @@ def keys_create(
     budget: str | None,
     period: str | None,
     rpm: int | None,
+    tpm: int | None,
     team: str | None,
     models: tuple[str, ...],
     as_json: bool,
@@ -278,6 +291,7 @@ def keys_create(
         user=user,
         team=team,
         rpm=rpm,
+        tpm=tpm,
         allowed_models=tuple(models) or None,
     )
 
@@ -295,6 +309,42 @@ def keys_create(
     if limit is not None:
         click.echo(f"Budget key:{new.key_id}: {_per(limit, window or Period())}.")
     click.echo("Store it now: it is not shown again (the ledger keeps only its hash).")
+
+
+@keys.command("update")
+@click.argument("key_id")
+@click.option(
+    "--rpm", metavar="N|none", callback=_limit_or_none, help="Requests per minute; none: no limit."
+)
+@click.option(
+    "--tpm", metavar="N|none", callback=_limit_or_none, help="Tokens per minute; none: no limit."
+)
+@json_option
+@click.pass_context
+def keys_update(
+    ctx: click.Context, key_id: str, rpm: int | None, tpm: int | None, as_json: bool
+) -> None:
+    """Change the rate limits of the key KEY_ID; running gateways apply them at once."""
+    given = click.core.ParameterSource.COMMANDLINE
+    changes = {
+        name: value
+        for name, value in (("rpm", rpm), ("tpm", tpm))
+        if ctx.get_parameter_source(name) is given
+    }
+    if not changes:
+        raise click.UsageError("give --rpm and/or --tpm")
+
+    async def action(ledger: Ledger) -> ApiKeyRecord | None:
+        return await ledger.update_key(key_id, **changes)
+
+    record = _run(ctx, action, create=False)
+    if record is None:
+        raise CliError(f"no key with id {key_id!r}; `gatewaykit keys list` shows the ids")
+    if _want_json(ctx, as_json):
+        _emit_json({"key_id": key_id, "rpm": record.rpm, "tpm": record.tpm})
+        return
+    shown = ", ".join(f"{name} {getattr(record, name) or 'unlimited'}" for name in ("rpm", "tpm"))
+    click.echo(f"Key {key_id}: {shown}.")
 
 
 @keys.command("list")

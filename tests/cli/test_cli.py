@@ -97,7 +97,7 @@ def test_keys_create_readable_output_shows_the_key_and_a_warning(db: str) -> Non
 def test_keys_create_with_budget_makes_a_key_scope(db: str) -> None:
     created = cli_json(
         "--db", db, "keys", "create", "--user", "alice", "--budget", "5", "--period", "day",
-        "--rpm", "60", "--json",
+        "--rpm", "60", "--tpm", "90000", "--json",
     )  # fmt: skip
     [budget] = cli_json("--db", db, "budgets", "show", f"key:{created['key_id']}", "--json")
     assert budget["scope"] == f"key:{created['key_id']}"
@@ -112,7 +112,29 @@ def test_keys_create_with_budget_makes_a_key_scope(db: str) -> None:
         return await ledger.list_keys(user="alice")
 
     [record] = with_ledger(db, find)
-    assert record.rpm == 60
+    assert (record.rpm, record.tpm) == (60, 90000)
+
+
+def test_keys_update_sets_and_removes_rate_limits(db: str) -> None:
+    created = cli_json("--db", db, "keys", "create", "--user", "alice", "--rpm", "60", "--json")
+    key_id = created["key_id"]
+    assert cli_json("--db", db, "keys", "update", key_id, "--tpm", "5000", "--json") == {
+        "key_id": key_id,
+        "rpm": 60,
+        "tpm": 5000,
+    }
+    result = cli("--db", db, "keys", "update", key_id, "--rpm", "none")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"Key {key_id}: rpm unlimited, tpm 5000.\n"
+
+    async def find(ledger: Ledger) -> Any:
+        return await ledger.list_keys(user="alice")
+
+    [record] = with_ledger(db, find)
+    assert (record.rpm, record.tpm) == (None, 5000)
+    missing = cli("--db", db, "keys", "update", "nope", "--rpm", "1")
+    assert missing.exit_code == 2
+    assert "no key with id 'nope'" in missing.stderr
 
 
 def test_keys_create_with_team_and_models(db: str) -> None:
@@ -329,6 +351,10 @@ def test_db_from_the_environment(tmp_path: Path) -> None:
         ["keys", "create", "--user", "has space"],
         ["keys", "create", "--user", "alice", "--team", "a b"],
         ["keys", "create", "--user", "alice", "--rpm", "0"],
+        ["keys", "create", "--user", "alice", "--tpm", "-5"],
+        ["keys", "update", "k_1"],
+        ["keys", "update", "k_1", "--tpm", "0"],
+        ["keys", "update", "k_1", "--rpm", "lots"],
         ["keys", "create"],
         ["budgets", "set", "alice", "--limit", "5"],
         ["budgets", "set", "user:alice", "--limit", "5$"],

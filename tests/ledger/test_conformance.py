@@ -706,9 +706,12 @@ async def test_update_key_sets_and_clears_limits(ledger: Ledger) -> None:
     assert cleared is not None
     assert (cleared.rpm, cleared.tpm) == (None, 2000)
     assert await ledger.update_key("missing", rpm=1) is None
-    for bad in ({}, {"revoked": 1}, {"rpm": 0}, {"tpm": True}, {"tpm": 2**31}, {"rpm": 1.5}):
+    bad_changes: list[dict[str, Any]] = [
+        {}, {"revoked": 1}, {"rpm": 0}, {"tpm": True}, {"tpm": 2**31}, {"rpm": 1.5},
+    ]  # fmt: skip
+    for bad in bad_changes:
         with pytest.raises(ConfigurationError):
-            await ledger.update_key("k1", **bad)  # type: ignore[arg-type]
+            await ledger.update_key("k1", **bad)
     assert await ledger.find_key("a" * 64) == cleared
 
 

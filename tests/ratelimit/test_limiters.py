@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import anyio
 import pytest
@@ -198,6 +199,7 @@ async def test_inprocess_forgets_idle_scopes() -> None:
 @pytest.mark.redis
 async def test_redis_window_slides_when_entries_age(redis_limiter: MakeRedisLimiter) -> None:
     limiter = redis_limiter()
+    redis: Any = limiter.client
     limits = [RateLimit("key:k", rpm=1, tpm=100)]
     assert (await limiter.acquire("r1", limits, 60)).allowed
     refused = await limiter.acquire("r2", limits, 60)
@@ -206,15 +208,15 @@ async def test_redis_window_slides_when_entries_age(redis_limiter: MakeRedisLimi
     # Age every entry by a minute, as if the server clock had moved on.
     for suffix in (":r", ":t"):
         key = limiter.prefix + "key:k" + suffix
-        for member, score in await limiter.client.zrange(key, 0, -1, withscores=True):
-            await limiter.client.zadd(key, {member: score - 60_001})
+        for member, score in await redis.zrange(key, 0, -1, withscores=True):
+            await redis.zadd(key, {member: score - 60_001})
     admitted = await limiter.acquire("r2", limits, 100)
     assert admitted.allowed
     assert admitted.tokens == LimitState(100, 0, admitted.tokens.reset if admitted.tokens else 0)
     # the expired entry's tokens were taken out of the running sum and its hash
-    assert await limiter.client.hkeys(limiter.prefix + "key:k:h") == [b"r2"]
-    assert int(await limiter.client.get(limiter.prefix + "key:k:s")) == 100
-    assert 59_000 < await limiter.client.pttl(limiter.prefix + "key:k:r") <= 60_000
+    assert await redis.hkeys(limiter.prefix + "key:k:h") == [b"r2"]
+    assert int(await redis.get(limiter.prefix + "key:k:s")) == 100
+    assert 59_000 < await redis.pttl(limiter.prefix + "key:k:r") <= 60_000
 
 
 @pytest.mark.redis
