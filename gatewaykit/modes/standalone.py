@@ -350,7 +350,8 @@ class StandaloneMode:
                     f"{decision.reason}; retry after {decision.headers['retry-after']}s",
                     headers=decision.headers,
                 )
-            token_limits = tuple(limit for limit in limits if limit.tpm is not None)
+            if decision.tokens is not None:  # some limit counts tokens: settle them
+                token_limits = limits
         try:
             return await self._hold(
                 request, held_estimate, price, attempts, user, key_id, team,
@@ -568,8 +569,9 @@ class StandaloneSettlement(Settlement):
     Other outcomes remember nothing, so such an id stays unknown (held at the context
     window, or refused) rather than remembered too small.
 
-    ``token_limits`` are the tokens-per-minute limits the request was admitted under:
-    once charged, ``rate_limiter`` replaces its estimate there with the tokens charged.
+    ``token_limits`` are the rate limits the request was admitted under, when some count
+    tokens: once charged, ``rate_limiter`` replaces its estimate there with the tokens
+    charged.
     """
 
     def __init__(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 from gatewaykit.errors import ConfigurationError
 
@@ -58,8 +58,7 @@ class RateLimit:
                 raise ConfigurationError(f"RateLimit {name} must be a positive int or None")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LimitState:
+class LimitState(NamedTuple):
     """One dimension (requests or tokens) of the tightest limit that applied."""
 
     limit: int
@@ -67,7 +66,14 @@ class LimitState:
     reset: float  # seconds until the oldest counted entry leaves the window
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+_HEADERS = (
+    ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
+    ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+)
+
+
+# Not frozen: one is made per request, and a frozen dataclass costs a setattr per field.
+@dataclasses.dataclass(slots=True)
 class RateDecision:
     """The outcome of one request against its limits, with the headers to send either way.
 
@@ -86,11 +92,13 @@ class RateDecision:
     def headers(self) -> dict[str, str]:
         """OpenAI's ``x-ratelimit-*`` headers, plus ``Retry-After`` when refused."""
         headers: dict[str, str] = {}
-        for kind, state in (("requests", self.requests), ("tokens", self.tokens)):
+        for (limit, remaining, reset), state in zip(
+            _HEADERS, (self.requests, self.tokens), strict=True
+        ):
             if state is not None:
-                headers[f"x-ratelimit-limit-{kind}"] = str(state.limit)
-                headers[f"x-ratelimit-remaining-{kind}"] = str(state.remaining)
-                headers[f"x-ratelimit-reset-{kind}"] = format_duration(state.reset)
+                headers[limit] = str(state.limit)
+                headers[remaining] = str(state.remaining)
+                headers[reset] = format_duration(state.reset)
         if not self.allowed:
             headers["retry-after"] = str(max(math.ceil(self.retry_after), 1))
             headers["retry-after-ms"] = str(max(math.ceil(self.retry_after * 1000), 1))
@@ -121,12 +129,13 @@ class RateLimiter(Protocol):
 
 def format_duration(seconds: float) -> str:
     """A duration as OpenAI writes its reset headers (Go style): ``20ms``, ``1.5s``, ``6m0s``."""
-    millis = max(math.ceil(seconds * 1000), 0)
+    millis = math.ceil(seconds * 1000)
     if millis < 1000:
-        return f"{millis}ms"
+        return f"{max(millis, 0)}ms"
     minutes, millis = divmod(millis, 60_000)
+    whole, fraction = divmod(millis, 1000)
+    secs = f"{whole}.{fraction:03d}".rstrip("0") + "s" if fraction else f"{whole}s"
+    if minutes < 60:
+        return f"{minutes}m{secs}" if minutes else secs
     hours, minutes = divmod(minutes, 60)
-    secs = f"{millis / 1000:.3f}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{secs}"
-    return f"{minutes}m{secs}" if minutes else secs
+    return f"{hours}h{minutes}m{secs}"

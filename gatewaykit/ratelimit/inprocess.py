@@ -152,4 +152,4 @@ class InProcessRateLimiter:
 
 def _state(tightest: tuple[int, int, float], taken: int) -> LimitState:
     limit, room, reset = tightest
-    return LimitState(limit=limit, remaining=max(room - taken, 0), reset=reset)
+    return LimitState(limit, max(room - taken, 0), reset)

@@ -168,11 +168,21 @@ def gateway_app(
     key_id = key.split("_")[1]
     price = ModelPrice(input_per_mtok=Decimal("2.50"), output_per_mtok=Decimal("10.00"))
     variants = set(options.get("variant", "").split(","))
+    limiter: Any = None
+    if "redis" in variants:  # rate limits counted in Redis (bench_ratelimit)
+        from gatewaykit.ratelimit.redis import RedisRateLimiter
+
+        limiter = RedisRateLimiter.from_url(options["redis"])
+    limited = "limits" in variants or limiter is not None
     mode = StandaloneMode(
         ledger,
         prices={"bench": price, "bench-hold": price},
         upstreams=[Upstream(base_url=upstream, api_key="sk-fake-upstream", provider="openai")],
         budget_headers="nohdr" not in variants,
+        # Limits high enough never to refuse: what checking them costs.
+        default_rpm=10**9 if limited else None,
+        default_tpm=10**9 if limited else None,
+        rate_limiter=limiter,
     )
     client = default_client() if client is None else client
 

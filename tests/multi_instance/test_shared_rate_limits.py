@@ -59,17 +59,21 @@ async def _wait_ready(client: httpx.AsyncClient, urls: list[str], tmp_path: Path
                 if (await client.get(f"{url}/healthz")).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                logs = "\n".join(p.read_text() for p in tmp_path.glob("gateway*.log"))
-                raise AssertionError(f"{url} did not become ready:\n{logs}")
+                raise AssertionError(f"{url} did not become ready; see {tmp_path}/gateway*.log")
             await anyio.sleep(0.1)
 
 
-async def _key(db: Path, **limits: int) -> str:
+async def _key(db: Path, *, rpm: int | None = None, tpm: int | None = None) -> str:
     new = generate_key()
     async with SQLiteLedger(str(db)) as ledger:
         await ledger.create_key(
             ApiKeyRecord(
-                key_id=new.key_id, key_hash=new.key_hash, prefix=new.prefix, user="u", **limits
+                key_id=new.key_id,
+                key_hash=new.key_hash,
+                prefix=new.prefix,
+                user="u",
+                rpm=rpm,
+                tpm=tpm,
             )
         )
     return new.key
