@@ -82,3 +82,30 @@ def test_platform_banner_names_the_control_plane_and_outbox() -> None:
     assert "outbox.db" in banner
     assert "gw-secret" not in banner
     assert "gw-secret" not in repr(settings)
+
+
+def test_redis_flag_is_named_in_the_banner_without_its_password() -> None:
+    settings = example.parse_settings(["--redis", "redis://:hunter2@cache.internal:6380/2"], {})
+    assert settings.redis == "redis://:hunter2@cache.internal:6380/2"
+    banner = example.banner(settings, 1234)
+    assert "limits     shared through Redis at cache.internal:6380/2" in banner
+    assert "hunter2" not in banner
+    assert "hunter2" not in repr(settings)
+    assert "Redis" not in example.banner(example.parse_settings([], {}), 1234)
+
+
+def test_the_app_imports_redis_only_when_asked_to() -> None:
+    import subprocess
+    import sys
+
+    from tests.processes import ROOT
+
+    code = (
+        "import sys; sys.path.insert(0, 'examples'); import app; "
+        "app.build_app(app.parse_settings(['--db', 'sqlite://:memory:'], {})); "
+        "print('redis' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "False"
