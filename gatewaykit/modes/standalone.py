@@ -359,7 +359,8 @@ class StandaloneMode:
             )  # fmt: skip
         except BaseException:
             if token_limits:  # admitted by the limiter, refused here: no tokens were used
-                await self.rate_limiter.settle(request.request_id, token_limits, 0)
+                with contextlib.suppress(Exception):  # the refusal matters, not the count
+                    await self.rate_limiter.settle(request.request_id, token_limits, 0)
             raise
 
     def _rate_limits(

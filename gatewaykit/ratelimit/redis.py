@@ -186,12 +186,18 @@ class RedisRateLimiter:
         ``timeout`` bounds connecting and every command, so an unreachable Redis delays a
         request by at most that long before the policy decides.
         """
-        client = Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),  # once more on a fresh connection, at once
-        )
+        try:
+            client = Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 1),  # once more on a fresh connection, at once
+            )
+        except ValueError:  # its message may quote the URL, password and all
+            raise ConfigurationError(
+                "not a Redis URL: expected redis://[:password@]host[:port][/db], rediss:// "
+                "or unix://"
+            ) from None
         limiter = cls(
             client, prefix=prefix, on_unavailable=on_unavailable, retry_interval=retry_interval
         )

@@ -3,7 +3,7 @@ upstream, a real ledger, both limiters. Token counts are asserted exactly."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -23,7 +23,7 @@ from gatewaykit.ledger.base import ApiKeyRecord
 from gatewaykit.ledger.sqlite import SQLiteLedger
 from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.pricing import estimate_prompt_tokens
-from gatewaykit.ratelimit import RateLimit, RateLimiter
+from gatewaykit.ratelimit import InProcessRateLimiter, RateLimit, RateLimiter
 from gatewaykit.testing import FakeBehavior, FakeProvider
 from gatewaykit.upstream import Upstream
 from tests.adapters.conftest import PRICE, serve
@@ -309,3 +309,44 @@ async def test_concurrent_streams_are_admitted_within_the_tpm(
     admitted = statuses.count(200)
     assert 3 <= admitted <= 3 + (3 * ESTIMATE) // USED
     assert statuses.count(429) == 8 - admitted
+
+
+class SettleFails(InProcessRateLimiter):
+    """A limiter of the user's whose settle always fails."""
+
+    async def settle(self, request_id: str, limits: Sequence[RateLimit], tokens: int) -> None:
+        raise RuntimeError("limiter store broke")
+
+
+async def test_a_limiter_that_fails_to_settle_never_breaks_the_request(
+    ledger: SQLiteLedger,
+    client: AiohttpClient,
+    upstream_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mode = StandaloneMode(
+        ledger,
+        prices={"test-model": PRICE},
+        upstreams=[Upstream(f"{upstream_url}/v1", provider="openai")],
+        rate_limiter=SettleFails(),
+        default_tpm=10_000,
+    )
+    app = Starlette(
+        routes=gateway_routes(client=client),
+        middleware=[Middleware(GatewayMiddleware, mode=mode)],
+    )
+    key = await new_key(ledger)
+    headers = {"authorization": f"Bearer {key}"}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        ok = await http.post("/v1/chat/completions", json=chat_body(), headers=headers)
+        assert ok.status_code == 200
+        await ledger.set_budget("user:alice", limit=Decimal(0))
+        refused = await http.post("/v1/chat/completions", json=chat_body(), headers=headers)
+        assert refused.status_code == 402  # not a 500: the refusal wins over the count
+        await ledger.delete_budget("user:alice")
+    assert len(await ledger.usage()) == 1  # charged as usual
+    assert any(
+        "could not settle request" in r.getMessage() and "RuntimeError" in r.getMessage()
+        for r in caplog.records
+    )

@@ -88,11 +88,14 @@ async def test_after_a_failure_redis_is_not_asked_again_for_the_retry_interval(
     assert limiter.unavailable == 4
 
 
-def test_a_bad_policy_is_a_configuration_error() -> None:
+def test_bad_settings_are_configuration_errors() -> None:
     from gatewaykit.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="fail_open or fail_closed"):
         RedisRateLimiter.from_url("redis://127.0.0.1:1/0", on_unavailable="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="not a Redis URL") as bad:
+        RedisRateLimiter.from_url("http://user:s3cret@cache:6379/0")
+    assert "s3cret" not in str(bad.value)
 
 
 # -- through the gateway ------------------------------------------------------------------------
