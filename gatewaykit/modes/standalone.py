@@ -654,8 +654,17 @@ class StandaloneSettlement(Settlement):
             latency_ms=int((self._clock() - self._started) * 1000),
             response_context=self._response_context(status, charge),
         )
-        if self.rate_limiter is not None:
-            await self._settle_tokens(self.rate_limiter, charge.total_tokens if charge else 0)
+        if self.rate_limiter is not None:  # the tokens charged replace the estimate
+            try:
+                await self.rate_limiter.settle(
+                    self.request_id, self.token_limits, charge.total_tokens if charge else 0
+                )
+            except Exception as exc:  # a custom limiter's failure: the estimate stays counted
+                logger.warning(
+                    "could not settle request %s's tokens with the rate limiter: %s",
+                    self.request_id,
+                    type(exc).__name__,
+                )
         try:
             amount = await self._write(amount, record)
         except Exception as exc:
@@ -683,17 +692,6 @@ class StandaloneSettlement(Settlement):
             refunded=amount is None,
             error=error,
         )
-
-    async def _settle_tokens(self, limiter: RateLimiter, tokens: int) -> None:
-        """Count the tokens charged in place of the estimate; never fails the settlement."""
-        try:
-            await limiter.settle(self.request_id, self.token_limits, tokens)
-        except Exception as exc:  # a custom limiter's failure: the estimate stays counted
-            logger.warning(
-                "could not settle request %s's tokens with the rate limiter: %s",
-                self.request_id,
-                type(exc).__name__,
-            )
 
     def _response_context(
         self, status: SettlementStatus, charge: Usage | None

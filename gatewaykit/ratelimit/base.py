@@ -66,12 +66,6 @@ class LimitState(NamedTuple):
     reset: float  # seconds until the oldest counted entry leaves the window
 
 
-_HEADERS = (
-    ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
-    ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
-)
-
-
 # Not frozen: one is made per request, and a frozen dataclass costs a setattr per field.
 @dataclasses.dataclass(slots=True)
 class RateDecision:
@@ -92,13 +86,17 @@ class RateDecision:
     def headers(self) -> dict[str, str]:
         """OpenAI's ``x-ratelimit-*`` headers, plus ``Retry-After`` when refused."""
         headers: dict[str, str] = {}
-        for (limit, remaining, reset), state in zip(
-            _HEADERS, (self.requests, self.tokens), strict=True
-        ):
-            if state is not None:
-                headers[limit] = str(state.limit)
-                headers[remaining] = str(state.remaining)
-                headers[reset] = format_duration(state.reset)
+        requests, tokens = self.requests, self.tokens
+        if requests is not None:
+            limit, remaining, reset = requests
+            headers["x-ratelimit-limit-requests"] = str(limit)
+            headers["x-ratelimit-remaining-requests"] = str(remaining)
+            headers["x-ratelimit-reset-requests"] = format_duration(reset)
+        if tokens is not None:
+            limit, remaining, reset = tokens
+            headers["x-ratelimit-limit-tokens"] = str(limit)
+            headers["x-ratelimit-remaining-tokens"] = str(remaining)
+            headers["x-ratelimit-reset-tokens"] = format_duration(reset)
         if not self.allowed:
             headers["retry-after"] = str(max(math.ceil(self.retry_after), 1))
             headers["retry-after-ms"] = str(max(math.ceil(self.retry_after * 1000), 1))
@@ -128,14 +126,14 @@ class RateLimiter(Protocol):
 
 
 def format_duration(seconds: float) -> str:
-    """A duration as OpenAI writes its reset headers (Go style): ``20ms``, ``1.5s``, ``6m0s``."""
-    millis = math.ceil(seconds * 1000)
-    if millis < 1000:
-        return f"{max(millis, 0)}ms"
-    minutes, millis = divmod(millis, 60_000)
-    whole, fraction = divmod(millis, 1000)
-    secs = f"{whole}.{fraction:03d}".rstrip("0") + "s" if fraction else f"{whole}s"
-    if minutes < 60:
-        return f"{minutes}m{secs}" if minutes else secs
+    """Whole seconds, rounded up, as OpenAI writes durations (Go style): ``1s``, ``6m0s``."""
+    whole = math.ceil(seconds) if seconds > 0 else 0
+    if whole < _SHORT:
+        return _DURATIONS[whole]
+    minutes, secs = divmod(whole, 60)
     hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes}m{secs}"
+    return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
+
+
+_SHORT = int(WINDOW) + 1  # every duration a window can produce, formatted once
+_DURATIONS = tuple(f"{s}s" if s < 60 else f"{s // 60}m{s % 60}s" for s in range(_SHORT))

@@ -62,39 +62,27 @@ class InProcessRateLimiter:
     async def acquire(
         self, request_id: str, limits: Sequence[RateLimit], tokens: int
     ) -> RateDecision:
-        return self.check(request_id, limits, tokens)
-
-    async def settle(self, request_id: str, limits: Sequence[RateLimit], tokens: int) -> None:
-        for limit in limits:
-            window = self._windows.get(limit.scope)
-            if window is None or limit.tpm is None:
-                continue
-            counted = window.counted.get(request_id)
-            if counted is not None:
-                window.counted[request_id] = tokens
-                window.used += tokens - counted
-
-    def check(self, request_id: str, limits: Sequence[RateLimit], tokens: int) -> RateDecision:
-        """:meth:`acquire` without the coroutine."""
+        # On every limited request's path: written for few bytecodes, not for brevity.
         now = self._clock()
         cutoff = now - WINDOW
         self._checks += 1
         if self._checks % _PRUNE_EVERY == 0:
             self._prune(cutoff)
-        requests: tuple[int, int, float] | None = None  # tightest: limit, room, reset
-        token_state: tuple[int, int, float] | None = None
+        windows = self._windows
+        # The tightest limit of each kind: limit (0: none applied), room, reset.
+        rpm_at = room_r = tpm_at = room_t = 0
+        reset_r = reset_t = WINDOW
         wait = 0.0
         reason = ""
-        windows = []
         for limit in limits:
-            window = self._windows.get(limit.scope)
+            window = windows.get(limit.scope)
             if window is None:
-                window = self._windows[limit.scope] = _Window()
-            window.expire(cutoff)
-            windows.append(window)
+                window = windows[limit.scope] = _Window()
             rpm, tpm = limit.rpm, limit.tpm
             if rpm is not None:
                 counted = window.requests
+                while counted and counted[0] <= cutoff:
+                    counted.popleft()
                 room = rpm - len(counted)
                 if room <= 0:
                     retry = counted[-room] + WINDOW - now
@@ -103,9 +91,13 @@ class InProcessRateLimiter:
                         reason = (
                             f"rate limit of {rpm} requests per minute exceeded for {limit.scope}"
                         )
-                if requests is None or room < requests[1]:
-                    requests = (rpm, room, counted[0] + WINDOW - now if counted else WINDOW)
+                if not rpm_at or room < room_r:
+                    rpm_at, room_r = rpm, room
+                    reset_r = counted[0] + WINDOW - now if counted else WINDOW
             if tpm is not None:
+                entries = window.tokens
+                if entries and entries[0][0] <= cutoff:
+                    window.expire(cutoff)
                 room = tpm - window.used
                 if tokens > room:
                     if tokens > tpm:
@@ -119,25 +111,41 @@ class InProcessRateLimiter:
                         why = f"rate limit of {tpm} tokens per minute exceeded for {limit.scope}"
                     if retry > wait or not reason:
                         wait, reason = retry, why
-                if token_state is None or room < token_state[1]:
-                    reset = window.tokens[0][0] + WINDOW - now if window.tokens else WINDOW
-                    token_state = (tpm, room, reset)
-        allowed = not reason
-        if allowed:
-            for limit, window in zip(limits, windows, strict=True):
-                if limit.rpm is not None:
-                    window.requests.append(now)
-                if limit.tpm is not None:
-                    window.tokens.append((now, request_id))
-                    window.counted[request_id] = tokens
-                    window.used += tokens
+                if not tpm_at or room < room_t:
+                    tpm_at, room_t = tpm, room
+                    reset_t = entries[0][0] + WINDOW - now if entries else WINDOW
+        if reason:  # refused: nothing counted; the room is what it was
+            return RateDecision(
+                False,
+                LimitState(rpm_at, room_r if room_r > 0 else 0, reset_r) if rpm_at else None,
+                LimitState(tpm_at, room_t if room_t > 0 else 0, reset_t) if tpm_at else None,
+                wait,
+                reason,
+            )
+        for limit in limits:
+            window = windows[limit.scope]
+            if limit.rpm is not None:
+                window.requests.append(now)
+            if limit.tpm is not None:
+                window.tokens.append((now, request_id))
+                window.counted[request_id] = tokens
+                window.used += tokens
+        room_t -= tokens
         return RateDecision(
-            allowed=allowed,
-            requests=None if requests is None else _state(requests, 1 if allowed else 0),
-            tokens=None if token_state is None else _state(token_state, tokens if allowed else 0),
-            retry_after=wait,
-            reason=reason,
+            True,
+            LimitState(rpm_at, room_r - 1, reset_r) if rpm_at else None,
+            LimitState(tpm_at, room_t if room_t > 0 else 0, reset_t) if tpm_at else None,
         )
+
+    async def settle(self, request_id: str, limits: Sequence[RateLimit], tokens: int) -> None:
+        for limit in limits:
+            window = self._windows.get(limit.scope)
+            if window is None or limit.tpm is None:
+                continue
+            counted = window.counted.get(request_id)
+            if counted is not None:
+                window.counted[request_id] = tokens
+                window.used += tokens - counted
 
     def _prune(self, cutoff: float) -> None:
         """Forget scopes with nothing left in their window."""
@@ -148,8 +156,3 @@ class InProcessRateLimiter:
                 idle.append(scope)
         for scope in idle:
             del self._windows[scope]
-
-
-def _state(tightest: tuple[int, int, float], taken: int) -> LimitState:
-    limit, room, reset = tightest
-    return LimitState(limit, max(room - taken, 0), reset)

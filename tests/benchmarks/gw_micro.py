@@ -227,6 +227,9 @@ def apps(tmpdir: str, key: str) -> dict[str, Callable[[], Any]]:
         "gateway, SQLite :memory:, budget_headers=False": lambda: gateway(
             "sqlite://:memory:", "nohdr"
         ),
+        "gateway, SQLite :memory:, RPM + TPM limits in process": lambda: gateway(
+            "sqlite://:memory:", "limits"
+        ),
         "gateway, SQLite file, synchronous=NORMAL": lambda: gateway(normal_db),
         "gateway, SQLite file (default FULL)": lambda: gateway(file_db),
     }

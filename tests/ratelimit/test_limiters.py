@@ -242,16 +242,17 @@ async def test_redis_limiters_in_two_clients_share_one_limit(
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [
-        (0, "0ms"),
-        (0.0201, "21ms"),
+        (0, "0s"),
+        (0.0201, "1s"),
         (1, "1s"),
-        (1.5, "1.5s"),
-        (59.9911, "59.992s"),
+        (1.5, "2s"),
+        (59.9911, "1m0s"),
         (60, "1m0s"),
         (360, "6m0s"),
-        (61.25, "1m1.25s"),
+        (61.25, "1m2s"),
         (3600, "1h0m0s"),
-        (-3, "0ms"),
+        (3725, "1h2m5s"),
+        (-3, "0s"),
     ],
 )
 def test_format_duration_writes_openai_style_durations(seconds: float, text: str) -> None:
