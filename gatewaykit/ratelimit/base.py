@@ -10,6 +10,7 @@ settles. docs/rate-limits.md states the semantics and the worst-case overshoot.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple, Protocol, runtime_checkable
@@ -66,9 +67,7 @@ class LimitState(NamedTuple):
     reset: float  # seconds until the oldest counted entry leaves the window
 
 
-# Not frozen: one is made per request, and a frozen dataclass costs a setattr per field.
-@dataclasses.dataclass(slots=True)
-class RateDecision:
+class RateDecision(NamedTuple):
     """The outcome of one request against its limits, with the headers to send either way.
 
     ``requests`` and ``tokens`` describe the limit with the least room left among those
@@ -91,16 +90,26 @@ class RateDecision:
             limit, remaining, reset = requests
             headers["x-ratelimit-limit-requests"] = str(limit)
             headers["x-ratelimit-remaining-requests"] = str(remaining)
-            headers["x-ratelimit-reset-requests"] = format_duration(reset)
+            headers["x-ratelimit-reset-requests"] = (
+                _DURATIONS[math.ceil(reset)] if 0 <= reset <= WINDOW else format_duration(reset)
+            )
         if tokens is not None:
             limit, remaining, reset = tokens
             headers["x-ratelimit-limit-tokens"] = str(limit)
             headers["x-ratelimit-remaining-tokens"] = str(remaining)
-            headers["x-ratelimit-reset-tokens"] = format_duration(reset)
+            headers["x-ratelimit-reset-tokens"] = (
+                _DURATIONS[math.ceil(reset)] if 0 <= reset <= WINDOW else format_duration(reset)
+            )
         if not self.allowed:
             headers["retry-after"] = str(max(math.ceil(self.retry_after), 1))
             headers["retry-after-ms"] = str(max(math.ceil(self.retry_after * 1000), 1))
         return headers
+
+
+# A decision is made per limited request: these skip NamedTuple's Python-level __new__.
+# Every field must be given.
+new_state = functools.partial(tuple.__new__, LimitState)
+new_decision = functools.partial(tuple.__new__, RateDecision)
 
 
 @runtime_checkable

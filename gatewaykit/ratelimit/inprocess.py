@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from gatewaykit.ratelimit.base import WINDOW, LimitState, RateDecision, RateLimit
+from gatewaykit.ratelimit.base import WINDOW, RateDecision, RateLimit, new_decision, new_state
 
 __all__ = ["InProcessRateLimiter"]
 
@@ -115,13 +115,13 @@ class InProcessRateLimiter:
                     tpm_at, room_t = tpm, room
                     reset_t = entries[0][0] + WINDOW - now if entries else WINDOW
         if reason:  # refused: nothing counted; the room is what it was
-            return RateDecision(
+            return new_decision((
                 False,
-                LimitState(rpm_at, room_r if room_r > 0 else 0, reset_r) if rpm_at else None,
-                LimitState(tpm_at, room_t if room_t > 0 else 0, reset_t) if tpm_at else None,
+                new_state((rpm_at, room_r if room_r > 0 else 0, reset_r)) if rpm_at else None,
+                new_state((tpm_at, room_t if room_t > 0 else 0, reset_t)) if tpm_at else None,
                 wait,
                 reason,
-            )
+            ))  # fmt: skip
         for limit in limits:
             window = windows[limit.scope]
             if limit.rpm is not None:
@@ -131,11 +131,13 @@ class InProcessRateLimiter:
                 window.counted[request_id] = tokens
                 window.used += tokens
         room_t -= tokens
-        return RateDecision(
+        return new_decision((
             True,
-            LimitState(rpm_at, room_r - 1, reset_r) if rpm_at else None,
-            LimitState(tpm_at, room_t if room_t > 0 else 0, reset_t) if tpm_at else None,
-        )
+            new_state((rpm_at, room_r - 1, reset_r)) if rpm_at else None,
+            new_state((tpm_at, room_t if room_t > 0 else 0, reset_t)) if tpm_at else None,
+            0.0,
+            "",
+        ))  # fmt: skip
 
     async def settle(self, request_id: str, limits: Sequence[RateLimit], tokens: int) -> None:
         for limit in limits:
