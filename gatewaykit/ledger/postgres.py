@@ -57,12 +57,18 @@ from gatewaykit.ledger.base import (
     HoldState,
     Period,
     ResponseContext,
+    UsageFilter,
+    UsageGroup,
     UsageRecord,
+    UsageTotal,
+    sort_totals,
     validate_context_id,
     validate_hold_id,
     validate_record,
     validate_scopes,
     validate_ttl,
+    validate_usage_filter,
+    validate_usage_groups,
 )
 from gatewaykit.money import from_nanos, to_nanos
 
@@ -426,6 +432,35 @@ _USAGE_COLUMNS = (
     "output_tokens, cache_read_tokens, cache_write_tokens, cost_nanos, error, latency_ms, "
     "created_at"
 )
+
+#: The SQL expression of each ``usage_totals`` group.
+_USAGE_GROUP_SQL: dict[str, str] = {
+    "user": "user_id",
+    "key": "key_id",
+    "model": "model",
+    "day": "(created_at AT TIME ZONE 'UTC')::date",
+}
+_USAGE_SUMS = (
+    "count(*) AS requests, sum(input_tokens) AS input_tokens, "
+    "sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens, "
+    "sum(cache_write_tokens) AS cache_write_tokens, sum(cost_nanos) AS cost_nanos"
+)
+
+
+def _usage_where(query: UsageFilter, args: list[Any]) -> str:
+    """The WHERE clause of a usage query; appends its parameters to ``args``."""
+    terms: list[str] = []
+    for column, value in (
+        ("created_at >=", query.since),
+        ("created_at <", query.until),
+        ("user_id =", query.user),
+        ("key_id =", query.key),
+        ("model =", query.model),
+    ):
+        if value is not None:
+            args.append(value)
+            terms.append(f"{column} ${len(args)}")
+    return "WHERE " + " AND ".join(terms) + " " if terms else ""
 
 
 def _us(seconds: float) -> int:
@@ -1131,12 +1166,23 @@ class PostgresLedger:
                 op.done.set()
 
     # -- usage records -----------------------------------------------------------------
-    async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
-        """Usage records, newest first."""
-        where = "WHERE user_id = $2 " if user is not None else ""
-        args: tuple[Any, ...] = (_limit(limit), user) if user is not None else (_limit(limit),)
+    async def usage(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        limit: int = 100,
+    ) -> list[UsageRecord]:
+        """Usage records, newest first; ``since <= created_at < until``."""
+        query = validate_usage_filter(since, until, user, key, model)
+        args: list[Any] = [_limit(limit)]
+        where = _usage_where(query, args)
         rows = await self._fetch(
-            f"SELECT {_USAGE_COLUMNS} FROM usage_records {where}ORDER BY seq DESC LIMIT $1",
+            f"SELECT {_USAGE_COLUMNS} FROM usage_records {where}"
+            "ORDER BY created_at DESC, seq DESC LIMIT $1",
             *args,
         )
         return [
@@ -1159,6 +1205,43 @@ class PostgresLedger:
             )
             for r in rows
         ]
+
+    async def usage_totals(
+        self,
+        *,
+        group_by: Sequence[UsageGroup],
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+    ) -> list[UsageTotal]:
+        """Counts and sums of the matching usage records per group (days in UTC)."""
+        groups = validate_usage_groups(group_by)
+        query = validate_usage_filter(since, until, user, key, model)
+        args: list[Any] = []
+        where = _usage_where(query, args)
+        columns = [f"{_USAGE_GROUP_SQL[g]} AS g{i}" for i, g in enumerate(groups)]
+        group = "GROUP BY " + ", ".join(str(i + 1) for i in range(len(groups))) if groups else ""
+        rows = await self._fetch(
+            f"SELECT {', '.join([*columns, _USAGE_SUMS])} FROM usage_records {where}{group}",
+            *args,
+        )
+        return sort_totals(
+            [
+                UsageTotal(
+                    group=tuple(r[f"g{i}"] for i in range(len(groups))),
+                    requests=r["requests"],
+                    input_tokens=int(r["input_tokens"]),
+                    output_tokens=int(r["output_tokens"]),
+                    cache_read_tokens=int(r["cache_read_tokens"]),
+                    cache_write_tokens=int(r["cache_write_tokens"]),
+                    cost=from_nanos(int(r["cost_nanos"])),
+                )
+                for r in rows
+                if r["requests"]  # an aggregate without GROUP BY answers one row even for none
+            ]
+        )
 
     # -- API keys ------------------------------------------------------------------------
     async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord:

@@ -473,7 +473,7 @@ async def test_a_version_1_schema_is_migrated(schema: str) -> None:
     admin = await asyncpg.connect(DSN)
     try:
         versions = await admin.fetch(f'SELECT version FROM "{schema}".gatewaykit_schema')
-        assert sorted(r["version"] for r in versions) == [1, 2, 3]
+        assert sorted(r["version"] for r in versions) == [1, 2, 3, 4]
     finally:
         await admin.close()
 
