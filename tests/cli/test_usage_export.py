@@ -220,7 +220,7 @@ def test_group_by_user_as_table_and_csv(db: str) -> None:
             "cache_read_tokens",
             "cache_write_tokens",
             "cost",
-        ],  # noqa: E501
+        ],
         ["k1", "1", "100", "10", "5", "1", "0.25"],
         ["k3", "1", "100", "10", "5", "1", "0"],
     ]
