@@ -582,7 +582,8 @@ class PostgresLedger:
     the server's ``max_connections``. ``command_timeout`` bounds every statement and
     ``connect_timeout`` every connection attempt; past either, or whenever the server is
     unreachable, operations raise :class:`~gatewaykit.errors.LedgerUnavailableError`
-    (fail closed).
+    (fail closed). ``report_timeout`` replaces ``command_timeout`` for ``usage`` and
+    ``usage_totals``, which may read millions of rows.
 
     ``batch_max`` caps how many queued reserves (or settles) on the same budgets one
     round trip carries; ``batch_max=1`` turns the combiner off.
@@ -601,6 +602,7 @@ class PostgresLedger:
         pool_max: int = 10,
         connect_timeout: float = 10.0,
         command_timeout: float = 10.0,
+        report_timeout: float = 120.0,
         sweep_batch: int = 1000,
         batch_max: int = 64,
         clock: Callable[[], float] | None = None,
@@ -636,6 +638,7 @@ class PostgresLedger:
         self.pool_max = pool_max
         self.connect_timeout = _positive("connect_timeout", connect_timeout)
         self.command_timeout = _positive("command_timeout", command_timeout)
+        self.report_timeout = _positive("report_timeout", report_timeout)
         self.sweep_batch = sweep_batch
         self.batch_max = batch_max
         self.clock = clock
@@ -799,12 +802,16 @@ class PostgresLedger:
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
 
-    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
-        """Run one statement (its own transaction); retry the rare deadlock."""
+    async def _fetch(self, sql: str, *args: Any, report: bool = False) -> list[Any]:
+        """Run one statement (its own transaction); retry the rare deadlock.
+
+        A ``report`` (a usage listing or total) is bounded by ``report_timeout``.
+        """
+        timeout = self.report_timeout if report else None  # None: command_timeout
         for attempt in range(_RETRIES):
             try:
                 async with self._conn() as conn:
-                    return list(await conn.fetch(sql, *args))
+                    return list(await conn.fetch(sql, *args, timeout=timeout))
             except LedgerUnavailableError as exc:
                 if not _deadlock(exc) or attempt == _RETRIES - 1:
                     raise
@@ -1184,6 +1191,7 @@ class PostgresLedger:
             f"SELECT {_USAGE_COLUMNS} FROM usage_records {where}"
             "ORDER BY created_at DESC, seq DESC LIMIT $1",
             *args,
+            report=True,
         )
         return [
             UsageRecord(
@@ -1226,6 +1234,7 @@ class PostgresLedger:
         rows = await self._fetch(
             f"SELECT {', '.join([*columns, _USAGE_SUMS])} FROM usage_records {where}{group}",
             *args,
+            report=True,
         )
         return sort_totals(
             [

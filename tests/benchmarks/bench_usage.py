@@ -8,7 +8,9 @@ fill and rebuilt after it, as a bulk load would; ~1–2 minutes for 10 M rows), 
 page asks. Each query runs ``--repeat`` times; the table shows the fastest and the median.
 
 Run: ``python -m tests.benchmarks usage [--rows N] [--days D] [--users N] [--dsn URL]
-[--repeat N] [--keep]``. The schema is dropped at the end unless ``--keep``.
+[--repeat N] [--keep] [--schema NAME]``. The schema is dropped at the end unless
+``--keep``; ``--schema`` times the queries on a schema kept earlier, without a new fill.
+A query that fails (e.g. past ``report_timeout``) is shown with its error.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import asyncpg
 
+from gatewaykit.errors import GatewayKitError
 from gatewaykit.ledger.postgres import PostgresLedger
 
 __all__ = ["main"]
@@ -66,14 +69,43 @@ FROM (SELECT g, (((g * 2654435761) % 1000003)::float8 / 1000003) ^ 2 * $4 AS r
 """
 
 
-async def _timed(call: Callable[[], Awaitable[Any]], repeat: int) -> tuple[float, float, Any]:
+async def _timed(call: Callable[[], Awaitable[Any]], repeat: int) -> str:
+    """``| returned | fastest | median |`` cells, or the error of the first failure."""
     times: list[float] = []
     result: Any = None
     for _ in range(repeat):
         start = time.perf_counter()
-        result = await call()
+        try:
+            result = await call()
+        except GatewayKitError as exc:
+            return f"failed after {time.perf_counter() - start:.1f} s: {exc} | | "
         times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times), result
+    fastest, median = min(times) * 1000, statistics.median(times) * 1000
+    return f"{len(result):,} | {fastest:,.0f} ms | {median:,.0f} ms"
+
+
+async def _fill(admin: Any, args: argparse.Namespace, first: datetime) -> None:
+    """``args.rows`` usage rows; secondary indexes dropped for the load and rebuilt."""
+    schema = await admin.fetchval("SELECT current_schema()")
+    indexes = {  # the secondary ones: not those of the primary key or UNIQUE (seq)
+        r["indexname"]: r["indexdef"]
+        for r in await admin.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes i WHERE schemaname = $1 "
+            "AND tablename = 'usage_records' AND NOT EXISTS (SELECT 1 FROM pg_constraint c "
+            "WHERE c.conname = i.indexname AND c.connamespace = $1::regnamespace)",
+            schema,
+        )
+    }
+    step = args.days * 86400 / args.rows
+    async with admin.transaction():
+        for name in indexes:
+            await admin.execute(f'DROP INDEX "{name}"')
+        await admin.execute(
+            _FILL, args.rows, first, step, args.users, 3, list(_MODELS), timeout=3600
+        )
+        for definition in indexes.values():
+            await admin.execute(definition, timeout=3600)
+    await admin.execute("VACUUM ANALYZE usage_records", timeout=3600)
 
 
 async def main(argv: list[str]) -> None:
@@ -89,36 +121,26 @@ async def main(argv: list[str]) -> None:
             "GATEWAYKIT_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
         ),
     )
+    parser.add_argument("--schema", help="time the queries on this kept schema (no fill)")
     args = parser.parse_args(argv)
-    schema = f"gk_bench_usage_{secrets.token_hex(4)}"
+    schema = args.schema or f"gk_bench_usage_{secrets.token_hex(4)}"
     admin: Any = await asyncpg.connect(args.dsn)
+    fill_seconds = 0.0
     try:
         async with PostgresLedger(args.dsn, schema=schema):  # creates and migrates it
             pass
         await admin.execute(f'SET search_path TO "{schema}"')
-        now = datetime.now(timezone.utc).replace(microsecond=0)
-        first = now - timedelta(days=args.days)
-        step = args.days * 86400 / args.rows
-        indexes = {  # the secondary ones: not those of the primary key or UNIQUE (seq)
-            r["indexname"]: r["indexdef"]
-            for r in await admin.fetch(
-                "SELECT indexname, indexdef FROM pg_indexes i WHERE schemaname = $1 "
-                "AND tablename = 'usage_records' AND NOT EXISTS (SELECT 1 FROM pg_constraint c "
-                "WHERE c.conname = i.indexname AND c.connamespace = $1::regnamespace)",
-                schema,
-            )
-        }
-        started = time.perf_counter()
-        async with admin.transaction():
-            for name in indexes:
-                await admin.execute(f'DROP INDEX "{name}"')
-            await admin.execute(
-                _FILL, args.rows, first, step, args.users, 3, list(_MODELS), timeout=3600
-            )
-            for definition in indexes.values():
-                await admin.execute(definition, timeout=3600)
-        await admin.execute("VACUUM ANALYZE usage_records", timeout=3600)
-        fill_seconds = time.perf_counter() - started
+        if args.schema:
+            last = await admin.fetchval("SELECT max(created_at) FROM usage_records")
+            now = last.replace(microsecond=0) + timedelta(seconds=1)
+            first = now - timedelta(days=args.days)
+        else:
+            now = datetime.now(timezone.utc).replace(microsecond=0)
+            first = now - timedelta(days=args.days)
+            started = time.perf_counter()
+            await _fill(admin, args, first)
+            fill_seconds = time.perf_counter() - started
+        rows = await admin.fetchval("SELECT count(*) FROM usage_records")
         size = await admin.fetchval(
             "SELECT pg_size_pretty(pg_total_relation_size('usage_records'))"
         )
@@ -183,23 +205,24 @@ async def main(argv: list[str]) -> None:
                     ),
                 ),
             ]
-            results = [(name, *await _timed(call, args.repeat)) for name, call in queries]
+            results = [(name, await _timed(call, args.repeat)) for name, call in queries]
     finally:
-        if not args.keep:
+        if not args.keep and not args.schema:
             await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await admin.close()
 
     print(
-        f"\n## Usage queries on PostgreSQL ({args.rows:,} rows over {args.days} days, "
+        f"\n## Usage queries on PostgreSQL ({rows:,} rows over {args.days} days, "
         f"{args.users:,} users, {len(_MODELS)} models)\n"
     )
     print(
-        f"{platform.node()} · {os.cpu_count()} CPUs · load {os.getloadavg()[0]:.1f} · fill "
-        f"{fill_seconds:.0f} s · usage_records {size}"
-        + (f" · schema kept: {schema}" if args.keep else "")
+        f"{platform.node()} · {os.cpu_count()} CPUs · load {os.getloadavg()[0]:.1f} · "
+        + (f"fill {fill_seconds:.0f} s · " if fill_seconds else "")
+        + f"usage_records {size}"
+        + (f" · schema kept: {schema}" if args.keep or args.schema else "")
         + "\n"
     )
     print("| query | rows/groups returned | fastest | median |")
     print("| --- | ---: | ---: | ---: |")
-    for name, fastest, median, result in results:
-        print(f"| {name} | {len(result):,} | {fastest * 1000:,.0f} ms | {median * 1000:,.0f} ms |")
+    for name, cells in results:
+        print(f"| {name} | {cells} |")
