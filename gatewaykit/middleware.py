@@ -103,6 +103,7 @@ DEFAULT_ROUTES: Mapping[str, WireFormat] = {
 }
 
 _UNAVAILABLE = "the budget ledger is unavailable; please retry shortly"
+_LISTING_METHODS = frozenset({"GET", "HEAD"})
 
 
 @runtime_checkable
@@ -185,7 +186,11 @@ class GatewayMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
             models = self.models_path
-            if models and scope.get("method") == "GET" and is_listing_path(scope, models):
+            if (
+                models
+                and scope.get("method") in _LISTING_METHODS
+                and is_listing_path(scope, models)
+            ):
                 await admit_listing(self.mode, self.app, scope, receive, send)
                 return
             await self.app(scope, receive, send)

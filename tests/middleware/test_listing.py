@@ -45,11 +45,12 @@ async def test_listing_gets_are_admitted_with_the_key_s_models(
     auth = {"authorization": f"Bearer {key}"}
     for path in ("/v1/models", "/v1/models/gpt-test", "/v1/models/a/b"):
         await call(gateway, path, method="GET", headers=auth)
+    await call(gateway, "/v1/models", method="HEAD", headers=auth)
     for path in ("/v1/modelsx", "/v1/model", "/v2/models"):  # not listing paths
         await call(gateway, path, method="GET", headers=auth)
     await call(gateway, "/v1/models", method="POST", headers=auth)  # not gated either
     gpt = ListedModel(id="gpt-test", owned_by="openai")
-    assert app.models == [(gpt,)] * 3 + [None] * 4
+    assert app.models == [(gpt,)] * 4 + [None] * 4
 
 
 async def test_listing_under_a_root_path_and_at_another_path(
