@@ -110,9 +110,12 @@ class BudgetExceeded(LedgerError):
 
     @property
     def remaining(self) -> Decimal:
-        """What is left in the window, never below zero for display."""
-        left = self.limit - self.spent - self.held
-        return left if left > 0 else Decimal(0)
+        """What is left in the window: ``limit - spent - held``, as ``budgets show`` says it.
+
+        Negative after an overrun (the provider billed more than was held): shown as what
+        it is, never clamped, so the 402 and the ledger agree.
+        """
+        return self.limit - self.spent - self.held
 
 
 class HoldConflictError(LedgerError):

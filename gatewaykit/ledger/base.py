@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Literal, Protocol, runtime_checkable
 
 from gatewaykit.errors import ConfigurationError, InvalidScopeError
+from gatewaykit.money import MAX_NANOS, parse_usd, to_nanos
 from gatewaykit.usage import MAX_TOKENS
 
 __all__ = [
@@ -38,11 +39,13 @@ __all__ = [
     "Hold",
     "HoldState",
     "Ledger",
+    "OutputFit",
     "Period",
     "RESPONSE_CONTEXT_TTL",
     "ResponseContext",
     "UsageRecord",
     "validate_context_id",
+    "validate_fit",
     "validate_hold_id",
     "validate_record",
     "validate_scopes",
@@ -203,6 +206,94 @@ class BudgetStatus:
         if self.limit is None:
             return None
         return self.limit - self.spent - self.held
+
+
+#: Most decimal places below a nano-USD an :class:`OutputFit` computes with.
+_MAX_FIT_DIGITS = 40
+
+
+def _units(value: Decimal, digits: int) -> int:
+    """``value`` USD in units of 10^-(9 + digits) USD (exact: ``digits`` is large enough)."""
+    sign, coefficient_digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)
+    assert not sign
+    coefficient = int("".join(map(str, coefficient_digits)))
+    return coefficient * int(10 ** (exponent + 9 + digits))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutputFit:
+    """A reserve that may hold fewer output tokens than asked, so the hold fits the budgets.
+
+    A hold of ``n`` output tokens costs ``base + n × per_token`` USD rounded up to the
+    nano-USD once (``base``: the prompt; both exact, unrounded). ``reserve(..., fit=f)``
+    holds its ``amount`` — the cost of ``max_tokens`` — when that fits every budget, else
+    the cost of the largest ``n ≥ min_tokens`` that fits all of them, decided in the same
+    atomic step as the hold (two requests never fit into the same room); it refuses only
+    when ``min_tokens`` does not fit. :meth:`tokens_held` reads ``n`` back from the amount
+    held, also for a replay. The backends compute in integers of ``10^-(9 + digits)`` USD.
+    """
+
+    base: Decimal
+    per_token: Decimal
+    min_tokens: int
+    max_tokens: int
+    digits: int = dataclasses.field(init=False, repr=False, compare=False)
+    base_units: int = dataclasses.field(init=False, repr=False, compare=False)
+    token_units: int = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        base, per_token = parse_usd(self.base), parse_usd(self.per_token)
+        for name in ("min_tokens", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigurationError(f"OutputFit.{name} must be a non-negative int")
+        if self.min_tokens > self.max_tokens:
+            raise ConfigurationError("OutputFit.min_tokens must not exceed max_tokens")
+        exponents = [v.as_tuple().exponent for v in (base, per_token) if v]
+        digits = max([0, *(-9 - e for e in exponents if isinstance(e, int))])
+        if digits > _MAX_FIT_DIGITS:
+            raise ConfigurationError("OutputFit amounts have too many decimal places")
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "per_token", per_token)
+        object.__setattr__(self, "digits", digits)
+        object.__setattr__(self, "base_units", _units(base, digits) if base else 0)
+        object.__setattr__(self, "token_units", _units(per_token, digits) if per_token else 0)
+        if self.nanos(self.max_tokens) > MAX_NANOS:
+            raise ConfigurationError("OutputFit.max_tokens costs more than a ledger can hold")
+
+    def nanos(self, tokens: int) -> int:
+        """The hold for ``tokens`` output tokens, in nano-USD (rounded up once)."""
+        scale: int = 10**self.digits
+        return -(-(self.base_units + tokens * self.token_units) // scale)
+
+    def tokens_within(self, room: int) -> int | None:
+        """The most output tokens (at most ``max_tokens``) whose hold is ≤ ``room`` nano-USD;
+        None when not even ``min_tokens`` fits."""
+        spare = room * 10**self.digits - self.base_units
+        if spare < 0:
+            return None
+        tokens = self.max_tokens if not self.token_units else spare // self.token_units
+        tokens = min(tokens, self.max_tokens)
+        return tokens if tokens >= self.min_tokens else None
+
+    def tokens_held(self, amount: Decimal) -> int:
+        """The output tokens a hold of ``amount`` USD (made with this fit) pays for."""
+        tokens = self.tokens_within(to_nanos(amount))
+        return self.min_tokens if tokens is None else tokens
+
+
+def validate_fit(fit: OutputFit | None, amount: int) -> OutputFit | None:
+    """A fit must price ``amount`` (nano-USD) as the hold of its ``max_tokens``."""
+    if fit is None:
+        return None
+    if not isinstance(fit, OutputFit):
+        raise ConfigurationError("fit must be an OutputFit or None")
+    if fit.nanos(fit.max_tokens) != amount:
+        raise ConfigurationError(
+            "a fitted reserve's amount must be its OutputFit's cost of max_tokens"
+        )
+    return fit
 
 
 #: How long a remembered response context lives (seconds): OpenAI keeps a stored
@@ -411,9 +502,21 @@ class Ledger(Protocol):
 
     # -- holds -------------------------------------------------------------------------
     async def reserve(
-        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+        self,
+        hold_id: str,
+        scopes: Sequence[str],
+        amount: Decimal,
+        *,
+        ttl: float,
+        fit: OutputFit | None = None,
     ) -> Hold:
         """Hold ``amount`` on every scope or none; raises BudgetExceeded on refusal.
+
+        With ``fit`` (see :class:`OutputFit`), a smaller hold that fits every budget is
+        taken instead of a refusal; ``Hold.amount`` says what was held. A refusal then
+        reports the first scope (sorted) where ``fit.min_tokens`` does not fit, requesting
+        that smaller amount. A replay with a fit accepts any stored amount the fit could
+        have held.
 
         A replay returns the stored hold (whatever its state since); a tombstone left by
         an earlier release is returned as is, so the caller must check ``hold.live``.

@@ -55,10 +55,12 @@ from gatewaykit.ledger.base import (
     BudgetStatus,
     Hold,
     HoldState,
+    OutputFit,
     Period,
     ResponseContext,
     UsageRecord,
     validate_context_id,
+    validate_fit,
     validate_hold_id,
     validate_record,
     validate_scopes,
@@ -112,7 +114,7 @@ rel_upd AS (
 
 # $1 hold id, $2 sorted scopes, $3 amount, $4 ttl. Reclaims due holds on the scopes,
 # then admits all-or-none. Returns one row per scope (in $2 order).
-_RESERVE = """
+_RESERVE_TEMPLATE = """
 WITH clock AS (SELECT gk_now() AS t),
 fresh AS (SELECT NOT EXISTS (SELECT 1 FROM holds WHERE hold_id = $1) AS yes),
 tgt AS (
@@ -163,14 +165,14 @@ chk AS (
     LEFT JOIN locked l ON l.scope = t.scope AND l.window_start = t.ws
     LEFT JOIN rel r ON r.scope = t.scope AND r.ws = t.ws
 ),
-verdict AS (
+{fit}verdict AS (
     SELECT bool_and(fresh.yes AND c.present AND (c.limit_nanos IS NULL
-               OR c.spent::numeric + c.reserved + $3 <= c.limit_nanos)) AS admit
+               OR c.spent::numeric + c.reserved + {amount} <= c.limit_nanos)) AS admit
     FROM chk c, fresh
 ),
 ins AS (
     INSERT INTO holds (hold_id, scopes, windows, amount, state, created_at, expires_at)
-    SELECT $1, $2::text[], (SELECT array_agg(ws ORDER BY ord) FROM tgt), $3, 'held',
+    SELECT $1, $2::text[], (SELECT array_agg(ws ORDER BY ord) FROM tgt), {amount}, 'held',
            clock.t, clock.t + $4::interval
     FROM clock, verdict WHERE verdict.admit
     ON CONFLICT (hold_id) DO NOTHING
@@ -179,7 +181,7 @@ ins AS (
 upd AS (
     UPDATE counters c
     SET reserved = c.reserved - coalesce(r.amt, 0)
-            + CASE WHEN t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins) THEN $3 ELSE 0 END,
+            + CASE WHEN t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins) THEN {amount} ELSE 0 END,
         used = c.used OR (t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins))
     FROM keys k
     LEFT JOIN rel r ON r.scope = k.scope AND r.ws = k.ws
@@ -189,11 +191,32 @@ upd AS (
 )
 SELECT c.scope, c.ws, c.limit_nanos, c.period_kind, c.period_seconds, c.present,
        c.spent, c.reserved, f.yes AS fresh, v.admit, i.created_at, i.expires_at,
-       k.yes AS skipped
+       k.yes AS skipped, ({amount})::bigint AS held
 FROM chk c CROSS JOIN fresh f CROSS JOIN verdict v CROSS JOIN skipped k
 LEFT JOIN ins i ON true
 ORDER BY c.ord
 """
+
+
+# A fitted reserve (OutputFit) also takes $5 min tokens, $6 max tokens, $7 base units,
+# $8 units per token, $9 units per nano-USD: it holds the full $3 when the tightest
+# locked budget has room, else the largest fitting hold (integer division, exact), else
+# the smallest (which the verdict then refuses). Mirrors OutputFit.tokens_within.
+_FIT = """room AS (
+    SELECT min(c.limit_nanos::numeric - c.spent - c.reserved) AS r
+    FROM chk c WHERE c.limit_nanos IS NOT NULL
+),
+fitted AS (
+    SELECT CASE WHEN room.r IS NULL OR room.r >= $3 THEN $3::bigint
+        ELSE div($7::numeric + $9::numeric - 1 + $8::numeric * greatest($5::bigint, least(
+                $6::bigint, CASE WHEN $8::numeric = 0 THEN $6::bigint
+                                 ELSE div(room.r * $9::numeric - $7::numeric, $8::numeric) END)),
+                 $9::numeric)::bigint
+    END AS a FROM room
+),
+"""
+_RESERVE = _RESERVE_TEMPLATE.format(fit="", amount="$3")
+_RESERVE_FIT = _RESERVE_TEMPLATE.format(fit=_FIT, amount="(SELECT a FROM fitted)")
 
 # Create the counter rows a reserve needs, sorted so concurrent inserters never deadlock.
 _ENSURE_COUNTERS = """
@@ -259,6 +282,8 @@ upd AS (
 SELECT h.*, c.late AS new_late, c.was
 FROM (SELECT 1) one LEFT JOIN h ON true LEFT JOIN claim c ON true
 """
+
+_STATEMENTS = {"reserve": _RESERVE, "reserve_fit": _RESERVE_FIT, "settle": _SETTLE}
 
 _RELEASE_RECORD = _RECORD_INSERT.format(
     when="EXISTS (SELECT 1 FROM claim WHERE state = 'released') OR EXISTS (SELECT 1 FROM tomb)"
@@ -820,37 +845,57 @@ class PostgresLedger:
 
     # -- holds -------------------------------------------------------------------------
     async def reserve(
-        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+        self,
+        hold_id: str,
+        scopes: Sequence[str],
+        amount: Decimal,
+        *,
+        ttl: float,
+        fit: OutputFit | None = None,
     ) -> Hold:
         """Hold ``amount`` on every scope or none (one statement); BudgetExceeded if refused.
 
         Due holds on the same scopes are expired first. A replay returns the stored hold.
+        With ``fit``, the same statement decides the largest hold that fits.
         """
         hold_id = validate_hold_id(hold_id)
         scope_t = validate_scopes(scopes)
         nanos = to_nanos(amount)
         ttl_td = timedelta(microseconds=_us(validate_ttl(ttl)))
-        args = (hold_id, list(scope_t), nanos, ttl_td)
+        fit = validate_fit(fit, nanos)
+        args: tuple[Any, ...] = (hold_id, list(scope_t), nanos, ttl_td)
+        kind = "reserve"
+        smallest = nanos
+        if fit is not None:
+            kind, smallest = "reserve_fit", fit.nanos(fit.min_tokens)
+            args += (
+                fit.min_tokens,
+                fit.max_tokens,
+                Decimal(fit.base_units),
+                Decimal(fit.token_units),
+                Decimal(10**fit.digits),
+            )
         for attempt in range(_RETRIES):
-            rows = await self._combined("reserve", scope_t, args)
+            rows = await self._combined(kind, scope_t, args)
             first = rows[0]
             if not first["fresh"] or (first["admit"] and first["created_at"] is None):
-                replayed = await self._replay_reserve(hold_id, scope_t, nanos)
+                replayed = await self._replay_reserve(hold_id, scope_t, smallest, nanos)
                 if replayed is not None:
                     return replayed
                 continue  # the competing reserve rolled back: reserve afresh
+            held = first["held"]
             if first["admit"]:
                 self._remember(hold_id, scope_t)
                 return Hold(
                     hold_id=hold_id,
                     scopes=scope_t,
-                    amount=from_nanos(nanos),
+                    amount=from_nanos(held),
                     state=HoldState.HELD,
                     created_at=first["created_at"],
                     expires_at=first["expires_at"],
-                    remaining=_remaining(rows, nanos),
+                    remaining=_remaining(rows, held),
                 )
-            refusal = _refusal(rows, nanos)
+            refusal = _refusal(rows, held)
             if refusal is not None:
                 if first["skipped"] and attempt < _RETRIES - 1:
                     # A due hold on these budgets was being released by another
@@ -869,7 +914,7 @@ class PostgresLedger:
         )
 
     async def _replay_reserve(
-        self, hold_id: str, scopes: tuple[str, ...], nanos: int
+        self, hold_id: str, scopes: tuple[str, ...], smallest: int, nanos: int
     ) -> Hold | None:
         rows = await self._fetch(f"SELECT {_HOLD_COLUMNS} FROM holds WHERE hold_id = $1", hold_id)
         if not rows:
@@ -877,7 +922,7 @@ class PostgresLedger:
         row = rows[0]
         if row["state"] == "released" and not row["scopes"]:
             return _hold(row)  # a tombstone: the release came first
-        if tuple(row["scopes"]) != scopes or row["amount"] != nanos:
+        if tuple(row["scopes"]) != scopes or not smallest <= row["amount"] <= nanos:
             raise HoldConflictError(
                 f"hold {hold_id!r} was reserved with other scopes or another amount; "
                 "use a fresh hold id for a new request"
@@ -1068,7 +1113,7 @@ class PostgresLedger:
         hands the lead to the next queued op. Shielded, so a cancelled caller never
         strands the ops it carries; ``command_timeout`` bounds the wait.
         """
-        sql = _RESERVE if kind == "reserve" else _SETTLE
+        sql = _STATEMENTS[kind]
         if self.batch_max == 1:
             return await self._fetch(sql, *args)
         key = (kind, scopes)

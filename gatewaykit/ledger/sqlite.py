@@ -50,10 +50,12 @@ from gatewaykit.ledger.base import (
     BudgetStatus,
     Hold,
     HoldState,
+    OutputFit,
     Period,
     ResponseContext,
     UsageRecord,
     validate_context_id,
+    validate_fit,
     validate_hold_id,
     validate_record,
     validate_scopes,
@@ -493,20 +495,29 @@ class _Store:
 
     # -- holds -------------------------------------------------------------------------
     def reserve(
-        self, now: int, hold_id: str, scopes: tuple[str, ...], amount: int, ttl: int
+        self,
+        now: int,
+        hold_id: str,
+        scopes: tuple[str, ...],
+        amount: int,
+        ttl: int,
+        fit: OutputFit | None = None,
     ) -> Hold | _Fail:
         text = " ".join(scopes)
         row = self.get(hold_id)
         if row is not None:
             if row[3] == "released" and not row[1]:
                 return _hold(row)  # a tombstone: the release came first
-            if row[1] != text or row[2] != amount:
+            smallest = amount if fit is None else fit.nanos(fit.min_tokens)
+            if row[1] != text or not smallest <= row[2] <= amount:
                 raise HoldConflictError(
                     f"hold {hold_id!r} was reserved with other scopes or another amount; "
                     "use a fresh hold id for a new request"
                 )
             return _hold(self.touch(row, now))
         self.reclaim(scopes, now)
+        if fit is not None:
+            amount = self.fitted(scopes, amount, fit, now)
         windows = []
         limits = []
         for scope in scopes:
@@ -539,6 +550,19 @@ class _Store:
             for (scope, key), limit in zip(windows, limits, strict=True)
         )
         return _hold(row, remaining)
+
+    def fitted(self, scopes: tuple[str, ...], amount: int, fit: OutputFit, now: int) -> int:
+        """The hold a fitted reserve tries: ``amount`` if the tightest budget has room for
+        it, else the largest fitting hold, else the smallest (which is then refused)."""
+        rooms = []
+        for scope in scopes:
+            limit, period = self.budget(scope) or (None, _NO_PERIOD)
+            if limit is not None:
+                rooms.append(limit - sum(self.counter(scope, _window_key(period, now))))
+        if not rooms or min(rooms) >= amount:
+            return amount
+        tokens = fit.tokens_within(min(rooms))
+        return fit.nanos(fit.min_tokens if tokens is None else tokens)
 
     def settle(
         self, now: int, hold_id: str, actual: int, record: UsageRecord | None, cost: int
@@ -1251,12 +1275,21 @@ class SQLiteLedger:
 
     # -- holds -------------------------------------------------------------------------
     async def reserve(
-        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+        self,
+        hold_id: str,
+        scopes: Sequence[str],
+        amount: Decimal,
+        *,
+        ttl: float,
+        fit: OutputFit | None = None,
     ) -> Hold:
         hold_id = validate_hold_id(hold_id)
         scope_t = validate_scopes(scopes)
         nanos = _nanos(amount)
         ttl_us = max(1, _us(validate_ttl(ttl)))
+        if fit is not None:
+            fit = validate_fit(fit, nanos)
+            return await self._call(_Store.reserve, hold_id, scope_t, nanos, ttl_us, fit)
         return await self._call(_Store.reserve, hold_id, scope_t, nanos, ttl_us)
 
     async def settle(

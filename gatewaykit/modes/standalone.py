@@ -35,7 +35,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Literal
@@ -71,6 +71,7 @@ from gatewaykit.modes.admission import (
 )
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.charging import DisconnectPolicy, MissingUsagePolicy, charge_for
+from gatewaykit.modes.fitting import MAX_OUTPUT_TOKENS_HEADER, output_fit, with_output_limit
 from gatewaykit.money import parse_usd
 from gatewaykit.pricing import ModelPrice, PriceTable
 from gatewaykit.ratelimit import RateLimiter
@@ -94,6 +95,7 @@ __all__ = [
     "DisconnectPolicy",
     "LedgerUnavailablePolicy",
     "MissingUsagePolicy",
+    "OverBudgetPolicy",
     "StandaloneMode",
     "StandaloneSettlement",
     "UnknownContextPolicy",
@@ -103,12 +105,16 @@ __all__ = [
 logger = logging.getLogger("gatewaykit.standalone")
 
 LedgerUnavailablePolicy = Literal["fail_closed", "fail_open"]
+#: A request whose worst case does not fit its budgets: ``"refuse"`` it (402), or ``"fit"``
+#: a smaller output cap into what is left (:mod:`gatewaykit.modes.fitting`).
+OverBudgetPolicy = Literal["refuse", "fit"]
 #: ``"reject"`` (400), ``"allow"`` (served unbudgeted: held and charged 0), or a fallback
 #: price: a :class:`ModelPrice`, or a ``Decimal`` USD per million tokens for input and
 #: output alike.
 UnpricedPolicy = Literal["reject", "allow"] | ModelPrice | Decimal
 
 _KEY_CACHE_SIZE = 10_000
+_REMAINING_HEADER = "x-gatewaykit-budget-remaining"
 _USER = re.compile(r"[^\s]{1,200}")  # what a budget scope id allows
 #: Pauses between attempts to settle while the ledger is unreachable (about 1.3 s in all).
 _SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0)
@@ -140,6 +146,8 @@ class StandaloneMode:
         teams: Mapping[str, str] | None = None,
         budget_headers: bool = True,
         ledger_unavailable: LedgerUnavailablePolicy = "fail_closed",
+        over_budget: OverBudgetPolicy = "refuse",
+        min_output_tokens: int = 256,
         unknown_response_context: UnknownContextPolicy = "context_window",
         response_context_ttl: float = RESPONSE_CONTEXT_TTL,
         clock: Callable[[], float] = time.monotonic,
@@ -170,6 +178,14 @@ class StandaloneMode:
             raise ConfigurationError(
                 f"ledger_unavailable must be fail_closed or fail_open, not {ledger_unavailable!r}"
             )
+        if over_budget not in ("refuse", "fit"):
+            raise ConfigurationError(f"over_budget must be refuse or fit, not {over_budget!r}")
+        if (
+            isinstance(min_output_tokens, bool)
+            or not isinstance(min_output_tokens, int)
+            or min_output_tokens < 1
+        ):
+            raise ConfigurationError("min_output_tokens must be a positive int")
         if unknown_response_context not in ("context_window", "reject"):
             raise ConfigurationError(
                 "unknown_response_context must be context_window or reject, not "
@@ -199,6 +215,8 @@ class StandaloneMode:
         self.teams = dict(teams or {})
         self.budget_headers = budget_headers
         self.ledger_unavailable: LedgerUnavailablePolicy = ledger_unavailable
+        self.over_budget: OverBudgetPolicy = over_budget
+        self.min_output_tokens = min_output_tokens
         self.unknown_response_context: UnknownContextPolicy = unknown_response_context
         self.response_context_ttl = validate_ttl(response_context_ttl)
         self._master_hash = hash_key(master_key) if master_key is not None else None
@@ -342,8 +360,26 @@ class StandaloneMode:
         if team:
             scopes.append(f"team:{team}")
         held = True
+        fit = (
+            output_fit(
+                held_estimate,
+                price,
+                choices=request.parsed.choices,
+                min_output_tokens=self.min_output_tokens,
+            )
+            if self.over_budget == "fit" and price is not None and fmt is not None
+            else None
+        )
+        body, raw_body = request.body, request.raw_body
         try:
-            hold = await self.ledger.reserve(request.request_id, scopes, amount, ttl=self.hold_ttl)
+            if fit is None:
+                hold = await self.ledger.reserve(
+                    request.request_id, scopes, amount, ttl=self.hold_ttl
+                )
+            else:
+                hold = await self.ledger.reserve(
+                    request.request_id, scopes, amount, ttl=self.hold_ttl, fit=fit
+                )
         except BudgetExceeded as exc:
             raise _budget_rejection(exc) from None
         except LedgerUnavailableError:
@@ -359,6 +395,16 @@ class StandaloneMode:
             if not hold.live:
                 raise RequestRejected(
                     ErrorKind.UNAVAILABLE, "the request id was already used; retry the request"
+                )
+            if fit is not None and hold.amount < amount:
+                # Fitted: the body goes upstream re-encoded with the smaller output cap.
+                tokens = fit.tokens_held(hold.amount)
+                body, raw_body = with_output_limit(fmt, request.body, tokens), b""
+                headers[MAX_OUTPUT_TOKENS_HEADER] = str(tokens)
+                held_estimate = dataclasses.replace(
+                    held_estimate,
+                    max_output_tokens=tokens * request.parsed.choices,
+                    amount=hold.amount,
                 )
         if self.budget_headers and held:
             headers.update(_headroom(hold))
@@ -376,6 +422,7 @@ class StandaloneMode:
             hold_ttl=self.hold_ttl,
             scopes=None if held else tuple(scopes),
             context_plan=context_plan,
+            response_headers=headers if self.budget_headers and held else None,
         )
         return GatewayContext(
             request_id=request.request_id,
@@ -383,8 +430,8 @@ class StandaloneMode:
             format=fmt,
             model=request.parsed.model,
             stream=request.parsed.stream,
-            body=request.body,
-            raw_body=request.raw_body,
+            body=body,
+            raw_body=raw_body,
             attempts=attempts,
             user_id=user,
             key_id=key_id,
@@ -488,6 +535,10 @@ class StandaloneSettlement(Settlement):
     the ledger was down): its charge is then booked afterwards as a zero hold settled at
     the actual cost (an overrun), if the ledger is back.
 
+    ``response_headers`` are the response's headers (StandaloneMode's budget headers in
+    them): a refund before the response started gives the hold back to the reported
+    ``x-gatewaykit-budget-remaining``, so a refunded error never reports the released hold.
+
     ``context_plan`` is given for OpenAI responses requests: on success, the context a
     later request continuing this response (the id an adapter noted with
     ``note_response``) or its conversation will be billed for is written with the settle.
@@ -512,8 +563,10 @@ class StandaloneSettlement(Settlement):
         scopes: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         context_plan: ContextPlan | None = None,
+        response_headers: MutableMapping[str, str] | None = None,
     ) -> None:
         super().__init__(request_id=request_id, estimate=estimate)
+        self.response_headers = response_headers
         self.context_plan = context_plan
         self.ledger = ledger
         self.price = price
@@ -590,6 +643,8 @@ class StandaloneSettlement(Settlement):
                 # configured.
                 recorded=self.unheld_scopes is not None,
             )
+        if amount is None:
+            self._give_back_headroom()
         return SettlementOutcome(
             status=status,
             charged=amount if amount is not None else Decimal(0),
@@ -597,6 +652,13 @@ class StandaloneSettlement(Settlement):
             refunded=amount is None,
             error=error,
         )
+
+    def _give_back_headroom(self) -> None:
+        """The refund returns the hold to every scope, so to the reported tightest one."""
+        headers = self.response_headers
+        remaining = headers.get(_REMAINING_HEADER) if headers is not None else None
+        if headers is not None and remaining is not None and not self.committed:
+            headers[_REMAINING_HEADER] = str(Decimal(remaining) + self.estimate.amount)
 
     def _response_context(
         self, status: SettlementStatus, charge: Usage | None
@@ -665,7 +727,7 @@ def _headroom(hold: Hold) -> dict[str, str]:
         return {}
     remaining, scope = min(limited)
     return {
-        "x-gatewaykit-budget-remaining": str(max(remaining, Decimal(0))),
+        _REMAINING_HEADER: str(remaining),
         "x-gatewaykit-budget-scope": scope,
     }
 

@@ -36,9 +36,11 @@ from gatewaykit.ledger.base import (
     BudgetStatus,
     Hold,
     HoldState,
+    OutputFit,
     Period,
     UsageRecord,
     validate_context_id,
+    validate_fit,
     validate_hold_id,
     validate_record,
     validate_scopes,
@@ -190,18 +192,26 @@ class ModelLedger:
             self._expire(hold, now)
 
     async def reserve(
-        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+        self,
+        hold_id: str,
+        scopes: Sequence[str],
+        amount: Decimal,
+        *,
+        ttl: float,
+        fit: OutputFit | None = None,
     ) -> Hold:
         hold_id = validate_hold_id(hold_id)
         scope_t = validate_scopes(scopes)
         nanos = to_nanos(amount)
         ttl = validate_ttl(ttl)
+        fit = validate_fit(fit, nanos)
         now = self.now()
         existing = self.holds_.get(hold_id)
         if existing is not None:
             if existing.state is HoldState.RELEASED and not existing.scopes:
                 return existing.view()
-            if existing.scopes != scope_t or existing.amount != nanos:
+            smallest = nanos if fit is None else fit.nanos(fit.min_tokens)
+            if existing.scopes != scope_t or not smallest <= existing.amount <= nanos:
                 raise HoldConflictError(
                     f"hold {hold_id!r} was reserved with other scopes or amount"
                 )
@@ -210,6 +220,8 @@ class ModelLedger:
         for hold in self.holds_.values():
             if hold.state is HoldState.HELD and set(hold.scopes) & set(scope_t):
                 self._touch(hold, now)
+        if fit is not None:
+            nanos = self._fitted(scope_t, nanos, fit, now)
         windows: dict[str, int] = {}
         for scope in scope_t:
             limit, period = self.budgets_.get(scope, (None, Period()))
@@ -239,6 +251,20 @@ class ModelLedger:
             left = None if limit is None else from_nanos(limit - counter.spent - counter.reserved)
             remaining.append((scope, left))
         return dataclasses.replace(hold.view(), remaining=tuple(remaining))
+
+    def _fitted(self, scopes: tuple[str, ...], nanos: int, fit: OutputFit, now: int) -> int:
+        """The hold a fitted reserve tries: the full amount if the tightest budget has room
+        for it, else the largest fitting one, else the smallest (which is then refused)."""
+        rooms = []
+        for scope in scopes:
+            limit, period = self.budgets_.get(scope, (None, Period()))
+            if limit is not None:
+                counter = self.counters.get((scope, window_of(period, now)[0]), Counter())
+                rooms.append(limit - counter.spent - counter.reserved)
+        if not rooms or min(rooms) >= nanos:
+            return nanos
+        tokens = fit.tokens_within(min(rooms))
+        return fit.nanos(fit.min_tokens if tokens is None else tokens)
 
     def _record(self, record: UsageRecord | None, now: int) -> None:
         if record is None or any(r.request_id == record.request_id for r in self.usage_):

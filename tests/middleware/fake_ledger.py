@@ -24,6 +24,7 @@ from gatewaykit.ledger.base import (
     BudgetStatus,
     Hold,
     HoldState,
+    OutputFit,
     Period,
     UsageRecord,
     validate_scopes,
@@ -91,8 +92,16 @@ class FakeLedger:
         return [s for s in [await self.status(k) for k in sorted(self.limits)] if s]
 
     async def reserve(
-        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+        self,
+        hold_id: str,
+        scopes: Sequence[str],
+        amount: Decimal,
+        *,
+        ttl: float,
+        fit: OutputFit | None = None,
     ) -> Hold:
+        if fit is not None:
+            raise NotImplementedError("the fake ledger does not fit holds")
         self._guard("reserve")
         scopes = validate_scopes(scopes)
         if hold_id in self.hold_rows:
