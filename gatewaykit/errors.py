@@ -36,6 +36,7 @@ from decimal import Decimal
 
 __all__ = [
     "BudgetExceeded",
+    "ConcurrencyExceeded",
     "ConfigurationError",
     "ErrorKind",
     "GatewayKitError",
@@ -116,6 +117,18 @@ class BudgetExceeded(LedgerError):
         it is, never clamped, so the 402 and the ledger agree.
         """
         return self.limit - self.spent - self.held
+
+
+class ConcurrencyExceeded(LedgerError):
+    """A reserve would give a scope more live holds (requests in flight) than its cap."""
+
+    def __init__(self, *, scope: str, limit: int, live: int) -> None:
+        self.scope = scope
+        self.limit = limit
+        self.live = live
+        super().__init__(
+            f"{scope} already has {live} requests in flight, its limit is {limit}"
+        )
 
 
 class HoldConflictError(LedgerError):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from types import TracebackType
@@ -47,6 +47,7 @@ __all__ = [
     "validate_context_id",
     "validate_fit",
     "validate_hold_id",
+    "validate_max_live",
     "validate_record",
     "validate_scopes",
     "validate_ttl",
@@ -69,6 +70,22 @@ def validate_scopes(scopes: Sequence[str]) -> tuple[str, ...]:
                 "(lower-case kind, no whitespace)"
             )
     return tuple(sorted(set(scopes)))
+
+
+def validate_max_live(
+    max_live: Mapping[str, int] | None, scopes: tuple[str, ...]
+) -> tuple[tuple[str, int], ...]:
+    """Caps on live holds: each a scope of the hold and a positive int; sorted by scope."""
+    if not max_live:
+        return ()
+    if not isinstance(max_live, Mapping):
+        raise ConfigurationError("max_live must map scopes to the most live holds they may have")
+    for scope, most in max_live.items():
+        if scope not in scopes:
+            raise ConfigurationError(f"max_live names {scope!r}, which is not a scope of the hold")
+        if isinstance(most, bool) or not isinstance(most, int) or not 0 < most < 2**31:
+            raise ConfigurationError(f"max_live[{scope!r}] must be a positive int, not {most!r}")
+    return tuple(sorted(max_live.items()))
 
 
 def validate_hold_id(hold_id: str) -> str:
@@ -453,6 +470,8 @@ class ApiKeyRecord:
     expires_at: datetime | None = None
     allowed_models: tuple[str, ...] | None = None
     rpm: int | None = None
+    #: The most requests this key may have in flight at once (None: no cap).
+    max_concurrent: int | None = None
 
 
 @runtime_checkable
@@ -509,8 +528,14 @@ class Ledger(Protocol):
         *,
         ttl: float,
         fit: OutputFit | None = None,
+        max_live: Mapping[str, int] | None = None,
     ) -> Hold:
         """Hold ``amount`` on every scope or none; raises BudgetExceeded on refusal.
+
+        ``max_live`` caps, per scope of the hold, its live holds (requests in flight) this
+        one included: a scope at its cap refuses with ConcurrencyExceeded (checked before
+        the budgets; the first such scope in sorted order). The count and the new hold are
+        one atomic step, exact across every process sharing the store.
 
         With ``fit`` (see :class:`OutputFit`), a smaller hold that fits every budget is
         taken instead of a refusal; ``Hold.amount`` says what was held. A refusal then

@@ -13,19 +13,23 @@ Rules the backends share (spelled out here because the model is the spec):
   ("touch"); ``reserve`` of a new id first expires every due hold sharing one of its scopes.
 * A new reserve is refused (nothing stored except the reclaim) when, for some scope with a
   limit, ``spent + reserved + amount > limit`` in that scope's current window; the first
-  refusing scope in sorted order is reported.
+  refusing scope in sorted order is reported. Before the budgets, a scope capped by
+  ``max_live`` refuses (ConcurrencyExceeded) when its live holds, in all its windows,
+  already number its cap. A fitted reserve (``OutputFit``) tries the largest hold the
+  tightest limited budget has room for.
 * A hold settles into the windows recorded when it was taken (I10).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 from gatewaykit.errors import (
     BudgetExceeded,
+    ConcurrencyExceeded,
     ConfigurationError,
     HoldClosedError,
     HoldConflictError,
@@ -42,6 +46,7 @@ from gatewaykit.ledger.base import (
     validate_context_id,
     validate_fit,
     validate_hold_id,
+    validate_max_live,
     validate_record,
     validate_scopes,
     validate_ttl,
@@ -99,6 +104,7 @@ class MHold:
 class Counter:
     spent: int = 0
     reserved: int = 0
+    live: int = 0
 
 
 class ModelLedger:
@@ -186,6 +192,7 @@ class ModelLedger:
         hold.ended_us = now
         for scope, key in hold.windows.items():
             self.counters[(scope, key)].reserved -= hold.amount
+            self.counters[(scope, key)].live -= 1
 
     def _touch(self, hold: MHold, now: int) -> None:
         if hold.state is HoldState.HELD and now >= hold.expires_us:
@@ -199,12 +206,14 @@ class ModelLedger:
         *,
         ttl: float,
         fit: OutputFit | None = None,
+        max_live: Mapping[str, int] | None = None,
     ) -> Hold:
         hold_id = validate_hold_id(hold_id)
         scope_t = validate_scopes(scopes)
         nanos = to_nanos(amount)
         ttl = validate_ttl(ttl)
         fit = validate_fit(fit, nanos)
+        caps = validate_max_live(max_live, scope_t)
         now = self.now()
         existing = self.holds_.get(hold_id)
         if existing is not None:
@@ -220,6 +229,10 @@ class ModelLedger:
         for hold in self.holds_.values():
             if hold.state is HoldState.HELD and set(hold.scopes) & set(scope_t):
                 self._touch(hold, now)
+        for scope, most in caps:  # requests in flight, before the budgets (429 before 402)
+            live = self.live_holds(scope)
+            if live >= most:
+                raise ConcurrencyExceeded(scope=scope, limit=most, live=live)
         if fit is not None:
             nanos = self._fitted(scope_t, nanos, fit, now)
         windows: dict[str, int] = {}
@@ -239,6 +252,7 @@ class ModelLedger:
                 )
         for scope, key in windows.items():
             self.counters.setdefault((scope, key), Counter()).reserved += nanos
+            self.counters[(scope, key)].live += 1
         hold = MHold(
             hold_id, scope_t, windows, nanos, HoldState.HELD, now, now + max(1, to_us(ttl))
         )
@@ -251,6 +265,17 @@ class ModelLedger:
             left = None if limit is None else from_nanos(limit - counter.spent - counter.reserved)
             remaining.append((scope, left))
         return dataclasses.replace(hold.view(), remaining=tuple(remaining))
+
+    def live_holds(self, scope: str) -> int:
+        """The scope's live holds in all its windows (what a cap counts)."""
+        return sum(c.live for (s, _), c in self.counters.items() if s == scope)
+
+    async def sweep_scope(self, scope: str) -> None:
+        """Expire the due holds on ``scope``, as a reserve on it does first."""
+        now = self.now()
+        for hold in self.holds_.values():
+            if hold.state is HoldState.HELD and scope in hold.scopes:
+                self._touch(hold, now)
 
     def _fitted(self, scopes: tuple[str, ...], nanos: int, fit: OutputFit, now: int) -> int:
         """The hold a fitted reserve tries: the full amount if the tightest budget has room
@@ -294,6 +319,7 @@ class ModelLedger:
             counter = self.counters[(scope, key)]
             if not late:
                 counter.reserved -= hold.amount
+                counter.live -= 1
             counter.spent += nanos
         hold.state = HoldState.SETTLED
         hold.charged = nanos
@@ -332,6 +358,7 @@ class ModelLedger:
         if hold.state is HoldState.HELD:
             for scope, key in hold.windows.items():
                 self.counters[(scope, key)].reserved -= hold.amount
+                self.counters[(scope, key)].live -= 1
             hold.state = HoldState.RELEASED
             hold.ended_us = now
             self._record(record, now)
@@ -415,6 +442,7 @@ class ModelLedger:
         """I1–I11 on the model's own state; ``swept`` adds I5 (checked right after a sweep)."""
         problems: list[str] = []
         live: dict[tuple[str, int], int] = {}
+        count: dict[tuple[str, int], int] = {}
         charged: dict[tuple[str, int], int] = {}
         now = self.now()
         for hold in self.holds_.values():
@@ -425,6 +453,7 @@ class ModelLedger:
             for scope, key in hold.windows.items():
                 if hold.state is HoldState.HELD:
                     live[(scope, key)] = live.get((scope, key), 0) + hold.amount
+                    count[(scope, key)] = count.get((scope, key), 0) + 1
                 if hold.state is HoldState.SETTLED:
                     charged[(scope, key)] = charged.get((scope, key), 0) + hold.charged
             if hold.state is not HoldState.SETTLED and (hold.charged or hold.late):
@@ -438,9 +467,11 @@ class ModelLedger:
         for (scope, key), counter in self.counters.items():
             if counter.reserved != live.get((scope, key), 0):
                 problems.append(f"I2: {scope}@{key} reserved {counter.reserved} != live holds")
+            if counter.live != count.get((scope, key), 0):
+                problems.append(f"I2: {scope}@{key} counts {counter.live} live holds, not so")
             if counter.spent != charged.get((scope, key), 0):
                 problems.append(f"I3: {scope}@{key} spent {counter.spent} != settled charges")
-            if counter.spent < 0 or counter.reserved < 0:
+            if counter.spent < 0 or counter.reserved < 0 or counter.live < 0:
                 problems.append(f"I9: {scope}@{key} has a negative total")
         for key_ in set(live) | set(charged):
             if key_ not in self.counters:

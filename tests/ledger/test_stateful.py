@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from gatewaykit.errors import BudgetExceeded, GatewayKitError
+from gatewaykit.errors import BudgetExceeded, ConcurrencyExceeded, GatewayKitError
 from gatewaykit.ledger.base import Hold, Ledger, OutputFit, Period, UsageRecord
 from gatewaykit.money import from_nanos
 from tests.ledger.backends import BACKENDS, Backend, FakeClock
@@ -51,6 +51,8 @@ def outcome(value: Any) -> Any:
     """What must match between backend and model: values, or the error's kind and facts."""
     if isinstance(value, BudgetExceeded):
         return ("BudgetExceeded", value.scope, value.limit, value.spent, value.held)
+    if isinstance(value, ConcurrencyExceeded):
+        return ("ConcurrencyExceeded", value.scope, value.limit, value.live)
     if isinstance(value, GatewayKitError):
         return type(value).__name__
     return value
@@ -131,6 +133,62 @@ class LedgerMachine(RuleBasedStateMachine):
         amount = from_nanos(fit.nanos(fit.max_tokens))
         self.params[hold_id] = (scopes, amount, fit)
         self.both("reserve", hold_id, scopes, amount, ttl=ttl, fit=fit)
+
+    @rule(
+        scopes=st.lists(st.sampled_from(SCOPES), min_size=1, max_size=3, unique=True),
+        amount=st.sampled_from(AMOUNTS),
+        most=st.integers(1, 3),
+        fit=st.none() | st.sampled_from(FITS),
+    )
+    def reserve_capped(
+        self, scopes: list[str], amount: Decimal, most: int, fit: OutputFit | None
+    ) -> None:
+        """A cap on the live holds of the hold's first scope (and a fit, sometimes)."""
+        hold_id = self.fresh_id()
+        if fit is not None:
+            amount = from_nanos(fit.nanos(fit.max_tokens))
+        self.params[hold_id] = (scopes, amount, fit)
+        caps = {scopes[0]: most}
+        self.both("reserve", hold_id, scopes, amount, ttl=30, fit=fit, max_live=caps)
+
+    @rule(count=st.integers(2, 12), most=st.integers(1, 4), amount=st.sampled_from(AMOUNTS))
+    def concurrent_capped_reserves(self, count: int, most: int, amount: Decimal) -> None:
+        """Capped reserves race on the backend: no more are admitted than the cap allows.
+
+        A refusal's kind cannot depend on the order: after a budget refusal no equal
+        reserve fits, and a scope at its cap stays there while no time passes.
+        """
+        ids = [self.fresh_id() for _ in range(count)]
+        caps = {"user:a": most}
+        for hold_id in ids:
+            self.params[hold_id] = (["user:a", "key:k"], amount, None)
+
+        async def race() -> list[Any]:
+            return await asyncio.gather(
+                *(
+                    self.ledger.reserve(h, ["user:a", "key:k"], amount, ttl=30, max_live=caps)
+                    for h in ids
+                ),
+                return_exceptions=True,
+            )
+
+        self.run(self.model.sweep_scope("user:a"))
+        before = self.model.live_holds("user:a")
+        results = self.run(race())
+        kinds = (Hold, BudgetExceeded, ConcurrencyExceeded)
+        assert all(isinstance(r, kinds) for r in results), results
+        assert sum(isinstance(r, Hold) for r in results) <= max(0, most - before)
+        for hold_id, result in zip(ids, results, strict=True):
+            if isinstance(result, Hold):
+                self.run(self.model.reserve(hold_id, ["user:a", "key:k"], amount, ttl=30))
+        for hold_id, result in zip(ids, results, strict=True):
+            if not isinstance(result, Hold):
+                with pytest.raises(type(result)):
+                    self.run(
+                        self.model.reserve(
+                            hold_id, ["user:a", "key:k"], amount, ttl=30, max_live=caps
+                        )
+                    )
 
     @precondition(lambda self: bool(self.params))
     @rule(data=st.data(), ttl=st.sampled_from(TTLS), conflicting=st.booleans())

@@ -8,7 +8,7 @@ records written with the settle/release, check() of the counters.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -99,9 +99,10 @@ class FakeLedger:
         *,
         ttl: float,
         fit: OutputFit | None = None,
+        max_live: Mapping[str, int] | None = None,
     ) -> Hold:
-        if fit is not None:
-            raise NotImplementedError("the fake ledger does not fit holds")
+        if fit is not None or max_live:
+            raise NotImplementedError("the fake ledger neither fits holds nor caps them")
         self._guard("reserve")
         scopes = validate_scopes(scopes)
         if hold_id in self.hold_rows:
