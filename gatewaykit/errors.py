@@ -126,9 +126,7 @@ class ConcurrencyExceeded(LedgerError):
         self.scope = scope
         self.limit = limit
         self.live = live
-        super().__init__(
-            f"{scope} already has {live} requests in flight, its limit is {limit}"
-        )
+        super().__init__(f"{scope} already has {live} requests in flight, its limit is {limit}")
 
 
 class HoldConflictError(LedgerError):

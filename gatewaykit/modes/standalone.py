@@ -46,6 +46,7 @@ from gatewaykit.context import GatewayContext
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.errors import (
     BudgetExceeded,
+    ConcurrencyExceeded,
     ConfigurationError,
     ErrorKind,
     HoldClosedError,
@@ -126,7 +127,9 @@ class StandaloneMode:
     See the module docstring for the admission order, and docs/configuration.md for every
     option. ``teams`` maps a user to a team for requests whose key names no team (and for
     master-key requests); a key's own ``team`` wins. ``default_rpm`` applies to keys
-    without their own ``rpm``; the master key is never rate limited.
+    without their own ``rpm``; the master key is never rate limited. A key's
+    ``max_concurrent`` and ``user_max_concurrent`` (every user's cap, master-key requests
+    included) cap the requests in flight, inside the ledger's reserve (429).
     """
 
     def __init__(
@@ -143,6 +146,7 @@ class StandaloneMode:
         default_max_output_tokens: int = 4096,
         key_cache_ttl: float = 5.0,
         default_rpm: int | None = None,
+        user_max_concurrent: int | None = None,
         teams: Mapping[str, str] | None = None,
         budget_headers: bool = True,
         ledger_unavailable: LedgerUnavailablePolicy = "fail_closed",
@@ -174,6 +178,12 @@ class StandaloneMode:
             raise ConfigurationError("key_cache_ttl must be ≥ 0 seconds")
         if default_rpm is not None and (isinstance(default_rpm, bool) or default_rpm < 1):
             raise ConfigurationError("default_rpm must be a positive int or None")
+        if user_max_concurrent is not None and (
+            isinstance(user_max_concurrent, bool)
+            or not isinstance(user_max_concurrent, int)
+            or user_max_concurrent < 1
+        ):
+            raise ConfigurationError("user_max_concurrent must be a positive int or None")
         if ledger_unavailable not in ("fail_closed", "fail_open"):
             raise ConfigurationError(
                 f"ledger_unavailable must be fail_closed or fail_open, not {ledger_unavailable!r}"
@@ -212,6 +222,7 @@ class StandaloneMode:
         self.default_max_output_tokens = default_max_output_tokens
         self.key_cache_ttl = float(key_cache_ttl)
         self.default_rpm = default_rpm
+        self.user_max_concurrent = user_max_concurrent
         self.teams = dict(teams or {})
         self.budget_headers = budget_headers
         self.ledger_unavailable: LedgerUnavailablePolicy = ledger_unavailable
@@ -371,17 +382,26 @@ class StandaloneMode:
             else None
         )
         body, raw_body = request.body, request.raw_body
+        caps = self._caps(identity, user)
         try:
-            if fit is None:
+            if fit is None and caps is None:
                 hold = await self.ledger.reserve(
                     request.request_id, scopes, amount, ttl=self.hold_ttl
                 )
             else:
                 hold = await self.ledger.reserve(
-                    request.request_id, scopes, amount, ttl=self.hold_ttl, fit=fit
+                    request.request_id, scopes, amount, ttl=self.hold_ttl, fit=fit, max_live=caps
                 )
         except BudgetExceeded as exc:
             raise _budget_rejection(exc) from None
+        except ConcurrencyExceeded as exc:
+            raise RequestRejected(
+                ErrorKind.RATE_LIMIT,
+                f"too many requests in flight for {exc.scope}: its limit is {exc.limit}; "
+                "retry when one has finished",
+                headers={"retry-after": "1"},
+                details={"scope": exc.scope, "max_concurrent": exc.limit},
+            ) from None
         except LedgerUnavailableError:
             if self.ledger_unavailable != "fail_open":
                 logger.warning("request %s refused: ledger unavailable", request.request_id)
@@ -437,6 +457,18 @@ class StandaloneMode:
             key_id=key_id,
             response_headers=headers,
         )
+
+    def _caps(self, identity: ApiKeyRecord | None, user: str) -> dict[str, int] | None:
+        """The caps on requests in flight this request is admitted under (None: none)."""
+        key_cap = identity.max_concurrent if identity is not None else None
+        if key_cap is None and self.user_max_concurrent is None:
+            return None  # the common case: nothing to build
+        caps = {}
+        if identity is not None and identity.max_concurrent is not None:
+            caps[f"key:{identity.key_id}"] = identity.max_concurrent
+        if self.user_max_concurrent is not None:
+            caps[f"user:{user}"] = self.user_max_concurrent
+        return caps or None
 
     async def _stored_context(
         self, request: GatewayRequest, user: str, price: ModelPrice | None
