@@ -18,11 +18,15 @@ from gatewaykit.ledger.base import OutputFit
 from gatewaykit.pricing import ModelPrice
 from gatewaykit.settlement import RequestEstimate
 
-__all__ = ["MAX_OUTPUT_TOKENS_HEADER", "output_fit", "with_output_limit"]
+__all__ = ["FITTED_FORMATS", "MAX_OUTPUT_TOKENS_HEADER", "output_fit", "with_output_limit"]
 
 #: Tells the client the output cap its request was sent upstream with, when it was fitted.
 MAX_OUTPUT_TOKENS_HEADER = "x-gatewaykit-max-output-tokens"
 _MTOK = Decimal(1_000_000)
+#: The formats whose requests carry an output cap to fit (embeddings have no output).
+FITTED_FORMATS = frozenset(
+    {WireFormat.OPENAI_CHAT, WireFormat.ANTHROPIC_MESSAGES, WireFormat.OPENAI_RESPONSES}
+)
 
 
 def output_fit(
@@ -41,9 +45,7 @@ def output_fit(
     )
 
 
-def with_output_limit(
-    fmt: WireFormat | None, body: Mapping[str, Any], tokens: int
-) -> dict[str, Any]:
+def with_output_limit(fmt: WireFormat, body: Mapping[str, Any], tokens: int) -> dict[str, Any]:
     """``body`` with its output cap set to ``tokens``, in the field(s) its format uses.
 
     Chat completions: every cap the client sent (``max_completion_tokens``, the legacy
@@ -57,6 +59,8 @@ def with_output_limit(
             rewritten[field] = tokens
     elif fmt is WireFormat.ANTHROPIC_MESSAGES:
         rewritten["max_tokens"] = tokens
-    else:
+    elif fmt is WireFormat.OPENAI_RESPONSES:
         rewritten["max_output_tokens"] = tokens
+    else:
+        raise ValueError(f"{fmt} requests have no output cap to fit")
     return rewritten

@@ -73,7 +73,12 @@ from gatewaykit.modes.admission import (
 )
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.charging import DisconnectPolicy, MissingUsagePolicy, charge_for
-from gatewaykit.modes.fitting import MAX_OUTPUT_TOKENS_HEADER, output_fit, with_output_limit
+from gatewaykit.modes.fitting import (
+    FITTED_FORMATS,
+    MAX_OUTPUT_TOKENS_HEADER,
+    output_fit,
+    with_output_limit,
+)
 from gatewaykit.money import parse_usd
 from gatewaykit.pricing import ModelPrice, PriceTable
 from gatewaykit.ratelimit import RateLimiter
@@ -402,7 +407,7 @@ class StandaloneMode:
                 choices=request.parsed.choices,
                 min_output_tokens=self.min_output_tokens,
             )
-            if self.over_budget == "fit" and price is not None and fmt is not None
+            if self.over_budget == "fit" and price is not None and fmt in FITTED_FORMATS
             else None
         )
         body, raw_body = request.body, request.raw_body
@@ -443,6 +448,7 @@ class StandaloneMode:
             if fit is not None and hold.amount < amount:
                 # Fitted: the body goes upstream re-encoded with the smaller output cap.
                 tokens = fit.tokens_held(hold.amount)
+                assert fmt is not None  # fitted only for FITTED_FORMATS
                 body, raw_body = with_output_limit(fmt, request.body, tokens), b""
                 headers[MAX_OUTPUT_TOKENS_HEADER] = str(tokens)
                 held_estimate = dataclasses.replace(
@@ -482,7 +488,7 @@ class StandaloneMode:
             response_headers=headers,
         )
 
-    def _caps(self, identity: ApiKeyRecord | None, user: str) -> dict[str, int] | None:
+    def _caps(self, identity: ApiKeyRecord | None, user: str | None) -> dict[str, int] | None:
         """The caps on requests in flight this request is admitted under (None: none)."""
         key_cap = identity.max_concurrent if identity is not None else None
         if key_cap is None and self.user_max_concurrent is None:
@@ -490,7 +496,7 @@ class StandaloneMode:
         caps = {}
         if identity is not None and identity.max_concurrent is not None:
             caps[f"key:{identity.key_id}"] = identity.max_concurrent
-        if self.user_max_concurrent is not None:
+        if self.user_max_concurrent is not None and user is not None:
             caps[f"user:{user}"] = self.user_max_concurrent
         return caps or None
 
