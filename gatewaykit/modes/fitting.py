@@ -14,6 +14,7 @@ from decimal import Decimal, localcontext
 from typing import Any
 
 from gatewaykit.envelopes import WireFormat
+from gatewaykit.errors import ConfigurationError
 from gatewaykit.ledger.base import OutputFit
 from gatewaykit.pricing import ModelPrice
 from gatewaykit.settlement import RequestEstimate
@@ -62,5 +63,5 @@ def with_output_limit(fmt: WireFormat, body: Mapping[str, Any], tokens: int) -> 
     elif fmt is WireFormat.OPENAI_RESPONSES:
         rewritten["max_output_tokens"] = tokens
     else:
-        raise ValueError(f"{fmt} requests have no output cap to fit")
+        raise ConfigurationError(f"{fmt.value} requests have no output cap to fit")
     return rewritten
