@@ -936,6 +936,9 @@ class PostgresLedger:
                 continue  # the competing reserve rolled back: reserve afresh
             held = first["held"]
             if caps and first["crowded_scope"] is not None:
+                if first["skipped"] and attempt < _RETRIES - 1:
+                    await anyio.sleep(0.001 * (attempt + 1))  # as for a budget, below
+                    continue
                 raise ConcurrencyExceeded(
                     scope=first["crowded_scope"],
                     limit=first["crowded_most"],
