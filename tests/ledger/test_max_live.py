@@ -4,7 +4,10 @@ decided in the reserve itself. Every test runs on every backend in BACKENDS."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +99,68 @@ async def test_keys_store_their_cap(ledger: Ledger) -> None:
     assert found.max_concurrent == 3
     [listed] = await ledger.list_keys()
     assert listed.max_concurrent == 3
+
+
+# -- schema version 4 on a database written before it --------------------------------------
+
+
+async def test_a_version_3_sqlite_file_counts_its_live_holds(tmp_path: Path) -> None:
+    """Migration 4 fills ``counters.live`` from the holds already in flight."""
+    from gatewaykit.ledger._sqlite_schema import APPLICATION_ID, MIGRATIONS
+    from gatewaykit.ledger.sqlite import SQLiteLedger
+
+    path = tmp_path / "v3.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for version in (1, 2, 3):
+        for statement in MIGRATIONS[version]:
+            conn.execute(statement)
+    conn.execute("INSERT INTO gatewaykit_schema (version) VALUES (3)")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    # Two live holds and a settled one on key:k, as version 3 stored them.
+    for hold_id, state in (("r1", "held"), ("r2", "held"), ("r3", "settled")):
+        conn.execute(
+            "INSERT INTO holds (hold_id, scopes, amount, state, created_at, expires_at, "
+            "charged) VALUES (?, 'key:k', 5, ?, 0, ?, ?)",
+            (hold_id, state, 2**60, 5 if state == "settled" else 0),
+        )
+        conn.execute("INSERT INTO hold_scopes VALUES (?, 'key:k', 0)", (hold_id,))
+    conn.execute("INSERT INTO counters VALUES ('key:k', 0, 5, 10)")
+    conn.close()
+    async with SQLiteLedger(str(path)) as ledger:
+        assert await ledger.check() == []
+        await ledger.reserve("r4", ["key:k"], D(0), ttl=60, max_live={"key:k": 3})
+        with pytest.raises(ConcurrencyExceeded):
+            await ledger.reserve("r5", ["key:k"], D(0), ttl=60, max_live={"key:k": 3})
+
+
+@pytest.mark.postgres
+async def test_a_version_3_postgres_schema_counts_its_live_holds() -> None:
+    import asyncpg
+
+    from gatewaykit.ledger._postgres_schema import MIGRATIONS
+    from gatewaykit.ledger.postgres import PostgresLedger
+    from tests.ledger.backend_postgres import DSN, fresh_schema
+
+    async with fresh_schema("gk_v3") as schema:
+        admin: Any = await asyncpg.connect(DSN)
+        try:
+            await admin.execute(f'SET search_path TO "{schema}"')
+            for version in (1, 2, 3):
+                await admin.execute(MIGRATIONS[version - 1])
+                await admin.execute("INSERT INTO gatewaykit_schema (version) VALUES ($1)", version)
+            await admin.execute(
+                "INSERT INTO holds (hold_id, scopes, windows, amount, state, created_at, "
+                "expires_at) SELECT h, '{key:k}', '{1970-01-01 00:00:00+00}', 5, 'held', now(), "
+                "now() + interval '1 hour' FROM unnest(ARRAY['r1', 'r2']) AS h"
+            )
+            await admin.execute(
+                "INSERT INTO counters (scope, window_start, reserved, used) "
+                "VALUES ('key:k', '1970-01-01 00:00:00+00', 10, true)"
+            )
+        finally:
+            await admin.close()
+        async with PostgresLedger(DSN, schema=schema) as ledger:
+            assert await ledger.check() == []
+            await ledger.reserve("r4", ["key:k"], D(0), ttl=60, max_live={"key:k": 3})
+            with pytest.raises(ConcurrencyExceeded):
+                await ledger.reserve("r5", ["key:k"], D(0), ttl=60, max_live={"key:k": 3})
