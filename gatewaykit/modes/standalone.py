@@ -411,7 +411,7 @@ class StandaloneMode:
             else None
         )
         body, raw_body = request.body, request.raw_body
-        caps = self._caps(identity, user)
+        caps = self._caps(identity.max_concurrent if identity else None, key_id, user)
         try:
             if fit is None and caps is None:
                 hold = await self.ledger.reserve(
@@ -488,17 +488,19 @@ class StandaloneMode:
             response_headers=headers,
         )
 
-    def _caps(self, identity: ApiKeyRecord | None, user: str | None) -> dict[str, int] | None:
+    def _caps(
+        self, key_cap: int | None, key_id: str | None, user: str | None
+    ) -> dict[str, int] | None:
         """The caps on requests in flight this request is admitted under (None: none)."""
-        key_cap = identity.max_concurrent if identity is not None else None
-        if key_cap is None and self.user_max_concurrent is None:
+        user_cap = self.user_max_concurrent if user is not None else None
+        if key_cap is None and user_cap is None:
             return None  # the common case: nothing to build
         caps = {}
-        if identity is not None and identity.max_concurrent is not None:
-            caps[f"key:{identity.key_id}"] = identity.max_concurrent
-        if self.user_max_concurrent is not None and user is not None:
-            caps[f"user:{user}"] = self.user_max_concurrent
-        return caps or None
+        if key_cap is not None and key_id is not None:
+            caps[f"key:{key_id}"] = key_cap
+        if user_cap is not None:
+            caps[f"user:{user}"] = user_cap
+        return caps
 
     async def _stored_context(
         self, request: GatewayRequest, user: str, price: ModelPrice | None

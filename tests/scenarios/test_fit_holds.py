@@ -116,8 +116,8 @@ async def test_fitted_hold_rewrites_the_cap_in_every_format(
         assert events[-1] == "message_stop"
         assert fake.requests[-1].body["max_tokens"] == cap
 
-        # Responses, with the legacy chat field too: every cap the client sent is fitted.
-        cap = fitted_cap(await remaining(ledger), prompt_tokens=3)
+        # Responses: max_output_tokens.
+        cap = fitted_cap(await remaining(ledger))
         response = await oai.responses.with_raw_response.create(
             model="test-model", input="Say hello", max_output_tokens=4096
         )
