@@ -1,14 +1,16 @@
 """An LLM gateway in one file: gatewaykit's example app.
 
     python examples/app.py [--host 127.0.0.1] [--port 8000] [--db URL] [--prices FILE]
-                           [--hold-ttl SECONDS] [--platform URL]
+                           [--hold-ttl SECONDS] [--fit-holds] [--platform URL]
 
 Serves ``POST /v1/chat/completions``, ``/v1/messages``, ``/v1/responses`` and
 ``GET /healthz``. Standalone by default: API keys and budgets in the ledger named by
 ``--db`` (default ``$GATEWAYKIT_DB``, else ``sqlite:///gatewaykit.db``), managed with the
 ``gatewaykit`` command line. ``--platform URL`` asks a control plane instead, with the
 gateway token from ``GATEWAYKIT_PLATFORM_TOKEN``; ``--db`` then names the database of the
-durable usage-report outbox (default ``sqlite:///gatewaykit-outbox.db``).
+durable usage-report outbox (default ``sqlite:///gatewaykit-outbox.db``). ``--fit-holds``
+admits a request whose worst case does not fit its budget with the largest output cap that
+does (``StandaloneMode(over_budget="fit")``) instead of refusing it.
 
 Upstreams come from the variables the official SDKs read: ``OPENAI_BASE_URL`` (ending in
 ``/v1``) and ``OPENAI_API_KEY`` for chat completions and responses, ``ANTHROPIC_BASE_URL``
@@ -66,6 +68,7 @@ class Settings:
     db: str = DEFAULT_DB
     prices: Path | None = None
     hold_ttl: float = 600.0
+    fit_holds: bool = False
     platform: str | None = None
     platform_token: str | None = dataclasses.field(default=None, repr=False)
     master_key: str | None = dataclasses.field(default=None, repr=False)
@@ -97,6 +100,11 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
     parser.add_argument("--prices", type=Path, help="JSON price file, merged over the defaults")
     parser.add_argument("--hold-ttl", type=float, default=600.0, help="seconds (default 600)")
     parser.add_argument(
+        "--fit-holds",
+        action="store_true",
+        help="lower a request's output cap to what its budget can pay instead of a 402",
+    )
+    parser.add_argument(
         "--platform", metavar="URL", help="control plane URL (token: GATEWAYKIT_PLATFORM_TOKEN)"
     )
     args = parser.parse_args(argv)
@@ -108,6 +116,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         db=args.db or environ.get("GATEWAYKIT_DB") or default_db,
         prices=args.prices,
         hold_ttl=args.hold_ttl,
+        fit_holds=args.fit_holds,
         platform=args.platform,
         platform_token=environ.get("GATEWAYKIT_PLATFORM_TOKEN"),
         master_key=environ.get("GATEWAYKIT_MASTER_KEY") or None,
@@ -192,6 +201,7 @@ def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -
             upstreams=configured_upstreams(settings, fake_port),
             master_key=settings.master_key,
             hold_ttl=settings.hold_ttl,
+            over_budget="fit" if settings.fit_holds else "refuse",
         )
 
     @contextlib.asynccontextmanager

@@ -299,6 +299,11 @@ def keys() -> None:
 @click.option("--budget", metavar="USD", help="Give the key its own budget (scope key:<key_id>).")
 @click.option("--period", metavar="PERIOD", help=PERIOD_HELP + "  [default: none]")
 @click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute allowed.")
+@click.option(
+    "--max-concurrent",
+    type=click.IntRange(min=1, max=2**31 - 1),
+    help="Requests the key may have in flight at once.",
+)
 @click.option("--team", help="The key's team: a team:<TEAM> budget then applies too.")
 @click.option(
     "--model",
@@ -315,6 +320,7 @@ def keys_create(
     budget: str | None,
     period: str | None,
     rpm: int | None,
+    max_concurrent: int | None,
     team: str | None,
     models: tuple[str, ...],
     as_json: bool,
@@ -335,6 +341,7 @@ def keys_create(
         user=user,
         team=team,
         rpm=rpm,
+        max_concurrent=max_concurrent,
         allowed_models=tuple(models) or None,
     )
 

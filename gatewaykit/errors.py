@@ -36,6 +36,7 @@ from decimal import Decimal
 
 __all__ = [
     "BudgetExceeded",
+    "ConcurrencyExceeded",
     "ConfigurationError",
     "ErrorKind",
     "GatewayKitError",
@@ -110,9 +111,22 @@ class BudgetExceeded(LedgerError):
 
     @property
     def remaining(self) -> Decimal:
-        """What is left in the window, never below zero for display."""
-        left = self.limit - self.spent - self.held
-        return left if left > 0 else Decimal(0)
+        """What is left in the window: ``limit - spent - held``, as ``budgets show`` says it.
+
+        Negative after an overrun (the provider billed more than was held): shown as what
+        it is, never clamped, so the 402 and the ledger agree.
+        """
+        return self.limit - self.spent - self.held
+
+
+class ConcurrencyExceeded(LedgerError):
+    """A reserve would give a scope more live holds (requests in flight) than its cap."""
+
+    def __init__(self, *, scope: str, limit: int, live: int) -> None:
+        self.scope = scope
+        self.limit = limit
+        self.live = live
+        super().__init__(f"{scope} already has {live} requests in flight, its limit is {limit}")
 
 
 class HoldConflictError(LedgerError):

@@ -50,7 +50,9 @@ def test_unknown_names_raise_attribute_error() -> None:
 @pytest.mark.parametrize(
     "module",
     [
+        "gatewaykit.ledger",
         "gatewaykit.middleware",
+        "gatewaykit.modes.fitting",
         "gatewaykit.modes.standalone",
         "gatewaykit.parsing",
         "gatewaykit.ratelimit",

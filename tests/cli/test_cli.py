@@ -97,7 +97,7 @@ def test_keys_create_readable_output_shows_the_key_and_a_warning(db: str) -> Non
 def test_keys_create_with_budget_makes_a_key_scope(db: str) -> None:
     created = cli_json(
         "--db", db, "keys", "create", "--user", "alice", "--budget", "5", "--period", "day",
-        "--rpm", "60", "--json",
+        "--rpm", "60", "--max-concurrent", "3", "--json",
     )  # fmt: skip
     [budget] = cli_json("--db", db, "budgets", "show", f"key:{created['key_id']}", "--json")
     assert budget["scope"] == f"key:{created['key_id']}"
@@ -113,6 +113,7 @@ def test_keys_create_with_budget_makes_a_key_scope(db: str) -> None:
 
     [record] = with_ledger(db, find)
     assert record.rpm == 60
+    assert record.max_concurrent == 3
 
 
 def test_keys_create_with_team_and_models(db: str) -> None:
@@ -331,6 +332,7 @@ def test_db_from_the_environment(tmp_path: Path) -> None:
         ["keys", "create", "--user", "has space"],
         ["keys", "create", "--user", "alice", "--team", "a b"],
         ["keys", "create", "--user", "alice", "--rpm", "0"],
+        ["keys", "create", "--user", "alice", "--max-concurrent", "0"],
         ["keys", "create"],
         ["budgets", "set", "alice", "--limit", "5"],
         ["budgets", "set", "user:alice", "--limit", "5$"],

@@ -586,6 +586,10 @@ async def test_configuration_is_validated(ledger: Ledger) -> None:
         {"default_rpm": 0},
         {"teams": {"bob": "red team"}},
         {"ledger_unavailable": "maybe"},
+        {"over_budget": "squeeze"},
+        {"min_output_tokens": 0},
+        {"min_output_tokens": True},
+        {"user_max_concurrent": 0},
         {"upstreams": Upstream("https://x.example/v1")},
     ):
         with pytest.raises(ConfigurationError):
