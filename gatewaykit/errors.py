@@ -14,7 +14,6 @@ GatewayKitError
 │   ├── LedgerUnavailableError        the store cannot be reached (→ 503)
 │   └── SchemaError                   a database of an unknown version or not ours
 ├── SettlementMissingError (LookupError)  get_settlement() without GatewayMiddleware
-├── ModelNotPricedError               no price for a model under the ``reject`` policy
 ├── MalformedStreamError (ValueError) an upstream stream or body the gateway cannot read
 ├── UpstreamError                     the upstream HTTP exchange failed (any client)
 │   ├── UpstreamConnectError          no connection could be made (in time, or at all)
@@ -48,7 +47,6 @@ __all__ = [
     "LedgerError",
     "LedgerUnavailableError",
     "MalformedStreamError",
-    "ModelNotPricedError",
     "RequestRejected",
     "SchemaError",
     "SettlementMissingError",
@@ -137,17 +135,6 @@ class SchemaError(LedgerError):
 
 class SettlementMissingError(GatewayKitError, LookupError):
     """``get_settlement`` was called on a request that GatewayMiddleware did not handle."""
-
-
-class ModelNotPricedError(GatewayKitError):
-    """The model has no price and the unpriced-model policy is ``reject``."""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        super().__init__(
-            f"model {model!r} has no price; add it to the PriceTable or choose another "
-            "unpriced-model policy"
-        )
 
 
 class MalformedStreamError(GatewayKitError, ValueError):

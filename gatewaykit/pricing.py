@@ -164,10 +164,6 @@ class PriceTable(Mapping[str, ModelPrice]):
             )
 
     @classmethod
-    def from_dict(cls, prices: Mapping[str, ModelPrice | Mapping[str, Any]]) -> PriceTable:
-        return cls(prices)
-
-    @classmethod
     def from_file(cls, path: str | Path) -> PriceTable:
         """Load the JSON price file format (DESIGN §8); prices are decimal strings."""
         try:

@@ -72,10 +72,6 @@ class Upstream:
     def serves(self, model: str) -> bool:
         return self.models is None or model in self.models
 
-    @property
-    def label(self) -> str:
-        return self.name or self.provider
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Attempt:

@@ -81,7 +81,7 @@ def test_floats_rejected_in_prices() -> None:
 
 
 def test_price_table_lookup() -> None:
-    table = PriceTable.from_dict(
+    table = PriceTable(
         {
             "gpt-4o": {"input_per_mtok": "2.50", "output_per_mtok": "10.00"},
             "anthropic/claude-x": {"input_per_mtok": "3", "output_per_mtok": "15"},
