@@ -65,6 +65,7 @@ from gatewaykit.ledger.base import (
     validate_ttl,
 )
 from gatewaykit.money import from_nanos, to_nanos
+from gatewaykit.urls import redact
 
 __all__ = ["PostgresLedger"]
 
@@ -573,7 +574,7 @@ class PostgresLedger:
         if not isinstance(url, str) or not url.startswith(("postgresql://", "postgres://")):
             raise ConfigurationError(
                 "PostgresLedger needs a postgresql://user@host/dbname URL, got "
-                f"{_redact(url) if isinstance(url, str) else url!r}"
+                f"{redact(url) if isinstance(url, str) else url!r}"
             )
         url, url_schema = _split_schema(url)
         schema = schema if schema is not None else url_schema or "public"
@@ -614,7 +615,7 @@ class PostgresLedger:
         self._listener: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"PostgresLedger({_redact(self.url)!r}, schema={self.schema!r})"
+        return f"PostgresLedger({redact(self.url)!r}, schema={self.schema!r})"
 
     # -- key change notifications ------------------------------------------------------
     @property
@@ -665,7 +666,7 @@ class PostgresLedger:
                 logger.warning(
                     "key change listener cannot listen on %s (%s); cached API keys fall "
                     "back to key_cache_ttl until it can; retrying in %.1fs",
-                    _redact(self.url),
+                    redact(self.url),
                     type(exc).__name__,
                     delay,
                 )
@@ -737,7 +738,7 @@ class PostgresLedger:
     def _unavailable(self, exc: BaseException) -> LedgerUnavailableError:
         detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")
         return LedgerUnavailableError(
-            f"the PostgreSQL ledger at {_redact(self.url)} is unavailable ({detail})"
+            f"the PostgreSQL ledger at {redact(self.url)} is unavailable ({detail})"
         )
 
     @contextlib.asynccontextmanager
@@ -1312,8 +1313,3 @@ def _split_schema(url: str) -> tuple[str, str | None]:
         return url, None
     rest = urllib.parse.urlencode([(n, v) for n, v in query if n != "schema"])
     return urllib.parse.urlunsplit(parts._replace(query=rest)), schemas[-1]
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages and reprs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
