@@ -54,6 +54,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamResponseTooLarge",
     "UpstreamTimeoutError",
+    "describe_error",
 ]
 
 
@@ -229,3 +230,10 @@ class RequestRejected(GatewayKitError):
         self.headers = dict(headers or {})
         self.details = dict(details or {})
         super().__init__(message)
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"ClassName: message"`` (just the class when the message is empty), for logs and
+    the reasons a settlement or an outbox item records."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

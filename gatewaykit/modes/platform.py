@@ -46,6 +46,7 @@ from gatewaykit.errors import (
     RequestRejected,
     UpstreamConnectError,
     UpstreamError,
+    describe_error,
 )
 from gatewaykit.http import Timeouts, as_upstream_client, post
 from gatewaykit.modes.admission import credential, endpoint_name, missing_credential
@@ -453,7 +454,7 @@ class PlatformMode:
             logger.error(
                 "could not record the admission of %s (%s); refusing the request",
                 request_id,
-                _describe(exc),
+                describe_error(exc),
             )
             await self._release(request_id, "the gateway could not record the admission", estimate)
             raise _unavailable("the gateway cannot record usage right now") from None
@@ -502,11 +503,6 @@ def _resolve_failure(exc: BaseException) -> str:
         return "no resolve answer in time"
     cause = exc.cause if isinstance(exc, UpstreamError) else ""
     return f"the resolve call failed ({cause or type(exc).__name__})"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _unavailable(message: str) -> RequestRejected:

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from gatewaykit.errors import ConfigurationError, UpstreamError
+from gatewaykit.errors import ConfigurationError, UpstreamError, describe_error
 from gatewaykit.http import Timeouts, as_upstream_client, post
 from gatewaykit.outbox.base import Outbox, OutboxItem
 
@@ -97,11 +97,6 @@ def parse_retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class OutboxSender:
@@ -186,7 +181,9 @@ class OutboxSender:
             try:
                 await self.outbox.reschedule_all()
             except Exception as exc:
-                logger.warning("outbox: could not reschedule queued reports: %s", _describe(exc))
+                logger.warning(
+                    "outbox: could not reschedule queued reports: %s", describe_error(exc)
+                )
         tg = anyio.create_task_group()
         await tg.__aenter__()
         tg.start_soon(self._pump, False)
@@ -222,7 +219,7 @@ class OutboxSender:
         try:
             await self.outbox.reschedule_all()
         except Exception as exc:
-            logger.warning("outbox: flush could not read the store: %s", _describe(exc))
+            logger.warning("outbox: flush could not read the store: %s", describe_error(exc))
             return False
         with anyio.move_on_after(within):
             await self._pump(True)
@@ -271,7 +268,7 @@ class OutboxSender:
                             wait = min(wait, due_in)
                 except Exception as exc:
                     logger.warning(
-                        "outbox: store error, retrying in %.1fs: %s", wait, _describe(exc)
+                        "outbox: store error, retrying in %.1fs: %s", wait, describe_error(exc)
                     )
                 with anyio.move_on_after(wait):
                     await self._wakeup.wait()
@@ -289,7 +286,7 @@ class OutboxSender:
                     self._client, self.url, body, headers=headers, timeouts=self._timeouts
                 )
         except (UpstreamError, TimeoutError) as exc:
-            await self._failed(item, _describe(exc), None)
+            await self._failed(item, describe_error(exc), None)
             return
         if not (200 <= status < 300 or is_permanent_rejection(status)):
             retry_after = parse_retry_after(answer_headers.get("retry-after"))
@@ -316,7 +313,7 @@ class OutboxSender:
             except Exception as exc:
                 # The lease runs out and the item is delivered again: idempotent, never lost.
                 logger.warning(
-                    "outbox: could not record the outcome of %s: %s", item.key, _describe(exc)
+                    "outbox: could not record the outcome of %s: %s", item.key, describe_error(exc)
                 )
 
     async def _failed(self, item: OutboxItem, reason: str, retry_after: float | None) -> None:
@@ -342,7 +339,7 @@ class OutboxSender:
                 await self.outbox.retry_later(item.key, delay=delay, error=reason)
             except Exception as exc:
                 # The lease runs out instead and the item comes round again.
-                logger.warning("outbox: could not reschedule %s: %s", item.key, _describe(exc))
+                logger.warning("outbox: could not reschedule %s: %s", item.key, describe_error(exc))
         self.failed_attempts += 1
 
 
