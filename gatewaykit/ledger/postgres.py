@@ -33,7 +33,6 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from types import TracebackType
 from typing import Any
 
 import anyio
@@ -65,6 +64,7 @@ from gatewaykit.ledger.base import (
     validate_ttl,
 )
 from gatewaykit.money import from_nanos, to_nanos
+from gatewaykit.resource import AsyncResource
 from gatewaykit.urls import redact
 
 __all__ = ["PostgresLedger"]
@@ -537,7 +537,7 @@ class _Op:
     lead: bool = False
 
 
-class PostgresLedger:
+class PostgresLedger(AsyncResource):
     """A budget ledger in PostgreSQL, shared safely by any number of gateway processes.
 
     ``url`` is a libpq URL (``postgresql://user:pass@host:5432/dbname``). The tables live
@@ -722,18 +722,6 @@ class PostgresLedger:
                     await listener
             if pool is not None:
                 await pool.close()
-
-    async def __aenter__(self) -> PostgresLedger:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _unavailable(self, exc: BaseException) -> LedgerUnavailableError:
         detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")

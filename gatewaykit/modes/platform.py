@@ -33,7 +33,6 @@ import json
 import logging
 from collections.abc import Mapping
 from decimal import Decimal
-from types import TracebackType
 from typing import Any, Literal
 
 import anyio
@@ -56,6 +55,7 @@ from gatewaykit.outbox.admissions import AdmissionKeeper, RecoveryCause
 from gatewaykit.outbox.base import Admission, AdmissionStore, Outbox
 from gatewaykit.outbox.sender import OutboxSender, RetryPolicy
 from gatewaykit.pricing import ModelPrice, PriceTable
+from gatewaykit.resource import AsyncResource
 from gatewaykit.settlement import (
     RequestEstimate,
     Settlement,
@@ -126,7 +126,7 @@ class _MalformedAnswer(ValueError):
     """The control plane's resolve answer does not follow the protocol."""
 
 
-class PlatformMode:
+class PlatformMode(AsyncResource):
     """Admit requests by asking a control plane; report usage through a durable outbox.
 
     ``base_url`` is the control plane's root (``{base_url}/v1/resolve``,
@@ -239,41 +239,37 @@ class PlatformMode:
         return self.sender.running and not self._stopping
 
     # -- lifecycle ---------------------------------------------------------------------
-    async def __aenter__(self) -> PlatformMode:
+    async def open(self) -> None:
+        """Open the outbox (unless the host did), start the sender and the keeper."""
         if not self.outbox.is_open:
             await self.outbox.open()
             self._opened_outbox = True
         try:
-            await self.sender.__aenter__()
+            await self.sender.open()
             try:
                 # Reports what a dead process left open (the sender is woken for them).
                 await self._start_admissions()
             except BaseException:
-                await self.sender.__aexit__(None, None, None)
+                await self.sender.aclose()
                 raise
         except BaseException:
             await self._close_outbox()
             raise
         self._stopping = False
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
+        """Refuse new requests, report the open ones incomplete, flush, close the outbox."""
         self._stopping = True  # refuse new requests: their admissions would outlive the mode
         try:
             # Requests still open now are reported incomplete, then the sender flushes.
             await self._stop_admissions()
-            await self.sender.__aexit__(exc_type, exc, tb)
+            await self.sender.aclose()
         finally:
             await self._close_outbox()
 
     async def _start_admissions(self) -> None:
         if self.admissions is not None:
-            await self.admissions.__aenter__()
+            await self.admissions.open()
         else:
             logger.warning(
                 "%r does not keep open admissions (gatewaykit.outbox.AdmissionStore): the "
@@ -284,13 +280,13 @@ class PlatformMode:
     async def _stop_admissions(self) -> None:
         # Task groups unwind in reverse: the keeper (entered last) stops first.
         if self.admissions is not None:
-            await self.admissions.__aexit__(None, None, None)
+            await self.admissions.aclose()
 
     async def _close_outbox(self) -> None:
         if self._opened_outbox:
             self._opened_outbox = False
             with anyio.CancelScope(shield=True):
-                await self.outbox.close()
+                await self.outbox.aclose()
 
     # -- admission ---------------------------------------------------------------------
     async def authenticate(self, headers: Mapping[str, str]) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -30,6 +29,7 @@ from gatewaykit.outbox.base import (
     validate_key,
     validate_table,
 )
+from gatewaykit.resource import AsyncResource
 
 __all__ = ["PostgresOutbox"]
 
@@ -37,7 +37,7 @@ _COLUMNS = "idempotency_key, payload, enqueued_at, attempts, last_error, dead_at
 _NOW = "clock_timestamp()"
 
 
-class PostgresOutbox:
+class PostgresOutbox(AsyncResource):
     """A durable outbox in a PostgreSQL table (created on open if missing).
 
     ``dsn`` is a ``postgresql://`` URL; ``pool_options`` go to ``asyncpg.create_pool``
@@ -121,22 +121,10 @@ class PostgresOutbox:
             raise
         self._pool = pool
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
-
-    async def __aenter__(self) -> PostgresOutbox:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _p(self) -> asyncpg.Pool:
         if self._pool is None:

@@ -21,7 +21,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
-from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
@@ -36,6 +35,7 @@ from gatewaykit.outbox.base import (
     validate_key,
     validate_table,
 )
+from gatewaykit.resource import AsyncResource
 
 __all__ = ["SQLiteOutbox"]
 
@@ -46,7 +46,7 @@ _Statement = tuple[str, tuple[Any, ...]]
 _Op = tuple[_Statement, ...]
 
 
-class SQLiteOutbox:
+class SQLiteOutbox(AsyncResource):
     """A durable outbox in a SQLite file (``":memory:"`` keeps it in memory, for tests).
 
     ``synchronous`` is SQLite's ``PRAGMA synchronous`` (``FULL`` survives power loss,
@@ -129,24 +129,12 @@ class SQLiteOutbox:
             raise
         return db
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         db, self._db = self._db, None
         if db is not None:
             with anyio.CancelScope(shield=True):
                 async with self._lock:
                     await anyio.to_thread.run_sync(db.close, limiter=self._thread)
-
-    async def __aenter__(self) -> SQLiteOutbox:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:

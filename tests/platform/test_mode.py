@@ -486,7 +486,7 @@ async def test_a_report_that_cannot_be_stored_is_logged_whole(
     mode: PlatformMode, caplog: pytest.LogCaptureFixture
 ) -> None:
     context = await mode.resolve(gateway_request())
-    await mode.outbox.close()  # the store is gone
+    await mode.outbox.aclose()  # the store is gone
     outcome = await context.settlement.on_success(Usage(5, 6))
     assert outcome.status == "success"
     assert "could not store usage report" in caplog.text
