@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import importlib
 import re
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from gatewaykit.errors import ConfigurationError
 
-__all__ = ["redact", "store_target"]
+__all__ = ["open_store", "redact", "store_target"]
 
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
@@ -43,6 +45,29 @@ def store_target(
         f"unknown {what} URL scheme {scheme!r}; use sqlite:///path.db, sqlite://:memory: or "
         "postgresql://..."
     )
+
+
+def open_store(
+    url: str,
+    options: Mapping[str, Any],
+    *,
+    what: str,
+    sqlite: str,
+    postgresql: str,
+    error: type[ConfigurationError] = ConfigurationError,
+) -> Any:
+    """The backend for ``url``, built with ``options``, not yet opened. ``sqlite`` and
+    ``postgresql`` name the backends (``"module:Class"``), imported only when chosen, so
+    asyncpg stays optional."""
+    kind, target = store_target(url, what=what, error=error)
+    module, _, name = (sqlite if kind == "sqlite" else postgresql).partition(":")
+    try:
+        backend = getattr(importlib.import_module(module), name)
+    except ImportError as exc:  # asyncpg missing
+        raise error(
+            f"a PostgreSQL {what} needs the extra: pip install 'gatewaykit[postgres]' ({exc})"
+        ) from None
+    return backend(target, **options)
 
 
 def redact(url: str) -> str:

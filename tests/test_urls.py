@@ -78,3 +78,14 @@ def test_open_outbox_raises_configuration_error_naming_the_outbox() -> None:
 def test_both_openers_build_sqlite_backends() -> None:
     assert isinstance(open_ledger("sqlite://:memory:"), SQLiteLedger)
     assert isinstance(open_outbox("sqlite://:memory:"), SQLiteOutbox)
+
+
+def test_a_missing_postgres_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gatewaykit.ledger.postgres", None)
+    monkeypatch.setitem(sys.modules, "gatewaykit.outbox.postgres", None)
+    with pytest.raises(InvalidLedgerURLError, match=r"pip install 'gatewaykit\[postgres\]'"):
+        open_ledger("postgresql://u@h/db")
+    with pytest.raises(ConfigurationError, match="a PostgreSQL outbox needs the extra"):
+        open_outbox("postgresql://u@h/db")

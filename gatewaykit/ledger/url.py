@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from gatewaykit.errors import InvalidLedgerURLError
 from gatewaykit.ledger.base import Ledger
-from gatewaykit.urls import store_target
+from gatewaykit.urls import open_store
 
 __all__ = ["open_ledger"]
 
@@ -18,15 +18,12 @@ def open_ledger(url: str, **options: Any) -> Ledger:
     ``sqlite://:memory:``, ``postgresql://user@host/db`` (needs ``gatewaykit[postgres]``).
     ``options`` go to the backend's constructor.
     """
-    kind, target = store_target(url, what="ledger", error=InvalidLedgerURLError)
-    if kind == "sqlite":
-        from gatewaykit.ledger.sqlite import SQLiteLedger
-
-        return SQLiteLedger(target, **options)
-    try:
-        from gatewaykit.ledger.postgres import PostgresLedger
-    except ImportError as exc:  # asyncpg missing
-        raise InvalidLedgerURLError(
-            f"PostgreSQL ledgers need the extra: pip install 'gatewaykit[postgres]' ({exc})"
-        ) from None
-    return PostgresLedger(target, **options)
+    ledger = open_store(
+        url,
+        options,
+        what="ledger",
+        error=InvalidLedgerURLError,
+        sqlite="gatewaykit.ledger.sqlite:SQLiteLedger",
+        postgresql="gatewaykit.ledger.postgres:PostgresLedger",
+    )
+    return cast(Ledger, ledger)

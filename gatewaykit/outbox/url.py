@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from gatewaykit.errors import ConfigurationError
 from gatewaykit.outbox.base import Outbox
-from gatewaykit.urls import store_target
+from gatewaykit.urls import open_store
 
 __all__ = ["open_outbox"]
 
@@ -18,15 +17,11 @@ def open_outbox(url: str, **options: Any) -> Outbox:
     ``sqlite://:memory:`` (not durable: tests only), ``postgresql://user@host/db`` (needs
     ``gatewaykit[postgres]``). ``options`` go to the backend's constructor (e.g. ``table``).
     """
-    kind, target = store_target(url, what="outbox")
-    if kind == "sqlite":
-        from gatewaykit.outbox.sqlite import SQLiteOutbox
-
-        return SQLiteOutbox(target, **options)
-    try:
-        from gatewaykit.outbox.postgres import PostgresOutbox
-    except ImportError as exc:  # asyncpg missing
-        raise ConfigurationError(
-            f"a PostgreSQL outbox needs the extra: pip install 'gatewaykit[postgres]' ({exc})"
-        ) from None
-    return PostgresOutbox(target, **options)
+    outbox = open_store(
+        url,
+        options,
+        what="outbox",
+        sqlite="gatewaykit.outbox.sqlite:SQLiteOutbox",
+        postgresql="gatewaykit.outbox.postgres:PostgresOutbox",
+    )
+    return cast(Outbox, outbox)
