@@ -21,6 +21,8 @@ from pydantic import (
     ValidationError,
 )
 
+from gatewaykit.validation import first_problem
+
 __all__ = ["AttemptAnswer", "MalformedAnswer", "ResolveAnswer", "parse_resolve_answer"]
 
 _PROVIDERS: dict[str, Literal["openai", "anthropic"]] = {
@@ -83,16 +85,4 @@ def parse_resolve_answer(data: Any) -> ResolveAnswer:
     try:
         return _RESOLVE_ANSWER.validate_python(data)
     except ValidationError as exc:
-        raise MalformedAnswer(_first_problem(exc)) from None
-
-
-def _first_problem(exc: ValidationError) -> str:
-    """``where: what`` for the first error: pydantic's message, never the input value."""
-    error = exc.errors(include_url=False, include_input=False, include_context=False)[0]
-    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"])
-    where = where.lstrip(".")
-    if error["type"] == "model_type":
-        return "the answer is not a JSON object" if not where else f"{where} is not an object"
-    if error["type"] == "missing":
-        return f"{where} is missing"
-    return f"{where}: {error['msg']}" if where else error["msg"]
+        raise MalformedAnswer(first_problem(exc, whole="the answer")) from None
