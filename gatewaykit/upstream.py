@@ -72,6 +72,11 @@ class Upstream:
     def serves(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    @property
+    def label(self) -> str:
+        """The upstream's name, else its provider (the ``owned_by`` of a model listing)."""
+        return self.name or self.provider
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Attempt:

@@ -11,8 +11,15 @@ the settlement's hooks::
 Each adapter is also usable alone (``Route("/v1/messages", anthropic_messages(client=c))``).
 """
 
-from gatewaykit.adapters.anthropic import MessagesStreamUsage, anthropic_messages
+from gatewaykit.adapters.anthropic import (
+    MessagesStreamUsage,
+    anthropic_count_tokens,
+    anthropic_messages,
+)
+from gatewaykit.adapters.models import model_listing
+from gatewaykit.adapters.not_found import not_found_endpoint
 from gatewaykit.adapters.openai_chat import ChatStreamUsage, openai_chat_completions
+from gatewaykit.adapters.openai_embeddings import openai_embeddings
 from gatewaykit.adapters.openai_responses import ResponsesStreamUsage, openai_responses
 from gatewaykit.adapters.routes import gateway_routes
 from gatewaykit.http import default_client
@@ -21,9 +28,13 @@ __all__ = [
     "ChatStreamUsage",
     "MessagesStreamUsage",
     "ResponsesStreamUsage",
+    "anthropic_count_tokens",
     "anthropic_messages",
     "default_client",
     "gateway_routes",
+    "model_listing",
+    "not_found_endpoint",
     "openai_chat_completions",
+    "openai_embeddings",
     "openai_responses",
 ]

@@ -147,7 +147,7 @@ class ChatStreamUsage(StreamUsage):
 
 
 def openai_headers(upstream: Upstream) -> dict[str, str]:
-    """The upstream headers of both OpenAI APIs: a bearer credential, then the upstream's."""
+    """The upstream headers of every OpenAI API: a bearer credential, then the upstream's."""
     headers = base_headers()
     if upstream.api_key:
         headers["authorization"] = f"Bearer {upstream.api_key}"

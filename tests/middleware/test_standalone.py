@@ -654,7 +654,7 @@ async def test_every_serving_upstream_is_an_attempt_in_order(
     seen: Seen = []
     await openai_chat(app_for(make_mode(upstreams=upstreams), seen), key)
     attempts = seen[0]["attempts"]
-    assert [(a.attempt_id, a.upstream.name, a.model) for a in attempts] == [
+    assert [(a.attempt_id, a.upstream.label, a.model) for a in attempts] == [
         ("1", "primary", "gpt-test"),
         ("2", "backup", "gpt-test"),
     ]
