@@ -627,6 +627,11 @@ async def test_configuration_is_validated(ledger: Ledger) -> None:
         {"teams": {"bob": "red team"}},
         {"ledger_unavailable": "maybe"},
         {"upstreams": Upstream("https://x.example/v1")},
+        {"default_max_output_tokens": True},
+        {"default_max_output_tokens": 1.5},
+        {"default_max_output_tokens": -1},
+        {"key_cache_ttl": -1},
+        {"unknown_response_context": "guess"},
     ):
         with pytest.raises(ConfigurationError):
             StandaloneMode(ledger, **{**base, **bad})
