@@ -44,6 +44,7 @@ from gatewaykit.ledger.base import (
 )
 from gatewaykit.ledger.url import open_ledger
 from gatewaykit.money import parse_usd
+from gatewaykit.urls import redact
 
 __all__ = ["main"]
 
@@ -59,11 +60,6 @@ class CliError(click.ClickException):
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -101,7 +97,7 @@ def _run(ctx: click.Context, action: Callable[[Ledger], Awaitable[T]], *, create
     except GatewayKitError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
-        raise CliError(f"cannot open the ledger at {_redact(url)}: {exc}") from None
+        raise CliError(f"cannot open the ledger at {redact(url)}: {exc}") from None
 
 
 def _iso(value: datetime | None) -> str | None:

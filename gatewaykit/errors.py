@@ -14,7 +14,6 @@ GatewayKitError
 │   ├── LedgerUnavailableError        the store cannot be reached (→ 503)
 │   └── SchemaError                   a database of an unknown version or not ours
 ├── SettlementMissingError (LookupError)  get_settlement() without GatewayMiddleware
-├── ModelNotPricedError               no price for a model under the ``reject`` policy
 ├── MalformedStreamError (ValueError) an upstream stream or body the gateway cannot read
 ├── UpstreamError                     the upstream HTTP exchange failed (any client)
 │   ├── UpstreamConnectError          no connection could be made (in time, or at all)
@@ -49,7 +48,6 @@ __all__ = [
     "LedgerError",
     "LedgerUnavailableError",
     "MalformedStreamError",
-    "ModelNotPricedError",
     "RequestRejected",
     "SchemaError",
     "SettlementMissingError",
@@ -57,6 +55,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamResponseTooLarge",
     "UpstreamTimeoutError",
+    "describe_error",
 ]
 
 
@@ -153,17 +152,6 @@ class SettlementMissingError(GatewayKitError, LookupError):
     """``get_settlement`` was called on a request that GatewayMiddleware did not handle."""
 
 
-class ModelNotPricedError(GatewayKitError):
-    """The model has no price and the unpriced-model policy is ``reject``."""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        super().__init__(
-            f"model {model!r} has no price; add it to the PriceTable or choose another "
-            "unpriced-model policy"
-        )
-
-
 class MalformedStreamError(GatewayKitError, ValueError):
     """The upstream sent a stream (or body) the gateway cannot read: bad framing or JSON."""
 
@@ -256,3 +244,10 @@ class RequestRejected(GatewayKitError):
         self.headers = dict(headers or {})
         self.details = dict(details or {})
         super().__init__(message)
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"ClassName: message"`` (just the class when the message is empty), for logs and
+    the reasons a settlement or an outbox item records."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

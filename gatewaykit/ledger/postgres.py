@@ -33,7 +33,6 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from types import TracebackType
 from typing import Any
 
 import anyio
@@ -75,6 +74,8 @@ from gatewaykit.ledger.base import (
     validate_usage_groups,
 )
 from gatewaykit.money import from_nanos, to_nanos
+from gatewaykit.resource import AsyncResource
+from gatewaykit.urls import redact
 
 __all__ = ["PostgresLedger"]
 
@@ -637,7 +638,7 @@ class _Op:
     lead: bool = False
 
 
-class PostgresLedger:
+class PostgresLedger(AsyncResource):
     """A budget ledger in PostgreSQL, shared safely by any number of gateway processes.
 
     ``url`` is a libpq URL (``postgresql://user:pass@host:5432/dbname``). The tables live
@@ -676,7 +677,7 @@ class PostgresLedger:
         if not isinstance(url, str) or not url.startswith(("postgresql://", "postgres://")):
             raise ConfigurationError(
                 "PostgresLedger needs a postgresql://user@host/dbname URL, got "
-                f"{_redact(url) if isinstance(url, str) else url!r}"
+                f"{redact(url) if isinstance(url, str) else url!r}"
             )
         url, url_schema = _split_schema(url)
         schema = schema if schema is not None else url_schema or "public"
@@ -718,7 +719,7 @@ class PostgresLedger:
         self._listener: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"PostgresLedger({_redact(self.url)!r}, schema={self.schema!r})"
+        return f"PostgresLedger({redact(self.url)!r}, schema={self.schema!r})"
 
     # -- key change notifications ------------------------------------------------------
     @property
@@ -769,7 +770,7 @@ class PostgresLedger:
                 logger.warning(
                     "key change listener cannot listen on %s (%s); cached API keys fall "
                     "back to key_cache_ttl until it can; retrying in %.1fs",
-                    _redact(self.url),
+                    redact(self.url),
                     type(exc).__name__,
                     delay,
                 )
@@ -826,22 +827,10 @@ class PostgresLedger:
             if pool is not None:
                 await pool.close()
 
-    async def __aenter__(self) -> PostgresLedger:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     def _unavailable(self, exc: BaseException) -> LedgerUnavailableError:
         detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")
         return LedgerUnavailableError(
-            f"the PostgreSQL ledger at {_redact(self.url)} is unavailable ({detail})"
+            f"the PostgreSQL ledger at {redact(self.url)} is unavailable ({detail})"
         )
 
     @contextlib.asynccontextmanager
@@ -1532,8 +1521,3 @@ def _split_schema(url: str) -> tuple[str, str | None]:
         return url, None
     rest = urllib.parse.urlencode([(n, v) for n, v in query if n != "schema"])
     return urllib.parse.urlunsplit(parts._replace(query=rest)), schemas[-1]
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages and reprs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from gatewaykit.errors import (
@@ -70,6 +69,7 @@ from gatewaykit.ledger.base import (
     validate_usage_groups,
 )
 from gatewaykit.money import from_nanos, to_nanos
+from gatewaykit.resource import AsyncResource
 
 __all__ = ["SQLiteLedger"]
 
@@ -1244,7 +1244,7 @@ def _set_exc(future: asyncio.Future[None], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-class SQLiteLedger:
+class SQLiteLedger(AsyncResource):
     """The embedded ledger: one SQLite file (or ``:memory:``), WAL, durable by default.
 
     ``synchronous="FULL"`` (default) makes every acknowledged operation survive power
@@ -1323,18 +1323,6 @@ class SQLiteLedger:
         writer.closed = loop.create_future()
         writer.queue.put(None)
         await asyncio.shield(writer.closed)
-
-    async def __aenter__(self) -> SQLiteLedger:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def _call(self, fn: Callable[..., T | _Fail], *args: Any) -> T:
         writer = self._writer

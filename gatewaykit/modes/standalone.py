@@ -36,7 +36,6 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Literal
 
@@ -239,9 +238,12 @@ class StandaloneMode:
         self.response_context_ttl = validate_ttl(response_context_ttl)
         self._master_hash = hash_key(master_key) if master_key is not None else None
         self._clock = clock
+        # Wall time (key expiry, rate-limit reset headers) is read from the same clock, so
+        # one fake clock moves everything in tests.
+        self._wall_epoch = time.time() - clock()
         #: digest -> (record or None, expiry, the ledger's key_epoch when it was looked up)
         self._keys: OrderedDict[str, tuple[ApiKeyRecord | None, float, int | None]] = OrderedDict()
-        self._limiter = RateLimiter(clock=clock)
+        self._limiter = RateLimiter(clock=clock, wall_clock=self._wall_time)
         self._routes: dict[
             tuple[WireFormat | None, str], tuple[tuple[Attempt, ...], ModelPrice | None]
         ] = {}
@@ -258,6 +260,9 @@ class StandaloneMode:
         revoked = await self.ledger.revoke_key(key_id)
         self.invalidate_key(key_id)
         return revoked
+
+    def _wall_time(self) -> float:
+        return self._wall_epoch + self._clock()
 
     def invalidate_key(self, key_id: str | None = None) -> None:
         """Drop cached lookups of ``key_id`` (or of every key, and every cached miss)."""
@@ -303,7 +308,7 @@ class StandaloneMode:
             raise RequestRejected(ErrorKind.AUTHENTICATION, "invalid API key")
         if record.revoked:
             raise RequestRejected(ErrorKind.AUTHENTICATION, "this API key has been revoked")
-        if record.expires_at is not None and record.expires_at <= datetime.now(timezone.utc):
+        if record.expires_at is not None and record.expires_at.timestamp() <= self._wall_time():
             raise RequestRejected(ErrorKind.AUTHENTICATION, "this API key has expired")
         return record
 
@@ -473,6 +478,7 @@ class StandaloneMode:
             scopes=None if held else tuple(scopes),
             context_plan=context_plan,
             response_headers=headers if self.budget_headers and held else None,
+            clock=self._clock,
         )
         return GatewayContext(
             request_id=request.request_id,
