@@ -15,12 +15,13 @@ This module and the examples are the only places that read environment variables
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import click
@@ -39,6 +40,11 @@ from gatewaykit.ledger.base import (
 )
 from gatewaykit.ledger.url import open_ledger
 from gatewaykit.money import parse_usd
+
+if TYPE_CHECKING:  # serve's imports stay out of the other commands' start-up
+    from starlette.applications import Starlette
+
+    from gatewaykit.config import GatewayConfig
 
 __all__ = ["main"]
 
@@ -505,3 +511,107 @@ def check(ctx: click.Context, as_json: bool) -> None:
         click.echo("OK: every invariant holds.")
     if violations:
         ctx.exit(1)
+
+
+# -- serve -------------------------------------------------------------------------------
+
+#: How ``serve --workers N`` tells its worker processes which file to load.
+CONFIG_VARIABLE = "GATEWAYKIT_SERVE_CONFIG"
+
+
+def _load(path: Path) -> GatewayConfig:
+    from gatewaykit.config import load_config
+
+    try:
+        return load_config(path, environ=os.environ)
+    except GatewayKitError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _worker_app() -> Starlette:
+    """The app of one ``serve --workers N`` process, built from the file ``serve`` checked."""
+    from gatewaykit.config import load_config
+    from gatewaykit.server import build_app
+
+    return build_app(load_config(os.environ[CONFIG_VARIABLE], environ=os.environ))
+
+
+async def _preflight(config: GatewayConfig) -> None:
+    """Open the ledger (or outbox) once before serving, so a bad URL fails here, readably."""
+    from gatewaykit.outbox import open_outbox
+
+    platform = config.platform
+    if platform is not None:
+        async with open_outbox(platform.outbox):
+            return
+    async with open_ledger(config.ledger.url):
+        return
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="gatewaykit.toml",
+    show_default=True,
+    envvar="GATEWAYKIT_CONFIG",
+    help="The TOML configuration file (env GATEWAYKIT_CONFIG).",
+)
+@click.option("--host", help="Listen on this address  [default: [server] host]")
+@click.option("--port", type=click.IntRange(0, 65535), help="[default: [server] port]")
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Processes  [default: [server] workers]"
+)
+@click.option(
+    "--check-config",
+    is_flag=True,
+    help="Validate the file, print the resolved configuration (secrets masked) and exit.",
+)
+def serve(
+    config_path: Path, host: str | None, port: int | None, workers: int | None, check_config: bool
+) -> None:
+    """Run the gateway under uvicorn, configured by a TOML file (see docs/configuration.md)."""
+    config = _load(config_path)
+    overrides = {"host": host, "port": port, "workers": workers}
+    server = config.server.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    config = config.model_copy(update={"server": server})
+    if check_config:
+        _emit_json(config.masked())
+        return
+    from gatewaykit.server import build_app
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise CliError("gatewaykit serve needs uvicorn: pip install 'gatewaykit[serve]'") from None
+    try:
+        anyio.run(_preflight, config)
+    except GatewayKitError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot open the ledger: {exc}") from None
+    if server.workers > 1 and config.platform is None and config.ledger.url.startswith("sqlite"):
+        click.echo(
+            "warning: several workers on one SQLite ledger serialise on its lock; "
+            "use PostgreSQL for more than one process",
+            err=True,
+        )
+    mode = f"platform, control plane {config.platform.url}" if config.platform else "standalone"
+    click.echo(
+        f"gatewaykit serve: {mode}, {server.workers} worker(s), config {config_path}", err=True
+    )
+    if server.workers == 1:
+        uvicorn.run(
+            build_app(config), host=server.host, port=server.port, access_log=server.access_log
+        )
+        return
+    os.environ[CONFIG_VARIABLE] = str(config_path.resolve())
+    uvicorn.run(
+        "gatewaykit.cli:_worker_app",
+        factory=True,
+        host=server.host,
+        port=server.port,
+        workers=server.workers,
+        access_log=server.access_log,
+    )
