@@ -191,10 +191,9 @@ class _QuietSideServer(logging.Filter):
 @contextlib.asynccontextmanager
 async def fake_provider(sock: socket.socket) -> AsyncIterator[None]:
     """Serve gatewaykit's fake provider on ``sock`` for as long as the context lasts."""
-    # log_config/log_level None: leave the main server's logging as it is.
-    config = uvicorn.Config(
-        FakeProvider(), log_config=None, log_level=None, lifespan="off", access_log=False
-    )
+    # log_config/log_level None: leave the main server's logging as it is (access_log=False
+    # would too: uvicorn would remove the access logger's handlers, the main server's too).
+    config = uvicorn.Config(FakeProvider(), log_config=None, log_level=None, lifespan="off")
     server = _SideServer(config)
 
     async def serve() -> None:
