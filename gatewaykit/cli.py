@@ -18,7 +18,7 @@ import json
 import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -39,7 +39,7 @@ from gatewaykit.ledger.base import (
     validate_scopes,
 )
 from gatewaykit.ledger.url import open_ledger
-from gatewaykit.money import parse_usd
+from gatewaykit.money import parse_plain_usd
 
 if TYPE_CHECKING:  # serve's imports stay out of the other commands' start-up
     from starlette.applications import Starlette
@@ -144,7 +144,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, empty: s
 
 def _amount(text: str, *, what: str) -> Decimal:
     try:
-        return parse_usd(text)
+        return parse_plain_usd(text)
     except GatewayKitError as exc:
         raise click.BadParameter(str(exc), param_hint=what) from None
 
@@ -210,7 +210,40 @@ def _key_json(record: ApiKeyRecord) -> dict[str, Any]:
         "prefix": record.prefix,
         "user": record.user,
         "revoked": record.revoked,
+        "team": record.team,
+        "rpm": record.rpm,
+        "models": None if record.allowed_models is None else list(record.allowed_models),
+        "created_at": _iso(record.created_at),
+        "expires_at": _iso(record.expires_at),
     }
+
+
+_SPAN = re.compile(r"([0-9]+)\s*([mhdw])")
+_SPAN_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _expires(text: str | None, now: datetime) -> datetime | None:
+    """``--expires``: a span from now (``90m``, ``12h``, ``30d``, ``2w``) or an ISO 8601
+    date or date-time (UTC unless it names an offset)."""
+    if text is None:
+        return None
+    span = _SPAN.fullmatch(text.strip().lower())
+    if span is not None:
+        when = now.replace(microsecond=0) + timedelta(**{_SPAN_UNITS[span[2]]: int(span[1])})
+    else:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise click.BadParameter(
+                f"{text!r} is neither a span (90m, 12h, 30d, 2w) nor an ISO 8601 date-time "
+                "(2027-01-31 or 2027-01-31T18:00:00+01:00)",
+                param_hint="--expires",
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+    if when <= now:
+        raise click.BadParameter(f"{when.isoformat()} is in the past", param_hint="--expires")
+    return when.astimezone(timezone.utc)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -250,6 +283,11 @@ def keys() -> None:
 @click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute allowed.")
 @click.option("--team", help="The key's team: a team:<TEAM> budget then applies too.")
 @click.option(
+    "--expires",
+    metavar="WHEN",
+    help="Refuse the key after WHEN: a span (90m, 12h, 30d, 2w) or an ISO 8601 date-time.",
+)
+@click.option(
     "--model",
     "models",
     multiple=True,
@@ -265,10 +303,12 @@ def keys_create(
     period: str | None,
     rpm: int | None,
     team: str | None,
+    expires: str | None,
     models: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Create a key for USER and print it once; only its hash is stored."""
+    expires_at = _expires(expires, datetime.now(timezone.utc))
     _scope(f"user:{user}", what="--user")  # the key's user is a scope id: no whitespace
     if team is not None:
         _scope(f"team:{team}", what="--team")
@@ -285,6 +325,7 @@ def keys_create(
         team=team,
         rpm=rpm,
         allowed_models=tuple(models) or None,
+        expires_at=expires_at,
     )
 
     async def action(ledger: Ledger) -> None:
@@ -295,9 +336,13 @@ def keys_create(
 
     _run(ctx, action, create=True)
     if _want_json(ctx, as_json):
-        _emit_json({"key": new.key, "key_id": new.key_id, "user": user})
+        _emit_json(
+            {"key": new.key, "key_id": new.key_id, "user": user, "expires_at": _iso(expires_at)}
+        )
         return
     click.echo(f"Created key {new.key_id} for user {user}:\n\n    {new.key}\n")
+    if expires_at is not None:
+        click.echo(f"It expires at {_iso(expires_at)}.")
     if limit is not None:
         click.echo(f"Budget key:{new.key_id}: {_per(limit, window or Period())}.")
     click.echo("Store it now: it is not shown again (the ledger keeps only its hash).")
@@ -318,10 +363,28 @@ def keys_list(ctx: click.Context, user: str | None, as_json: bool) -> None:
         _emit_json([_key_json(r) for r in records])
         return
     _table(
-        ["key_id", "prefix", "user", "team", "revoked"],
-        [[r.key_id, r.prefix, r.user, r.team, "yes" if r.revoked else "no"] for r in records],
+        ["key_id", "prefix", "user", "team", "rpm", "models", "created", "expires", "revoked"],
+        [
+            [
+                r.key_id,
+                r.prefix,
+                r.user,
+                r.team,
+                r.rpm,
+                None if r.allowed_models is None else ",".join(r.allowed_models),
+                _short_time(r.created_at),
+                _short_time(r.expires_at),
+                "yes" if r.revoked else "no",
+            ]
+            for r in records
+        ],
         empty="No keys.",
     )
+
+
+def _short_time(value: datetime | None) -> str | None:
+    """A time for a table: UTC to the minute (``--json`` has it in full)."""
+    return None if value is None else value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
 
 
 @keys.command("revoke")
