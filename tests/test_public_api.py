@@ -50,10 +50,14 @@ def test_unknown_names_raise_attribute_error() -> None:
 @pytest.mark.parametrize(
     "module",
     [
+        "gatewaykit.adapters",
+        "gatewaykit.adapters.openapi",
+        "gatewaykit.config",
         "gatewaykit.middleware",
         "gatewaykit.modes.standalone",
         "gatewaykit.parsing",
         "gatewaykit.ratelimit",
+        "gatewaykit.server",
         "gatewaykit.streams",
         "gatewaykit.testing.settlement",
     ],

@@ -21,6 +21,7 @@ from gatewaykit.adapters.anthropic import MessagesStreamUsage, anthropic_message
 from gatewaykit.adapters.endpoint import ProxyEndpoint
 from gatewaykit.adapters.openai_chat import ChatStreamUsage, openai_chat_completions
 from gatewaykit.adapters.openai_responses import ResponsesStreamUsage, openai_responses
+from gatewaykit.adapters.openapi import openapi_paths
 from gatewaykit.adapters.reading import StreamUsage
 from gatewaykit.http import UpstreamClient, default_client
 
@@ -34,6 +35,7 @@ __all__ = [
     "default_client",
     "gateway_routes",
     "openai_chat_completions",
+    "openapi_paths",
     "openai_responses",
 ]
 

@@ -2,7 +2,9 @@
 
 A block is runnable when its language is Python or a shell (``python``, ``bash``, ``sh``,
 ``console``). A runnable block the suite cannot run on its own is marked for the reader:
-its first line is a comment beginning with ``# Fragment`` that says what it needs.
+its first line is a comment beginning with ``# Fragment`` that says what it needs. A page
+may build one file from several blocks, each opening with ``# name.py, part N of M``, or
+name a one-block file with ``# name.py``.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import dataclasses
 import re
 from pathlib import Path
 
-__all__ = ["DOCS", "ROOT", "RUNNABLE", "Block", "blocks", "documentation"]
+__all__ = ["DOCS", "ROOT", "RUNNABLE", "Block", "assembled", "blocks", "documentation"]
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 RUNNABLE = frozenset({"python", "bash", "sh", "console"})
 _FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+)(?P<info>[^`]*)$")
+_PART = re.compile(r"# (?P<file>[\w.-]+\.py)(?:, part (?P<number>\d+) of (?P<parts>\d+)\b|$)", re.M)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +40,15 @@ class Block:
     @property
     def fragment(self) -> bool:
         return self.text.lstrip().startswith("# Fragment")
+
+    @property
+    def part(self) -> tuple[str, int, int] | None:
+        """``(file, n, of)`` for a block that opens with ``# file.py, part n of m`` (or
+        just ``# file.py``): the page builds one file from its parts, in order."""
+        found = _PART.match(self.text.lstrip())
+        if found is None:
+            return None
+        return found["file"], int(found["number"] or 1), int(found["parts"] or 1)
 
 
 def documentation() -> list[Path]:
@@ -65,3 +77,18 @@ def blocks(path: Path) -> list[Block]:
         found.append(Block(path, start, language, "\n".join(body) + "\n"))
         index += 1
     return found
+
+
+def assembled(page: Path) -> dict[str, str]:
+    """The files a page builds from its parts, by name; the parts must be complete."""
+    parts: dict[str, list[Block]] = {}
+    for block in blocks(page):
+        if block.part is not None:
+            parts.setdefault(block.part[0], []).append(block)
+    files = {}
+    for name, found in parts.items():
+        numbers = [b.part[1:] for b in found if b.part is not None]
+        count = numbers[0][1]
+        assert numbers == [(n, count) for n in range(1, count + 1)], f"{page}: {name} {numbers}"
+        files[name] = "\n\n".join(b.text for b in found)
+    return files

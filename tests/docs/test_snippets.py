@@ -16,14 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.docs.blocks import ROOT, Block, blocks, documentation
+from tests.docs.blocks import ROOT, Block, assembled, blocks, documentation
 
 pytestmark = pytest.mark.slow
 
-#: Pages whose runnable blocks are all run, in order, by a test of their own.
+#: Pages whose shell blocks (and, for "all", Python blocks too) a test of their own runs,
+#: in order.
 COVERED = {
-    "docs/quickstart.md": "tests/docs/test_quickstart.py",
-    "docs/cli.md": "tests/docs/test_cli_page.py",
+    "README.md": ("tests/docs/test_quickstart.py", "shell"),
+    "docs/quickstart.md": ("tests/docs/test_quickstart.py", "all"),
+    "docs/configuration.md": ("tests/docs/test_configuration_page.py", "shell"),
+    "docs/cli.md": ("tests/docs/test_cli_page.py", "shell"),
+    "docs/mounting.md": ("tests/docs/test_mounting_page.py", "shell"),
 }
 
 
@@ -32,10 +36,21 @@ def _all() -> list[Block]:
 
 
 def _covered(block: Block) -> bool:
-    return str(block.path.relative_to(ROOT)) in COVERED
+    page = str(block.path.relative_to(ROOT))
+    if page not in COVERED:
+        return False
+    return block.language != "python" or COVERED[page][1] == "all"
 
 
-STANDALONE = [b for b in _all() if b.language == "python" and not b.fragment and not _covered(b)]
+STANDALONE = [
+    b for b in _all() if b.language == "python" and not (b.fragment or b.part or _covered(b))
+]
+ASSEMBLED = [
+    (page, name, text)
+    for page in documentation()
+    if COVERED.get(str(page.relative_to(ROOT)), ("", "shell"))[1] != "all"
+    for name, text in assembled(page).items()
+]
 
 
 def test_every_runnable_block_is_run_or_marked() -> None:
@@ -51,7 +66,7 @@ def test_every_runnable_block_is_run_or_marked() -> None:
 
 
 def test_covering_tests_exist() -> None:
-    for test in COVERED.values():
+    for test, _ in COVERED.values():
         assert (ROOT / test).is_file(), test
 
 
@@ -64,8 +79,19 @@ def test_fragments_say_what_they_need() -> None:
 
 @pytest.mark.parametrize("block", STANDALONE, ids=[b.name for b in STANDALONE])
 def test_python_block_runs(block: Block, tmp_path: Path) -> None:
+    run_python(block.name, block.text, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("page", "name", "text"), ASSEMBLED, ids=[f"{p.name}:{n}" for p, n, _ in ASSEMBLED]
+)
+def test_a_file_built_from_parts_runs(page: Path, name: str, text: str, tmp_path: Path) -> None:
+    run_python(f"{page.name}: {name}", text, tmp_path)
+
+
+def run_python(name: str, text: str, tmp_path: Path) -> None:
     script = tmp_path / "snippet.py"
-    script.write_text(block.text, encoding="utf-8")
+    script.write_text(text, encoding="utf-8")
     env = {
         k: v
         for k, v in os.environ.items()
@@ -77,4 +103,4 @@ def test_python_block_runs(block: Block, tmp_path: Path) -> None:
         [sys.executable, "-W", "error::RuntimeWarning", "-c", runner],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90, check=False,
     )  # fmt: skip
-    assert done.returncode == 0, f"{block.name}\n{done.stdout}\n{done.stderr}"
+    assert done.returncode == 0, f"{name}\n{done.stdout}\n{done.stderr}"

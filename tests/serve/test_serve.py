@@ -66,7 +66,7 @@ def wait_ready(url: str, child: subprocess.Popen[bytes], log: Path) -> None:
     while True:
         assert child.poll() is None, log.read_text()
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=1).status_code in (200, 404):
+            if httpx.get(url, timeout=1).status_code in (200, 404, 405):
                 return
         assert time.monotonic() < deadline, f"{url} did not start:\n{log.read_text()}"
         time.sleep(0.1)
