@@ -1,4 +1,4 @@
-"""``gatewaykit``: the admin command line for a standalone ledger (DESIGN §8).
+"""``gatewaykit``: the admin command line for a standalone ledger (docs/cli.md).
 
 Every command opens the ledger named by ``--db`` (default ``$GATEWAYKIT_DB``, else
 ``sqlite:///gatewaykit.db``), does one thing, and closes it. Listings print a readable

@@ -1,4 +1,4 @@
-"""The public surface (DESIGN §8) is pinned: adding or removing a name is a decision."""
+"""The public surface (docs/api.md) is pinned: adding or removing a name is a decision."""
 
 from __future__ import annotations
 

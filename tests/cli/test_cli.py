@@ -1,4 +1,4 @@
-"""The ``gatewaykit`` command line against a real SQLite ledger (DESIGN §8)."""
+"""The ``gatewaykit`` command line against a real SQLite ledger (docs/cli.md)."""
 
 from __future__ import annotations
 
