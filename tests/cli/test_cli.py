@@ -553,3 +553,16 @@ def test_the_cli_on_postgres(pg_db: str) -> None:
 
     anyio.run(corrupt)
     assert cli("--db", pg_db, "check").exit_code == 1
+
+
+def test_python_m_gatewaykit_without_its_dependencies_says_what_to_do() -> None:
+    """issue 15 §1: from a checkout, with a Python lacking anyio, it was a traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-S", "-m", "gatewaykit", "--help"],  # -S: no site-packages
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "a dependency is missing in this Python" in done.stderr
+    assert "source .nox/example/bin/activate" in done.stderr
