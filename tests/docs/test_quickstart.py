@@ -91,8 +91,7 @@ def test_the_quickstart_word_for_word(tmp_path: Path) -> None:
     env["PYTHONPATH"] = str(ROOT)  # this checkout's gatewaykit, not the installed one
     env["PATH"] = "/usr/local/bin:/usr/bin:/bin"  # nothing of ours until `source … activate`
 
-    shown_key = shown_id = None
-    key = key_id = None
+    copied: dict[str, str] = {}  # what the page shows → what the reader copies instead
     prelude: list[str] = []  # `source` and `export` lines carry over, as in one terminal
     port = page_port()
     with example_session(checkout, env, port):
@@ -102,8 +101,8 @@ def test_the_quickstart_word_for_word(tmp_path: Path) -> None:
                 continue
             for step in steps(block.text):
                 command = step.command.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
-                if shown_key and key:
-                    command = command.replace(shown_key, key).replace(str(shown_id), key_id)
+                for shown, real in copied.items():
+                    command = command.replace(shown, real)
                 output = run(" && ".join([*prelude, command]), cwd=checkout, env=env)
                 expect_output(step, output)
                 if command.startswith(("source ", "export ")):
@@ -113,4 +112,5 @@ def test_the_quickstart_word_for_word(tmp_path: Path) -> None:
                     [(shown_key, shown_id)] = re.findall(
                         r"(gk_([0-9a-f]{12})_\S+)", "\n".join(step.output)
                     )
-        assert key is not None, "the page never creates a key"
+                    copied = {shown_key: key, shown_id: key_id}
+        assert copied, "the page never creates a key"
