@@ -34,6 +34,18 @@ _FORMATS = (
         "https://platform.openai.com/docs/api-reference/responses/create",
         "openai",
     ),
+    (
+        "/embeddings",
+        "OpenAI embeddings",
+        "https://platform.openai.com/docs/api-reference/embeddings/create",
+        "openai",
+    ),
+    (
+        "/messages/count_tokens",
+        "Anthropic token counting (not metered)",
+        "https://docs.anthropic.com/en/api/messages-count-tokens",
+        "anthropic",
+    ),
 )
 _ERRORS = {
     "400": "Malformed request, or a model without a price",
@@ -78,9 +90,11 @@ _ENVELOPES: dict[str, dict[str, Any]] = {
 
 
 def openapi_paths(prefix: str = "/v1") -> dict[str, Any]:
-    """OpenAPI 3.1 ``paths`` entries for :func:`gateway_routes` under ``prefix``."""
+    """OpenAPI 3.1 ``paths`` entries for :func:`gateway_routes` under ``prefix`` (all but
+    its catch-all 404)."""
     prefix = prefix.rstrip("/")
     paths: dict[str, Any] = {}
+    openai_error = {"content": {"application/json": {"schema": _ENVELOPES["openai"]}}}
     for path, summary, reference, envelope in _FORMATS:
         error = {"content": {"application/json": {"schema": _ENVELOPES[envelope]}}}
         paths[f"{prefix}{path}"] = {
@@ -124,4 +138,25 @@ def openapi_paths(prefix: str = "/v1") -> dict[str, Any]:
                 },
             }
         }
+    listing = {
+        "tags": ["gateway"],
+        "security": [{"gatewaykitKey": []}],
+        "responses": {
+            "200": {
+                "description": "The models the gateway serves, in OpenAI's list format",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            "401": {"description": _ERRORS["401"], **openai_error},
+        },
+    }
+    paths[f"{prefix}/models"] = {"get": {"summary": "Models the key may use", **listing}}
+    paths[f"{prefix}/models/{{model_id}}"] = {
+        "get": {
+            "summary": "One model",
+            "parameters": [
+                {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            **listing,
+        }
+    }
     return paths

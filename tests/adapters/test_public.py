@@ -16,13 +16,19 @@ pytestmark = pytest.mark.anyio
 EXPECTED = [
     "ChatStreamUsage",
     "MessagesStreamUsage",
+    "ModelListing",
+    "NotFoundEndpoint",
     "ProxyEndpoint",
     "ResponsesStreamUsage",
     "StreamUsage",
+    "anthropic_count_tokens",
     "anthropic_messages",
     "default_client",
     "gateway_routes",
+    "model_listing",
+    "not_found_endpoint",
     "openai_chat_completions",
+    "openai_embeddings",
     "openai_responses",
     "openapi_paths",
 ]
@@ -39,11 +45,15 @@ def test_adapters_all_is_pinned() -> None:
         "gatewaykit.adapters.anthropic",
         "gatewaykit.adapters.openai_chat",
         "gatewaykit.adapters.openai_responses",
+        "gatewaykit.adapters.openai_embeddings",
+        "gatewaykit.adapters.models",
+        "gatewaykit.adapters.not_found",
         "gatewaykit.adapters.endpoint",
         "gatewaykit.adapters.reading",
         "gatewaykit.adapters.relay",
         "gatewaykit.adapters.sse",
         "gatewaykit.context",
+        "gatewaykit.listing",
         "gatewaykit.http",
         "gatewaykit.testing.fake_provider",
     ],
@@ -79,7 +89,15 @@ async def test_an_adapter_without_the_middleware_names_it() -> None:
 
 def test_openapi_paths_describe_the_gateway_routes_under_a_prefix() -> None:
     paths = gatewaykit.adapters.openapi_paths("/llm/v1/")
-    assert sorted(paths) == ["/llm/v1/chat/completions", "/llm/v1/messages", "/llm/v1/responses"]
+    assert sorted(paths) == [
+        "/llm/v1/chat/completions",
+        "/llm/v1/embeddings",
+        "/llm/v1/messages",
+        "/llm/v1/messages/count_tokens",
+        "/llm/v1/models",
+        "/llm/v1/models/{model_id}",
+        "/llm/v1/responses",
+    ]
     messages = paths["/llm/v1/messages"]["post"]["responses"]["402"]
     schema = messages["content"]["application/json"]["schema"]
     assert schema["properties"]["type"] == {"const": "error"}  # Anthropic's envelope
