@@ -37,7 +37,7 @@ def test_the_command_line_page_runs(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAYKIT_")}
     env["PYTHONPATH"] = str(ROOT)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    transcripts = [b for b in blocks(PAGE) if b.language == "console"]
+    transcripts = [b for b in blocks(PAGE) if b.language == "console" and not b.fragment]
     assert transcripts
     for block in transcripts:
         for step in steps(block.text):
