@@ -175,7 +175,7 @@ class PriceTable(Mapping[str, ModelPrice]):
 
     @classmethod
     def from_file(cls, path: str | Path) -> PriceTable:
-        """Load the JSON price file format (DESIGN §8); prices are decimal strings."""
+        """Load the JSON price file (docs/mounting.md, Prices): rates as decimal strings."""
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:

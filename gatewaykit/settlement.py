@@ -1,7 +1,7 @@
 """The settlement: the one object a handler talks to about money.
 
 A settlement wraps one hold (standalone) or one correlation (platform) and moves through
-a small state machine (DESIGN §4)::
+a small state machine (docs/settlement.md)::
 
     open ──on_first_chunk──▶ committed
       │                         │

@@ -21,6 +21,7 @@ from gatewaykit.adapters.not_found import not_found_endpoint
 from gatewaykit.adapters.openai_chat import ChatStreamUsage, openai_chat_completions
 from gatewaykit.adapters.openai_embeddings import openai_embeddings
 from gatewaykit.adapters.openai_responses import ResponsesStreamUsage, openai_responses
+from gatewaykit.adapters.openapi import openapi_paths
 from gatewaykit.adapters.routes import gateway_routes
 from gatewaykit.http import default_client
 
@@ -37,4 +38,5 @@ __all__ = [
     "openai_chat_completions",
     "openai_embeddings",
     "openai_responses",
+    "openapi_paths",
 ]

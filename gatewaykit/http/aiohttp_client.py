@@ -1,7 +1,7 @@
 """The default upstream client: aiohttp, driven directly.
 
 aiohttp's pool holds up under concurrency where httpx's collapses (encode/httpx#3215), and
-without an httpx layer over it a proxied request costs about half the CPU (DESIGN §10:
+without an httpx layer over it a proxied request costs about half the CPU (docs/performance.md:
 the httpx-over-aiohttp passthrough ran at 0.46× the raw-aiohttp floor). The session is
 created on first use inside the running loop, or when the client is entered; the host
 closes it in its lifespan (``async with default_client() as client: ...``).

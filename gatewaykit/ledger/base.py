@@ -1,6 +1,6 @@
 """The ledger contract: value types and the ``Ledger`` protocol every backend implements.
 
-Semantics (DESIGN §3), shared by every backend and checked by one conformance suite:
+Semantics (docs/ledger.md), shared by every backend and checked by one conformance suite:
 
 * Money is ``Decimal`` USD here and integer nano-USD in storage; a float is refused.
 * A budget is a scope string ``kind:id`` with a limit (``None`` = unlimited, spend is

@@ -1,6 +1,6 @@
 """StandaloneMode: keys, budgets and usage in a local ledger; upstreams from configuration.
 
-``resolve`` admits a request in the order that gives DESIGN §6's precedence
+``resolve`` admits a request in the order that gives the precedence of docs/errors.md
 (401 > 400 > 403 > 429 > 404 > 402):
 
 1. credential (``Authorization: Bearer`` or ``x-api-key``) → 401 when missing, unknown,

@@ -27,6 +27,7 @@ EXPECTED = [
     "openai_chat_completions",
     "openai_embeddings",
     "openai_responses",
+    "openapi_paths",
 ]
 
 
@@ -99,3 +100,21 @@ async def test_an_adapter_without_the_middleware_names_it() -> None:
 
     with pytest.raises(SettlementMissingError, match="GatewayMiddleware"):
         await endpoint({"type": "http", "headers": []}, receive, send)
+
+
+def test_openapi_paths_describe_the_gateway_routes_under_a_prefix() -> None:
+    paths = gatewaykit.adapters.openapi_paths("/llm/v1/")
+    assert sorted(paths) == [
+        "/llm/v1/chat/completions",
+        "/llm/v1/embeddings",
+        "/llm/v1/messages",
+        "/llm/v1/messages/count_tokens",
+        "/llm/v1/models",
+        "/llm/v1/models/{model_id}",
+        "/llm/v1/responses",
+    ]
+    messages = paths["/llm/v1/messages"]["post"]["responses"]["402"]
+    schema = messages["content"]["application/json"]["schema"]
+    assert schema["properties"]["type"] == {"const": "error"}  # Anthropic's envelope
+    chat = paths["/llm/v1/chat/completions"]["post"]["responses"]
+    assert "text/event-stream" in chat["200"]["content"]

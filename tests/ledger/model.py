@@ -1,6 +1,6 @@
 """A pure-Python reference ledger: the executable specification every backend must match.
 
-It implements the ``Ledger`` protocol in memory, with the semantics of DESIGN §3 and
+It implements the ``Ledger`` protocol in memory, with the semantics of docs/ledger.md and
 docs/ledger.md, written for clarity rather than speed. The stateful test drives a real
 backend and this model side by side and compares every reply; the model also checks
 invariants I1–I11 on its own state (:meth:`ModelLedger.invariants`).

@@ -1,4 +1,4 @@
-"""Every way a gated request can end settles its hold exactly once (DESIGN §4)."""
+"""Every way a gated request can end settles its hold exactly once (docs/settlement.md)."""
 
 from __future__ import annotations
 
