@@ -1,6 +1,6 @@
 """StandaloneMode: keys, budgets and usage in a local ledger; upstreams from configuration.
 
-``resolve`` admits a request in the order that gives DESIGN §6's precedence
+``resolve`` admits a request in the order that gives the precedence of docs/errors.md
 (401 > 400 > 403 > 429 > 404 > 402):
 
 1. credential (``Authorization: Bearer`` or ``x-api-key``) → 401 when missing, unknown,
@@ -37,8 +37,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from decimal import Decimal
 from typing import Literal
 
@@ -48,6 +47,7 @@ from gatewaykit.context import GatewayContext
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.errors import (
     BudgetExceeded,
+    ConcurrencyExceeded,
     ConfigurationError,
     ErrorKind,
     HoldClosedError,
@@ -64,6 +64,7 @@ from gatewaykit.ledger.base import (
     UsageRecord,
     validate_ttl,
 )
+from gatewaykit.listing import ListedModel
 from gatewaykit.modes.admission import (
     PROVIDERS,
     credential,
@@ -73,6 +74,12 @@ from gatewaykit.modes.admission import (
 )
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.charging import DisconnectPolicy, MissingUsagePolicy, charge_for
+from gatewaykit.modes.fitting import (
+    FITTED_FORMATS,
+    MAX_OUTPUT_TOKENS_HEADER,
+    output_fit,
+    with_output_limit,
+)
 from gatewaykit.money import parse_usd
 from gatewaykit.pricing import ModelPrice, PriceTable
 from gatewaykit.ratelimit import InProcessRateLimiter, RateLimit, RateLimiter
@@ -81,6 +88,7 @@ from gatewaykit.settlement import (
     Settlement,
     SettlementOutcome,
     SettlementStatus,
+    UnmeteredSettlement,
 )
 from gatewaykit.stored_context import (
     ContextPlan,
@@ -96,6 +104,7 @@ __all__ = [
     "DisconnectPolicy",
     "LedgerUnavailablePolicy",
     "MissingUsagePolicy",
+    "OverBudgetPolicy",
     "StandaloneMode",
     "StandaloneSettlement",
     "UnknownContextPolicy",
@@ -105,12 +114,16 @@ __all__ = [
 logger = logging.getLogger("gatewaykit.standalone")
 
 LedgerUnavailablePolicy = Literal["fail_closed", "fail_open"]
+#: A request whose worst case does not fit its budgets: ``"refuse"`` it (402), or ``"fit"``
+#: a smaller output cap into what is left (:mod:`gatewaykit.modes.fitting`).
+OverBudgetPolicy = Literal["refuse", "fit"]
 #: ``"reject"`` (400), ``"allow"`` (served unbudgeted: held and charged 0), or a fallback
 #: price: a :class:`ModelPrice`, or a ``Decimal`` USD per million tokens for input and
 #: output alike.
 UnpricedPolicy = Literal["reject", "allow"] | ModelPrice | Decimal
 
 _KEY_CACHE_SIZE = 10_000
+_REMAINING_HEADER = "x-gatewaykit-budget-remaining"
 _USER = re.compile(r"[^\s]{1,200}")  # what a budget scope id allows
 #: Pauses between attempts to settle while the ledger is unreachable (about 1.3 s in all).
 _SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0)
@@ -127,7 +140,9 @@ class StandaloneMode:
     ``rate_limits`` adds limits on ``user:<name>`` and ``team:<name>`` scopes (``user:*``
     and ``team:*``: every user or team, each counted on its own). The master key has no
     key limits; its user's and team's apply. ``rate_limiter`` counts them (default: an
-    :class:`~gatewaykit.ratelimit.InProcessRateLimiter`, per process).
+    :class:`~gatewaykit.ratelimit.InProcessRateLimiter`, per process). A key's
+    ``max_concurrent`` and ``user_max_concurrent`` (every user's cap, master-key requests
+    included) cap the requests in flight, inside the ledger's reserve (429).
     """
 
     def __init__(
@@ -147,9 +162,12 @@ class StandaloneMode:
         default_tpm: int | None = None,
         rate_limits: Sequence[RateLimit] = (),
         rate_limiter: RateLimiter | None = None,
+        user_max_concurrent: int | None = None,
         teams: Mapping[str, str] | None = None,
         budget_headers: bool = True,
         ledger_unavailable: LedgerUnavailablePolicy = "fail_closed",
+        over_budget: OverBudgetPolicy = "refuse",
+        min_output_tokens: int = 256,
         unknown_response_context: UnknownContextPolicy = "context_window",
         response_context_ttl: float = RESPONSE_CONTEXT_TTL,
         clock: Callable[[], float] = time.monotonic,
@@ -185,10 +203,24 @@ class StandaloneMode:
                 )
         if rate_limiter is not None and not isinstance(rate_limiter, RateLimiter):
             raise ConfigurationError("rate_limiter must implement gatewaykit.ratelimit.RateLimiter")
+        if user_max_concurrent is not None and (
+            isinstance(user_max_concurrent, bool)
+            or not isinstance(user_max_concurrent, int)
+            or user_max_concurrent < 1
+        ):
+            raise ConfigurationError("user_max_concurrent must be a positive int or None")
         if ledger_unavailable not in ("fail_closed", "fail_open"):
             raise ConfigurationError(
                 f"ledger_unavailable must be fail_closed or fail_open, not {ledger_unavailable!r}"
             )
+        if over_budget not in ("refuse", "fit"):
+            raise ConfigurationError(f"over_budget must be refuse or fit, not {over_budget!r}")
+        if (
+            isinstance(min_output_tokens, bool)
+            or not isinstance(min_output_tokens, int)
+            or min_output_tokens < 1
+        ):
+            raise ConfigurationError("min_output_tokens must be a positive int")
         if unknown_response_context not in ("context_window", "reject"):
             raise ConfigurationError(
                 "unknown_response_context must be context_window or reject, not "
@@ -219,13 +251,19 @@ class StandaloneMode:
         self.rate_limits = {limit.scope: limit for limit in rate_limits}
         self._any_scope_limit = bool(self.rate_limits)
         self.rate_limiter: RateLimiter = rate_limiter or InProcessRateLimiter(clock=clock)
+        self.user_max_concurrent = user_max_concurrent
         self.teams = dict(teams or {})
         self.budget_headers = budget_headers
         self.ledger_unavailable: LedgerUnavailablePolicy = ledger_unavailable
+        self.over_budget: OverBudgetPolicy = over_budget
+        self.min_output_tokens = min_output_tokens
         self.unknown_response_context: UnknownContextPolicy = unknown_response_context
         self.response_context_ttl = validate_ttl(response_context_ttl)
         self._master_hash = hash_key(master_key) if master_key is not None else None
         self._clock = clock
+        # Wall time (key expiry) is read from the same clock, so one fake clock moves
+        # everything in tests.
+        self._wall_epoch = time.time() - clock()
         #: digest -> (record or None, expiry, the ledger's key_epoch when it was looked up)
         self._keys: OrderedDict[str, tuple[ApiKeyRecord | None, float, int | None]] = OrderedDict()
         self._key_limits: dict[str, RateLimit] = {}
@@ -245,6 +283,9 @@ class StandaloneMode:
         revoked = await self.ledger.revoke_key(key_id)
         self.invalidate_key(key_id)
         return revoked
+
+    def _wall_time(self) -> float:
+        return self._wall_epoch + self._clock()
 
     def invalidate_key(self, key_id: str | None = None) -> None:
         """Drop cached lookups of ``key_id`` (or of every key, and every cached miss)."""
@@ -290,7 +331,7 @@ class StandaloneMode:
             raise RequestRejected(ErrorKind.AUTHENTICATION, "invalid API key")
         if record.revoked:
             raise RequestRejected(ErrorKind.AUTHENTICATION, "this API key has been revoked")
-        if record.expires_at is not None and record.expires_at <= datetime.now(timezone.utc):
+        if record.expires_at is not None and record.expires_at.timestamp() <= self._wall_time():
             raise RequestRejected(ErrorKind.AUTHENTICATION, "this API key has expired")
         return record
 
@@ -298,25 +339,33 @@ class StandaloneMode:
     async def resolve(self, request: GatewayRequest) -> GatewayContext:
         identity = await self.authenticate(request.headers)
         fmt = request.format
+        metered = request.parsed.metered
         user_field = "metadata.user_id" if fmt is WireFormat.ANTHROPIC_MESSAGES else "user"
+        user: str | None
         if identity is None:  # the master key
-            if request.parsed.user is None:
-                raise RequestRejected(
-                    ErrorKind.INVALID_REQUEST,
-                    f"requests made with the master key must name the user in '{user_field}'",
-                )
-            if not _USER.fullmatch(request.parsed.user):
+            user = request.parsed.user
+            if user is None:
+                if metered:  # someone must pay: the master key names who
+                    raise RequestRejected(
+                        ErrorKind.INVALID_REQUEST,
+                        f"requests made with the master key must name the user in '{user_field}'",
+                    )
+            elif not _USER.fullmatch(user):
                 raise RequestRejected(
                     ErrorKind.INVALID_REQUEST,
                     f"'{user_field}' must be 1 to 200 characters without whitespace",
                 )
-            user, key_id, team = request.parsed.user, None, self.teams.get(request.parsed.user)
+            key_id, team = None, self.teams.get(user) if user else None
         else:
             user, key_id = identity.user, identity.key_id
             team = identity.team or self.teams.get(user)
 
-        attempts, price = self._route(fmt, request.parsed.model)
-        context_plan, context_tokens = await self._stored_context(request, user, price)
+        if metered:
+            attempts, price = self._route(fmt, request.parsed.model)
+            assert user is not None  # a metered master-key request names its user
+            context_plan, context_tokens = await self._stored_context(request, user, price)
+        else:  # nothing is charged, so no price is needed
+            attempts = self._attempts(fmt, request.parsed.model)
 
         if isinstance(identity, ApiKeyRecord):
             if request.parsed.user is not None and request.parsed.user != identity.user:
@@ -331,17 +380,25 @@ class StandaloneMode:
                 raise RequestRejected(
                     ErrorKind.PERMISSION, f"this API key may not use model {request.parsed.model!r}"
                 )
-        held_estimate = estimate(
-            request,
-            price,
-            default_max_output_tokens=self.default_max_output_tokens,
-            extra_prompt_tokens=context_tokens,
+        held_estimate = (
+            estimate(
+                request,
+                price,
+                default_max_output_tokens=self.default_max_output_tokens,
+                extra_prompt_tokens=context_tokens,
+            )
+            if metered
+            else None
         )
         headers: dict[str, str] = {}
         limits = self._rate_limits(identity, user, team)
         token_limits: tuple[RateLimit, ...] = ()
         if limits:
-            tokens = held_estimate.prompt_tokens + held_estimate.max_output_tokens
+            tokens = (
+                held_estimate.prompt_tokens + held_estimate.max_output_tokens
+                if held_estimate is not None
+                else 0  # unmetered: counted as a request, never as tokens
+            )
             decision = await self.rate_limiter.acquire(request.request_id, limits, tokens)
             headers.update(decision.headers)
             if not decision.allowed:
@@ -350,21 +407,40 @@ class StandaloneMode:
                     f"{decision.reason}; retry after {decision.headers['retry-after']}s",
                     headers=decision.headers,
                 )
-            if decision.tokens is not None:  # some limit counts tokens: settle them
-                token_limits = limits
+            if decision.tokens is not None and held_estimate is not None:
+                token_limits = limits  # some limit counts tokens: settle them
         try:
-            return await self._hold(
-                request, held_estimate, price, attempts, user, key_id, team,
-                context_plan, headers, token_limits,
-            )  # fmt: skip
+            if not attempts:
+                raise RequestRejected(
+                    ErrorKind.NOT_FOUND, f"no upstream serves model {request.parsed.model!r}"
+                )
+            if held_estimate is not None:
+                assert user is not None  # a metered master-key request names its user
+                return await self._hold(
+                    request, identity, held_estimate, price, attempts, user, key_id, team,
+                    context_plan, headers, token_limits,
+                )  # fmt: skip
         except BaseException:
             if token_limits:  # admitted by the limiter, refused here: no tokens were used
                 with contextlib.suppress(Exception):  # the refusal matters, not the count
                     await self.rate_limiter.settle(request.request_id, token_limits, 0)
             raise
+        return GatewayContext(  # unmetered: nothing to hold or charge
+            request_id=request.request_id,
+            settlement=UnmeteredSettlement(request_id=request.request_id),
+            format=fmt,
+            model=request.parsed.model,
+            stream=request.parsed.stream,
+            body=request.body,
+            raw_body=request.raw_body,
+            attempts=attempts,
+            user_id=user,
+            key_id=key_id,
+            response_headers=headers,
+        )
 
     def _rate_limits(
-        self, identity: ApiKeyRecord | None, user: str, team: str | None
+        self, identity: ApiKeyRecord | None, user: str | None, team: str | None
     ) -> tuple[RateLimit, ...]:
         """The limits that apply to a request: its key's, its user's, its team's."""
         limits: tuple[RateLimit, ...] = ()
@@ -380,7 +456,7 @@ class StandaloneMode:
                     self._key_limits[identity.key_id] = limit
                 limits = (limit,)
         if self._any_scope_limit:
-            scopes = [f"user:{user}"] + ([f"team:{team}"] if team else [])
+            scopes = ([f"user:{user}"] if user else []) + ([f"team:{team}"] if team else [])
             for scope in scopes:
                 limit = self.rate_limits.get(scope)
                 if limit is None:
@@ -394,6 +470,7 @@ class StandaloneMode:
     async def _hold(
         self,
         request: GatewayRequest,
+        identity: ApiKeyRecord | None,
         held_estimate: RequestEstimate,
         price: ModelPrice | None,
         attempts: tuple[Attempt, ...],
@@ -404,11 +481,8 @@ class StandaloneMode:
         headers: dict[str, str],
         token_limits: tuple[RateLimit, ...],
     ) -> GatewayContext:
-        """After the rate limits: route (404), hold the estimate (402/503), the context."""
-        if not attempts:
-            raise RequestRejected(
-                ErrorKind.NOT_FOUND, f"no upstream serves model {request.parsed.model!r}"
-            )
+        """After the rate limits: hold the estimate on every scope (402/429/503)."""
+        fmt = request.format
         amount = held_estimate.amount
         scopes = [f"user:{user}"]
         if key_id is not None:
@@ -416,10 +490,37 @@ class StandaloneMode:
         if team:
             scopes.append(f"team:{team}")
         held = True
+        fit = (
+            output_fit(
+                held_estimate,
+                price,
+                choices=request.parsed.choices,
+                min_output_tokens=self.min_output_tokens,
+            )
+            if self.over_budget == "fit" and price is not None and fmt in FITTED_FORMATS
+            else None
+        )
+        body, raw_body = request.body, request.raw_body
+        caps = self._caps(identity.max_concurrent if identity else None, key_id, user)
         try:
-            hold = await self.ledger.reserve(request.request_id, scopes, amount, ttl=self.hold_ttl)
+            if fit is None and caps is None:
+                hold = await self.ledger.reserve(
+                    request.request_id, scopes, amount, ttl=self.hold_ttl
+                )
+            else:
+                hold = await self.ledger.reserve(
+                    request.request_id, scopes, amount, ttl=self.hold_ttl, fit=fit, max_live=caps
+                )
         except BudgetExceeded as exc:
             raise _budget_rejection(exc) from None
+        except ConcurrencyExceeded as exc:
+            raise RequestRejected(
+                ErrorKind.RATE_LIMIT,
+                f"too many requests in flight for {exc.scope}: its limit is {exc.limit}; "
+                "retry when one has finished",
+                headers={"retry-after": "1"},
+                details={"scope": exc.scope, "max_concurrent": exc.limit},
+            ) from None
         except LedgerUnavailableError:
             if self.ledger_unavailable != "fail_open":
                 logger.warning("request %s refused: ledger unavailable", request.request_id)
@@ -433,6 +534,17 @@ class StandaloneMode:
             if not hold.live:
                 raise RequestRejected(
                     ErrorKind.UNAVAILABLE, "the request id was already used; retry the request"
+                )
+            if fit is not None and hold.amount < amount:
+                # Fitted: the body goes upstream re-encoded with the smaller output cap.
+                tokens = fit.tokens_held(hold.amount)
+                assert fmt is not None  # fitted only for FITTED_FORMATS
+                body, raw_body = with_output_limit(fmt, request.body, tokens), b""
+                headers[MAX_OUTPUT_TOKENS_HEADER] = str(tokens)
+                held_estimate = dataclasses.replace(
+                    held_estimate,
+                    max_output_tokens=tokens * request.parsed.choices,
+                    amount=hold.amount,
                 )
         if self.budget_headers and held:
             headers.update(_headroom(hold))
@@ -450,22 +562,38 @@ class StandaloneMode:
             hold_ttl=self.hold_ttl,
             scopes=None if held else tuple(scopes),
             context_plan=context_plan,
+            response_headers=headers if self.budget_headers and held else None,
+            clock=self._clock,
             rate_limiter=self.rate_limiter if token_limits else None,
             token_limits=token_limits,
         )
         return GatewayContext(
             request_id=request.request_id,
             settlement=settlement,
-            format=request.format,
+            format=fmt,
             model=request.parsed.model,
             stream=request.parsed.stream,
-            body=request.body,
-            raw_body=request.raw_body,
+            body=body,
+            raw_body=raw_body,
             attempts=attempts,
             user_id=user,
             key_id=key_id,
             response_headers=headers,
         )
+
+    def _caps(
+        self, key_cap: int | None, key_id: str | None, user: str | None
+    ) -> dict[str, int] | None:
+        """The caps on requests in flight this request is admitted under (None: none)."""
+        user_cap = self.user_max_concurrent if user is not None else None
+        if key_cap is None and user_cap is None:
+            return None  # the common case: nothing to build
+        caps = {}
+        if key_cap is not None and key_id is not None:
+            caps[f"key:{key_id}"] = key_cap
+        if user_cap is not None:
+            caps[f"user:{user}"] = user_cap
+        return caps
 
     async def _stored_context(
         self, request: GatewayRequest, user: str, price: ModelPrice | None
@@ -510,6 +638,39 @@ class StandaloneMode:
             model=request.parsed.model,
         )
         return plan, tokens
+
+    async def list_models(
+        self, headers: Mapping[str, str], *, provider: Literal["openai", "anthropic"]
+    ) -> list[ListedModel]:
+        """The models the credential in ``headers`` may use through ``provider``'s
+        upstreams: those a request would be admitted for (allowed for the key, priced or
+        allowed unpriced, served by an upstream), in price-table order. An upstream
+        without ``models`` serves any name, so the candidates are the priced models, the
+        upstreams' own ``models`` and the key's ``allowed_models``."""
+        identity = await self.authenticate(headers)
+        allowed = identity.allowed_models if identity is not None else None
+        upstreams = [u for u in self.upstreams if u.provider == provider]
+        candidates = dict.fromkeys(self.prices)
+        for upstream in upstreams:
+            candidates.update(dict.fromkeys(sorted(upstream.models or ())))
+        candidates.update(dict.fromkeys(sorted(allowed or ())))
+        listed = []
+        for model in candidates:
+            if allowed is not None and model not in allowed:
+                continue
+            serving = next((u for u in upstreams if u.serves(model)), None)
+            if serving is None:
+                continue
+            if self.unpriced == "reject" and self.prices.lookup(model, provider) is None:
+                continue
+            listed.append(ListedModel(id=model, owned_by=serving.label))
+        return listed
+
+    def _attempts(self, fmt: WireFormat | None, model: str) -> tuple[Attempt, ...]:
+        return tuple(
+            Attempt(attempt_id=str(n), upstream=u, model=model)
+            for n, u in enumerate(self._upstreams(fmt, model), start=1)
+        )
 
     def _route(
         self, fmt: WireFormat | None, model: str
@@ -564,6 +725,10 @@ class StandaloneSettlement(Settlement):
     the ledger was down): its charge is then booked afterwards as a zero hold settled at
     the actual cost (an overrun), if the ledger is back.
 
+    ``response_headers`` are the response's headers (StandaloneMode's budget headers in
+    them): a refund before the response started gives the hold back to the reported
+    ``x-gatewaykit-budget-remaining``, so a refunded error never reports the released hold.
+
     ``context_plan`` is given for OpenAI responses requests: on success, the context a
     later request continuing this response (the id an adapter noted with
     ``note_response``) or its conversation will be billed for is written with the settle.
@@ -592,12 +757,14 @@ class StandaloneSettlement(Settlement):
         scopes: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         context_plan: ContextPlan | None = None,
+        response_headers: MutableMapping[str, str] | None = None,
         rate_limiter: RateLimiter | None = None,
         token_limits: Sequence[RateLimit] = (),
     ) -> None:
         super().__init__(request_id=request_id, estimate=estimate)
         self.rate_limiter = rate_limiter
         self.token_limits = tuple(token_limits)
+        self.response_headers = response_headers
         self.context_plan = context_plan
         self.ledger = ledger
         self.price = price
@@ -685,6 +852,8 @@ class StandaloneSettlement(Settlement):
                 # configured.
                 recorded=self.unheld_scopes is not None,
             )
+        if amount is None:
+            self._give_back_headroom()
         return SettlementOutcome(
             status=status,
             charged=amount if amount is not None else Decimal(0),
@@ -692,6 +861,13 @@ class StandaloneSettlement(Settlement):
             refunded=amount is None,
             error=error,
         )
+
+    def _give_back_headroom(self) -> None:
+        """The refund returns the hold to every scope, so to the reported tightest one."""
+        headers = self.response_headers
+        remaining = headers.get(_REMAINING_HEADER) if headers is not None else None
+        if headers is not None and remaining is not None and not self.committed:
+            headers[_REMAINING_HEADER] = str(Decimal(remaining) + self.estimate.amount)
 
     def _response_context(
         self, status: SettlementStatus, charge: Usage | None
@@ -760,7 +936,7 @@ def _headroom(hold: Hold) -> dict[str, str]:
         return {}
     remaining, scope = min(limited)
     return {
-        "x-gatewaykit-budget-remaining": str(max(remaining, Decimal(0))),
+        _REMAINING_HEADER: str(remaining),
         "x-gatewaykit-budget-scope": scope,
     }
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 from redis.asyncio import Redis
@@ -34,6 +33,7 @@ from gatewaykit.ratelimit.base import (
     RateLimit,
     UnavailablePolicy,
 )
+from gatewaykit.resource import AsyncResource
 
 __all__ = ["RedisRateLimiter"]
 
@@ -137,7 +137,7 @@ return 0
 """
 
 
-class RedisRateLimiter:
+class RedisRateLimiter(AsyncResource):
     """Rate limits shared through one Redis server (or primary).
 
     Give it a ``redis.asyncio.Redis`` client you manage, or use :meth:`from_url` and
@@ -207,16 +207,9 @@ class RedisRateLimiter:
     def __repr__(self) -> str:
         return f"RedisRateLimiter(prefix={self.prefix!r}, on_unavailable={self.on_unavailable!r})"
 
-    async def __aenter__(self) -> RedisRateLimiter:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    async def open(self) -> None:
+        """Nothing to open: the client connects on first use (so a Redis down at start-up
+        is an outage like any other, decided by the policy)."""
 
     async def aclose(self) -> None:
         """Close the client if :meth:`from_url` made it."""

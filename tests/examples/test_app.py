@@ -98,7 +98,26 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             process.kill()
             process.wait()
     assert process.returncode == 0, log.read_text()
-    assert "Traceback" not in log.read_text()
+    text = log.read_text()
+    assert "Traceback" not in text
+    # The fake provider shares uvicorn's loggers; its lines are not the server's (issue 15 §4).
+    for line in ("Started server process", "Shutting down", "Finished server process"):
+        assert text.count(line) == 1, text
+
+
+def test_each_request_is_logged_once(gateway: Gateway) -> None:
+    """The built-in fake provider's own access lines stay out of the gateway's log."""
+    key = create_key(gateway, "dave")["key"]
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=key, max_retries=0)
+    before = gateway.log.read_text().count('"POST /v1/responses HTTP/1.1" 200')
+    client.responses.create(model="gpt-4o-mini", input="Hi")
+    deadline = time.monotonic() + 5
+    while gateway.log.read_text().count('"POST /v1/responses HTTP/1.1" 200') == before:
+        assert time.monotonic() < deadline, "the request was not logged"
+        time.sleep(0.05)
+    # The gateway answers after reading the fake provider's whole answer, so a line of the
+    # provider's would have been written (and flushed) before the gateway's own.
+    assert gateway.log.read_text().count('"POST /v1/responses HTTP/1.1" 200') == before + 1
 
 
 def create_key(gateway: Gateway, user: str, *budget: str) -> dict[str, Any]:
@@ -168,6 +187,29 @@ def test_exhausted_budget_is_refused_in_the_openai_envelope(gateway: Gateway) ->
         bad_key.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}]
         )
+
+
+def test_embeddings_models_count_tokens_and_unknown_paths(gateway: Gateway) -> None:
+    """Issue 15 point 6 / issue 16, as a new user tries them against the example app."""
+    key = create_key(gateway, "dora", "--budget", "1")
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=key["key"], max_retries=0)
+    vectors = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    assert len(vectors.data) == 2
+    assert "text-embedding-3-small" in [m.id for m in client.models.list()]
+    with pytest.raises(openai.NotFoundError, match="Invalid URL"):
+        client.fine_tuning.jobs.list()
+    claude = anthropic.Anthropic(base_url=gateway.url, api_key=key["key"], max_retries=0)
+    counted = claude.messages.count_tokens(
+        model="claude-haiku-4-5", messages=[{"role": "user", "content": "Hi"}]
+    )
+    assert counted.input_tokens == FakeBehavior().input_tokens
+    [record] = json.loads(
+        gatewaykit("--db", gateway.db, "usage", "--user", "dora", "--json").stdout
+    )
+    assert (record["endpoint"], record["input_tokens"]) == ("embeddings", 24)
+    assert Decimal(record["cost"]) == Decimal("0.00000048")  # 24 tokens × $0.02 per million
+    assert budget_of(gateway, f"key:{key['key_id']}")["spent"] == record["cost"]
+    assert gatewaykit("--db", gateway.db, "check").exit_code == 0
 
 
 def test_healthz(gateway: Gateway) -> None:

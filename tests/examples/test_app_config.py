@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from decimal import Decimal
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 from tests.examples.helpers import load_example
 
 example = load_example("app")
+#: An upstream, so build_app has something to route to without the fake provider's socket.
+ONLINE = {"openai_base_url": "https://api.openai.com/v1"}
 
 
 def test_defaults_are_offline_standalone() -> None:
@@ -88,10 +91,13 @@ def test_redis_flag_is_named_in_the_banner_without_its_password() -> None:
     settings = example.parse_settings(["--redis", "redis://:hunter2@cache.internal:6380/2"], {})
     assert settings.redis == "redis://:hunter2@cache.internal:6380/2"
     banner = example.banner(settings, 1234)
-    assert "limits     shared through Redis at cache.internal:6380/2" in banner
+    assert "limits     shared through Redis at redis://:***@cache.internal:6380/2" in banner
     assert "hunter2" not in banner
     assert "hunter2" not in repr(settings)
     assert "Redis" not in example.banner(example.parse_settings([], {}), 1234)
+    app = example.build_app(dataclasses.replace(settings, db="sqlite://:memory:", **ONLINE))
+    [middleware] = app.user_middleware
+    assert type(middleware.kwargs["mode"].rate_limiter).__name__ == "RedisRateLimiter"
 
 
 def test_the_app_imports_redis_only_when_asked_to() -> None:
@@ -102,10 +108,23 @@ def test_the_app_imports_redis_only_when_asked_to() -> None:
 
     code = (
         "import sys; sys.path.insert(0, 'examples'); import app; "
-        "app.build_app(app.parse_settings(['--db', 'sqlite://:memory:'], {})); "
-        "print('redis' in sys.modules)"
+        "a = app.build_app(app.parse_settings(['--db', 'sqlite://:memory:'], "
+        "{'OPENAI_BASE_URL': 'https://api.openai.com/v1'})); "
+        "print(type(a.user_middleware[0].kwargs['mode'].rate_limiter).__name__, "
+        "'redis' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
-    assert out.strip() == "False"
+    assert out.split() == ["InProcessRateLimiter", "False"]
+
+
+def test_fit_holds_flag_sets_the_over_budget_policy() -> None:
+    assert example.parse_settings([], {}).fit_holds is False
+    settings = example.parse_settings(["--fit-holds", "--db", "sqlite://:memory:"], {})
+    assert settings.fit_holds is True
+    plain = example.Settings(db="sqlite://:memory:", **ONLINE)
+    for fit, policy in ((dataclasses.replace(settings, **ONLINE), "fit"), (plain, "refuse")):
+        app = example.build_app(fit)
+        [middleware] = app.user_middleware
+        assert middleware.kwargs["mode"].over_budget == policy
