@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from gatewaykit.errors import ConfigurationError
+from gatewaykit.urls import redact
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -266,7 +267,7 @@ class GatewayConfig(Section):
         data["prices"]["file"] = None if self.prices_file is None else str(self.prices_file)
         data["ledger"]["url"] = _redact(self.ledger.url)
         if self.ratelimit.redis_url is not None:
-            data["ratelimit"]["redis_url"] = _redact(self.ratelimit.redis_url)
+            data["ratelimit"]["redis_url"] = redact(self.ratelimit.redis_url)
         if self.platform is not None:
             data["platform"]["outbox"] = _redact(self.platform.outbox)
         return data

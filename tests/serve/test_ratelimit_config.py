@@ -1,0 +1,65 @@
+"""``[ratelimit]`` in the serve configuration: where limits are counted, users' and teams'
+limits, and the app factory wiring them into StandaloneMode."""
+
+from __future__ import annotations
+
+import pytest
+
+from gatewaykit.config import parse_config
+from gatewaykit.errors import ConfigurationError
+from gatewaykit.modes.standalone import StandaloneMode
+from gatewaykit.ratelimit import InProcessRateLimiter, RateLimit
+from gatewaykit.server import build_app
+
+ENV = {"OPENAI_API_KEY": "sk-test"}
+UPSTREAM = {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY"}
+
+
+def test_ratelimit_table_builds_a_redis_limiter_and_the_scope_limits() -> None:
+    config = parse_config(
+        {
+            "upstreams": [UPSTREAM],
+            "standalone": {"default_rpm": 60, "default_tpm": 50_000},
+            "ratelimit": {
+                "redis_url": "redis://:hunter2@cache:6379/1",
+                "on_unavailable": "fail_closed",
+                "limits": [{"scope": "user:*", "rpm": 120}, {"scope": "team:ml", "tpm": 9}],
+            },
+        },
+        environ=ENV,
+    )
+    masked = config.masked()["ratelimit"]
+    assert "hunter2" not in masked["redis_url"]
+    assert masked["limits"][0] == {"scope": "user:*", "rpm": 120, "tpm": None}
+    [middleware] = build_app(config).user_middleware
+    mode = middleware.kwargs["mode"]
+    assert isinstance(mode, StandaloneMode)
+    assert type(mode.rate_limiter).__name__ == "RedisRateLimiter"
+    assert mode.rate_limiter.on_unavailable == "fail_closed"
+    assert (mode.default_rpm, mode.default_tpm) == (60, 50_000)
+    assert mode.rate_limits == {
+        "user:*": RateLimit("user:*", rpm=120),
+        "team:ml": RateLimit("team:ml", tpm=9),
+    }
+
+
+def test_without_redis_each_process_counts_its_own() -> None:
+    config = parse_config({"upstreams": [UPSTREAM]}, environ=ENV)
+    [middleware] = build_app(config).user_middleware
+    mode = middleware.kwargs["mode"]
+    assert isinstance(mode, StandaloneMode)
+    assert isinstance(mode.rate_limiter, InProcessRateLimiter)
+
+
+@pytest.mark.parametrize(
+    ("table", "where"),
+    [
+        ({"limits": [{"scope": "key:k1", "rpm": 1}]}, "ratelimit.limits[0].scope"),
+        ({"limits": [{"scope": "user:a", "rpm": 0}]}, "ratelimit.limits[0].rpm"),
+        ({"on_unavailable": "ignore"}, "ratelimit.on_unavailable"),
+        ({"redis_url": "http://cache:6379"}, "not a Redis URL"),
+    ],
+)
+def test_bad_ratelimit_tables_are_named(table: dict[str, object], where: str) -> None:
+    with pytest.raises(ConfigurationError, match=where.replace("[", r"\[").replace("]", r"\]")):
+        build_app(parse_config({"upstreams": [UPSTREAM], "ratelimit": table}, environ=ENV))
