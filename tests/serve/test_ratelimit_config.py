@@ -8,7 +8,7 @@ import pytest
 from gatewaykit.config import parse_config
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.modes.standalone import StandaloneMode
-from gatewaykit.ratelimit import InProcessRateLimiter, RateLimit
+from gatewaykit.ratelimit import InProcessRateLimiter, RateLimit, RedisRateLimiter
 from gatewaykit.server import build_app
 
 ENV = {"OPENAI_API_KEY": "sk-test"}
@@ -34,7 +34,7 @@ def test_ratelimit_table_builds_a_redis_limiter_and_the_scope_limits() -> None:
     [middleware] = build_app(config).user_middleware
     mode = middleware.kwargs["mode"]
     assert isinstance(mode, StandaloneMode)
-    assert type(mode.rate_limiter).__name__ == "RedisRateLimiter"
+    assert isinstance(mode.rate_limiter, RedisRateLimiter)
     assert mode.rate_limiter.on_unavailable == "fail_closed"
     assert (mode.default_rpm, mode.default_tpm) == (60, 50_000)
     assert mode.rate_limits == {
