@@ -32,6 +32,7 @@ from gatewaykit.keys import generate_key
 from gatewaykit.ledger.base import ApiKeyRecord, Ledger, Period
 from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.pricing import ModelPrice
+from gatewaykit.ratelimit import RateLimit
 from gatewaykit.upstream import Upstream
 from gatewaykit.usage import Usage
 from tests.middleware.conftest import (
@@ -628,6 +629,10 @@ async def test_configuration_is_validated(ledger: Ledger) -> None:
         {"hold_ttl": 0},
         {"master_key": "short"},
         {"default_rpm": 0},
+        {"default_tpm": 0},
+        {"rate_limits": [RateLimit("key:k1", rpm=1)]},
+        {"rate_limits": ["user:alice"]},
+        {"rate_limiter": object()},
         {"teams": {"bob": "red team"}},
         {"ledger_unavailable": "maybe"},
         {"over_budget": "squeeze"},

@@ -259,6 +259,13 @@ def test_format_duration_writes_openai_style_durations(seconds: float, text: str
     assert format_duration(seconds) == text
 
 
+def test_the_package_names_what_it_has() -> None:
+    import gatewaykit.ratelimit
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        gatewaykit.ratelimit.Nope  # noqa: B018
+
+
 def test_refusal_headers_round_retry_after_up() -> None:
     decision = RateDecision(allowed=False, retry_after=0.2)
     assert decision.headers == {"retry-after": "1", "retry-after-ms": "200"}

@@ -93,9 +93,13 @@ def test_bad_settings_are_configuration_errors() -> None:
 
     with pytest.raises(ConfigurationError, match="fail_open or fail_closed"):
         RedisRateLimiter.from_url("redis://127.0.0.1:1/0", on_unavailable="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="retry_interval"):
+        RedisRateLimiter.from_url("redis://127.0.0.1:1/0", retry_interval=-1)
     with pytest.raises(ConfigurationError, match="not a Redis URL") as bad:
         RedisRateLimiter.from_url("http://user:s3cret@cache:6379/0")
     assert "s3cret" not in str(bad.value)
+    limiter = RedisRateLimiter.from_url("redis://:s3cret@127.0.0.1:1/0")
+    assert repr(limiter) == "RedisRateLimiter(prefix='gatewaykit:rl:', on_unavailable='fail_open')"
 
 
 # -- through the gateway ------------------------------------------------------------------------

@@ -3,6 +3,8 @@ limits, and the app factory wiring them into StandaloneMode."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from gatewaykit.config import parse_config
@@ -49,6 +51,17 @@ def test_without_redis_each_process_counts_its_own() -> None:
     mode = middleware.kwargs["mode"]
     assert isinstance(mode, StandaloneMode)
     assert isinstance(mode.rate_limiter, InProcessRateLimiter)
+
+
+def test_a_redis_url_without_redis_py_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "gatewaykit.ratelimit.redis", None)  # import fails
+    config = parse_config(
+        {"upstreams": [UPSTREAM], "ratelimit": {"redis_url": "redis://cache:6379/0"}}, environ=ENV
+    )
+    with pytest.raises(ConfigurationError, match=r"pip install 'gatewaykit\[redis\]'"):
+        build_app(config)
 
 
 @pytest.mark.parametrize(
