@@ -350,3 +350,22 @@ async def test_a_limiter_that_fails_to_settle_never_breaks_the_request(
         "could not settle request" in r.getMessage() and "RuntimeError" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def test_a_users_own_limit_wins_over_every_users(build: Build, ledger: SQLiteLedger) -> None:
+    app = build(rate_limits=[RateLimit("user:*", rpm=3), RateLimit("user:erin", rpm=1)])
+    erin = await new_key(ledger, "erin", team="blue")  # team:blue has no limit
+    frank = await new_key(ledger, "frank")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+
+        async def status(key: str) -> int:
+            response = await http.post(
+                "/v1/chat/completions",
+                json=chat_body(),
+                headers={"authorization": f"Bearer {key}"},
+            )
+            return response.status_code
+
+        assert [await status(erin), await status(erin)] == [200, 429]
+        assert [await status(frank) for _ in range(4)] == [200, 200, 200, 429]

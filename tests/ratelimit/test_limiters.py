@@ -278,3 +278,56 @@ def test_refusal_headers_round_retry_after_up() -> None:
 def test_bad_limits_are_configuration_errors(fields: dict[str, object]) -> None:
     with pytest.raises(ConfigurationError):
         RateLimit(**fields)  # type: ignore[arg-type]
+
+
+async def test_settling_a_limit_without_tokens_or_an_unknown_scope_does_nothing(
+    limiter: RateLimiter,
+) -> None:
+    requests_only = [RateLimit("key:k1", rpm=5)]
+    assert (await limiter.acquire("r1", requests_only, 10)).allowed
+    await limiter.settle("r1", requests_only, 3)
+    await limiter.settle("r1", [RateLimit("key:never-seen", tpm=10)], 3)
+    decision = await limiter.acquire("r2", requests_only, 10)
+    assert decision.requests is not None
+    assert decision.requests.remaining == 3
+
+
+async def test_the_longest_wait_of_the_refusing_limits_is_the_retry_after() -> None:
+    now = [0.0]
+    limiter = InProcessRateLimiter(clock=lambda: now[0])
+    key, user = RateLimit("key:k", rpm=1, tpm=100), RateLimit("user:u", rpm=1, tpm=100)
+    assert (await limiter.acquire("r1", [user], 90)).allowed  # the user's window fills first
+    now[0] += 20
+    assert (await limiter.acquire("r2", [key], 90)).allowed
+    refused = await limiter.acquire("r3", [key, user], 50)
+    assert not refused.allowed
+    assert refused.retry_after == pytest.approx(60.0)  # the key's entry leaves last, at 80
+    assert "key:k" in refused.reason
+    refused = await limiter.acquire("r3", [user, key], 50)
+    assert refused.retry_after == pytest.approx(60.0)  # whatever the order of the limits
+    assert "key:k" in refused.reason
+
+
+async def test_pruning_keeps_the_scopes_still_counted() -> None:
+    now = [0.0]
+    limiter = InProcessRateLimiter(clock=lambda: now[0])
+    await limiter.acquire("old", [RateLimit("key:old", rpm=1)], 1)
+    now[0] += 30
+    await limiter.acquire("busy", [RateLimit("key:busy", rpm=1)], 1)
+    now[0] += 31  # key:old left its window, key:busy has not
+    for n in range(998):
+        await limiter.acquire(f"r{n}", [], 1)  # the 1000th check prunes
+    assert set(limiter._windows) == {"key:busy"}
+
+
+@pytest.mark.redis
+async def test_a_redis_limiter_leaves_a_client_it_was_given_open(
+    redis_limiter: MakeRedisLimiter,
+) -> None:
+    from gatewaykit.ratelimit import RedisRateLimiter
+
+    client = redis_limiter().client
+    async with RedisRateLimiter(client, prefix="gk_test:given:") as given:
+        assert (await given.acquire("r1", [RateLimit("key:k", rpm=1)], 1)).allowed
+    assert await client.ping()  # still usable: the limiter did not close it
+    await client.delete("gk_test:given:key:k:r")
