@@ -4,6 +4,7 @@ limits, and the app factory wiring them into StandaloneMode."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,26 @@ def test_a_redis_url_without_redis_py_is_a_configuration_error(
 def test_bad_ratelimit_tables_are_named(table: dict[str, object], where: str) -> None:
     with pytest.raises(ConfigurationError, match=where.replace("[", r"\[").replace("]", r"\]")):
         build_app(parse_config({"upstreams": [UPSTREAM], "ratelimit": table}, environ=ENV))
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_the_apps_lifespan_opens_and_closes_the_redis_limiter(tmp_path: Path) -> None:
+    from tests.ratelimit.conftest import REDIS_URL
+
+    config = parse_config(
+        {
+            "upstreams": [UPSTREAM],
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+            "ratelimit": {"redis_url": REDIS_URL},
+        },
+        environ=ENV,
+    )
+    app = build_app(config)
+    [middleware] = app.user_middleware
+    mode = middleware.kwargs["mode"]
+    assert isinstance(mode, StandaloneMode)
+    limits = [RateLimit(f"key:lifespan-{tmp_path.name}", rpm=1)]
+    async with app.router.lifespan_context(app):
+        assert (await mode.rate_limiter.acquire("r1", limits, 1)).allowed
+        assert not (await mode.rate_limiter.acquire("r2", limits, 1)).allowed
