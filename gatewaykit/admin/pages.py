@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, time, timedelta, timezone
+from datetime import datetime, time, timezone
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlencode

@@ -62,7 +62,7 @@ class SessionSigner:
         if not value:
             return None
         try:
-            data = self._serializer.loads(value, max_age=self.max_age)
+            data = self._serializer.loads(value, max_age=int(self.max_age))
         except BadSignature:  # also SignatureExpired
             return None
         if not isinstance(data, dict):
