@@ -24,7 +24,7 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gatewaykit.admin import formatting
-from gatewaykit.admin.security import COOKIE, LoginThrottle, Session, SessionSigner, keys_equal
+from gatewaykit.admin.security import COOKIE, LoginThrottle, Session, SessionSigner
 from gatewaykit.errors import ConfigurationError, LedgerError
 from gatewaykit.ledger.base import Ledger
 
@@ -102,10 +102,10 @@ class Admin:
             )
         if master_key is not None and len(master_key) < 16:
             raise ConfigurationError("master_key must be at least 16 characters")
-        if session_ttl <= 0 or failure_delay < 0 or max_failures < 1 or failure_window <= 0:
+        if session_ttl < 1 or failure_delay < 0 or max_failures < 1 or failure_window <= 0:
             raise ConfigurationError(
-                "session_ttl and failure_window must be positive, failure_delay not negative, "
-                "max_failures at least 1"
+                "session_ttl must be at least 1 s, failure_window positive, failure_delay "
+                "not negative and max_failures at least 1"
             )
         if secret_key is None and master_key is None:
             raise ConfigurationError("without master_key, admin_app needs secret_key=...")
@@ -114,14 +114,17 @@ class Admin:
         if secret_key is not None and len(secret_key) < 16:
             raise ConfigurationError("secret_key must be at least 16 bytes")
         self.ledger = ledger
-        self._master_key = master_key
+        # Only a digest is kept: the key itself is in no attribute, repr or traceback.
+        self._master_digest = (
+            None if master_key is None else hashlib.sha256(master_key.encode()).digest()
+        )
         self.authorize = authorize
         # Derived from the master key by default: every process of one deployment accepts
         # the same sessions, and changing the master key ends them all.
         secret = (
             secret_key
             or hmac.new(
-                (master_key or "").encode(), b"gatewaykit.admin.secret", hashlib.sha256
+                self._master_digest or b"", b"gatewaykit.admin.secret", hashlib.sha256
             ).digest()
         )
         self.signer = SessionSigner(secret, max_age=session_ttl)
@@ -136,15 +139,17 @@ class Admin:
         self.templates = Jinja2Templates(env=environment)
 
     def __repr__(self) -> str:
-        key = "set" if self._master_key else "unset"
+        key = "set" if self._master_digest else "unset"
         return f"Admin(ledger={type(self.ledger).__name__}, master_key={key})"
 
     @property
     def needs_login(self) -> bool:
-        return self._master_key is not None
+        return self._master_digest is not None
 
     def master_key_matches(self, presented: str) -> bool:
-        return self._master_key is not None and keys_equal(self._master_key, presented)
+        """Constant time: SHA-256 digests of equal length are compared."""
+        digest = hashlib.sha256(presented.encode()).digest()
+        return self._master_digest is not None and hmac.compare_digest(self._master_digest, digest)
 
     # -- responses ---------------------------------------------------------------------
 

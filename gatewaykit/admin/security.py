@@ -20,20 +20,14 @@ import hmac
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-__all__ = ["LoginThrottle", "Session", "SessionSigner", "keys_equal"]
+__all__ = ["COOKIE", "LoginThrottle", "Session", "SessionSigner"]
 
 COOKIE = "gatewaykit_admin"
-
-
-def keys_equal(expected: str, presented: str) -> bool:
-    """Constant time whatever the lengths: digests of equal size are compared."""
-    return hmac.compare_digest(
-        hashlib.sha256(expected.encode()).digest(), hashlib.sha256(presented.encode()).digest()
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +78,15 @@ class SessionSigner:
 class LoginThrottle:
     """Failed logins per client address in a sliding window (in this process's memory)."""
 
-    def __init__(self, *, max_failures: int, window: float, max_clients: int = 10_000) -> None:
+    def __init__(
+        self,
+        *,
+        max_failures: int,
+        window: float,
+        max_clients: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
         self.max_failures = max_failures
         self.window = window
         self._max_clients = max_clients
@@ -95,13 +97,13 @@ class LoginThrottle:
         recent = self._recent(client)
         if len(recent) < self.max_failures:
             return 0.0
-        return max(recent[0] + self.window - time.monotonic(), 0.001)
+        return max(recent[0] + self.window - self.clock(), 0.001)
 
     def attempt(self, client: str) -> None:
         """Count an attempt before the key is compared (so parallel guesses count too)."""
         if client not in self._failures and len(self._failures) >= self._max_clients:
             self._prune()
-        self._failures.setdefault(client, deque()).append(time.monotonic())
+        self._failures.setdefault(client, deque()).append(self.clock())
 
     def succeeded(self, client: str) -> None:
         """A right key: forget the attempt just counted."""
@@ -111,7 +113,7 @@ class LoginThrottle:
 
     def _recent(self, client: str) -> deque[float]:
         recent = self._failures.get(client, deque())
-        horizon = time.monotonic() - self.window
+        horizon = self.clock() - self.window
         while recent and recent[0] <= horizon:
             recent.popleft()
         return recent
