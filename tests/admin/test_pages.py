@@ -1,0 +1,146 @@
+"""The admin pages against each ledger backend: what they show and what their forms change."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from gatewaykit.ledger.base import Ledger, Period
+from tests.admin.helpers import log_in, post_form
+from tests.ledger.backends import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def admin(client: httpx.AsyncClient) -> httpx.AsyncClient:
+    assert (await log_in(client)).status_code == 303
+    return client
+
+
+async def test_create_a_key_with_budget_rpm_models_and_expiry(
+    admin: httpx.AsyncClient, ledger: Ledger
+) -> None:
+    form = {
+        "user": "alice",
+        "team": "ml",
+        "budget": "5",
+        "period": "day",
+        "rpm": "60",
+        "models": "gpt-4o-mini, claude-haiku-4-5",
+        "expires": "2099-01-31",
+    }
+    created = await post_form(admin, "keys", "keys", form)
+    assert created.status_code == 200
+    [record] = await ledger.list_keys()
+    assert (record.user, record.team, record.rpm) == ("alice", "ml", 60)
+    assert record.allowed_models == ("gpt-4o-mini", "claude-haiku-4-5")
+    assert record.expires_at is not None
+    assert record.expires_at.isoformat() == "2099-01-31T00:00:00+00:00"
+    status = await ledger.status(f"key:{record.key_id}")
+    assert status is not None
+    assert (status.limit, status.period) == (Decimal(5), Period("day"))
+    assert f"gk_{record.key_id}_" in created.text
+    listing = (await admin.get("keys")).text
+    for shown in (record.prefix, "alice", "ml", "$5.00 per day", "gpt-4o-mini, claude-haiku-4-5"):
+        assert shown in listing
+
+
+@pytest.mark.parametrize(
+    ("form", "message"),
+    [
+        ({"user": ""}, "a key needs a user"),
+        ({"user": "two words"}, "invalid scope"),
+        ({"user": "a", "budget": "-1"}, "must not be negative"),
+        ({"user": "a", "budget": "1.5e400"}, "between"),
+        ({"user": "a", "period": "day"}, "give the budget too"),
+        ({"user": "a", "rpm": "0"}, "whole number"),
+        ({"user": "a", "expires": "tomorrow"}, "YYYY-MM-DD"),
+    ],
+)
+async def test_a_bad_key_form_is_answered_on_the_page(
+    admin: httpx.AsyncClient, ledger: Ledger, form: dict[str, str], message: str
+) -> None:
+    response = await post_form(admin, "keys", "keys", form)
+    assert response.status_code == 400
+    assert message in response.text
+    assert 'role="alert"' in response.text
+    assert await ledger.list_keys() == []
+    assert await ledger.budgets() == []
+
+
+async def test_revoke_asks_first_then_revokes(admin: httpx.AsyncClient, ledger: Ledger) -> None:
+    await post_form(admin, "keys", "keys", {"user": "bob"})
+    [record] = await ledger.list_keys()
+    confirm = await admin.get(f"keys/{record.key_id}/revoke")
+    assert confirm.status_code == 200
+    assert "Revoke the key" in confirm.text
+    assert not (await ledger.list_keys())[0].revoked  # looking is not revoking
+    page = f"keys/{record.key_id}/revoke"
+    done = await post_form(admin, page, page, {})
+    assert (done.status_code, done.headers["location"]) == (
+        303,
+        f"/admin/keys?revoked={record.key_id}",
+    )
+    assert (await ledger.list_keys())[0].revoked
+    assert "revoked" in (await admin.get("keys")).text
+    assert (await admin.get("keys/nope/revoke")).status_code == 404
+
+
+async def test_budgets_show_spent_held_and_change(admin: httpx.AsyncClient, ledger: Ledger) -> None:
+    await ledger.set_budget("user:carol", limit=Decimal(10), period=Period("month"))
+    await ledger.reserve("r1", ["user:carol"], Decimal("2.5"), ttl=60)
+    await ledger.settle("r1", Decimal("2"))
+    await ledger.reserve("r2", ["user:carol"], Decimal("1"), ttl=60)
+    page = (await admin.get("budgets")).text
+    for shown in ("user:carol", "$2.00", "$1.00", "$7.00", "$10.00 per month"):
+        assert shown in page
+    assert 'width="20.0"' in page and 'x="20.0" width="10.0"' in page  # the bar: 20 % + 10 %
+
+    changed = await post_form(admin, "budgets", "budgets", {"scope": "user:carol", "limit": "4"})
+    assert changed.headers["location"] == "/admin/budgets?set=user%3Acarol"
+    status = await ledger.status("user:carol")
+    assert status is not None
+    assert (status.limit, status.period) == (Decimal(4), Period("month"))  # period kept
+    await post_form(
+        admin, "budgets", "budgets", {"scope": "team:ml", "limit": "none", "period": "week"}
+    )
+    team = await ledger.status("team:ml")
+    assert team is not None
+    assert (team.limit, team.period) == (None, Period("week"))
+    bad = await post_form(admin, "budgets", "budgets", {"scope": "nokind", "limit": "1"})
+    assert bad.status_code == 400
+    assert "invalid scope" in bad.text
+    await ledger.release("r2")
+
+
+async def test_holds_show_age_and_ttl_and_sweep_expires_them(
+    admin: httpx.AsyncClient, ledger: Ledger, clock: FakeClock
+) -> None:
+    await ledger.reserve("req-live", ["user:dan"], Decimal("0.5"), ttl=600)
+    await ledger.reserve("req-old", ["user:dan"], Decimal("0.25"), ttl=30)
+    page = (await admin.get("holds")).text
+    assert "req-live" in page and "req-old" in page
+    assert "$0.50" in page
+    clock.advance(60)
+    assert "expired" in (await admin.get("holds")).text
+    swept = await post_form(admin, "holds", "holds/sweep", {})
+    assert swept.headers["location"] == "/admin/holds?swept=1"
+    page = (await admin.get("holds?swept=1")).text
+    assert "Sweep expired 1 hold." in page
+    assert "req-old" not in page and "req-live" in page
+    await ledger.release("req-live")
+
+
+async def test_overview_shows_budgets_holds_and_the_check(
+    admin: httpx.AsyncClient, ledger: Ledger
+) -> None:
+    await ledger.set_budget("user:erin", limit=Decimal(1), period=Period("day"))
+    await ledger.reserve("r", ["user:erin"], Decimal("0.4"), ttl=60)
+    page = (await admin.get("")).text
+    assert "every invariant holds" in page
+    assert "user:erin" in page
+    assert 'id="live-holds">1<' in page
+    await ledger.release("r")
