@@ -14,7 +14,8 @@ Upstreams come from the variables the official SDKs read: ``OPENAI_BASE_URL`` (e
 ``/v1``) and ``OPENAI_API_KEY`` for chat completions and responses, ``ANTHROPIC_BASE_URL``
 (no ``/v1``) and ``ANTHROPIC_API_KEY`` for messages. With none of them set, the app starts
 gatewaykit's fake provider on a side port, so it runs offline. ``GATEWAYKIT_MASTER_KEY``
-sets a master key (at least 16 characters) that may act for any user.
+sets a master key (at least 16 characters) that may act for any user and opens the admin
+page at ``/admin/`` (standalone mode; needs ``gatewaykit[admin]``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from gatewaykit import (
     GatewayKitError,
@@ -222,8 +223,13 @@ def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "mode": type(mode).__name__})
 
+    routes: list[BaseRoute] = [Route("/healthz", healthz), *gateway_routes(client=client)]
+    if ledger is not None and settings.master_key:
+        from gatewaykit.admin import admin_app  # the admin extra: jinja2, itsdangerous
+
+        routes.append(Mount("/admin", admin_app(ledger, master_key=settings.master_key)))
     return Starlette(
-        routes=[Route("/healthz", healthz), *gateway_routes(client=client)],
+        routes=routes,
         middleware=[Middleware(GatewayMiddleware, mode=mode)],
         lifespan=lifespan,
     )
@@ -296,7 +302,10 @@ def banner(settings: Settings, fake_port: int | None) -> str:
             lines.append(f"  upstream   {upstream.provider} {upstream.base_url} ({served})")
     prices = f"defaults + {settings.prices}" if settings.prices else "built-in defaults"
     lines.append(f"  prices     {prices}; hold TTL {settings.hold_ttl:g} s")
-    lines.append(f"  master key {'set' if settings.master_key else 'not set'}")
+    if settings.master_key:
+        lines.append(f"  admin      {base}/admin/ (log in with GATEWAYKIT_MASTER_KEY)")
+    else:
+        lines.append("  master key not set (GATEWAYKIT_MASTER_KEY opens an admin page at /admin/)")
     lines.append("Create a key (printed once) with:")
     lines.append(f"  {cli_command()} --db {db} keys create --user alice --budget 5")
     lines.append("then use it with the SDK you already have:")
