@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, time, timezone
+from datetime import datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlencode
@@ -12,10 +12,20 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gatewaykit.admin.app import Admin, Visit
+from gatewaykit.admin.charts import MAX_DAYS, spend_chart
+from gatewaykit.admin.reports import UsageQuery, usage_csv
 from gatewaykit.admin.security import Session
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.keys import generate_key
-from gatewaykit.ledger.base import ApiKeyRecord, BudgetStatus, Period, validate_scopes
+from gatewaykit.ledger.base import (
+    ApiKeyRecord,
+    BudgetStatus,
+    Ledger,
+    Period,
+    UsageGroup,
+    UsageTotal,
+    validate_scopes,
+)
 from gatewaykit.money import parse_usd
 
 __all__ = ["routes"]
@@ -76,6 +86,8 @@ def _used(status: BudgetStatus) -> Decimal:
 async def overview(admin: Admin, visit: Visit) -> Response:
     ledger = admin.ledger
     now = _now()
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    month = today.replace(day=1)
     budgets = await ledger.budgets()
     limited = sorted((b for b in budgets if b.limit is not None), key=_used, reverse=True)
     holds = await ledger.holds(live_only=True, limit=10_000)
@@ -89,9 +101,29 @@ async def overview(admin: Admin, visit: Visit) -> Response:
         live_holds=len(holds),
         held=sum((h.amount for h in holds), Decimal(0)),
         violations=await ledger.check(),
-        spend=None,
-        top=None,
+        spend={
+            "today": await _spent(ledger, since=today),
+            "month": await _spent(ledger, since=month),
+            "requests": await _requests(ledger, since=now - timedelta(days=1)),
+        },
+        top={
+            "users": await _top(ledger, "user", since=month),
+            "models": await _top(ledger, "model", since=month),
+        },
     )
+
+
+async def _spent(ledger: Ledger, *, since: datetime) -> Decimal:
+    return sum((t.cost for t in await ledger.usage_totals(group_by=(), since=since)), Decimal(0))
+
+
+async def _requests(ledger: Ledger, *, since: datetime) -> int:
+    return sum(t.requests for t in await ledger.usage_totals(group_by=(), since=since))
+
+
+async def _top(ledger: Ledger, group: UsageGroup, *, since: datetime) -> list[UsageTotal]:
+    totals = await ledger.usage_totals(group_by=(group,), since=since)
+    return sorted(totals, key=lambda t: t.cost, reverse=True)[:5]
 
 
 # -- keys --------------------------------------------------------------------------------
@@ -107,10 +139,16 @@ async def _keys_page(
 ) -> Response:
     keys = await admin.ledger.list_keys()
     budgets = {b.scope: b for b in await admin.ledger.budgets()}
-    rows = [
-        {"record": k, "budget": budgets.get(f"key:{k.key_id}"), "last_used": None}
-        for k in sorted(keys, key=lambda k: (k.revoked, k.user, k.key_id))
-    ]
+    rows = []
+    for k in sorted(keys, key=lambda k: (k.revoked, k.user, k.key_id)):
+        last = await admin.ledger.usage(key=k.key_id, limit=1)
+        rows.append(
+            {
+                "record": k,
+                "budget": budgets.get(f"key:{k.key_id}"),
+                "last_used": last[0].created_at if last else None,
+            }
+        )
     return admin.render(
         visit,
         "keys.html",
@@ -259,6 +297,73 @@ async def sweep(admin: Admin, visit: Visit) -> Response:
     return admin.redirect(visit.request, f"/holds?swept={count}")
 
 
+# -- usage -------------------------------------------------------------------------------
+
+#: Rows the usage page lists; the CSV holds up to CSV_ROWS.
+PAGE_ROWS, CSV_ROWS = 200, 100_000
+CHART_DAYS = 30
+
+
+async def usage(admin: Admin, visit: Visit) -> Response:
+    ledger, params = admin.ledger, visit.request.query_params
+    keys = await ledger.list_keys()
+    models = await ledger.usage_totals(group_by=("model",))
+    context: dict[str, Any] = {
+        "page": "usage",
+        "params": params,
+        "query": visit.request.url.query,
+        "rows": PAGE_ROWS,
+        "choices": {
+            "users": sorted({k.user for k in keys}),
+            "keys": sorted(k.key_id for k in keys),
+            "models": [t.group[0] for t in models if t.group[0] is not None],
+        },
+    }
+    try:
+        query = UsageQuery.from_params(params)
+    except ConfigurationError as exc:
+        return admin.render(visit, "usage.html", 400, error=str(exc), **context)
+    records = await ledger.usage(**query.ledger_filter(), limit=PAGE_ROWS)
+    [total] = await ledger.usage_totals(group_by=(), **query.ledger_filter()) or [_NO_USAGE]
+    last = query.until or _now().date()
+    first = query.since or last - timedelta(days=CHART_DAYS - 1)
+    first = max(first, last - timedelta(days=MAX_DAYS - 1))
+    per_day = await ledger.usage_totals(
+        group_by=("day", "model"), **query.ledger_filter(since=first)
+    )
+    points = [(t.group[0], str(t.group[1]), t.cost) for t in per_day]
+    chart = spend_chart(points, first=first, last=last)  # type: ignore[arg-type]
+    return admin.render(
+        visit, "usage.html", error=None, records=records, total=total, chart=chart, **context
+    )
+
+
+_NO_USAGE = UsageTotal(
+    group=(),
+    requests=0,
+    input_tokens=0,
+    output_tokens=0,
+    cache_read_tokens=0,
+    cache_write_tokens=0,
+    cost=Decimal(0),
+)
+
+
+async def usage_download(admin: Admin, visit: Visit) -> Response:
+    try:
+        query = UsageQuery.from_params(visit.request.query_params)
+    except ConfigurationError as exc:
+        return admin.render(
+            visit, "error.html", 400, page="usage", title="Bad filter", message=str(exc)
+        )
+    records = await admin.ledger.usage(**query.ledger_filter(), limit=CSV_ROWS)
+    return Response(
+        usage_csv(records),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="gatewaykit-usage.csv"'},
+    )
+
+
 def routes(admin: Admin) -> list[BaseRoute]:
     get, post = ["GET"], ["POST"]
     return [
@@ -268,6 +373,8 @@ def routes(admin: Admin) -> list[BaseRoute]:
         Route("/keys", admin.page(keys), methods=[*get, *post]),
         Route("/keys/{key_id}/revoke", admin.page(revoke), methods=[*get, *post]),
         Route("/budgets", admin.page(budgets), methods=[*get, *post]),
+        Route("/usage", admin.page(usage), methods=get),
+        Route("/usage.csv", admin.page(usage_download), methods=get),
         Route("/holds", admin.page(holds), methods=get),
         Route("/holds/sweep", admin.page(sweep), methods=post),
     ]
