@@ -224,7 +224,10 @@ class Admin:
                         message=f"The ledger could not answer: {type(exc).__name__}. "
                         "Try again in a moment.",
                     )
-            if found is None or visit.session is not session:
+            # A stranger's session is issued with a page (its forms need the CSRF token),
+            # never with a redirect: another site cannot overwrite an operator's cookie.
+            changed = visit.session is not session
+            if changed or (found is None and not 300 <= response.status_code < 400):
                 self.set_session(request, response, visit.session)
             return response
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, time, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from starlette.datastructures import FormData
@@ -17,15 +17,10 @@ from gatewaykit.admin.reports import UsageQuery, usage_csv
 from gatewaykit.admin.security import Session
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.keys import generate_key
-from gatewaykit.ledger.base import (
-    ApiKeyRecord,
-    BudgetStatus,
-    Ledger,
-    Period,
-    UsageGroup,
-    UsageTotal,
-    validate_scopes,
-)
+from gatewaykit.ledger.base import ApiKeyRecord, BudgetStatus, Ledger, Period, validate_scopes
+
+if TYPE_CHECKING:
+    from gatewaykit.ledger.base import UsageGroup, UsageTotal
 from gatewaykit.money import parse_usd
 
 __all__ = ["routes"]
@@ -324,7 +319,7 @@ async def usage(admin: Admin, visit: Visit) -> Response:
     except ConfigurationError as exc:
         return admin.render(visit, "usage.html", 400, error=str(exc), **context)
     records = await ledger.usage(**query.ledger_filter(), limit=PAGE_ROWS)
-    [total] = await ledger.usage_totals(group_by=(), **query.ledger_filter()) or [_NO_USAGE]
+    total = next(iter(await ledger.usage_totals(group_by=(), **query.ledger_filter())), None)
     last = query.until or _now().date()
     first = query.since or last - timedelta(days=CHART_DAYS - 1)
     first = max(first, last - timedelta(days=MAX_DAYS - 1))
@@ -336,17 +331,6 @@ async def usage(admin: Admin, visit: Visit) -> Response:
     return admin.render(
         visit, "usage.html", error=None, records=records, total=total, chart=chart, **context
     )
-
-
-_NO_USAGE = UsageTotal(
-    group=(),
-    requests=0,
-    input_tokens=0,
-    output_tokens=0,
-    cache_read_tokens=0,
-    cache_write_tokens=0,
-    cost=Decimal(0),
-)
 
 
 async def usage_download(admin: Admin, visit: Visit) -> Response:
