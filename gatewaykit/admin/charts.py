@@ -89,7 +89,9 @@ def spend_chart(points: Iterable[tuple[date, str, Decimal]], *, first: date, las
         rest = sum((totals[m] for m in ranked[len(PALETTE) :]), Decimal(0))
         legend.append((f"{len(ranked) - len(PALETTE)} other models", OTHER_COLOUR, rest))
 
-    top = _nice_ceiling(max((sum(d.values(), Decimal(0)) for d in per_day.values()), default=0))
+    top = _nice_ceiling(
+        max((sum(d.values(), Decimal(0)) for d in per_day.values()), default=Decimal(0))
+    )
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     slot = plot_w / days
     bars: list[Bar] = []
@@ -97,11 +99,11 @@ def spend_chart(points: Iterable[tuple[date, str, Decimal]], *, first: date, las
         day = first + timedelta(days=offset)
         base = Decimal(0)
         for model in ranked:  # the same stacking order every day
-            cost = per_day.get(day, {}).get(model)
-            if not cost:
+            amount = per_day.get(day, {}).get(model)
+            if not amount:
                 continue
             y0 = TOP + plot_h * float(1 - base / top)
-            base += cost
+            base += amount
             y1 = TOP + plot_h * float(1 - base / top)
             bars.append(
                 Bar(
@@ -110,7 +112,7 @@ def spend_chart(points: Iterable[tuple[date, str, Decimal]], *, first: date, las
                     width=round(slot * 0.76, 2),
                     height=round(max(y0 - y1, 0.5), 2),
                     colour=colours.get(model, OTHER_COLOUR),
-                    title=f"{day.isoformat()} {model}: {usd(cost)}",
+                    title=f"{day.isoformat()} {model}: {usd(amount)}",
                 )
             )
     y_ticks = tuple(Tick(round(TOP + plot_h * (1 - i / 4), 2), usd(top * i / 4)) for i in range(5))

@@ -9,6 +9,7 @@ the ones in docs/images/admin/.
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import http.server
 import json
@@ -129,8 +130,12 @@ def page(browser: Any, gateway: Gateway) -> Iterator[Any]:
     context.set_default_timeout(10_000)
     tab = context.new_page()
     dialogs: list[str] = []
-    tab.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-    tab.dialogs = dialogs
+
+    def dismiss(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    tab.on("dialog", dismiss)
     yield tab
     assert dialogs == [], "a script ran that the page never ships"
     context.close()
@@ -158,7 +163,11 @@ def shoot(page: Any, name: str, tmp_path: Path) -> None:
 
 
 def cli(gateway: Gateway, *args: str) -> Any:
-    result = CliRunner().invoke(gatewaykit_cli, ["--db", gateway.db, *args, "--json"])
+    """The command line, in-process on a thread of its own (Playwright's loop owns this one)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        invoke = CliRunner().invoke
+        argv = ["--db", gateway.db, *args, "--json"]
+        result = thread.submit(invoke, gatewaykit_cli, argv).result()
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
