@@ -310,7 +310,7 @@ async def usage(admin: Admin, visit: Visit) -> Response:
         "rows": PAGE_ROWS,
         "choices": {
             "users": sorted({k.user for k in keys}),
-            "keys": sorted(k.key_id for k in keys),
+            "key_ids": sorted(k.key_id for k in keys),
             "models": [t.group[0] for t in models if t.group[0] is not None],
         },
     }
