@@ -323,4 +323,5 @@ def test_a_forged_form_changes_nothing(page: Any, gateway: Gateway) -> None:
     finally:
         server.shutdown()
         thread.join()
+        server.server_close()
     assert [k for k in cli(gateway, "keys", "list") if k["user"] == "mallory"] == []
