@@ -21,7 +21,8 @@ MAX_DAYS = 92
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442")
 OTHER_COLOUR = "#999999"
 WIDTH, HEIGHT = 800, 260
-LEFT, RIGHT, TOP, BOTTOM = 72, 12, 12, 36
+RIGHT, TOP, BOTTOM = 12, 12, 36
+CHAR_WIDTH = 7  # of an 11 px label, generously: the y axis' margin fits its longest label
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,7 +93,9 @@ def spend_chart(points: Iterable[tuple[date, str, Decimal]], *, first: date, las
     top = _nice_ceiling(
         max((sum(d.values(), Decimal(0)) for d in per_day.values()), default=Decimal(0))
     )
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    labels = [usd(top * i / 4) for i in range(5)]
+    left = 12 + CHAR_WIDTH * max(len(label) for label in labels)
+    plot_w, plot_h = WIDTH - left - RIGHT, HEIGHT - TOP - BOTTOM
     slot = plot_w / days
     bars: list[Bar] = []
     for offset in range(days):
@@ -107,7 +110,7 @@ def spend_chart(points: Iterable[tuple[date, str, Decimal]], *, first: date, las
             y1 = TOP + plot_h * float(1 - base / top)
             bars.append(
                 Bar(
-                    x=round(LEFT + slot * offset + slot * 0.12, 2),
+                    x=round(left + slot * offset + slot * 0.12, 2),
                     y=round(y1, 2),
                     width=round(slot * 0.76, 2),
                     height=round(max(y0 - y1, 0.5), 2),
@@ -115,11 +118,11 @@ def spend_chart(points: Iterable[tuple[date, str, Decimal]], *, first: date, las
                     title=f"{day.isoformat()} {model}: {usd(amount)}",
                 )
             )
-    y_ticks = tuple(Tick(round(TOP + plot_h * (1 - i / 4), 2), usd(top * i / 4)) for i in range(5))
+    y_ticks = tuple(Tick(round(TOP + plot_h * (1 - i / 4), 2), labels[i]) for i in range(5))
     every = max(1, -(-days // 8))  # at most about 8 day labels
     x_ticks = tuple(
         Tick(
-            round(LEFT + slot * (offset + 0.5), 2),
+            round(left + slot * (offset + 0.5), 2),
             (first + timedelta(days=offset)).strftime("%m-%d"),
         )
         for offset in range(0, days, every)
@@ -127,7 +130,7 @@ def spend_chart(points: Iterable[tuple[date, str, Decimal]], *, first: date, las
     return Chart(
         WIDTH,
         HEIGHT,
-        LEFT,
+        left,
         RIGHT,
         TOP,
         BOTTOM,
