@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,7 @@ async def _keys_page(
     *,
     error: str | None = None,
     created: dict[str, Any] | None = None,
+    keep_form: bool = True,
 ) -> Response:
     keys = await admin.ledger.list_keys()
     budgets = {b.scope: b for b in await admin.ledger.budgets()}
@@ -152,7 +154,8 @@ async def _keys_page(
         rows=rows,
         error=error,
         created=created,
-        form=visit.form if error else None,
+        form=visit.form if error and keep_form else None,
+        form_id=secrets.token_urlsafe(16),
         revoked=visit.request.query_params.get("revoked"),
         now=_now(),
     )
@@ -165,7 +168,19 @@ async def keys(admin: Admin, visit: Visit) -> Response:
         fields, limit, period = _new_key(visit.form)
     except ConfigurationError as exc:
         return await _keys_page(admin, visit, 400, error=str(exc))
-    new = generate_key()
+    # The form's one-time id names the key: sent twice (a reload resends a POST), it finds
+    # the key it made instead of making another.
+    form_id = _text(visit.form, "form_id")
+    if not form_id:
+        return await _keys_page(admin, visit, 400, error="Reload the page and try again.")
+    key_id = admin.signer.form_key_id(form_id)
+    if await _find_key(admin, key_id) is not None:
+        message = (
+            f"This form was already sent: it created key {key_id}, whose secret was shown "
+            "once and cannot be shown again."
+        )
+        return await _keys_page(admin, visit, 409, error=message, keep_form=False)
+    new = generate_key(key_id)
     record = ApiKeyRecord(key_id=new.key_id, key_hash=new.key_hash, prefix=new.prefix, **fields)
     # The budget goes in first: a key must never exist without the cap it was given.
     if limit is not None:

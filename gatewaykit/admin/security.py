@@ -69,6 +69,10 @@ class SessionSigner:
     def csrf_token(self, session: Session) -> str:
         return hmac.new(self._csrf_key, session.nonce.encode(), hashlib.sha256).hexdigest()
 
+    def form_key_id(self, form_id: str) -> str:
+        """The key id a create form's one-time id stands for: a resent form finds its key."""
+        return hmac.new(self._csrf_key, b"key:" + form_id.encode(), hashlib.sha256).hexdigest()[:12]
+
     def csrf_ok(self, session: Session, token: object) -> bool:
         return isinstance(token, str) and hmac.compare_digest(
             self.csrf_token(session).encode(), token.encode()

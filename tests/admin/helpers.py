@@ -7,7 +7,7 @@ import re
 
 import httpx
 
-__all__ = ["MASTER_KEY", "csrf_of", "log_in", "post_form"]
+__all__ = ["MASTER_KEY", "csrf_of", "form_id_of", "log_in", "post_form"]
 
 MASTER_KEY = "master-key-for-the-admin-tests"
 
@@ -28,5 +28,15 @@ async def post_form(
     client: httpx.AsyncClient, page: str, action: str, data: dict[str, str]
 ) -> httpx.Response:
     """Open ``page``, then submit ``data`` to ``action`` with that page's CSRF token."""
-    token = csrf_of(await client.get(page))
-    return await client.post(action, data={"csrf": token, **data})
+    opened = await client.get(page)
+    fields = {"csrf": csrf_of(opened)}
+    if 'name="form_id"' in opened.text:
+        fields["form_id"] = form_id_of(opened)
+    return await client.post(action, data={**fields, **data})
+
+
+def form_id_of(page: httpx.Response) -> str:
+    """The one-time id of the key creation form."""
+    found = re.search(r'name="form_id" value="([^"]+)"', page.text)
+    assert found, page.text
+    return html.unescape(found.group(1))

@@ -203,8 +203,10 @@ def test_an_operator_creates_watches_and_revokes_a_key(
     page.click("button[data-copy=new-key]")
     page.wait_for_selector("button[data-copy=new-key]:has-text('Copied')")
     assert page.evaluate("navigator.clipboard.readText()") == key
-    page.reload()  # a GET: the secret is gone for good
+    page.reload()  # resends the POST: no second key, and the secret is not shown again
+    assert "This form was already sent" in page.inner_text("[role=alert]")
     assert key not in page.content()
+    assert [k["key_id"] for k in cli(gateway, "keys", "list") if k["user"] == "alice"] == [key_id]
 
     # The openai SDK uses it against the example app; the spend shows on every page.
     chat(gateway, key)
@@ -212,7 +214,7 @@ def test_an_operator_creates_watches_and_revokes_a_key(
     cost = Decimal(record["cost"])
     assert cost > 0
     shown = "$" + f"{cost.normalize():f}"
-    page.reload()
+    page.goto(f"{gateway.admin}keys")
     assert page.locator(f"#key-{key_id}").inner_text().count("never") == 1  # used: expiry only
     shoot(page, "keys", tmp_path)
 

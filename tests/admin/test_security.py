@@ -19,7 +19,7 @@ from gatewaykit.admin.security import COOKIE
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.ledger.base import Ledger
 from gatewaykit.ledger.sqlite import SQLiteLedger
-from tests.admin.helpers import MASTER_KEY, csrf_of, log_in, post_form
+from tests.admin.helpers import MASTER_KEY, csrf_of, form_id_of, log_in, post_form
 
 pytestmark = pytest.mark.anyio
 
@@ -199,6 +199,22 @@ async def test_the_new_key_is_shown_once_and_never_in_a_url_or_log(
         assert key not in (await http.get("keys")).text
         assert key not in caplog.text
         assert MASTER_KEY not in caplog.text
+
+
+async def test_a_resent_create_form_makes_no_second_key_and_shows_no_secret() -> None:
+    async with admin_client() as (http, ledger):
+        await log_in(http)
+        form = await http.get("keys")
+        data = {"csrf": csrf_of(form), "form_id": form_id_of(form), "user": "alice"}
+        first = await http.post("keys", data=data)
+        assert first.status_code == 200
+        [record] = await ledger.list_keys()
+        again = await http.post("keys", data=data)  # what a reload of the result does
+        assert again.status_code == 409
+        assert f"already sent: it created key {record.key_id}" in again.text
+        assert f"gk_{record.key_id}_" not in again.text
+        assert len(await ledger.list_keys()) == 1
+        assert (await http.post("keys", data={**data, "form_id": ""})).status_code == 400
 
 
 async def test_headers_forbid_framing_foreign_scripts_and_caching() -> None:
