@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+from datetime import datetime, timezone
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
 
-from gatewaykit.ledger.base import Ledger, Period
-from tests.admin.helpers import log_in, post_form
+from gatewaykit.admin import admin_app
+from gatewaykit.ledger.base import Ledger, Period, UsageRecord
+from tests.admin.helpers import MASTER_KEY, log_in, post_form
 from tests.ledger.backends import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -147,3 +151,91 @@ async def test_overview_shows_budgets_holds_and_the_check(
     assert "user:erin" in page
     assert 'id="live-holds">1<' in page
     await ledger.release("r")
+
+
+async def charge(
+    ledger: Ledger, request_id: str, *, user: str, model: str, cost: str, key: str = "k1"
+) -> None:
+    """One settled request with its usage record, as the middleware writes them."""
+    await ledger.reserve(request_id, [f"user:{user}"], Decimal(cost), ttl=60)
+    record = UsageRecord(
+        request_id=request_id,
+        model=model,
+        endpoint="chat.completions",
+        status="success",
+        usage_source="provider",
+        key_id=key,
+        user=user,
+        input_tokens=10,
+        output_tokens=5,
+        cost=Decimal(cost),
+    )
+    await ledger.settle(request_id, Decimal(cost), record=record)
+
+
+async def test_usage_filters_totals_chart_and_csv(admin: httpx.AsyncClient, ledger: Ledger) -> None:
+    await charge(ledger, "r1", user="ann", model="gpt-4o-mini", cost="0.25")
+    await charge(ledger, "r2", user="ann", model="claude-haiku-4-5", cost="0.5")
+    await charge(ledger, "r3", user="ben", model="gpt-4o-mini", cost="1", key="k2")
+    page = await admin.get("usage")
+    assert 'id="usage-cost">$1.75<' in page.text
+    assert page.text.count("<rect x=") == 3  # one bar per model with spend, today
+    ann = await admin.get("usage", params={"user": "ann"})
+    assert 'id="usage-requests">2<' in ann.text
+    assert 'id="usage-cost">$0.75<' in ann.text
+    assert "r3" not in ann.text
+    assert 'href="/admin/usage.csv?user=ann"' in ann.text
+    only = await admin.get("usage", params={"model": "gpt-4o-mini", "key": "k2"})
+    assert 'id="usage-cost">$1.00<' in only.text
+    future = await admin.get("usage", params={"since": "2999-01-01"})
+    assert 'id="usage-requests">0<' in future.text
+    assert "No usage matches." in future.text
+
+    download = await admin.get("usage.csv", params={"user": "ann"})
+    assert download.headers["content-type"] == "text/csv; charset=utf-8"
+    assert download.headers["content-disposition"] == (
+        'attachment; filename="gatewaykit-usage.csv"'
+    )
+    rows = list(csv.DictReader(download.text.splitlines()))
+    assert sorted((r["request_id"], r["cost"]) for r in rows) == [("r1", "0.25"), ("r2", "0.5")]
+
+    bad = await admin.get("usage", params={"since": "last tuesday"})
+    assert bad.status_code == 400
+    assert "YYYY-MM-DD" in bad.text
+    assert (await admin.get("usage.csv", params={"until": "x"})).status_code == 400
+
+
+async def test_overview_and_keys_show_spend_and_last_use(
+    admin: httpx.AsyncClient, ledger: Ledger
+) -> None:
+    await post_form(admin, "keys", "keys", {"user": "ann"})
+    [key] = await ledger.list_keys()
+    await charge(ledger, "r1", user="ann", model="gpt-4o-mini", cost="0.125", key=key.key_id)
+    await charge(ledger, "r2", user="bo", model="gpt-4o", cost="2")
+    page = (await admin.get("")).text
+    assert 'id="spent-today">$2.125<' in page
+    assert 'id="requests-24h">2<' in page
+    users = page.split("Top users this month")[1].split("Top models")[0]
+    assert users.index("bo") < users.index("ann")  # by spend
+    keys_page = (await admin.get("keys")).text
+    row = keys_page.split(f'id="key-{key.key_id}"')[1].split("</tr>")[0]
+    assert datetime.now(timezone.utc).strftime("%Y-%m-%d") in row  # last used today
+
+
+async def test_a_failed_check_is_red_on_the_overview(ledger: Ledger) -> None:
+    class Broken:
+        """The ledger, except that its check finds a violation."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(ledger, name)
+
+        async def check(self) -> list[str]:
+            return ["I2: reserved 5 != live holds 3 on user:<b>x</b>"]
+
+    app = admin_app(Broken(), master_key=MASTER_KEY)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw/") as http:
+        await log_in(http)
+        page = (await http.get("")).text
+    assert 'class="notice error check" role="alert"' in page
+    assert "Ledger check failed" in page
+    assert "I2: reserved 5 != live holds 3 on user:&lt;b&gt;x&lt;/b&gt;" in page
