@@ -12,11 +12,11 @@ from gatewaykit.ledger.base import BudgetStatus, Period
 __all__ = ["FILTERS", "bar_widths", "duration", "period_words", "usd", "when"]
 
 
-def usd(value: Decimal | None) -> str:
+def usd(value: Decimal | int | None) -> str:
     """Exact dollars: at least cents, every nano-USD that is there, never an exponent."""
     if value is None:
         return "no limit"
-    whole, _, fraction = f"{value.normalize():f}".partition(".")
+    whole, _, fraction = f"{Decimal(value).normalize():f}".partition(".")
     return f"${whole}.{fraction.ljust(2, '0')}"
 
 

@@ -232,7 +232,7 @@ async def test_a_failed_check_is_red_on_the_overview(ledger: Ledger) -> None:
         async def check(self) -> list[str]:
             return ["I2: reserved 5 != live holds 3 on user:<b>x</b>"]
 
-    app = admin_app(Broken(), master_key=MASTER_KEY)  # type: ignore[arg-type]
+    app = admin_app(Broken(), master_key=MASTER_KEY)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw/") as http:
         await log_in(http)
         page = (await http.get("")).text
