@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -317,7 +317,9 @@ CHART_DAYS = 30
 async def usage(admin: Admin, visit: Visit) -> Response:
     ledger, params = admin.ledger, visit.request.query_params
     keys = await ledger.list_keys()
-    models = await ledger.usage_totals(group_by=("model",))
+    models = await ledger.usage_totals(
+        group_by=("model",), since=_now() - timedelta(days=MAX_DAYS)
+    )  # the models of the last months, to pick from
     context: dict[str, Any] = {
         "page": "usage",
         "params": params,
@@ -341,8 +343,8 @@ async def usage(admin: Admin, visit: Visit) -> Response:
     per_day = await ledger.usage_totals(
         group_by=("day", "model"), **query.ledger_filter(since=first)
     )
-    points = [(t.group[0], str(t.group[1]), t.cost) for t in per_day]
-    chart = spend_chart(points, first=first, last=last)  # type: ignore[arg-type]
+    points = [(d, str(m), t.cost) for t in per_day for d, m in [t.group] if isinstance(d, date)]
+    chart = spend_chart(points, first=first, last=last)
     return admin.render(
         visit, "usage.html", error=None, records=records, total=total, chart=chart, **context
     )
