@@ -1,4 +1,4 @@
-"""``gatewaykit``: the admin command line for a standalone ledger (DESIGN §8).
+"""``gatewaykit``: the admin command line for a standalone ledger (docs/cli.md).
 
 Every command opens the ledger named by ``--db`` (default ``$GATEWAYKIT_DB``, else
 ``sqlite:///gatewaykit.db``), does one thing, and closes it. Listings print a readable
@@ -14,13 +14,16 @@ This module and the examples are the only places that read environment variables
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import click
@@ -29,16 +32,25 @@ from gatewaykit import __version__
 from gatewaykit.errors import GatewayKitError
 from gatewaykit.keys import generate_key
 from gatewaykit.ledger.base import (
+    USAGE_GROUPS,
     ApiKeyRecord,
     BudgetStatus,
     Hold,
     Ledger,
     Period,
+    UsageGroup,
     UsageRecord,
+    UsageTotal,
     validate_scopes,
 )
 from gatewaykit.ledger.url import open_ledger
-from gatewaykit.money import parse_usd
+from gatewaykit.money import parse_plain_usd
+from gatewaykit.urls import redact
+
+if TYPE_CHECKING:  # serve's imports stay out of the other commands' start-up
+    from starlette.applications import Starlette
+
+    from gatewaykit.config import GatewayConfig
 
 __all__ = ["main"]
 
@@ -54,11 +66,6 @@ class CliError(click.ClickException):
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -96,7 +103,7 @@ def _run(ctx: click.Context, action: Callable[[Ledger], Awaitable[T]], *, create
     except GatewayKitError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
-        raise CliError(f"cannot open the ledger at {_redact(url)}: {exc}") from None
+        raise CliError(f"cannot open the ledger at {redact(url)}: {exc}") from None
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -104,7 +111,8 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _money(value: Decimal | None) -> str | None:
-    return None if value is None else str(value)
+    """A decimal string without exponent: 0.000000001, never 1E-9."""
+    return None if value is None else f"{value:f}"
 
 
 def _per(limit: Decimal | None, period: Period) -> str:
@@ -138,7 +146,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, empty: s
 
 def _amount(text: str, *, what: str) -> Decimal:
     try:
-        return parse_usd(text)
+        return parse_plain_usd(text)
     except GatewayKitError as exc:
         raise click.BadParameter(str(exc), param_hint=what) from None
 
@@ -183,6 +191,7 @@ def _hold_json(hold: Hold) -> dict[str, Any]:
 
 def _usage_json(record: UsageRecord) -> dict[str, Any]:
     return {
+        "created_at": _iso(record.created_at),
         "request_id": record.request_id,
         "key_id": record.key_id,
         "user": record.user,
@@ -193,9 +202,59 @@ def _usage_json(record: UsageRecord) -> dict[str, Any]:
         "cache_read_tokens": record.cache_read_tokens,
         "cache_write_tokens": record.cache_write_tokens,
         "cost": _money(record.cost),
+        "latency_ms": record.latency_ms,
         "usage_source": record.usage_source,
         "status": record.status,
     }
+
+
+def _total_json(groups: Sequence[UsageGroup], total: UsageTotal) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        group: value.isoformat() if isinstance(value, date) else value
+        for group, value in zip(groups, total.group, strict=True)
+    }
+    return {
+        **values,
+        "requests": total.requests,
+        "input_tokens": total.input_tokens,
+        "output_tokens": total.output_tokens,
+        "cache_read_tokens": total.cache_read_tokens,
+        "cache_write_tokens": total.cache_write_tokens,
+        "cost": _money(total.cost),
+    }
+
+
+def _emit_csv(rows: Sequence[dict[str, Any]], headers: Sequence[str]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(headers), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    click.echo(out.getvalue(), nl=False)
+
+
+_SPAN = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _moment(ctx: click.Context, param: click.Parameter, text: str | None) -> datetime | None:
+    """An ISO 8601 date or date-time (UTC unless it names an offset), or a span ago."""
+    if text is None:
+        return None
+    span = _SPAN.match(text)
+    if span:
+        seconds = int(span[1]) * _SPAN_UNITS[span[2]]
+        try:
+            return datetime.now(timezone.utc) - timedelta(seconds=seconds)
+        except OverflowError:
+            raise click.BadParameter(f"{text!r} reaches before year 1") from None
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither an ISO 8601 date-time (2026-01-15, 2026-01-15T12:00:00Z, "
+            "2026-01-15T13:00+01:00) nor a span ago (90s, 30m, 24h, 7d, 2w)"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _key_json(record: ApiKeyRecord) -> dict[str, Any]:
@@ -204,7 +263,40 @@ def _key_json(record: ApiKeyRecord) -> dict[str, Any]:
         "prefix": record.prefix,
         "user": record.user,
         "revoked": record.revoked,
+        "team": record.team,
+        "rpm": record.rpm,
+        "models": None if record.allowed_models is None else list(record.allowed_models),
+        "created_at": _iso(record.created_at),
+        "expires_at": _iso(record.expires_at),
     }
+
+
+def _expires(text: str | None, now: datetime) -> datetime | None:
+    """``--expires``: a span from now (``90m``, ``12h``, ``30d``, ``2w``) or an ISO 8601
+    date or date-time (UTC unless it names an offset)."""
+    if text is None:
+        return None
+    span = _SPAN.match(text)
+    if span is not None:
+        seconds = int(span[1]) * _SPAN_UNITS[span[2]]
+        try:
+            when = now.replace(microsecond=0) + timedelta(seconds=seconds)
+        except OverflowError:
+            raise click.BadParameter(f"{text!r} is too far ahead", param_hint="--expires") from None
+    else:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise click.BadParameter(
+                f"{text!r} is neither a span (90m, 12h, 30d, 2w) nor an ISO 8601 date-time "
+                "(2027-01-31 or 2027-01-31T18:00:00+01:00)",
+                param_hint="--expires",
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+    if when <= now:
+        raise click.BadParameter(f"{when.isoformat()} is in the past", param_hint="--expires")
+    return when.astimezone(timezone.utc)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -242,7 +334,17 @@ def keys() -> None:
 @click.option("--budget", metavar="USD", help="Give the key its own budget (scope key:<key_id>).")
 @click.option("--period", metavar="PERIOD", help=PERIOD_HELP + "  [default: none]")
 @click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute allowed.")
+@click.option(
+    "--max-concurrent",
+    type=click.IntRange(min=1, max=2**31 - 1),
+    help="Requests the key may have in flight at once.",
+)
 @click.option("--team", help="The key's team: a team:<TEAM> budget then applies too.")
+@click.option(
+    "--expires",
+    metavar="WHEN",
+    help="Refuse the key after WHEN: a span (90m, 12h, 30d, 2w) or an ISO 8601 date-time.",
+)
 @click.option(
     "--model",
     "models",
@@ -258,11 +360,14 @@ def keys_create(
     budget: str | None,
     period: str | None,
     rpm: int | None,
+    max_concurrent: int | None,
     team: str | None,
+    expires: str | None,
     models: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Create a key for USER and print it once; only its hash is stored."""
+    expires_at = _expires(expires, datetime.now(timezone.utc))
     _scope(f"user:{user}", what="--user")  # the key's user is a scope id: no whitespace
     if team is not None:
         _scope(f"team:{team}", what="--team")
@@ -278,7 +383,9 @@ def keys_create(
         user=user,
         team=team,
         rpm=rpm,
+        max_concurrent=max_concurrent,
         allowed_models=tuple(models) or None,
+        expires_at=expires_at,
     )
 
     async def action(ledger: Ledger) -> None:
@@ -289,9 +396,13 @@ def keys_create(
 
     _run(ctx, action, create=True)
     if _want_json(ctx, as_json):
-        _emit_json({"key": new.key, "key_id": new.key_id, "user": user})
+        _emit_json(
+            {"key": new.key, "key_id": new.key_id, "user": user, "expires_at": _iso(expires_at)}
+        )
         return
     click.echo(f"Created key {new.key_id} for user {user}:\n\n    {new.key}\n")
+    if expires_at is not None:
+        click.echo(f"It expires at {_iso(expires_at)}.")
     if limit is not None:
         click.echo(f"Budget key:{new.key_id}: {_per(limit, window or Period())}.")
     click.echo("Store it now: it is not shown again (the ledger keeps only its hash).")
@@ -312,10 +423,28 @@ def keys_list(ctx: click.Context, user: str | None, as_json: bool) -> None:
         _emit_json([_key_json(r) for r in records])
         return
     _table(
-        ["key_id", "prefix", "user", "team", "revoked"],
-        [[r.key_id, r.prefix, r.user, r.team, "yes" if r.revoked else "no"] for r in records],
+        ["key_id", "prefix", "user", "team", "rpm", "models", "created", "expires", "revoked"],
+        [
+            [
+                r.key_id,
+                r.prefix,
+                r.user,
+                r.team,
+                r.rpm,
+                None if r.allowed_models is None else ",".join(r.allowed_models),
+                _short_time(r.created_at),
+                _short_time(r.expires_at),
+                "yes" if r.revoked else "no",
+            ]
+            for r in records
+        ],
         empty="No keys.",
     )
+
+
+def _short_time(value: datetime | None) -> str | None:
+    """A time for a table: UTC to the minute (``--json`` has it in full)."""
+    return None if value is None else value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
 
 
 @keys.command("revoke")
@@ -410,39 +539,185 @@ def budgets_show(ctx: click.Context, scope: str | None, as_json: bool) -> None:
     )
 
 
+_RECORD_FIELDS = (
+    "created_at",
+    "request_id",
+    "key_id",
+    "user",
+    "model",
+    "endpoint",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost",
+    "latency_ms",
+    "usage_source",
+    "status",
+)
+_TOTAL_FIELDS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost",
+)
+_RECORD_HEADERS = (
+    "time (utc)",
+    "request_id",
+    "user",
+    "key_id",
+    "model",
+    "in",
+    "out",
+    "cache_r",
+    "cache_w",
+    "cost",
+    "ms",
+    "source",
+    "status",
+)
+TIME_HELP = "an ISO 8601 date or date-time (UTC unless it has an offset) or a span ago: 24h, 7d"
+
+
+def _group_by(values: tuple[str, ...]) -> tuple[UsageGroup, ...]:
+    """``--group-by day --group-by model`` or ``--group-by day,model``."""
+    groups = [g.strip().lower() for value in values for g in value.split(",") if g.strip()]
+    for group in groups:
+        if group not in USAGE_GROUPS:
+            raise click.BadParameter(
+                f"cannot group by {group!r}; use {', '.join(USAGE_GROUPS)} (several with commas)",
+                param_hint="--group-by",
+            )
+    if len(set(groups)) != len(groups):
+        raise click.BadParameter(f"{values!r} names a group twice", param_hint="--group-by")
+    return tuple(groups)  # type: ignore[arg-type]
+
+
 @main.command()
+@click.option(
+    "--since",
+    metavar="TIME",
+    callback=_moment,
+    help=f"Only requests at or after this time: {TIME_HELP}.",
+)
+@click.option(
+    "--until",
+    metavar="TIME",
+    callback=_moment,
+    help="Only requests before this time (exclusive), in the same forms.",
+)
 @click.option("--user", help="Only this user's requests.")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--key", "key_id", metavar="KEY_ID", help="Only requests made with this API key.")
+@click.option("--model", help="Only requests for this model.")
+@click.option(
+    "--group-by",
+    "group_by",
+    multiple=True,
+    metavar="GROUP",
+    help="Sum per user, key, model and/or day (UTC), e.g. --group-by day,model.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    help="Output format  [default: table; json with --json]",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="Most records listed, newest first  [default: 100]"
+)
 @json_option
 @click.pass_context
-def usage(ctx: click.Context, user: str | None, limit: int, as_json: bool) -> None:
-    """Usage records, newest first."""
+def usage(
+    ctx: click.Context,
+    since: datetime | None,
+    until: datetime | None,
+    user: str | None,
+    key_id: str | None,
+    model: str | None,
+    group_by: tuple[str, ...],
+    fmt: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """Usage records, newest first, or their sums with --group-by.
 
-    async def action(ledger: Ledger) -> list[UsageRecord]:
-        return await ledger.usage(user=user, limit=limit)
-
-    records = _run(ctx, action, create=False)
+    Rows show the time, latency, tokens, cost, usage source and status of each request.
+    --since is inclusive and --until exclusive, so consecutive ranges never overlap.
+    """
     if _want_json(ctx, as_json):
-        _emit_json([_usage_json(r) for r in records])
+        if fmt not in (None, "json"):
+            raise click.UsageError(f"--json conflicts with --format {fmt}")
+        fmt = "json"
+    groups = _group_by(group_by)
+    if groups and limit is not None:
+        raise click.UsageError("--limit applies to the listing, not to --group-by sums")
+    if since is not None and until is not None and since > until:
+        raise click.UsageError(
+            f"--since {_iso(since)} is after --until {_iso(until)}; nothing lies between"
+        )
+    filters: dict[str, Any] = {
+        "since": since,
+        "until": until,
+        "user": user,
+        "key": key_id,
+        "model": model,
+    }
+    if groups:
+
+        async def totals(ledger: Ledger) -> list[UsageTotal]:
+            return await ledger.usage_totals(group_by=groups, **filters)
+
+        _show_totals(groups, _run(ctx, totals, create=False), fmt or "table")
         return
-    _table(
-        ["request_id", "user", "model", "endpoint", "in", "out", "cost", "source", "status"],
-        [
+
+    async def records(ledger: Ledger) -> list[UsageRecord]:
+        return await ledger.usage(limit=limit or 100, **filters)
+
+    _show_records(_run(ctx, records, create=False), fmt or "table")
+
+
+def _show_records(records: list[UsageRecord], fmt: str) -> None:
+    if fmt == "json":
+        _emit_json([_usage_json(r) for r in records])
+    elif fmt == "csv":
+        _emit_csv([_usage_json(r) for r in records], _RECORD_FIELDS)
+    else:
+        _table(
+            _RECORD_HEADERS,
             [
-                r.request_id,
-                r.user,
-                r.model,
-                r.endpoint,
-                r.input_tokens,
-                r.output_tokens,
-                r.cost,
-                r.usage_source,
-                r.status,
-            ]
-            for r in records
-        ],
-        empty="No usage recorded.",
-    )
+                [
+                    None if r.created_at is None else f"{r.created_at:%Y-%m-%d %H:%M:%S}",
+                    r.request_id,
+                    r.user,
+                    r.key_id,
+                    r.model,
+                    r.input_tokens,
+                    r.output_tokens,
+                    r.cache_read_tokens,
+                    r.cache_write_tokens,
+                    _money(r.cost),
+                    r.latency_ms,
+                    r.usage_source,
+                    r.status,
+                ]
+                for r in records
+            ],
+            empty="No usage recorded.",
+        )
+
+
+def _show_totals(groups: tuple[UsageGroup, ...], totals: list[UsageTotal], fmt: str) -> None:
+    rows = [_total_json(groups, t) for t in totals]
+    if fmt == "json":
+        _emit_json(rows)
+    elif fmt == "csv":
+        _emit_csv(rows, [*groups, *_TOTAL_FIELDS])
+    else:
+        headers = [*groups, "requests", "in", "out", "cache_r", "cache_w", "cost"]
+        fields = [*groups, *_TOTAL_FIELDS]
+        _table(headers, [[row[f] for f in fields] for row in rows], empty="No usage recorded.")
 
 
 @main.command()
@@ -505,3 +780,107 @@ def check(ctx: click.Context, as_json: bool) -> None:
         click.echo("OK: every invariant holds.")
     if violations:
         ctx.exit(1)
+
+
+# -- serve -------------------------------------------------------------------------------
+
+#: How ``serve --workers N`` tells its worker processes which file to load.
+CONFIG_VARIABLE = "GATEWAYKIT_SERVE_CONFIG"
+
+
+def _load(path: Path) -> GatewayConfig:
+    from gatewaykit.config import load_config
+
+    try:
+        return load_config(path, environ=os.environ)
+    except GatewayKitError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _worker_app() -> Starlette:
+    """The app of one ``serve --workers N`` process, built from the file ``serve`` checked."""
+    from gatewaykit.config import load_config
+    from gatewaykit.server import build_app
+
+    return build_app(load_config(os.environ[CONFIG_VARIABLE], environ=os.environ))
+
+
+async def _preflight(config: GatewayConfig) -> None:
+    """Open the ledger (or outbox) once before serving, so a bad URL fails here, readably."""
+    from gatewaykit.outbox import open_outbox
+
+    platform = config.platform
+    if platform is not None:
+        async with open_outbox(platform.outbox):
+            return
+    async with open_ledger(config.ledger.url):
+        return
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="gatewaykit.toml",
+    show_default=True,
+    envvar="GATEWAYKIT_CONFIG",
+    help="The TOML configuration file (env GATEWAYKIT_CONFIG).",
+)
+@click.option("--host", help="Listen on this address  [default: [server] host]")
+@click.option("--port", type=click.IntRange(0, 65535), help="[default: [server] port]")
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Processes  [default: [server] workers]"
+)
+@click.option(
+    "--check-config",
+    is_flag=True,
+    help="Validate the file, print the resolved configuration (secrets masked) and exit.",
+)
+def serve(
+    config_path: Path, host: str | None, port: int | None, workers: int | None, check_config: bool
+) -> None:
+    """Run the gateway under uvicorn, configured by a TOML file (see docs/configuration.md)."""
+    config = _load(config_path)
+    overrides = {"host": host, "port": port, "workers": workers}
+    server = config.server.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    config = config.model_copy(update={"server": server})
+    if check_config:
+        _emit_json(config.masked())
+        return
+    from gatewaykit.server import build_app
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise CliError("gatewaykit serve needs uvicorn: pip install 'gatewaykit[serve]'") from None
+    try:
+        anyio.run(_preflight, config)
+    except GatewayKitError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot open the ledger: {exc}") from None
+    if server.workers > 1 and config.platform is None and config.ledger.url.startswith("sqlite"):
+        click.echo(
+            "warning: several workers on one SQLite ledger serialise on its lock; "
+            "use PostgreSQL for more than one process",
+            err=True,
+        )
+    mode = f"platform, control plane {config.platform.url}" if config.platform else "standalone"
+    click.echo(
+        f"gatewaykit serve: {mode}, {server.workers} worker(s), config {config_path}", err=True
+    )
+    if server.workers == 1:
+        uvicorn.run(
+            build_app(config), host=server.host, port=server.port, access_log=server.access_log
+        )
+        return
+    os.environ[CONFIG_VARIABLE] = str(config_path.resolve())
+    uvicorn.run(
+        "gatewaykit.cli:_worker_app",
+        factory=True,
+        host=server.host,
+        port=server.port,
+        workers=server.workers,
+        access_log=server.access_log,
+    )

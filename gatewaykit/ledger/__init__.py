@@ -8,9 +8,11 @@ from gatewaykit.ledger.base import (
     Hold,
     HoldState,
     Ledger,
+    OutputFit,
     Period,
     ResponseContext,
     UsageRecord,
+    UsageTotal,
 )
 from gatewaykit.ledger.url import open_ledger
 
@@ -20,8 +22,10 @@ __all__ = [
     "Hold",
     "HoldState",
     "Ledger",
+    "OutputFit",
     "Period",
     "ResponseContext",
     "UsageRecord",
+    "UsageTotal",
     "open_ledger",
 ]

@@ -8,7 +8,7 @@ records written with the settle/release, check() of the counters.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -24,10 +24,16 @@ from gatewaykit.ledger.base import (
     BudgetStatus,
     Hold,
     HoldState,
+    OutputFit,
     Period,
+    UsageGroup,
     UsageRecord,
+    UsageTotal,
     validate_scopes,
+    validate_usage_filter,
+    validate_usage_groups,
 )
+from tests.ledger.model import select_usage, total_usage
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -91,8 +97,17 @@ class FakeLedger:
         return [s for s in [await self.status(k) for k in sorted(self.limits)] if s]
 
     async def reserve(
-        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+        self,
+        hold_id: str,
+        scopes: Sequence[str],
+        amount: Decimal,
+        *,
+        ttl: float,
+        fit: OutputFit | None = None,
+        max_live: Mapping[str, int] | None = None,
     ) -> Hold:
+        if fit is not None or max_live:
+            raise NotImplementedError("the fake ledger neither fits holds nor caps them")
         self._guard("reserve")
         scopes = validate_scopes(scopes)
         if hold_id in self.hold_rows:
@@ -230,9 +245,31 @@ class FakeLedger:
                 problems.append(f"{scope}: spent {spent} != charges {charged}")
         return problems
 
-    async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
-        rows = [r for r in self.records if user is None or r.user == user]
-        return rows[::-1][:limit]
+    async def usage(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        limit: int = 100,
+    ) -> list[UsageRecord]:
+        query = validate_usage_filter(since, until, user, key, model)
+        return select_usage(self.records, query)[:limit]
+
+    async def usage_totals(
+        self,
+        *,
+        group_by: Sequence[UsageGroup],
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+    ) -> list[UsageTotal]:
+        query = validate_usage_filter(since, until, user, key, model)
+        return total_usage(self.records, validate_usage_groups(group_by), query)
 
     async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord:
         self.keys[record.key_hash] = record
