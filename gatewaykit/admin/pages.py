@@ -71,9 +71,8 @@ async def logout(admin: Admin, visit: Visit) -> Response:
 
 
 def _used(status: BudgetStatus) -> Decimal:
-    """The share of a budget spent or held (0 for an unlimited one)."""
-    if status.limit is None:
-        return Decimal(0)
+    """The share of a limited budget spent or held (a zero limit is full once used)."""
+    assert status.limit is not None
     if status.limit == 0:
         return Decimal(1) if status.spent or status.held else Decimal(0)
     return (status.spent + status.held) / status.limit

@@ -91,6 +91,8 @@ async def test_revoke_asks_first_then_revokes(admin: httpx.AsyncClient, ledger: 
     assert (await ledger.list_keys())[0].revoked
     assert "revoked" in (await admin.get("keys")).text
     assert (await admin.get("keys/nope/revoke")).status_code == 404
+    page = "keys/nope/revoke"
+    assert (await post_form(admin, "keys", page, {})).status_code == 404
 
 
 async def test_budgets_show_spent_held_and_change(admin: httpx.AsyncClient, ledger: Ledger) -> None:
@@ -118,6 +120,9 @@ async def test_budgets_show_spent_held_and_change(admin: httpx.AsyncClient, ledg
     bad = await post_form(admin, "budgets", "budgets", {"scope": "nokind", "limit": "1"})
     assert bad.status_code == 400
     assert "invalid scope" in bad.text
+    bad = await post_form(admin, "budgets", "budgets", {"scope": "user:carol", "limit": ""})
+    assert bad.status_code == 400
+    assert "give a limit in USD" in bad.text
     await ledger.release("r2")
 
 
@@ -145,10 +150,14 @@ async def test_overview_shows_budgets_holds_and_the_check(
     admin: httpx.AsyncClient, ledger: Ledger
 ) -> None:
     await ledger.set_budget("user:erin", limit=Decimal(1), period=Period("day"))
+    await ledger.set_budget("user:zed", limit=Decimal(0))
+    await ledger.set_budget("user:open", limit=None)
     await ledger.reserve("r", ["user:erin"], Decimal("0.4"), ttl=60)
     page = (await admin.get("")).text
     assert "every invariant holds" in page
-    assert "user:erin" in page
+    assert page.index("user:erin") < page.index("user:zed")  # 40 % used before 0 %
+    assert "user:open" not in page  # no limit: not "near" one
+    assert "2 budgets with a limit" in page
     assert 'id="live-holds">1<' in page
     await ledger.release("r")
 
