@@ -24,7 +24,7 @@ def tests(session: nox.Session) -> None:
     GATEWAYKIT_TEST_REDIS_URL). Arguments go to pytest: ``nox -s tests -- -n 2`` spreads it
     over two workers (pytest-cov merges their data); a subset wants ``--no-cov``, as the
     gate is for the whole suite."""
-    install(session, "-e", ".[postgres,redis]", "--group", "test")
+    install(session, "-e", ".[postgres,admin,redis]", "--group", "test")
     session.run("pytest", "--cov", "--cov-report=term", *session.posargs)
 
 
@@ -39,7 +39,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the library, its tests and examples."""
-    install(session, "-e", ".[postgres,redis]", "--group", "typecheck")
+    install(session, "-e", ".[postgres,admin,redis]", "--group", "typecheck")
     session.run("mypy")
 
 
@@ -60,5 +60,5 @@ def bench(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def example(session: nox.Session) -> None:
     """Install gatewaykit and run the example gateway against the built-in fake provider."""
-    install(session, "-e", ".", "--group", "examples")
+    install(session, "-e", ".[admin]", "--group", "examples")
     session.run("python", "examples/app.py", *session.posargs)

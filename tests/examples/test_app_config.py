@@ -7,6 +7,7 @@ import json
 from decimal import Decimal
 from pathlib import Path
 
+from gatewaykit import StandaloneMode, server
 from tests.examples.helpers import load_example
 
 example = load_example("app")
@@ -123,8 +124,9 @@ def test_fit_holds_flag_sets_the_over_budget_policy() -> None:
     assert example.parse_settings([], {}).fit_holds is False
     settings = example.parse_settings(["--fit-holds", "--db", "sqlite://:memory:"], {})
     assert settings.fit_holds is True
-    plain = example.Settings(db="sqlite://:memory:", **ONLINE)
-    for fit, policy in ((dataclasses.replace(settings, **ONLINE), "fit"), (plain, "refuse")):
-        app = example.build_app(fit)
+    for fit, policy in ((settings, "fit"), (example.Settings(db="sqlite://:memory:"), "refuse")):
+        app = server.build_app(example.example_config(fit, fake_port=9))
         [middleware] = app.user_middleware
-        assert middleware.kwargs["mode"].over_budget == policy
+        mode = middleware.kwargs["mode"]
+        assert isinstance(mode, StandaloneMode)
+        assert mode.over_budget == policy
