@@ -1,7 +1,7 @@
 """An LLM gateway in one file: gatewaykit's example app.
 
     python examples/app.py [--host 127.0.0.1] [--port 8000] [--db URL] [--prices FILE]
-                           [--hold-ttl SECONDS] [--platform URL]
+                           [--hold-ttl SECONDS] [--platform URL] [--ops-port PORT]
 
 Serves ``POST /v1/chat/completions``, ``/v1/messages``, ``/v1/responses`` and
 ``GET /healthz``. Standalone by default: API keys and budgets in the ledger named by
@@ -15,6 +15,9 @@ Upstreams come from the variables the official SDKs read: ``OPENAI_BASE_URL`` (e
 (no ``/v1``) and ``ANTHROPIC_API_KEY`` for messages. With none of them set, the app starts
 gatewaykit's fake provider on a side port, so it runs offline. ``GATEWAYKIT_MASTER_KEY``
 sets a master key (at least 16 characters) that may act for any user.
+
+``--ops-port PORT`` serves ``GET /metrics`` (Prometheus), ``/livez`` and ``/readyz`` on a
+port of their own (needs ``gatewaykit[metrics]``), so they are never exposed with the API.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import uvicorn
@@ -50,8 +54,12 @@ from gatewaykit.adapters import default_client, gateway_routes
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.ledger import Ledger
 from gatewaykit.modes.base import RequestModeStrategy
-from gatewaykit.outbox import open_outbox
+from gatewaykit.observability import HealthApp
+from gatewaykit.outbox import Outbox, open_outbox
 from gatewaykit.testing import FakeProvider
+
+if TYPE_CHECKING:
+    from gatewaykit.observability import PrometheusMetrics
 
 DEFAULT_DB = "sqlite:///gatewaykit.db"
 DEFAULT_OUTBOX = "sqlite:///gatewaykit-outbox.db"
@@ -73,6 +81,7 @@ class Settings:
     openai_api_key: str | None = dataclasses.field(default=None, repr=False)
     anthropic_base_url: str | None = None
     anthropic_api_key: str | None = dataclasses.field(default=None, repr=False)
+    ops_port: int | None = None
 
     @property
     def offline(self) -> bool:
@@ -99,6 +108,12 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
     parser.add_argument(
         "--platform", metavar="URL", help="control plane URL (token: GATEWAYKIT_PLATFORM_TOKEN)"
     )
+    parser.add_argument(
+        "--ops-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics, /livez and /readyz on this port (default: not served)",
+    )
     args = parser.parse_args(argv)
     # A separate default file in platform mode: a ledger refuses a file holding an outbox.
     default_db = DEFAULT_OUTBOX if args.platform else DEFAULT_DB
@@ -115,6 +130,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         openai_api_key=environ.get("OPENAI_API_KEY") or None,
         anthropic_base_url=environ.get("ANTHROPIC_BASE_URL") or None,
         anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
+        ops_port=args.ops_port,
     )
 
 
@@ -161,16 +177,36 @@ class _SideServer(uvicorn.Server):
         yield
 
 
-def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -> Starlette:
+def ops_app(ledger: Ledger | None, outbox: Outbox | None) -> tuple[Starlette, PrometheusMetrics]:
+    """The operator's app (``/metrics``, ``/livez``, ``/readyz``) and its metrics recorder."""
+    from gatewaykit.observability import MetricsApp, PrometheusMetrics
+
+    metrics = PrometheusMetrics()
+    if outbox is not None:
+        metrics.watch_outbox(outbox)
+    health = HealthApp(ledger=ledger, outbox=outbox)
+    routes = [Route("/metrics", MetricsApp(metrics))]
+    routes += [Route("/livez", health), Route("/readyz", health)]
+    return Starlette(routes=routes), metrics
+
+
+def build_app(
+    settings: Settings,
+    *,
+    fake_socket: socket.socket | None = None,
+    ops_socket: socket.socket | None = None,
+) -> Starlette:
     """The gateway: adapters behind GatewayMiddleware, resources opened in the lifespan.
 
-    ``fake_socket``: a listening socket to serve the built-in fake provider on.
+    ``fake_socket``: a listening socket to serve the built-in fake provider on;
+    ``ops_socket``: one to serve ``/metrics``, ``/livez`` and ``/readyz`` on.
     """
     client = default_client()
     prices = load_prices(settings)
     fake_port: int | None = fake_socket.getsockname()[1] if fake_socket is not None else None
     ledger: Ledger | None = None
     platform: PlatformMode | None = None
+    outbox: Outbox | None = None
     mode: RequestModeStrategy
     if settings.platform is not None:
         if not settings.platform_token:
@@ -181,7 +217,7 @@ def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -
             base_url=settings.platform,
             gateway_token=settings.platform_token,
             client=client,
-            outbox=open_outbox(settings.db),
+            outbox=(outbox := open_outbox(settings.db)),
             prices=prices,
         )
     else:
@@ -193,6 +229,7 @@ def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -
             master_key=settings.master_key,
             hold_ttl=settings.hold_ttl,
         )
+    ops, metrics = ops_app(ledger, outbox) if ops_socket is not None else (None, None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -206,6 +243,12 @@ def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -
                 fake_server = _SideServer(config)
                 tasks.start_soon(fake_server.serve, [fake_socket])
                 stack.callback(setattr, fake_server, "should_exit", True)
+            if ops is not None:
+                ops_server = _SideServer(
+                    uvicorn.Config(ops, log_config=None, log_level=None, lifespan="off")
+                )
+                tasks.start_soon(ops_server.serve, [ops_socket])
+                stack.callback(setattr, ops_server, "should_exit", True)
             await stack.enter_async_context(client)
             if ledger is not None:
                 await ledger.open()
@@ -224,7 +267,7 @@ def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -
 
     return Starlette(
         routes=[Route("/healthz", healthz), *gateway_routes(client=client)],
-        middleware=[Middleware(GatewayMiddleware, mode=mode)],
+        middleware=[Middleware(GatewayMiddleware, mode=mode, metrics=metrics)],
         lifespan=lifespan,
     )
 
@@ -270,13 +313,16 @@ async def preflight(settings: Settings) -> None:
     await ledger.aclose()
 
 
-def banner(settings: Settings, fake_port: int | None) -> str:
+def banner(settings: Settings, fake_port: int | None, ops_port: int | None = None) -> str:
     base = f"http://{settings.host}:{settings.port}"
     db = absolute_db_url(settings.db)
     lines = [f"gatewaykit example gateway on {base}"]
     lines.append(
         "  routes     POST /v1/chat/completions  /v1/messages  /v1/responses, GET /healthz"
     )
+    if ops_port is not None:
+        ops = f"http://{settings.host}:{ops_port}"
+        lines.append(f"  ops        GET {ops}/metrics  {ops}/livez  {ops}/readyz")
     if settings.platform is not None:
         lines.append(f"  mode       platform: control plane {settings.platform}")
         lines.append(f"  outbox     {db}")
@@ -305,23 +351,33 @@ def banner(settings: Settings, fake_port: int | None) -> str:
     return "\n".join(lines)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv, os.environ)
-    fake_socket = None
+    fake_socket = ops_socket = None
     try:
         anyio.run(preflight, settings)
         if settings.offline:
-            fake_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            fake_socket.bind(("127.0.0.1", 0))
-            fake_socket.listen(128)
-        app = build_app(settings, fake_socket=fake_socket)
-    except (GatewayKitError, OSError) as exc:
-        if fake_socket is not None:
-            fake_socket.close()
+            fake_socket = listening_socket("127.0.0.1", 0)
+        if settings.ops_port is not None:
+            ops_socket = listening_socket(settings.host, settings.ops_port)
+        app = build_app(settings, fake_socket=fake_socket, ops_socket=ops_socket)
+    except (GatewayKitError, OSError, ImportError) as exc:
+        for sock in (fake_socket, ops_socket):
+            if sock is not None:
+                sock.close()
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     fake_port = fake_socket.getsockname()[1] if fake_socket is not None else None
-    print(banner(settings, fake_port), flush=True)
+    ops_port = ops_socket.getsockname()[1] if ops_socket is not None else None
+    print(banner(settings, fake_port, ops_port), flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port)
 
 
