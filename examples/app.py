@@ -243,7 +243,7 @@ def build_app(
                 fake_server = _SideServer(config)
                 tasks.start_soon(fake_server.serve, [fake_socket])
                 stack.callback(setattr, fake_server, "should_exit", True)
-            if ops is not None:
+            if ops is not None and ops_socket is not None:
                 ops_server = _SideServer(
                     uvicorn.Config(ops, log_config=None, log_level=None, lifespan="off")
                 )
