@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
+
+from starlette.types import Receive, Scope, Send
 
 __all__ = ["JSON", "Receive", "Responder", "Scope", "Send", "serve_get"]
 
-Scope = Mapping[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 #: ``respond(path, headers)`` → status, content type, body.
 Responder = Callable[[str, dict[str, str]], Awaitable[tuple[int, str, bytes]]]
 JSON = "application/json"

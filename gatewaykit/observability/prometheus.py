@@ -270,8 +270,12 @@ class PrometheusMetrics:
         if series is None:
             if model not in self._models:
                 if len(self._models) >= self.max_models:
-                    return self._model(route, OTHER_MODEL)
-                self._models.add(model)
+                    model = OTHER_MODEL  # not remembered: the series set stays bounded
+                    series = self._series.get((route, model))
+                    if series is not None:
+                        return series
+                else:
+                    self._models.add(model)
             series = self._series[(route, model)] = _ModelSeries(self, route, model)
         return series
 

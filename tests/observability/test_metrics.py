@@ -1,0 +1,216 @@
+"""Prometheus metrics of the real stack, driven by the official SDKs over uvicorn."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from decimal import Decimal
+
+import anthropic
+import openai
+import pytest
+from anthropic.types import MessageParam
+from openai.types.chat import ChatCompletionMessageParam
+from prometheus_client import CollectorRegistry
+
+from gatewaykit.errors import ConfigurationError
+from gatewaykit.ledger.sqlite import SQLiteLedger
+from gatewaykit.observability import PrometheusMetrics
+from gatewaykit.observability.prometheus import OTHER_MODEL
+from gatewaykit.outbox.sqlite import SQLiteOutbox
+from gatewaykit.settlement import SettlementOutcome
+from gatewaykit.testing import FakeBehavior, FakeProvider
+from gatewaykit.usage import Usage, UsageSource
+from tests.adapters.conftest import serve
+from tests.asgi import call
+from tests.observability.conftest import Build, sample, scrape
+from tests.scenarios.conftest import new_key
+
+pytestmark = pytest.mark.anyio
+
+CHAT = "/v1/chat/completions"
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
+
+
+async def test_money_outcomes_and_denials_match_the_ledger(
+    build: Build, ledger: SQLiteLedger
+) -> None:
+    metrics = PrometheusMetrics()
+    key, _ = await new_key(ledger)
+    broke, broke_record = await new_key(ledger, user="bob")
+    await ledger.set_budget(f"key:{broke_record.key_id}", limit=Decimal(0))
+    async with serve(build(metrics=metrics)) as url:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as chat:
+            stream = await chat.chat.completions.create(
+                model="test-model", messages=HELLO, stream=True
+            )
+            async for _ in stream:
+                pass
+            await chat.chat.completions.create(model="test-model", messages=HELLO)
+            await chat.responses.create(model="test-model", input="hello")
+        async with anthropic.AsyncAnthropic(base_url=url, api_key=key, max_retries=0) as claude:
+            hello: list[MessageParam] = [{"role": "user", "content": "hello"}]
+            stream_manager = claude.messages.stream(
+                model="test-model", max_tokens=64, messages=hello
+            )
+            async with stream_manager as answer:
+                await answer.get_final_message()
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="gk_no", max_retries=0) as bad:
+            with pytest.raises(openai.AuthenticationError):
+                await bad.chat.completions.create(model="test-model", messages=HELLO)
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=broke, max_retries=0) as poor:
+            with pytest.raises(openai.APIStatusError) as denied:
+                await poor.chat.completions.create(model="test-model", messages=HELLO)
+        assert denied.value.status_code == 402
+        # Read while the server still runs: everything was counted before the last byte.
+        samples = await scrape(metrics)
+
+    records = await ledger.usage()
+    assert len(records) == 4
+    spent = sum((r.cost for r in records), Decimal(0))
+    assert spent > 0
+    assert sample(samples, "gatewaykit_cost_usd_total", model="test-model") == pytest.approx(
+        float(spent), rel=1e-12
+    )
+    assert (
+        f"{sample(samples, 'gatewaykit_cost_usd_total', model='test-model'):.9f}" == f"{spent:.9f}"
+    )
+    tokens: dict[str, int] = defaultdict(int)
+    for record in records:
+        tokens["input"] += record.input_tokens
+        tokens["output"] += record.output_tokens
+    for kind, count in tokens.items():
+        assert sample(samples, "gatewaykit_tokens_total", model="test-model", kind=kind) == count
+    per_route = {CHAT: 2, "/v1/responses": 1, "/v1/messages": 1}
+    for route, count in per_route.items():
+        assert (
+            sample(
+                samples,
+                "gatewaykit_requests_total",
+                route=route,
+                model="test-model",
+                outcome="success",
+            )
+            == count
+        )
+    assert (
+        sample(samples, "gatewaykit_requests_total", route=CHAT, model="", outcome="refused") == 2
+    )
+    assert sample(samples, "gatewaykit_denials_total", route=CHAT, reason="auth") == 1
+    assert sample(samples, "gatewaykit_denials_total", route=CHAT, reason="budget") == 1
+    assert sample(samples, "gatewaykit_usage_source_total", source="provider") == 4
+    assert sample(samples, "gatewaykit_overrun_usd_total", model="test-model") == 0
+    assert sample(samples, "gatewaykit_holds_live") == 0
+    assert sample(samples, "gatewaykit_held_usd") == 0
+    assert sample(samples, "gatewaykit_upstream_first_byte_seconds_count", route=CHAT) == 2
+    assert sample(samples, "gatewaykit_ledger_seconds_count", op="settle") == 4
+    assert sample(samples, "gatewaykit_ledger_seconds_count", op="admit") == 6
+    # request_seconds is observed once the response is done: at most a moment later.
+    total = sum(
+        value for (name, _), value in samples.items() if name == "gatewaykit_request_seconds_count"
+    )
+    assert total in (5, 6)
+
+
+async def test_a_client_that_leaves_is_counted_incomplete_and_its_hold_closed(
+    build: Build, ledger: SQLiteLedger, provider: tuple[FakeProvider, str]
+) -> None:
+    fake, _ = provider
+    fake.behavior = FakeBehavior(events=50, delay=0.01)
+    metrics = PrometheusMetrics()
+    key, _ = await new_key(ledger)
+    body = {"model": "test-model", "messages": HELLO, "stream": True}
+    exchange = await call(
+        build(metrics=metrics),
+        CHAT,
+        json_body=body,
+        headers={"authorization": f"Bearer {key}"},
+        disconnect=lambda sent: len(sent) >= 3,  # start, then two chunks
+    )
+    assert exchange.status == 200
+    samples = await scrape(metrics)
+    [record] = await ledger.usage()
+    assert record.status == "incomplete"
+    labels = {"route": CHAT, "model": "test-model"}
+    assert sample(samples, "gatewaykit_requests_total", outcome="incomplete", **labels) == 1
+    assert sample(samples, "gatewaykit_cost_usd_total", model="test-model") == float(record.cost)
+    assert sample(samples, "gatewaykit_holds_live") == 0
+    assert sample(samples, "gatewaykit_request_seconds_count", route=CHAT) == 1
+
+
+async def test_an_unreachable_upstream_is_an_error_refunded(
+    build: Build, ledger: SQLiteLedger
+) -> None:
+    metrics = PrometheusMetrics()
+    key, _ = await new_key(ledger)
+    app = build(metrics=metrics, base="http://127.0.0.1:1")
+    body = {"model": "test-model", "messages": HELLO}
+    exchange = await call(app, CHAT, json_body=body, headers={"authorization": f"Bearer {key}"})
+    assert exchange.status == 502
+    samples = await scrape(metrics)
+    labels = {"route": CHAT, "model": "test-model"}
+    assert sample(samples, "gatewaykit_requests_total", outcome="error", **labels) == 1
+    assert sample(samples, "gatewaykit_cost_usd_total", model="test-model") == 0
+    assert sample(samples, "gatewaykit_usage_source_total", source="none") == 1
+    assert sample(samples, "gatewaykit_holds_live") == 0
+    assert sample(samples, "gatewaykit_denials_total", route=CHAT, reason="unavailable") == 0
+
+
+def outcome(charged: str, usage: Usage | None = None) -> SettlementOutcome:
+    return SettlementOutcome("success", Decimal(charged), usage, refunded=False)
+
+
+async def test_overrun_is_what_was_charged_beyond_the_hold() -> None:
+    metrics = PrometheusMetrics()
+    metrics.admitted(CHAT, "m", Decimal("0.2"), 0.001)
+    metrics.admitted(CHAT, "m", Decimal("0.000000001"), 0.001)
+    samples = await scrape(metrics)
+    assert sample(samples, "gatewaykit_holds_live") == 2
+    assert sample(samples, "gatewaykit_held_usd") == pytest.approx(0.200000001)
+    usage = Usage(
+        input_tokens=3, cache_read_tokens=5, cache_write_tokens=7, source=UsageSource.ESTIMATED
+    )
+    metrics.settled(CHAT, "m", Decimal("0.2"), outcome("0.5", usage), 0.001)
+    metrics.settled(CHAT, "m", Decimal("0.000000001"), outcome("0"), 0.001)
+    samples = await scrape(metrics)
+    assert sample(samples, "gatewaykit_overrun_usd_total", model="m") == pytest.approx(0.3)
+    assert sample(samples, "gatewaykit_cost_usd_total", model="m") == pytest.approx(0.5)
+    assert sample(samples, "gatewaykit_tokens_total", model="m", kind="cache_read") == 5
+    assert sample(samples, "gatewaykit_tokens_total", model="m", kind="cache_write") == 7
+    assert sample(samples, "gatewaykit_usage_source_total", source="estimated") == 1
+    assert sample(samples, "gatewaykit_usage_source_total", source="none") == 1
+    assert sample(samples, "gatewaykit_holds_live") == 0
+    assert sample(samples, "gatewaykit_held_usd") == 0
+
+
+async def test_model_names_beyond_the_limit_are_counted_as_other() -> None:
+    metrics = PrometheusMetrics(max_models=2)
+    for model in ("a", "b", "c", "d", "a"):
+        metrics.admitted(CHAT, model, Decimal(1), 0.0)
+        metrics.settled(CHAT, model, Decimal(1), outcome("1"), 0.0)
+    samples = await scrape(metrics)
+    costs = {
+        dict(labels)["model"]: value
+        for (name, labels), value in samples.items()
+        if name == "gatewaykit_cost_usd_total"
+    }
+    assert costs == {"a": 2, "b": 1, OTHER_MODEL: 2}
+
+
+async def test_outbox_gauges_are_read_at_scrape_time() -> None:
+    metrics = PrometheusMetrics(CollectorRegistry())
+    async with SQLiteOutbox(":memory:") as outbox:
+        metrics.watch_outbox(outbox)
+        samples = await scrape(metrics)
+        assert sample(samples, "gatewaykit_outbox_pending") == 0
+        await outbox.enqueue("r1:1", {"n": 1})
+        await outbox.enqueue("r2:1", {"n": 2})
+        await outbox.park("r2:1", error="refused")
+        samples = await scrape(metrics)
+    assert sample(samples, "gatewaykit_outbox_pending") == 1  # the parked one is dead
+    assert sample(samples, "gatewaykit_outbox_dead_letters") == 1
+    assert sample(samples, "gatewaykit_outbox_oldest_seconds") >= 0
+
+
+def test_max_models_must_be_positive() -> None:
+    with pytest.raises(ConfigurationError):
+        PrometheusMetrics(max_models=0)
