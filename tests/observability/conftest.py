@@ -19,6 +19,7 @@ from gatewaykit.ledger.sqlite import SQLiteLedger
 from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.observability import MetricsApp, PrometheusMetrics
 from gatewaykit.testing import FakeProvider
+from gatewaykit.upstream import Upstream
 from tests.scenarios import conftest as scenarios
 from tests.scenarios.conftest import MASTER, PRICE, upstreams
 
@@ -34,14 +35,16 @@ Build = Callable[..., Starlette]
 
 @pytest.fixture
 def build(ledger: SQLiteLedger, client: AiohttpClient, provider: tuple[FakeProvider, str]) -> Build:
-    """``build(metrics=..., tracing=..., base=URL)``: the gateway app."""
+    """``build(metrics=..., tracing=..., base=URL | configured=[Upstream])``: the app."""
     _, url = provider
 
-    def make(*, base: str | None = None, **middleware: Any) -> Starlette:
+    def make(
+        *, base: str | None = None, configured: list[Upstream] | None = None, **middleware: Any
+    ) -> Starlette:
+        serving = configured if configured is not None else upstreams(base or url)
         mode = StandaloneMode(
-            ledger, prices={"test-model": PRICE}, upstreams=upstreams(base or url),
-            master_key=MASTER,
-        )  # fmt: skip
+            ledger, prices={"test-model": PRICE}, upstreams=serving, master_key=MASTER
+        )
         return Starlette(
             routes=gateway_routes(client=client),
             middleware=[Middleware(GatewayMiddleware, mode=mode, **middleware)],
