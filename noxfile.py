@@ -20,7 +20,7 @@ def install(session: nox.Session, *args: str) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Run the whole test suite (PostgreSQL tests use GATEWAYKIT_TEST_POSTGRES_DSN)."""
-    install(session, "-e", ".[postgres]", "--group", "test")
+    install(session, "-e", ".[postgres,metrics,otel]", "--group", "test")
     session.run("pytest", *session.posargs)
 
 
@@ -35,7 +35,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the library, its tests and examples."""
-    install(session, "-e", ".[postgres]", "--group", "typecheck")
+    install(session, "-e", ".[postgres,metrics,otel]", "--group", "typecheck")
     session.run("mypy")
 
 
@@ -49,12 +49,12 @@ def docs(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks (never part of the test run); results are printed as tables."""
-    install(session, "-e", ".[postgres]", "--group", "test", "--group", "bench")
+    install(session, "-e", ".[postgres,metrics,otel]", "--group", "test", "--group", "bench")
     session.run("python", "-m", "tests.benchmarks", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def example(session: nox.Session) -> None:
     """Install gatewaykit and run the example gateway against the built-in fake provider."""
-    install(session, "-e", ".", "--group", "examples")
+    install(session, "-e", ".[metrics]", "--group", "examples")
     session.run("python", "examples/app.py", *session.posargs)
