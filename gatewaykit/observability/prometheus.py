@@ -22,7 +22,6 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gatewaykit.errors import ConfigurationError
-from gatewaykit.money import to_nanos
 from gatewaykit.observability.asgi import Receive, Scope, Send, serve_get
 from gatewaykit.observability.recorder import DenialReason
 from gatewaykit.outbox.base import Outbox
@@ -151,7 +150,7 @@ class PrometheusMetrics:
         self._series: dict[tuple[str, str], _ModelSeries] = {}
         self._models: set[str] = set()
         self._holds = 0
-        self._held_nanos = 0
+        self._held = Decimal(0)  # exact: back to 0 when every hold closed
         self._refreshers: list[Callable[[], Awaitable[None]]] = []
 
     def __repr__(self) -> str:
@@ -171,9 +170,9 @@ class PrometheusMetrics:
     def admitted(self, route: str, model: str, held: Decimal, admit_seconds: float) -> None:
         self._admit.observe(admit_seconds)
         self._holds += 1
-        self._held_nanos += to_nanos(held) if held else 0
+        self._held += held
         self.holds_live.set(self._holds)
-        self.held_usd.set(self._held_nanos / 1e9)
+        self.held_usd.set(float(self._held))
 
     def settled(
         self,
@@ -185,9 +184,9 @@ class PrometheusMetrics:
     ) -> None:
         self._settle.observe(settle_seconds)
         self._holds -= 1
-        self._held_nanos -= to_nanos(held) if held else 0
+        self._held -= held
         self.holds_live.set(self._holds)
-        self.held_usd.set(self._held_nanos / 1e9)
+        self.held_usd.set(float(self._held))
         series = self._model(route, model)
         if outcome is None:
             series.outcomes["error"].inc()

@@ -1,4 +1,4 @@
-"""Run benchmarks: ``python -m tests.benchmarks [ledger|postgres|keys|gateway|all] [args...]``.
+"""Run benchmarks: ``python -m tests.benchmarks [NAME|all] [args...]``.
 
 Each benchmark is a module ``tests/benchmarks/bench_<name>.py`` exposing ``main(argv)``,
 sync or async; a module that is not present is skipped with a note. Arguments after the
@@ -13,7 +13,7 @@ import importlib.util
 import inspect
 import sys
 
-BENCHMARKS = ("ledger", "postgres", "keys", "gateway")
+BENCHMARKS = ("ledger", "postgres", "keys", "gateway", "metrics")
 
 
 def run(name: str, argv: list[str]) -> None:
