@@ -214,3 +214,53 @@ async def test_outbox_gauges_are_read_at_scrape_time() -> None:
 def test_max_models_must_be_positive() -> None:
     with pytest.raises(ConfigurationError):
         PrometheusMetrics(max_models=0)
+
+
+class Recorder:
+    """A MetricsRecorder of its own: remembers the calls, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def refused(self, route: str, reason: str, admit_seconds: float | None) -> None:
+        self.calls.append(("refused", route, reason, admit_seconds is not None))
+
+    def admitted(self, route: str, model: str, held: Decimal, admit_seconds: float) -> None:
+        self.calls.append(("admitted", route, model, held > 0))
+
+    def settled(
+        self,
+        route: str,
+        model: str,
+        held: Decimal,
+        outcome: SettlementOutcome | None,
+        settle_seconds: float,
+    ) -> None:
+        self.calls.append(("settled", outcome.status if outcome else None, settle_seconds > 0))
+
+    def first_byte(self, route: str, seconds: float) -> None:
+        self.calls.append(("first_byte", seconds > 0))
+
+    def finished(self, route: str, seconds: float) -> None:
+        self.calls.append(("finished", seconds > 0))
+
+
+async def test_a_recorder_of_your_own_is_told_each_step_once(
+    build: Build, ledger: SQLiteLedger
+) -> None:
+    recorder = Recorder()
+    key, _ = await new_key(ledger)
+    app = build(metrics=recorder)
+    body = {"model": "test-model", "messages": HELLO, "stream": True}
+    exchange = await call(app, CHAT, json_body=body, headers={"authorization": f"Bearer {key}"})
+    assert exchange.status == 200
+    assert recorder.calls == [
+        ("admitted", CHAT, "test-model", True),
+        ("first_byte", True),
+        ("settled", "success", True),
+        ("finished", True),
+    ]
+    recorder.calls.clear()
+    exchange = await call(app, CHAT, body=b"{not json", headers={"authorization": f"Bearer {key}"})
+    assert exchange.status == 400
+    assert recorder.calls == [("refused", CHAT, "bad_request", False), ("finished", True)]
