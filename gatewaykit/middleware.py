@@ -181,7 +181,13 @@ class GatewayMiddleware:
         self._instruments: Instruments | None = None
         if metrics is not None or tracing is not None:
             from gatewaykit.observability.probe import Instruments
+            from gatewaykit.observability.recorder import MetricsRecorder
 
+            if metrics is not None and not isinstance(metrics, MetricsRecorder):
+                raise ConfigurationError(
+                    "metrics must be a MetricsRecorder (e.g. gatewaykit.observability."
+                    f"PrometheusMetrics), got {type(metrics).__name__}"
+                )
             self._instruments = Instruments(metrics, tracing)
         #: Admissions of cancelled requests, and their settlements being closed (see
         #: _GatedCall.run): referenced here until done, so none is collected mid-run.

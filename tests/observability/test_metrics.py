@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from decimal import Decimal
+from typing import Any
 
 import anthropic
 import openai
@@ -12,6 +13,7 @@ from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client import CollectorRegistry
 
+from gatewaykit import GatewayMiddleware, StandaloneMode
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.ledger.sqlite import SQLiteLedger
 from gatewaykit.observability import PrometheusMetrics
@@ -214,6 +216,13 @@ async def test_outbox_gauges_are_read_at_scrape_time() -> None:
 def test_max_models_must_be_positive() -> None:
     with pytest.raises(ConfigurationError):
         PrometheusMetrics(max_models=0)
+
+
+def test_metrics_must_be_a_recorder() -> None:
+    mode = StandaloneMode(SQLiteLedger(":memory:"), prices={}, upstreams=[])
+    not_a_recorder: Any = object()
+    with pytest.raises(ConfigurationError, match="MetricsRecorder"):
+        GatewayMiddleware(not_a_recorder, mode=mode, metrics=not_a_recorder)
 
 
 class Recorder:
