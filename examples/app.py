@@ -318,7 +318,8 @@ def banner(settings: Settings, fake_port: int | None, ops_port: int | None = Non
     db = absolute_db_url(settings.db)
     lines = [f"gatewaykit example gateway on {base}"]
     lines.append(
-        "  routes     POST /v1/chat/completions  /v1/messages  /v1/responses, GET /healthz"
+        "  routes     POST /v1/chat/completions  /v1/messages  /v1/responses  /v1/embeddings"
+        "  /v1/messages/count_tokens, GET /v1/models  /healthz"
     )
     if ops_port is not None:
         ops = f"http://{settings.host}:{ops_port}"

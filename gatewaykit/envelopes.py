@@ -21,13 +21,21 @@ __all__ = [
 
 
 class WireFormat(str, enum.Enum):
+    """A provider endpoint's request/response format (and so its error envelope)."""
+
     OPENAI_CHAT = "openai_chat"
     ANTHROPIC_MESSAGES = "anthropic_messages"
     OPENAI_RESPONSES = "openai_responses"
+    OPENAI_EMBEDDINGS = "openai_embeddings"
+    ANTHROPIC_COUNT_TOKENS = "anthropic_count_tokens"
 
     @property
     def is_openai(self) -> bool:
-        return self is not WireFormat.ANTHROPIC_MESSAGES
+        """Whether errors use OpenAI's envelope (else Anthropic's)."""
+        return self not in _ANTHROPIC_FORMATS
+
+
+_ANTHROPIC_FORMATS = frozenset({WireFormat.ANTHROPIC_MESSAGES, WireFormat.ANTHROPIC_COUNT_TOKENS})
 
 
 # kind -> (OpenAI type, OpenAI code)
@@ -69,7 +77,7 @@ def error_payload(
     details: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
     """The error object in ``fmt``'s envelope; ``details`` are merged into the inner object."""
-    if fmt is WireFormat.ANTHROPIC_MESSAGES:
+    if not fmt.is_openai:
         inner: dict[str, object] = {"type": _ANTHROPIC[kind], "message": message}
         inner.update(details or {})
         return {"type": "error", "error": inner}
@@ -95,7 +103,7 @@ def stream_error_event(fmt: WireFormat, kind: ErrorKind, message: str) -> bytes:
     responses: a ``response.failed``-style ``error`` event.
     """
     payload = error_payload(fmt, kind, message)
-    if fmt is WireFormat.ANTHROPIC_MESSAGES:
+    if not fmt.is_openai:
         return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
     if fmt is WireFormat.OPENAI_CHAT:
         return b"data: " + json.dumps(payload).encode() + b"\n\ndata: [DONE]\n\n"

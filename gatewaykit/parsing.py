@@ -45,6 +45,10 @@ class ParsedRequest:
     user: str | None = None
     #: Completions generated per request (OpenAI chat's ``n``): each may use the output cap.
     choices: int = 1
+    #: False for a route the provider does not bill (Anthropic's count_tokens): the mode
+    #: authenticates, authorises and rate-limits it like any other, but holds and charges
+    #: nothing (docs/adapters.md, "Unmetered routes").
+    metered: bool = True
 
 
 #: A user-supplied parser for a custom gated route: JSON body → :class:`ParsedRequest`.
@@ -81,6 +85,14 @@ def parse_request(fmt: WireFormat, body: Mapping[str, Any]) -> ParsedRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise _invalid("you must provide a model parameter")
+    if fmt is WireFormat.OPENAI_EMBEDDINGS:
+        user = _string(body.get("user"), "user")
+        return ParsedRequest(
+            model=model, prompt_chars=_embedding_chars(body), max_output_tokens=0, user=user
+        )
+    if fmt is WireFormat.ANTHROPIC_COUNT_TOKENS:
+        chars = _anthropic_chars(body)
+        return ParsedRequest(model=model, prompt_chars=chars, max_output_tokens=0, metered=False)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -221,3 +233,25 @@ def _responses_chars(body: Mapping[str, Any]) -> int:
     if isinstance(text, Mapping):
         total += _json_chars(text.get("format"))
     return total + _json_chars(body.get("tools"))
+
+
+def _embedding_chars(body: Mapping[str, Any]) -> int:
+    """Characters of embeddings ``input``; a token array counts 4 characters a token, so
+    its estimate is its exact length."""
+    items = body.get("input")
+    if isinstance(items, str):
+        return len(items)
+    if isinstance(items, list) and items:
+        if all(type(item) is int for item in items):
+            return 4 * len(items)  # one token array
+        total = 0
+        for item in items:
+            if isinstance(item, str):
+                total += len(item)
+            elif isinstance(item, list) and item and all(type(t) is int for t in item):
+                total += 4 * len(item)
+            else:
+                break
+        else:
+            return total
+    raise _invalid("'input' must be a string, a list of strings, or token arrays (non-empty)")

@@ -293,4 +293,9 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
     "claude-sonnet-4-5": _price("3.00", "15.00", "0.30", "3.75", window=200_000),
     "claude-haiku-4-5": _price("1.00", "5.00", "0.10", "1.25", window=200_000),
     "claude-3-5-haiku-latest": _price("0.80", "4.00", "0.08", "1.00", window=200_000),
+    # Embedding models bill input only (their output price is 0); the window is the most
+    # tokens one input may hold.
+    "text-embedding-3-small": _price("0.02", "0", "0.02", window=8191),
+    "text-embedding-3-large": _price("0.13", "0", "0.13", window=8191),
+    "text-embedding-ada-002": _price("0.10", "0", "0.10", window=8191),
 }

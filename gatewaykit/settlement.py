@@ -33,6 +33,7 @@ __all__ = [
     "Settlement",
     "SettlementOutcome",
     "SettlementStatus",
+    "UnmeteredSettlement",
     "get_settlement",
 ]
 
@@ -220,6 +221,22 @@ class Settlement(abc.ABC):
         self, status: SettlementStatus, usage: Usage | None, error: str | None
     ) -> SettlementOutcome:
         """Perform the terminal transition exactly once (in its own task, shielded)."""
+
+
+class UnmeteredSettlement(Settlement):
+    """The settlement of a request nobody pays for (Anthropic's count_tokens): no hold,
+    no charge, no usage record; every outcome charges 0."""
+
+    def __init__(self, *, request_id: str) -> None:
+        super().__init__(request_id=request_id, estimate=_FREE)
+
+    async def _finish(
+        self, status: SettlementStatus, usage: Usage | None, error: str | None
+    ) -> SettlementOutcome:
+        return SettlementOutcome(status, Decimal(0), usage, refunded=False, error=error)
+
+
+_FREE = RequestEstimate(prompt_tokens=0, max_output_tokens=0, amount=Decimal(0))
 
 
 def _describe(error: BaseException | str) -> str:

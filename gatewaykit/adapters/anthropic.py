@@ -1,10 +1,14 @@
-"""Anthropic messages (``/v1/messages``).
+"""Anthropic messages (``/v1/messages``) and token counting (``/v1/messages/count_tokens``).
 
 Streaming usage comes in two parts: ``message_start`` carries the input and cache counts
 (cache creation and cache reads are separate from ``input_tokens``, as in gatewaykit's
 ``Usage``), and each ``message_delta`` carries the cumulative output count. The adapter
 forwards the client's ``anthropic-version`` and ``anthropic-beta`` headers and sends the
 gateway's own ``x-api-key``.
+
+Token counting is free at Anthropic: its route is unmetered (``ParsedRequest.metered``
+False), so the gateway authenticates and rate-limits it but holds and charges nothing,
+and the adapter reports zero usage.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from gatewaykit.usage import Usage, UsageSource
 __all__ = [
     "DEFAULT_ANTHROPIC_VERSION",
     "MessagesStreamUsage",
+    "anthropic_count_tokens",
     "anthropic_messages",
     "messages_usage",
 ]
@@ -162,6 +167,22 @@ class _MessagesSpec:
         return None  # nothing a later request continues by id
 
 
+class _CountTokensSpec(_MessagesSpec):
+    wire = WireFormat.ANTHROPIC_COUNT_TOKENS
+
+    def url(self, upstream: Upstream) -> str:
+        return f"{upstream.base_url}/v1/messages/count_tokens"
+
+    def usage_from_body(self, body: dict[str, Any]) -> Usage | None:
+        return _FREE  # a count is not billed (its ``input_tokens`` is the answer, not usage)
+
+    def output_chars_from_body(self, body: dict[str, Any]) -> int:
+        return 0
+
+
+_FREE = Usage()
+
+
 def anthropic_messages(
     *,
     client: UpstreamClient | Any,
@@ -181,4 +202,19 @@ def anthropic_messages(
         read_timeout=read_timeout,
         first_chunk_timeout=first_chunk_timeout,
         max_response_bytes=max_response_bytes,
+    )
+
+
+def anthropic_count_tokens(
+    *,
+    client: UpstreamClient | Any,
+    connect_timeout: float | None = 10.0,
+    read_timeout: float | None = 600.0,
+) -> ProxyEndpoint:
+    """The ``/v1/messages/count_tokens`` endpoint (unmetered: never held or charged)."""
+    return ProxyEndpoint(
+        _CountTokensSpec(),
+        client=client,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
     )

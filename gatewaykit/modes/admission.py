@@ -29,12 +29,16 @@ ENDPOINTS: Mapping[WireFormat, str] = {
     WireFormat.OPENAI_CHAT: "chat.completions",
     WireFormat.ANTHROPIC_MESSAGES: "messages",
     WireFormat.OPENAI_RESPONSES: "responses",
+    WireFormat.OPENAI_EMBEDDINGS: "embeddings",
+    WireFormat.ANTHROPIC_COUNT_TOKENS: "messages.count_tokens",
 }
 #: Which upstream provider serves each wire format.
 PROVIDERS: Mapping[WireFormat, str] = {
     WireFormat.OPENAI_CHAT: "openai",
     WireFormat.ANTHROPIC_MESSAGES: "anthropic",
     WireFormat.OPENAI_RESPONSES: "openai",
+    WireFormat.OPENAI_EMBEDDINGS: "openai",
+    WireFormat.ANTHROPIC_COUNT_TOKENS: "anthropic",
 }
 
 
@@ -72,7 +76,8 @@ def estimate(
     """What to hold: the prompt at the dearest input rate plus the output cap (the
     request's own, else ``default_max_output_tokens``), times OpenAI's ``n``.
 
-    ``price`` None is an unbudgeted request (amount 0). ``extra_prompt_tokens`` is context
+    ``price`` None is an unbudgeted request, and an unmetered one (``parsed.metered``
+    False) is free: both amount 0. ``extra_prompt_tokens`` is context
     billed beyond the body (a stored response a request continues). An output cap no
     ledger could hold is the client's 400.
     """
@@ -83,7 +88,7 @@ def estimate(
         max_output = default_max_output_tokens
     max_output *= parsed.choices  # every completion may use the whole cap
     amount = Decimal(0)
-    if price is not None:
+    if price is not None and parsed.metered:
         try:
             amount = estimate_cost(price, prompt_tokens=prompt_tokens, max_output_tokens=max_output)
         except InvalidAmountError:

@@ -523,7 +523,7 @@ def _json_or_none(raw: bytes) -> Any:
 def _serves(provider: str, fmt: WireFormat | None) -> bool:
     if fmt is None:
         return True
-    return (provider == "anthropic") == (fmt is WireFormat.ANTHROPIC_MESSAGES)
+    return (provider == "anthropic") == (not fmt.is_openai)
 
 
 def _parse_answer(data: Any, request: GatewayRequest) -> tuple[str | None, tuple[Attempt, ...]]:

@@ -62,6 +62,7 @@ from gatewaykit.ledger.base import (
     UsageRecord,
     validate_ttl,
 )
+from gatewaykit.listing import ListedModel
 from gatewaykit.modes.admission import (
     PROVIDERS,
     credential,
@@ -79,6 +80,7 @@ from gatewaykit.settlement import (
     Settlement,
     SettlementOutcome,
     SettlementStatus,
+    UnmeteredSettlement,
 )
 from gatewaykit.stored_context import (
     ContextPlan,
@@ -275,25 +277,33 @@ class StandaloneMode:
     async def resolve(self, request: GatewayRequest) -> GatewayContext:
         identity = await self.authenticate(request.headers)
         fmt = request.format
+        metered = request.parsed.metered
         user_field = "metadata.user_id" if fmt is WireFormat.ANTHROPIC_MESSAGES else "user"
+        user: str | None
         if identity is None:  # the master key
-            if request.parsed.user is None:
-                raise RequestRejected(
-                    ErrorKind.INVALID_REQUEST,
-                    f"requests made with the master key must name the user in '{user_field}'",
-                )
-            if not _USER.fullmatch(request.parsed.user):
+            user = request.parsed.user
+            if user is None:
+                if metered:  # someone must pay: the master key names who
+                    raise RequestRejected(
+                        ErrorKind.INVALID_REQUEST,
+                        f"requests made with the master key must name the user in '{user_field}'",
+                    )
+            elif not _USER.fullmatch(user):
                 raise RequestRejected(
                     ErrorKind.INVALID_REQUEST,
                     f"'{user_field}' must be 1 to 200 characters without whitespace",
                 )
-            user, key_id, team = request.parsed.user, None, self.teams.get(request.parsed.user)
+            key_id, team = None, self.teams.get(user) if user else None
         else:
             user, key_id = identity.user, identity.key_id
             team = identity.team or self.teams.get(user)
 
-        attempts, price = self._route(fmt, request.parsed.model)
-        context_plan, context_tokens = await self._stored_context(request, user, price)
+        if metered:
+            attempts, price = self._route(fmt, request.parsed.model)
+            assert user is not None  # a metered master-key request names its user
+            context_plan, context_tokens = await self._stored_context(request, user, price)
+        else:  # nothing is charged, so no price is needed
+            attempts = self._attempts(fmt, request.parsed.model)
 
         if isinstance(identity, ApiKeyRecord):
             if request.parsed.user is not None and request.parsed.user != identity.user:
@@ -327,6 +337,20 @@ class StandaloneMode:
         if not attempts:
             raise RequestRejected(
                 ErrorKind.NOT_FOUND, f"no upstream serves model {request.parsed.model!r}"
+            )
+        if not metered:
+            return GatewayContext(
+                request_id=request.request_id,
+                settlement=UnmeteredSettlement(request_id=request.request_id),
+                format=fmt,
+                model=request.parsed.model,
+                stream=request.parsed.stream,
+                body=request.body,
+                raw_body=request.raw_body,
+                attempts=attempts,
+                user_id=user,
+                key_id=key_id,
+                response_headers=headers,
             )
 
         held_estimate = estimate(
@@ -434,6 +458,39 @@ class StandaloneMode:
             model=request.parsed.model,
         )
         return plan, tokens
+
+    async def list_models(
+        self, headers: Mapping[str, str], *, provider: Literal["openai", "anthropic"]
+    ) -> list[ListedModel]:
+        """The models the credential in ``headers`` may use through ``provider``'s
+        upstreams: those a request would be admitted for (allowed for the key, priced or
+        allowed unpriced, served by an upstream), in price-table order. An upstream
+        without ``models`` serves any name, so the candidates are the priced models, the
+        upstreams' own ``models`` and the key's ``allowed_models``."""
+        identity = await self.authenticate(headers)
+        allowed = identity.allowed_models if identity is not None else None
+        upstreams = [u for u in self.upstreams if u.provider == provider]
+        candidates = dict.fromkeys(self.prices)
+        for upstream in upstreams:
+            candidates.update(dict.fromkeys(sorted(upstream.models or ())))
+        candidates.update(dict.fromkeys(sorted(allowed or ())))
+        listed = []
+        for model in candidates:
+            if allowed is not None and model not in allowed:
+                continue
+            serving = next((u for u in upstreams if u.serves(model)), None)
+            if serving is None:
+                continue
+            if self.unpriced == "reject" and self.prices.lookup(model, provider) is None:
+                continue
+            listed.append(ListedModel(id=model, owned_by=serving.label))
+        return listed
+
+    def _attempts(self, fmt: WireFormat | None, model: str) -> tuple[Attempt, ...]:
+        return tuple(
+            Attempt(attempt_id=str(n), upstream=u, model=model)
+            for n, u in enumerate(self._upstreams(fmt, model), start=1)
+        )
 
     def _route(
         self, fmt: WireFormat | None, model: str

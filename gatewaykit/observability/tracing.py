@@ -40,6 +40,8 @@ _OPERATIONS = {
     WireFormat.OPENAI_CHAT: "chat",
     WireFormat.ANTHROPIC_MESSAGES: "chat",
     WireFormat.OPENAI_RESPONSES: "chat",
+    WireFormat.OPENAI_EMBEDDINGS: "embeddings",
+    WireFormat.ANTHROPIC_COUNT_TOKENS: "count_tokens",  # not a GenAI operation: unmetered
 }
 _PROVIDERS = {"openai": "openai", "anthropic": "anthropic"}
 

@@ -1,5 +1,8 @@
 """A fake LLM provider speaking the OpenAI chat, Anthropic messages and OpenAI responses
-wire formats, for tests, benchmarks and offline examples.
+wire formats, for tests, benchmarks and offline examples. It also answers OpenAI
+embeddings (one vector per input, :attr:`FakeBehavior.input_tokens` billed per input;
+``omit_usage`` and ``fail_status`` apply) and Anthropic's ``count_tokens`` (it counts
+``input_tokens``).
 
 It is a plain ASGI app: run it under uvicorn (``uvicorn.run(FakeProvider())``) or call it
 in-process through ``httpx.ASGITransport``. Token counts are deterministic, so a test can
@@ -26,9 +29,11 @@ conversation a 404.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import itertools
 import json
+import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Literal
@@ -44,14 +49,25 @@ _Message = MutableMapping[str, Any]
 _Receive = Callable[[], Awaitable[_Message]]
 _Send = Callable[[_Message], Awaitable[None]]
 
-_Format = Literal["openai_chat", "anthropic_messages", "openai_responses"]
+_Format = Literal[
+    "openai_chat",
+    "anthropic_messages",
+    "openai_responses",
+    "openai_embeddings",
+    "anthropic_count_tokens",
+]
 _PATHS: dict[str, _Format] = {
     "/v1/chat/completions": "openai_chat",
     "/chat/completions": "openai_chat",
     "/v1/messages": "anthropic_messages",
     "/v1/responses": "openai_responses",
     "/responses": "openai_responses",
+    "/v1/embeddings": "openai_embeddings",
+    "/embeddings": "openai_embeddings",
+    "/v1/messages/count_tokens": "anthropic_count_tokens",
 }
+#: Embedding vectors have this many dimensions unless the request asks for ``dimensions``.
+EMBEDDING_DIMENSIONS = 8
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -194,6 +210,13 @@ class FakeProvider:
             if fail_body is None:
                 fail_body = _error_body(wire, behavior.fail_status, "fake provider failure")
             await _respond(send, behavior.fail_status, fail_body, extra)
+            return
+        if wire == "openai_embeddings":
+            await _respond(send, 200, json.dumps(_embeddings(body, behavior)).encode())
+            return
+        if wire == "anthropic_count_tokens":
+            payload = {"input_tokens": behavior.input_tokens}
+            await _respond(send, 200, json.dumps(payload).encode())
             return
         if wire == "openai_responses":
             continued = self._continue(body)
@@ -668,8 +691,30 @@ _ANTHROPIC_TYPES = {
 }
 
 
+def _embeddings(body: Mapping[str, Any], behavior: FakeBehavior) -> dict[str, Any]:
+    """An embeddings answer: one vector per input, ``input_tokens`` billed per input."""
+    items = body.get("input")
+    if isinstance(items, list) and items and not all(type(t) is int for t in items):
+        count = len(items)
+    else:
+        count = 1  # one string or one token array
+    dimensions = body.get("dimensions") or EMBEDDING_DIMENSIONS
+    data = []
+    for index in range(count):
+        vector = [round((index + 1) / (d + 2), 6) for d in range(dimensions)]
+        embedding: Any = vector
+        if body.get("encoding_format") == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    payload: dict[str, Any] = {"object": "list", "data": data, "model": body["model"]}
+    if not behavior.omit_usage:
+        tokens = behavior.input_tokens * count
+        payload["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return payload
+
+
 def _error_body(wire: _Format, status: int, message: str) -> bytes:
-    if wire == "anthropic_messages":
+    if wire.startswith("anthropic"):
         kind = _ANTHROPIC_TYPES.get(status, "api_error")
         payload: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
     else:

@@ -42,6 +42,8 @@ _PATHS = {
     WireFormat.OPENAI_CHAT: "/v1/chat/completions",
     WireFormat.ANTHROPIC_MESSAGES: "/v1/messages",
     WireFormat.OPENAI_RESPONSES: "/v1/responses",
+    WireFormat.OPENAI_EMBEDDINGS: "/v1/embeddings",
+    WireFormat.ANTHROPIC_COUNT_TOKENS: "/v1/messages/count_tokens",
 }
 
 
@@ -127,7 +129,7 @@ def gateway_scope(
     body = dict(body or {})
     model = str(body.get("model", "test-model"))
     if upstream is None:
-        anthropic = format is WireFormat.ANTHROPIC_MESSAGES
+        anthropic = format is not None and not format.is_openai
         upstream = Upstream(
             "http://upstream.test" if anthropic else "http://upstream.test/v1",
             provider="anthropic" if anthropic else "openai",

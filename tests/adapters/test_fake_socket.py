@@ -426,14 +426,21 @@ async def test_disconnect_after_usage_but_before_the_final_event_charges_the_usa
     assert call_.usage == MESSAGES.expected(dataclasses.replace(BEHAVIOR, events=1))
 
 
-async def test_routes_are_post_only(client: AiohttpClient) -> None:
+async def test_gateway_routes_and_their_methods(client: AiohttpClient) -> None:
     routes = gateway_routes(client=client, prefix="/api/")
-    assert [r.path for r in routes] == [
-        "/api/chat/completions",
-        "/api/messages",
-        "/api/responses",
+    assert [(r.path, sorted(r.methods or ["*"])) for r in routes] == [
+        ("/api/chat/completions", ["POST"]),
+        ("/api/messages", ["POST"]),
+        ("/api/responses", ["POST"]),
+        ("/api/embeddings", ["POST"]),
+        ("/api/messages/count_tokens", ["POST"]),
+        ("/api/models", ["GET", "HEAD"]),
+        ("/api/models/{model_id:path}", ["GET", "HEAD"]),
+        ("/api/{path:path}", ["*"]),  # the catch-all: a 404 in the provider's envelope
     ]
-    assert all(r.methods == {"POST"} for r in routes)
+    assert [r.path for r in gateway_routes(client=client, catch_all=False)][-1] == (
+        "/v1/models/{model_id:path}"
+    )
 
 
 async def test_responses_and_chat_share_an_openai_upstream(

@@ -42,8 +42,11 @@ class Gateway:
         self.behavior: dict[str, Any] = {}
         self.shims: dict[str, Shim] = {}
         routes = []
+        formats = {CHAT.path: CHAT, MESSAGES.path: MESSAGES, RESPONSES.path: RESPONSES}
         for route in gateway_routes(client=client, **options):
-            fmt = {CHAT.path: CHAT, MESSAGES.path: MESSAGES, RESPONSES.path: RESPONSES}[route.path]
+            if route.path not in formats:
+                continue  # the other endpoints are tested with the middleware (test_endpoints)
+            fmt = formats[route.path]
             shim = Shim(route.endpoint, fmt, [])
             self.shims[fmt.name] = shim
             routes.append(Route(route.path, shim, methods=["POST"]))

@@ -170,6 +170,29 @@ def test_exhausted_budget_is_refused_in_the_openai_envelope(gateway: Gateway) ->
         )
 
 
+def test_embeddings_models_count_tokens_and_unknown_paths(gateway: Gateway) -> None:
+    """Issue 15 point 6 / issue 16, as a new user tries them against the example app."""
+    key = create_key(gateway, "dora", "--budget", "1")
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=key["key"], max_retries=0)
+    vectors = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    assert len(vectors.data) == 2
+    assert "text-embedding-3-small" in [m.id for m in client.models.list()]
+    with pytest.raises(openai.NotFoundError, match="Invalid URL"):
+        client.fine_tuning.jobs.list()
+    claude = anthropic.Anthropic(base_url=gateway.url, api_key=key["key"], max_retries=0)
+    counted = claude.messages.count_tokens(
+        model="claude-haiku-4-5", messages=[{"role": "user", "content": "Hi"}]
+    )
+    assert counted.input_tokens == FakeBehavior().input_tokens
+    [record] = json.loads(
+        gatewaykit("--db", gateway.db, "usage", "--user", "dora", "--json").stdout
+    )
+    assert (record["endpoint"], record["input_tokens"]) == ("embeddings", 24)
+    assert Decimal(record["cost"]) == Decimal("0.00000048")  # 24 tokens × $0.02 per million
+    assert budget_of(gateway, f"key:{key['key_id']}")["spent"] == record["cost"]
+    assert gatewaykit("--db", gateway.db, "check").exit_code == 0
+
+
 def test_healthz(gateway: Gateway) -> None:
     assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok", "mode": "StandaloneMode"}
 

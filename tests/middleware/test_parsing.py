@@ -150,3 +150,58 @@ def test_rate_limiter_forgets_idle_keys() -> None:
     limiter.hit("last", 1)  # the 1000th call prunes
     assert limiter.hit("k0", 1).allowed
     assert len(limiter._hits) <= 3
+
+
+EMBEDDINGS = WireFormat.OPENAI_EMBEDDINGS
+COUNT_TOKENS = WireFormat.ANTHROPIC_COUNT_TOKENS
+
+
+@pytest.mark.parametrize(
+    ("given", "chars"),
+    [
+        ("abcdefg", 7),
+        (["abc", "de"], 5),
+        ([11, 12, 13], 12),  # one token array: 4 characters a token, so estimated exactly
+        ([[1, 2], [3]], 12),
+        (["abc", [1, 2]], 11),  # mixed, as some compatible servers accept
+    ],
+)
+def test_embeddings_input_is_measured_in_every_shape(given: Any, chars: int) -> None:
+    parsed = parse_request(EMBEDDINGS, {"model": "e", "input": given, "user": "u"})
+    assert parsed == ParsedRequest(model="e", prompt_chars=chars, max_output_tokens=0, user="u")
+
+
+@pytest.mark.parametrize("given", [None, "", [], [[]], [None], [1.5], [[1, "a"]], {"a": 1}, 7])
+def test_unusable_embeddings_input_is_rejected(given: Any) -> None:
+    body = {"model": "e", "input": given}
+    if given == "":
+        assert parse_request(EMBEDDINGS, body).prompt_chars == 0  # the provider decides
+        return
+    with pytest.raises(RequestRejected, match="'input' must be"):
+        parse_request(EMBEDDINGS, body)
+
+
+def test_count_tokens_is_unmetered_and_holds_nothing() -> None:
+    from decimal import Decimal
+
+    from gatewaykit.modes.admission import estimate
+    from gatewaykit.modes.base import GatewayRequest
+    from gatewaykit.pricing import ModelPrice
+
+    body = {"model": "c", "system": "ab", "messages": [{"role": "user", "content": "cdef"}]}
+    parsed = parse_request(COUNT_TOKENS, body)
+    assert parsed == ParsedRequest(model="c", prompt_chars=6, max_output_tokens=0, metered=False)
+    request = GatewayRequest("r", "/v1/messages/count_tokens", COUNT_TOKENS, {}, body, b"", parsed)
+    price = ModelPrice(Decimal(1), Decimal(1))
+    held = estimate(request, price, default_max_output_tokens=4096)
+    assert (held.prompt_tokens, held.max_output_tokens, held.amount) == (2, 0, Decimal(0))
+    metered = GatewayRequest(
+        "r",
+        "/v1/embeddings",
+        EMBEDDINGS,
+        {},
+        {},
+        b"",
+        parse_request(EMBEDDINGS, {"model": "e", "input": "x" * 8}),
+    )
+    assert estimate(metered, price, default_max_output_tokens=4096).amount == Decimal("0.000002")

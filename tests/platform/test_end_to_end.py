@@ -230,3 +230,49 @@ async def test_official_sdks_through_platform_mode(
     [report] = plane.reports.values()
     assert report["status"] == "success"
     assert report["usage"]["output_tokens"] == BEHAVIOR.events
+
+
+async def test_embeddings_and_count_tokens_in_platform_mode(
+    stack: tuple[httpx.AsyncClient, PlatformMode], plane: FakeControlPlane, provider_url: str
+) -> None:
+    """Embeddings are resolved and reported like any call; count_tokens too, but with an
+    estimate of 0 and zero usage (the provider does not bill it)."""
+    gateway, mode = stack
+    plane.set_attempts("text-embedding-3-small", attempt("openai", f"{provider_url}/v1"))
+    plane.set_attempts("claude-haiku-4-5", attempt("anthropic", provider_url))
+    body = {"model": "text-embedding-3-small", "input": ["a", "b"]}
+    embedded = await gateway.post("/v1/embeddings", json=body)
+    assert embedded.status_code == 200, embedded.text
+    report = await the_report(mode, plane)
+    assert (report["status"], report["usage"]["input_tokens"]) == ("success", 24)
+    plane.reports.clear()
+    count = {"model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "hi"}]}
+    counted = await gateway.post("/v1/messages/count_tokens", json=count)
+    assert counted.json() == {"input_tokens": 12}
+    [embed_resolve, count_resolve] = plane.resolve_calls
+    assert embed_resolve["endpoint"] == "embeddings"
+    assert (count_resolve["endpoint"], count_resolve["estimate_usd"]) == (
+        "messages.count_tokens",
+        "0",
+    )
+    report = await the_report(mode, plane)
+    assert report["status"] == "success"
+    assert report["usage"] == {
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cache_read_tokens": 0,
+        "cache_write_tokens": 0,
+    }
+
+
+async def test_models_are_not_listed_in_platform_mode(
+    stack: tuple[httpx.AsyncClient, PlatformMode], plane: FakeControlPlane
+) -> None:
+    """The control plane owns keys and models; the protocol has no listing call."""
+    gateway, _ = stack
+    answer = await gateway.get("/v1/models")
+    assert answer.status_code == 404
+    assert answer.json()["error"]["message"] == "this gateway does not list models"
+    answer = await gateway.get("/v1/models/gpt-4o", headers={"anthropic-version": "2023-06-01"})
+    assert answer.json()["type"] == "error"
+    assert plane.resolve_calls == []
