@@ -17,7 +17,8 @@ from gatewaykit.adapters import gateway_routes
 from gatewaykit.http import AiohttpClient
 from gatewaykit.ledger.sqlite import SQLiteLedger
 from gatewaykit.modes.standalone import StandaloneMode
-from gatewaykit.observability import MetricsApp, PrometheusMetrics
+from gatewaykit.observability import MetricsApp
+from gatewaykit.observability.prometheus import MetricsBase
 from gatewaykit.testing import FakeProvider
 from gatewaykit.upstream import Upstream
 from tests.scenarios import conftest as scenarios
@@ -54,7 +55,7 @@ def build(ledger: SQLiteLedger, client: AiohttpClient, provider: tuple[FakeProvi
 
 
 async def scrape(
-    metrics: PrometheusMetrics, **options: Any
+    metrics: MetricsBase, **options: Any
 ) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample ``MetricsApp`` serves, keyed by name and labels."""
     transport = httpx.ASGITransport(app=MetricsApp(metrics, **options))

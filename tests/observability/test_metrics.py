@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from gatewaykit import GatewayMiddleware, StandaloneMode
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.ledger.sqlite import SQLiteLedger
-from gatewaykit.observability import PrometheusMetrics
+from gatewaykit.observability import MultiprocessPrometheusMetrics, PrometheusMetrics
 from gatewaykit.observability.prometheus import OTHER_MODEL
 from gatewaykit.outbox.sqlite import SQLiteOutbox
 from gatewaykit.settlement import SettlementOutcome
@@ -30,13 +30,22 @@ from tests.scenarios.conftest import new_key
 pytestmark = pytest.mark.anyio
 
 CHAT = "/v1/chat/completions"
+Metrics = type[PrometheusMetrics] | type[MultiprocessPrometheusMetrics]
+
+
+@pytest.fixture(params=[PrometheusMetrics, MultiprocessPrometheusMetrics])
+def kind(request: pytest.FixtureRequest) -> Metrics:
+    """Both recorders: the one-process collector and prometheus_client's own objects."""
+    return request.param  # type: ignore[no-any-return]
+
+
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
 async def test_money_outcomes_and_denials_match_the_ledger(
-    build: Build, ledger: SQLiteLedger
+    build: Build, ledger: SQLiteLedger, kind: Metrics
 ) -> None:
-    metrics = PrometheusMetrics()
+    metrics = kind()
     key, _ = await new_key(ledger)
     broke, broke_record = await new_key(ledger, user="bob")
     await ledger.set_budget(f"key:{broke_record.key_id}", limit=Decimal(0))
@@ -80,8 +89,9 @@ async def test_money_outcomes_and_denials_match_the_ledger(
     for record in records:
         tokens["input"] += record.input_tokens
         tokens["output"] += record.output_tokens
-    for kind, count in tokens.items():
-        assert sample(samples, "gatewaykit_tokens_total", model="test-model", kind=kind) == count
+    for token_kind, count in tokens.items():
+        labels = {"model": "test-model", "kind": token_kind}
+        assert sample(samples, "gatewaykit_tokens_total", **labels) == count
     per_route = {CHAT: 2, "/v1/responses": 1, "/v1/messages": 1}
     for route, count in per_route.items():
         assert (
@@ -114,11 +124,11 @@ async def test_money_outcomes_and_denials_match_the_ledger(
 
 
 async def test_a_client_that_leaves_is_counted_incomplete_and_its_hold_closed(
-    build: Build, ledger: SQLiteLedger, provider: tuple[FakeProvider, str]
+    build: Build, ledger: SQLiteLedger, provider: tuple[FakeProvider, str], kind: Metrics
 ) -> None:
     fake, _ = provider
     fake.behavior = FakeBehavior(events=50, delay=0.01)
-    metrics = PrometheusMetrics()
+    metrics = kind()
     key, _ = await new_key(ledger)
     body = {"model": "test-model", "messages": HELLO, "stream": True}
     exchange = await call(
@@ -140,9 +150,9 @@ async def test_a_client_that_leaves_is_counted_incomplete_and_its_hold_closed(
 
 
 async def test_an_unreachable_upstream_is_an_error_refunded(
-    build: Build, ledger: SQLiteLedger
+    build: Build, ledger: SQLiteLedger, kind: Metrics
 ) -> None:
-    metrics = PrometheusMetrics()
+    metrics = kind()
     key, _ = await new_key(ledger)
     app = build(metrics=metrics, base="http://127.0.0.1:1")
     body = {"model": "test-model", "messages": HELLO}
@@ -161,8 +171,8 @@ def outcome(charged: str, usage: Usage | None = None) -> SettlementOutcome:
     return SettlementOutcome("success", Decimal(charged), usage, refunded=False)
 
 
-async def test_overrun_is_what_was_charged_beyond_the_hold() -> None:
-    metrics = PrometheusMetrics()
+async def test_overrun_is_what_was_charged_beyond_the_hold(kind: Metrics) -> None:
+    metrics = kind()
     metrics.admitted(CHAT, "m", Decimal("0.2"), 0.001)
     metrics.admitted(CHAT, "m", Decimal("0.000000001"), 0.001)
     samples = await scrape(metrics)
@@ -184,8 +194,8 @@ async def test_overrun_is_what_was_charged_beyond_the_hold() -> None:
     assert sample(samples, "gatewaykit_held_usd") == 0
 
 
-async def test_model_names_beyond_the_limit_are_counted_as_other() -> None:
-    metrics = PrometheusMetrics(max_models=2)
+async def test_model_names_beyond_the_limit_are_counted_as_other(kind: Metrics) -> None:
+    metrics = kind(max_models=2)
     for model in ("a", "b", "c", "d", "a"):
         metrics.admitted(CHAT, model, Decimal(1), 0.0)
         metrics.settled(CHAT, model, Decimal(1), outcome("1"), 0.0)

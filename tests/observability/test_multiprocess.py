@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 WORKER = """
 from decimal import Decimal
-from gatewaykit.observability import PrometheusMetrics
+from gatewaykit.observability import MultiprocessPrometheusMetrics
 from gatewaykit.settlement import SettlementOutcome
 from gatewaykit.usage import Usage
-metrics = PrometheusMetrics()
+metrics = MultiprocessPrometheusMetrics()
 for _ in range(3):
     metrics.admitted("/v1/chat/completions", "m", Decimal("0.5"), 0.001)
     outcome = SettlementOutcome("success", Decimal("0.25"), Usage(10, 5), refunded=False)
@@ -27,9 +27,10 @@ metrics.admitted("/v1/chat/completions", "m", Decimal("0.5"), 0.001)  # still he
 SCRAPE = """
 import asyncio, os, sys
 import httpx
-from gatewaykit.observability import MetricsApp, PrometheusMetrics
+from gatewaykit.observability import MetricsApp, MultiprocessPrometheusMetrics
 async def main():
-    app = MetricsApp(PrometheusMetrics(), multiprocess_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    app = MetricsApp(MultiprocessPrometheusMetrics(), multiprocess_dir=directory)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://ops") as http:
         sys.stdout.write((await http.get("/metrics")).text)
