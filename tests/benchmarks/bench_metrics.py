@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import importlib
 import random
+import statistics
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -65,7 +66,7 @@ def variants() -> dict[str, Callable[[], dict[str, Any]]]:
 
 
 async def compare(apps: dict[str, Any], raw: bytes, n: int, batch: int) -> dict[str, float]:
-    """Main-thread CPU µs per request of each app, measured in alternating batches.
+    """Main-thread CPU µs per request of each app: the median of alternating batches.
 
     Every app is alive at once and they take turns (in a new random order every
     round), ``batch`` requests each, so drift (a neighbour's load, frequency changes)
@@ -78,18 +79,17 @@ async def compare(apps: dict[str, Any], raw: bytes, n: int, batch: int) -> dict[
         for app in apps.values():  # warm up: caches, labelled series, prepared statements
             for _ in range(50):
                 await drive(app, raw)
-        spent = dict.fromkeys(apps, 0.0)
-        done = 0
+        batches: dict[str, list[float]] = {name: [] for name in apps}
         order = list(apps.items())
-        while done < n:
+        for _ in range(max(1, n // batch)):
             random.shuffle(order)
             for name, app in order:
                 t0 = time.thread_time()
                 for _ in range(batch):
                     await drive(app, raw)
-                spent[name] += time.thread_time() - t0
-            done += batch
-    return {name: total / done * 1e6 for name, total in spent.items()}
+                batches[name].append((time.thread_time() - t0) / batch * 1e6)
+    # The median batch: a neighbour's burst spoils a few batches, not the figure.
+    return {name: statistics.median(times) for name, times in batches.items()}
 
 
 def make_app(key: str, variant: str) -> Any:
@@ -162,7 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     print("main-thread CPU µs per request, variants interleaved (a shared box: noisy)")
     off_request = 0.0
     for load, (raw, n) in loads.items():
-        apps = {name: make_app(key, name) for name in variants()}
+        names = list(variants())
+        random.shuffle(names)  # the order apps are made in shows in their figures
+        made = {name: make_app(key, name) for name in names}
+        apps = {name: made[name] for name in variants()}
         cpu = run(compare(apps, raw, n, min(args.batch, n)))
         off = cpu["off"]
         off_request = off_request or off
