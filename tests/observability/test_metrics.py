@@ -283,3 +283,32 @@ async def test_a_recorder_of_your_own_is_told_each_step_once(
     exchange = await call(app, CHAT, body=b"{not json", headers={"authorization": f"Bearer {key}"})
     assert exchange.status == 400
     assert recorder.calls == [("refused", CHAT, "bad_request", False), ("finished", True)]
+
+
+class Broken(Recorder):
+    """A recorder with a bug in every method."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in ("refused", "admitted", "settled", "first_byte", "finished"):
+
+            def fail(*args: object) -> None:
+                raise RuntimeError("bug in the recorder")
+
+            return fail
+        return super().__getattribute__(name)
+
+
+async def test_a_recorder_that_raises_breaks_no_request(
+    build: Build, ledger: SQLiteLedger, caplog: pytest.LogCaptureFixture
+) -> None:
+    key, _ = await new_key(ledger)
+    app = build(metrics=Broken())
+    body = {"model": "test-model", "messages": HELLO, "stream": True}
+    exchange = await call(app, CHAT, json_body=body, headers={"authorization": f"Bearer {key}"})
+    assert exchange.status == 200
+    assert exchange.complete
+    [record] = await ledger.usage()
+    assert record.status == "success"
+    assert record.cost > 0  # charged; the ledger fixture also checks no hold is left live
+    failures = [r for r in caplog.records if "metrics or tracing failed" in r.getMessage()]
+    assert len(failures) == 4  # admitted, first_byte, settled, finished
