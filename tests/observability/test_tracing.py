@@ -190,3 +190,18 @@ def test_neither_library_is_imported_unless_configured() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_a_responses_request_names_the_response_it_created(
+    build: Build,
+    ledger: SQLiteLedger,
+    tracing: OpenTelemetryTracing,
+    exporter: InMemorySpanExporter,
+) -> None:
+    key, _ = await new_key(ledger)
+    async with sdk(build(tracing=tracing), key) as client:
+        answer = await client.responses.create(model="test-model", input=PROMPT)
+    [root] = by_name(exporter.get_finished_spans())["gatewaykit.request"]
+    attrs = dict(root.attributes or {})
+    assert attrs["gen_ai.response.id"] == answer.id
+    assert attrs["http.route"] == "/v1/responses"
