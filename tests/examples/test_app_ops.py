@@ -19,6 +19,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.examples.helpers import load_example
 from tests.examples.test_app import APP, environment, free_port, gatewaykit
 
 pytestmark = pytest.mark.slow
@@ -129,3 +130,25 @@ def test_banner_names_the_ops_port(gateway: Gateway) -> None:
     assert f"GET {gateway.ops}/metrics  {gateway.ops}/livez  {gateway.ops}/readyz" in (
         gateway.log.read_text()
     )
+
+
+@pytest.mark.anyio
+async def test_platform_ops_app_reports_the_outbox(tmp_path: Path) -> None:
+    from gatewaykit.outbox.sqlite import SQLiteOutbox
+
+    ops_app = load_example("app").ops_app
+    async with SQLiteOutbox(str(tmp_path / "outbox.db")) as outbox:
+        await outbox.enqueue("req_1:1", {"status": "success"})
+        app, _ = ops_app(None, outbox)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ops") as http:
+            ready = await http.get("/readyz")
+            text = (await http.get("/metrics")).text
+    assert ready.json() == {"status": "ok", "checks": {"outbox": "ok"}}
+    pending = {
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "gatewaykit_outbox_pending"
+    }
+    assert pending == {1.0}
