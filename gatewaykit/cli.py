@@ -14,10 +14,12 @@ This module and the examples are the only places that read environment variables
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,12 +31,15 @@ from gatewaykit import __version__
 from gatewaykit.errors import GatewayKitError
 from gatewaykit.keys import generate_key
 from gatewaykit.ledger.base import (
+    USAGE_GROUPS,
     ApiKeyRecord,
     BudgetStatus,
     Hold,
     Ledger,
     Period,
+    UsageGroup,
     UsageRecord,
+    UsageTotal,
     validate_scopes,
 )
 from gatewaykit.ledger.url import open_ledger
@@ -104,7 +109,8 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _money(value: Decimal | None) -> str | None:
-    return None if value is None else str(value)
+    """A decimal string without exponent: 0.000000001, never 1E-9."""
+    return None if value is None else f"{value:f}"
 
 
 def _per(limit: Decimal | None, period: Period) -> str:
@@ -183,6 +189,7 @@ def _hold_json(hold: Hold) -> dict[str, Any]:
 
 def _usage_json(record: UsageRecord) -> dict[str, Any]:
     return {
+        "created_at": _iso(record.created_at),
         "request_id": record.request_id,
         "key_id": record.key_id,
         "user": record.user,
@@ -193,9 +200,59 @@ def _usage_json(record: UsageRecord) -> dict[str, Any]:
         "cache_read_tokens": record.cache_read_tokens,
         "cache_write_tokens": record.cache_write_tokens,
         "cost": _money(record.cost),
+        "latency_ms": record.latency_ms,
         "usage_source": record.usage_source,
         "status": record.status,
     }
+
+
+def _total_json(groups: Sequence[UsageGroup], total: UsageTotal) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        group: value.isoformat() if isinstance(value, date) else value
+        for group, value in zip(groups, total.group, strict=True)
+    }
+    return {
+        **values,
+        "requests": total.requests,
+        "input_tokens": total.input_tokens,
+        "output_tokens": total.output_tokens,
+        "cache_read_tokens": total.cache_read_tokens,
+        "cache_write_tokens": total.cache_write_tokens,
+        "cost": _money(total.cost),
+    }
+
+
+def _emit_csv(rows: Sequence[dict[str, Any]], headers: Sequence[str]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(headers), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    click.echo(out.getvalue(), nl=False)
+
+
+_SPAN = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _moment(ctx: click.Context, param: click.Parameter, text: str | None) -> datetime | None:
+    """An ISO 8601 date or date-time (UTC unless it names an offset), or a span ago."""
+    if text is None:
+        return None
+    span = _SPAN.match(text)
+    if span:
+        seconds = int(span[1]) * _SPAN_UNITS[span[2]]
+        try:
+            return datetime.now(timezone.utc) - timedelta(seconds=seconds)
+        except OverflowError:
+            raise click.BadParameter(f"{text!r} reaches before year 1") from None
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither an ISO 8601 date-time (2026-01-15, 2026-01-15T12:00:00Z, "
+            "2026-01-15T13:00+01:00) nor a span ago (90s, 30m, 24h, 7d, 2w)"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _key_json(record: ApiKeyRecord) -> dict[str, Any]:
@@ -410,39 +467,185 @@ def budgets_show(ctx: click.Context, scope: str | None, as_json: bool) -> None:
     )
 
 
+_RECORD_FIELDS = (
+    "created_at",
+    "request_id",
+    "key_id",
+    "user",
+    "model",
+    "endpoint",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost",
+    "latency_ms",
+    "usage_source",
+    "status",
+)
+_TOTAL_FIELDS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost",
+)
+_RECORD_HEADERS = (
+    "time (utc)",
+    "request_id",
+    "user",
+    "key_id",
+    "model",
+    "in",
+    "out",
+    "cache_r",
+    "cache_w",
+    "cost",
+    "ms",
+    "source",
+    "status",
+)
+TIME_HELP = "an ISO 8601 date or date-time (UTC unless it has an offset) or a span ago: 24h, 7d"
+
+
+def _group_by(values: tuple[str, ...]) -> tuple[UsageGroup, ...]:
+    """``--group-by day --group-by model`` or ``--group-by day,model``."""
+    groups = [g.strip().lower() for value in values for g in value.split(",") if g.strip()]
+    for group in groups:
+        if group not in USAGE_GROUPS:
+            raise click.BadParameter(
+                f"cannot group by {group!r}; use {', '.join(USAGE_GROUPS)} (several with commas)",
+                param_hint="--group-by",
+            )
+    if len(set(groups)) != len(groups):
+        raise click.BadParameter(f"{values!r} names a group twice", param_hint="--group-by")
+    return tuple(groups)  # type: ignore[arg-type]
+
+
 @main.command()
+@click.option(
+    "--since",
+    metavar="TIME",
+    callback=_moment,
+    help=f"Only requests at or after this time: {TIME_HELP}.",
+)
+@click.option(
+    "--until",
+    metavar="TIME",
+    callback=_moment,
+    help="Only requests before this time (exclusive), in the same forms.",
+)
 @click.option("--user", help="Only this user's requests.")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--key", "key_id", metavar="KEY_ID", help="Only requests made with this API key.")
+@click.option("--model", help="Only requests for this model.")
+@click.option(
+    "--group-by",
+    "group_by",
+    multiple=True,
+    metavar="GROUP",
+    help="Sum per user, key, model and/or day (UTC), e.g. --group-by day,model.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    help="Output format  [default: table; json with --json]",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="Most records listed, newest first  [default: 100]"
+)
 @json_option
 @click.pass_context
-def usage(ctx: click.Context, user: str | None, limit: int, as_json: bool) -> None:
-    """Usage records, newest first."""
+def usage(
+    ctx: click.Context,
+    since: datetime | None,
+    until: datetime | None,
+    user: str | None,
+    key_id: str | None,
+    model: str | None,
+    group_by: tuple[str, ...],
+    fmt: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """Usage records, newest first, or their sums with --group-by.
 
-    async def action(ledger: Ledger) -> list[UsageRecord]:
-        return await ledger.usage(user=user, limit=limit)
-
-    records = _run(ctx, action, create=False)
+    Rows show the time, latency, tokens, cost, usage source and status of each request.
+    --since is inclusive and --until exclusive, so consecutive ranges never overlap.
+    """
     if _want_json(ctx, as_json):
-        _emit_json([_usage_json(r) for r in records])
+        if fmt not in (None, "json"):
+            raise click.UsageError(f"--json conflicts with --format {fmt}")
+        fmt = "json"
+    groups = _group_by(group_by)
+    if groups and limit is not None:
+        raise click.UsageError("--limit applies to the listing, not to --group-by sums")
+    if since is not None and until is not None and since > until:
+        raise click.UsageError(
+            f"--since {_iso(since)} is after --until {_iso(until)}; nothing lies between"
+        )
+    filters: dict[str, Any] = {
+        "since": since,
+        "until": until,
+        "user": user,
+        "key": key_id,
+        "model": model,
+    }
+    if groups:
+
+        async def totals(ledger: Ledger) -> list[UsageTotal]:
+            return await ledger.usage_totals(group_by=groups, **filters)
+
+        _show_totals(groups, _run(ctx, totals, create=False), fmt or "table")
         return
-    _table(
-        ["request_id", "user", "model", "endpoint", "in", "out", "cost", "source", "status"],
-        [
+
+    async def records(ledger: Ledger) -> list[UsageRecord]:
+        return await ledger.usage(limit=limit or 100, **filters)
+
+    _show_records(_run(ctx, records, create=False), fmt or "table")
+
+
+def _show_records(records: list[UsageRecord], fmt: str) -> None:
+    if fmt == "json":
+        _emit_json([_usage_json(r) for r in records])
+    elif fmt == "csv":
+        _emit_csv([_usage_json(r) for r in records], _RECORD_FIELDS)
+    else:
+        _table(
+            _RECORD_HEADERS,
             [
-                r.request_id,
-                r.user,
-                r.model,
-                r.endpoint,
-                r.input_tokens,
-                r.output_tokens,
-                r.cost,
-                r.usage_source,
-                r.status,
-            ]
-            for r in records
-        ],
-        empty="No usage recorded.",
-    )
+                [
+                    None if r.created_at is None else f"{r.created_at:%Y-%m-%d %H:%M:%S}",
+                    r.request_id,
+                    r.user,
+                    r.key_id,
+                    r.model,
+                    r.input_tokens,
+                    r.output_tokens,
+                    r.cache_read_tokens,
+                    r.cache_write_tokens,
+                    _money(r.cost),
+                    r.latency_ms,
+                    r.usage_source,
+                    r.status,
+                ]
+                for r in records
+            ],
+            empty="No usage recorded.",
+        )
+
+
+def _show_totals(groups: tuple[UsageGroup, ...], totals: list[UsageTotal], fmt: str) -> None:
+    rows = [_total_json(groups, t) for t in totals]
+    if fmt == "json":
+        _emit_json(rows)
+    elif fmt == "csv":
+        _emit_csv(rows, [*groups, *_TOTAL_FIELDS])
+    else:
+        headers = [*groups, "requests", "in", "out", "cache_r", "cache_w", "cost"]
+        fields = [*groups, *_TOTAL_FIELDS]
+        _table(headers, [[row[f] for f in fields] for row in rows], empty="No usage recorded.")
 
 
 @main.command()

@@ -11,6 +11,7 @@ from gatewaykit.ledger.base import (
     Period,
     ResponseContext,
     UsageRecord,
+    UsageTotal,
 )
 from gatewaykit.ledger.url import open_ledger
 
@@ -23,5 +24,6 @@ __all__ = [
     "Period",
     "ResponseContext",
     "UsageRecord",
+    "UsageTotal",
     "open_ledger",
 ]

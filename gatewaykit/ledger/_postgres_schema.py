@@ -150,8 +150,17 @@ AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON api_keys
 FOR EACH STATEMENT EXECUTE FUNCTION gk_keys_changed();
 """
 
+# Usage listings and totals (ledger.usage / usage_totals) filter by time, user or key and
+# list newest first; seq breaks ties between rows of the same instant.
+_V4 = r"""
+DROP INDEX usage_records_user;
+CREATE INDEX usage_records_time ON usage_records (created_at, seq);
+CREATE INDEX usage_records_user_time ON usage_records (user_id, created_at, seq);
+CREATE INDEX usage_records_key_time ON usage_records (key_id, created_at, seq);
+"""
+
 #: Migration scripts in order; never edit a released one, append a new one.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _OURS = ("budgets", "counters", "holds", "usage_records", "api_keys")

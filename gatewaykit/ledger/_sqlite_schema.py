@@ -115,6 +115,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE key_epoch (id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL)",
         "INSERT INTO key_epoch (id, epoch) VALUES (1, 0)",
     ),
+    # Usage listings and totals filter by time, user or key and list newest first
+    # (ledger.usage / usage_totals); an index's rowid suffix (seq) breaks time ties.
+    4: (
+        "DROP INDEX usage_user",
+        "CREATE INDEX usage_time ON usage_records (created_at)",
+        "CREATE INDEX usage_user_time ON usage_records (user, created_at)",
+        "CREATE INDEX usage_key_time ON usage_records (key_id, created_at)",
+    ),
 }
 LATEST_VERSION = max(MIGRATIONS)
 

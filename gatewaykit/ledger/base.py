@@ -24,7 +24,7 @@ import dataclasses
 import enum
 import re
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from types import TracebackType
 from typing import Literal, Protocol, runtime_checkable
@@ -41,12 +41,19 @@ __all__ = [
     "Period",
     "RESPONSE_CONTEXT_TTL",
     "ResponseContext",
+    "USAGE_GROUPS",
+    "UsageFilter",
+    "UsageGroup",
     "UsageRecord",
+    "UsageTotal",
+    "sort_totals",
     "validate_context_id",
     "validate_hold_id",
     "validate_record",
     "validate_scopes",
     "validate_ttl",
+    "validate_usage_filter",
+    "validate_usage_groups",
 ]
 
 _SCOPE = re.compile(r"^[a-z][a-z0-9_.-]{0,31}:[^\s]{1,200}$")
@@ -348,6 +355,91 @@ def validate_record(record: UsageRecord | None) -> UsageRecord | None:
     return record
 
 
+UsageGroup = Literal["user", "key", "model", "day"]
+#: What ``Ledger.usage_totals`` can group by: the record's user, API key id, model, or
+#: the UTC calendar day of its ``created_at``.
+USAGE_GROUPS: tuple[UsageGroup, ...] = ("user", "key", "model", "day")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UsageTotal:
+    """The sum of the usage records of one group (see ``Ledger.usage_totals``).
+
+    ``group`` holds the group's values in ``group_by`` order: a ``str`` (or None, for
+    records without a user or key) for ``user``, ``key`` and ``model``, a
+    :class:`datetime.date` (UTC) for ``day``.
+    """
+
+    group: tuple[str | date | None, ...]
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    cost: Decimal
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UsageFilter:
+    """Which usage records a listing or a total covers: ``since <= created_at < until``."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    user: str | None = None
+    key: str | None = None
+    model: str | None = None
+
+
+def validate_usage_filter(
+    since: datetime | None,
+    until: datetime | None,
+    user: str | None,
+    key: str | None,
+    model: str | None,
+) -> UsageFilter:
+    """Check the filters of ``usage``/``usage_totals``; times must be timezone-aware."""
+    for name, moment in (("since", since), ("until", until)):
+        if moment is not None and (not isinstance(moment, datetime) or moment.utcoffset() is None):
+            raise ConfigurationError(
+                f"{name} must be a timezone-aware datetime (e.g. datetime.now(timezone.utc)), "
+                f"got {moment!r}"
+            )
+    if since is not None and until is not None and since > until:
+        raise ConfigurationError(
+            f"since ({since.isoformat()}) is after until ({until.isoformat()})"
+        )
+    for name, value in (("user", user), ("key", key), ("model", model)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigurationError(f"the {name} filter must be a str or None, got {value!r}")
+    return UsageFilter(since, until, user, key, model)
+
+
+def validate_usage_groups(group_by: Sequence[str]) -> tuple[UsageGroup, ...]:
+    """Check ``group_by``: each of ``user``, ``key``, ``model``, ``day`` at most once."""
+    if isinstance(group_by, str):
+        raise ConfigurationError(
+            f"group_by must be a sequence such as ('day', 'model'), not the string {group_by!r}"
+        )
+    groups = tuple(group_by)
+    for group in groups:
+        if group not in USAGE_GROUPS:
+            raise ConfigurationError(
+                f"cannot group usage by {group!r}: use any of {', '.join(USAGE_GROUPS)}"
+            )
+    if len(set(groups)) != len(groups):
+        raise ConfigurationError(f"group_by names a group twice: {groups!r}")
+    return groups  # type: ignore[return-value]
+
+
+def sort_totals(totals: list[UsageTotal]) -> list[UsageTotal]:
+    """The order ``usage_totals`` returns: by each group value ascending, None last."""
+
+    def order(total: UsageTotal) -> tuple[tuple[bool, str | date], ...]:
+        return tuple((value is None, "" if value is None else value) for value in total.group)
+
+    return sorted(totals, key=order)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ApiKeyRecord:
     """A stored API key: never the key itself, only its SHA-256 hash and display prefix."""
@@ -452,8 +544,39 @@ class Ledger(Protocol):
         """Invariant violations (I1–I11), each a readable sentence; empty when healthy."""
 
     # -- usage records -----------------------------------------------------------------
-    async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
-        """Usage records, newest first."""
+    async def usage(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        limit: int = 100,
+    ) -> list[UsageRecord]:
+        """Up to ``limit`` usage records, newest first (by ``created_at``, then insertion).
+
+        ``since`` is inclusive and ``until`` exclusive (``since <= created_at < until``),
+        so consecutive ranges never count a record twice; both must be timezone-aware.
+        ``user``, ``key`` (an API key id) and ``model`` match exactly. Filters combine.
+        """
+
+    async def usage_totals(
+        self,
+        *,
+        group_by: Sequence[UsageGroup],
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+    ) -> list[UsageTotal]:
+        """Request counts, token and exact cost sums of the records ``usage`` would match.
+
+        One :class:`UsageTotal` per distinct combination of the ``group_by`` values (days
+        in UTC), sorted by those values ascending with None last; an empty ``group_by``
+        gives one grand total. No matching record gives an empty list.
+        """
 
     async def response_context(self, context_id: str, owner: str) -> int | None:
         """The context tokens remembered for a response or conversation id and its owner.

@@ -57,12 +57,18 @@ from gatewaykit.ledger.base import (
     HoldState,
     Period,
     ResponseContext,
+    UsageFilter,
+    UsageGroup,
     UsageRecord,
+    UsageTotal,
+    sort_totals,
     validate_context_id,
     validate_hold_id,
     validate_record,
     validate_scopes,
     validate_ttl,
+    validate_usage_filter,
+    validate_usage_groups,
 )
 from gatewaykit.money import from_nanos, to_nanos
 
@@ -427,6 +433,35 @@ _USAGE_COLUMNS = (
     "created_at"
 )
 
+#: The SQL expression of each ``usage_totals`` group.
+_USAGE_GROUP_SQL: dict[str, str] = {
+    "user": "user_id",
+    "key": "key_id",
+    "model": "model",
+    "day": "(created_at AT TIME ZONE 'UTC')::date",
+}
+_USAGE_SUMS = (
+    "count(*) AS requests, sum(input_tokens) AS input_tokens, "
+    "sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens, "
+    "sum(cache_write_tokens) AS cache_write_tokens, sum(cost_nanos) AS cost_nanos"
+)
+
+
+def _usage_where(query: UsageFilter, args: list[Any]) -> str:
+    """The WHERE clause of a usage query; appends its parameters to ``args``."""
+    terms: list[str] = []
+    for column, value in (
+        ("created_at >=", query.since),
+        ("created_at <", query.until),
+        ("user_id =", query.user),
+        ("key_id =", query.key),
+        ("model =", query.model),
+    ):
+        if value is not None:
+            args.append(value)
+            terms.append(f"{column} ${len(args)}")
+    return "WHERE " + " AND ".join(terms) + " " if terms else ""
+
 
 def _us(seconds: float) -> int:
     return round(seconds * 1_000_000)
@@ -547,7 +582,8 @@ class PostgresLedger:
     the server's ``max_connections``. ``command_timeout`` bounds every statement and
     ``connect_timeout`` every connection attempt; past either, or whenever the server is
     unreachable, operations raise :class:`~gatewaykit.errors.LedgerUnavailableError`
-    (fail closed).
+    (fail closed). ``report_timeout`` replaces ``command_timeout`` for ``usage`` and
+    ``usage_totals``, which may read millions of rows.
 
     ``batch_max`` caps how many queued reserves (or settles) on the same budgets one
     round trip carries; ``batch_max=1`` turns the combiner off.
@@ -566,6 +602,7 @@ class PostgresLedger:
         pool_max: int = 10,
         connect_timeout: float = 10.0,
         command_timeout: float = 10.0,
+        report_timeout: float = 120.0,
         sweep_batch: int = 1000,
         batch_max: int = 64,
         clock: Callable[[], float] | None = None,
@@ -601,6 +638,7 @@ class PostgresLedger:
         self.pool_max = pool_max
         self.connect_timeout = _positive("connect_timeout", connect_timeout)
         self.command_timeout = _positive("command_timeout", command_timeout)
+        self.report_timeout = _positive("report_timeout", report_timeout)
         self.sweep_batch = sweep_batch
         self.batch_max = batch_max
         self.clock = clock
@@ -764,12 +802,16 @@ class PostgresLedger:
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
 
-    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
-        """Run one statement (its own transaction); retry the rare deadlock."""
+    async def _fetch(self, sql: str, *args: Any, report: bool = False) -> list[Any]:
+        """Run one statement (its own transaction); retry the rare deadlock.
+
+        A ``report`` (a usage listing or total) is bounded by ``report_timeout``.
+        """
+        timeout = self.report_timeout if report else None  # None: command_timeout
         for attempt in range(_RETRIES):
             try:
                 async with self._conn() as conn:
-                    return list(await conn.fetch(sql, *args))
+                    return list(await conn.fetch(sql, *args, timeout=timeout))
             except LedgerUnavailableError as exc:
                 if not _deadlock(exc) or attempt == _RETRIES - 1:
                     raise
@@ -1131,13 +1173,25 @@ class PostgresLedger:
                 op.done.set()
 
     # -- usage records -----------------------------------------------------------------
-    async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
-        """Usage records, newest first."""
-        where = "WHERE user_id = $2 " if user is not None else ""
-        args: tuple[Any, ...] = (_limit(limit), user) if user is not None else (_limit(limit),)
+    async def usage(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        limit: int = 100,
+    ) -> list[UsageRecord]:
+        """Usage records, newest first; ``since <= created_at < until``."""
+        query = validate_usage_filter(since, until, user, key, model)
+        args: list[Any] = [_limit(limit)]
+        where = _usage_where(query, args)
         rows = await self._fetch(
-            f"SELECT {_USAGE_COLUMNS} FROM usage_records {where}ORDER BY seq DESC LIMIT $1",
+            f"SELECT {_USAGE_COLUMNS} FROM usage_records {where}"
+            "ORDER BY created_at DESC, seq DESC LIMIT $1",
             *args,
+            report=True,
         )
         return [
             UsageRecord(
@@ -1159,6 +1213,44 @@ class PostgresLedger:
             )
             for r in rows
         ]
+
+    async def usage_totals(
+        self,
+        *,
+        group_by: Sequence[UsageGroup],
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+    ) -> list[UsageTotal]:
+        """Counts and sums of the matching usage records per group (days in UTC)."""
+        groups = validate_usage_groups(group_by)
+        query = validate_usage_filter(since, until, user, key, model)
+        args: list[Any] = []
+        where = _usage_where(query, args)
+        columns = [f"{_USAGE_GROUP_SQL[g]} AS g{i}" for i, g in enumerate(groups)]
+        group = "GROUP BY " + ", ".join(str(i + 1) for i in range(len(groups))) if groups else ""
+        rows = await self._fetch(
+            f"SELECT {', '.join([*columns, _USAGE_SUMS])} FROM usage_records {where}{group}",
+            *args,
+            report=True,
+        )
+        return sort_totals(
+            [
+                UsageTotal(
+                    group=tuple(r[f"g{i}"] for i in range(len(groups))),
+                    requests=r["requests"],
+                    input_tokens=int(r["input_tokens"]),
+                    output_tokens=int(r["output_tokens"]),
+                    cache_read_tokens=int(r["cache_read_tokens"]),
+                    cache_write_tokens=int(r["cache_write_tokens"]),
+                    cost=from_nanos(int(r["cost_nanos"])),
+                )
+                for r in rows
+                if r["requests"]  # an aggregate without GROUP BY answers one row even for none
+            ]
+        )
 
     # -- API keys ------------------------------------------------------------------------
     async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord:

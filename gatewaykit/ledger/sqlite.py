@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -52,12 +52,18 @@ from gatewaykit.ledger.base import (
     HoldState,
     Period,
     ResponseContext,
+    UsageFilter,
+    UsageGroup,
     UsageRecord,
+    UsageTotal,
+    sort_totals,
     validate_context_id,
     validate_hold_id,
     validate_record,
     validate_scopes,
     validate_ttl,
+    validate_usage_filter,
+    validate_usage_groups,
 )
 from gatewaykit.money import from_nanos, to_nanos
 
@@ -67,6 +73,7 @@ logger = logging.getLogger("gatewaykit.ledger")
 
 T = TypeVar("T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH_DAY = date(1970, 1, 1)
 _NO_PERIOD = Period()
 _STATES = {s.value: s for s in HoldState}
 _HOLD_COLUMNS = "hold_id, scopes, amount, state, created_at, expires_at, charged, overrun, late"
@@ -74,6 +81,17 @@ _USAGE_COLUMNS = (
     "request_id, key_id, user, model, endpoint, status, usage_source, input_tokens, "
     "output_tokens, cache_read_tokens, cache_write_tokens, cost_nanos, error, latency_ms, "
     "created_at"
+)
+#: The SQL expression of each ``usage_totals`` group (a day is a day number since 1970).
+_USAGE_GROUP_SQL: dict[str, str] = {
+    "user": "user",
+    "key": "key_id",
+    "model": "model",
+    "day": "created_at / 86400000000",
+}
+_USAGE_SUMS = (
+    "count(*), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), "
+    "sum(cache_write_tokens), sum(cost_nanos)"
 )
 _KEY_COLUMNS = (
     "key_id, key_hash, prefix, user, team, revoked, created_at, expires_at, allowed_models, rpm"
@@ -675,12 +693,29 @@ class _Store:
         return problems
 
     # -- usage and keys ----------------------------------------------------------------
-    def usage(self, now: int, user: str | None, limit: int) -> list[UsageRecord]:
+    @staticmethod
+    def _usage_where(query: UsageFilter) -> tuple[str, list[Any]]:
+        terms: list[str] = []
+        args: list[Any] = []
+        for term, value in (
+            ("created_at >= ?", None if query.since is None else _dt_us(query.since)),
+            ("created_at < ?", None if query.until is None else _dt_us(query.until)),
+            ("user = ?", query.user),
+            ("key_id = ?", query.key),
+            ("model = ?", query.model),
+        ):
+            if value is not None:
+                terms.append(term)
+                args.append(value)
+        return ("WHERE " + " AND ".join(terms) + " " if terms else ""), args
+
+    def usage(self, now: int, query: UsageFilter, limit: int) -> list[UsageRecord]:
         self.flush()
-        where = "WHERE user = ? " if user is not None else ""
-        args: tuple[Any, ...] = (user, limit) if user is not None else (limit,)
+        where, args = self._usage_where(query)
         rows = self.c.execute(
-            f"SELECT {_USAGE_COLUMNS} FROM usage_records {where}ORDER BY seq DESC LIMIT ?", args
+            f"SELECT {_USAGE_COLUMNS} FROM usage_records {where}"
+            "ORDER BY created_at DESC, seq DESC LIMIT ?",
+            (*args, limit),
         ).fetchall()
         return [
             UsageRecord(
@@ -702,6 +737,35 @@ class _Store:
             )
             for r in rows
         ]
+
+    def usage_totals(
+        self, now: int, groups: tuple[UsageGroup, ...], query: UsageFilter
+    ) -> list[UsageTotal]:
+        self.flush()
+        where, args = self._usage_where(query)
+        columns = [_USAGE_GROUP_SQL[g] for g in groups]
+        select = ", ".join([*columns, _USAGE_SUMS])
+        group = f"GROUP BY {', '.join(columns)}" if columns else ""
+        rows = self.c.execute(f"SELECT {select} FROM usage_records {where}{group}", args).fetchall()
+        n = len(groups)
+        return sort_totals(
+            [
+                UsageTotal(
+                    group=tuple(
+                        _EPOCH_DAY + timedelta(days=v) if g == "day" else v
+                        for g, v in zip(groups, r[:n], strict=True)
+                    ),
+                    requests=r[n],
+                    input_tokens=r[n + 1],
+                    output_tokens=r[n + 2],
+                    cache_read_tokens=r[n + 3],
+                    cache_write_tokens=r[n + 4],
+                    cost=from_nanos(r[n + 5]),
+                )
+                for r in rows
+                if r[n]  # an aggregate without GROUP BY answers one row even for no records
+            ]
+        )
 
     @staticmethod
     def _key(r: tuple[Any, ...]) -> ApiKeyRecord:
@@ -1292,8 +1356,32 @@ class SQLiteLedger:
         return await self._call(_Store.check)
 
     # -- usage records -----------------------------------------------------------------
-    async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
-        return await self._call(_Store.usage, user, _limit(limit))
+    async def usage(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        limit: int = 100,
+    ) -> list[UsageRecord]:
+        query = validate_usage_filter(since, until, user, key, model)
+        return await self._call(_Store.usage, query, _limit(limit))
+
+    async def usage_totals(
+        self,
+        *,
+        group_by: Sequence[UsageGroup],
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+    ) -> list[UsageTotal]:
+        groups = validate_usage_groups(group_by)
+        query = validate_usage_filter(since, until, user, key, model)
+        return await self._call(_Store.usage_totals, groups, query)
 
     async def response_context(self, context_id: str, owner: str) -> int | None:
         context_id = validate_context_id(context_id)

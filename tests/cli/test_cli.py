@@ -236,6 +236,7 @@ def seed_traffic(db: str) -> str:
 def test_usage_lists_records(db: str) -> None:
     key_id = seed_traffic(db)
     [record] = cli_json("--db", db, "usage", "--json")
+    assert is_iso_utc(record.pop("created_at"))
     assert record == {
         "request_id": "req-1",
         "key_id": key_id,
@@ -247,6 +248,7 @@ def test_usage_lists_records(db: str) -> None:
         "cache_read_tokens": 0,
         "cache_write_tokens": 0,
         "cost": "0.0000258",
+        "latency_ms": None,
         "usage_source": "provider",
         "status": "success",
     }
@@ -471,6 +473,8 @@ def test_the_cli_on_postgres(pg_db: str) -> None:
     assert (budget["spent"], budget["held"]) == ("0.0000258", "0.02")
     assert [h["hold_id"] for h in cli_json("--db", pg_db, "holds", "--json")] == ["req-2"]
     assert cli_json("--db", pg_db, "check", "--json") == {"ok": True, "violations": []}
+    [total] = cli_json("--db", pg_db, "usage", "--group-by", "key,model", "--since", "1h", "--json")
+    assert (total["key"], total["model"], total["cost"]) == (key_id, "gpt-4o-mini", "0.0000258")
 
     asyncpg = pytest.importorskip("asyncpg")
     schema = pg_db.rsplit("=", 1)[1]

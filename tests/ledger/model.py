@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from typing import Any
 
 from gatewaykit.errors import (
     BudgetExceeded,
@@ -37,16 +38,24 @@ from gatewaykit.ledger.base import (
     Hold,
     HoldState,
     Period,
+    UsageFilter,
+    UsageGroup,
     UsageRecord,
+    UsageTotal,
+    sort_totals,
     validate_context_id,
     validate_hold_id,
     validate_record,
     validate_scopes,
     validate_ttl,
+    validate_usage_filter,
+    validate_usage_groups,
 )
 from gatewaykit.money import from_nanos, to_nanos
 
-__all__ = ["ModelLedger", "from_us", "to_us"]
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+__all__ = ["ModelLedger", "from_us", "select_usage", "to_us", "total_usage"]
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 NO_PERIOD = Period()
@@ -54,6 +63,47 @@ NO_PERIOD = Period()
 
 def to_us(seconds: float) -> int:
     return round(seconds * 1_000_000)
+
+
+def _matches(record: UsageRecord, query: UsageFilter) -> bool:
+    at = record.created_at
+    return (
+        (query.since is None or (at is not None and at >= query.since))
+        and (query.until is None or (at is not None and at < query.until))
+        and (query.user is None or record.user == query.user)
+        and (query.key is None or record.key_id == query.key)
+        and (query.model is None or record.model == query.model)
+    )
+
+
+def select_usage(records: Sequence[UsageRecord], query: UsageFilter) -> list[UsageRecord]:
+    """``records`` (oldest first) that match ``query``, newest first (stable on time ties)."""
+    matching = [r for r in reversed(records) if _matches(r, query)]
+    return sorted(matching, key=lambda r: r.created_at or _EPOCH_UTC, reverse=True)
+
+
+def total_usage(
+    records: Sequence[UsageRecord], groups: tuple[UsageGroup, ...], query: UsageFilter
+) -> list[UsageTotal]:
+    """The reference ``usage_totals``: sums per group in pure Python."""
+    value = {
+        "user": lambda r: r.user,
+        "key": lambda r: r.key_id,
+        "model": lambda r: r.model,
+        "day": lambda r: r.created_at.astimezone(timezone.utc).date(),
+    }
+    sums: dict[tuple[object, ...], list[Any]] = {}
+    for record in records:
+        if _matches(record, query):
+            group = tuple(value[g](record) for g in groups)
+            total = sums.setdefault(group, [0, 0, 0, 0, 0, Decimal(0)])
+            total[0] += 1
+            total[1] += record.input_tokens
+            total[2] += record.output_tokens
+            total[3] += record.cache_read_tokens
+            total[4] += record.cache_write_tokens
+            total[5] += record.cost
+    return sort_totals([UsageTotal(group, *total) for group, total in sums.items()])  # type: ignore[arg-type]
 
 
 def from_us(us: int) -> datetime:
@@ -347,9 +397,34 @@ class ModelLedger:
         return self.invariants()
 
     # -- usage and keys ----------------------------------------------------------------
-    async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
-        rows = [r for r in reversed(self.usage_) if user is None or r.user == user]
-        return rows[:limit]
+    async def usage(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        limit: int = 100,
+    ) -> list[UsageRecord]:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigurationError(f"limit must be a positive int, got {limit!r}")
+        query = validate_usage_filter(since, until, user, key, model)
+        return select_usage(self.usage_, query)[:limit]
+
+    async def usage_totals(
+        self,
+        *,
+        group_by: Sequence[UsageGroup],
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+    ) -> list[UsageTotal]:
+        groups = validate_usage_groups(group_by)
+        query = validate_usage_filter(since, until, user, key, model)
+        return total_usage(self.usage_, groups, query)
 
     async def response_context(self, context_id: str, owner: str) -> int | None:
         context_id = validate_context_id(context_id)

@@ -473,7 +473,7 @@ async def test_a_version_1_schema_is_migrated(schema: str) -> None:
     admin = await asyncpg.connect(DSN)
     try:
         versions = await admin.fetch(f'SELECT version FROM "{schema}".gatewaykit_schema')
-        assert sorted(r["version"] for r in versions) == [1, 2, 3]
+        assert sorted(r["version"] for r in versions) == [1, 2, 3, 4]
     finally:
         await admin.close()
 
@@ -653,3 +653,40 @@ async def test_key_epoch_counts_own_changes_without_listening(schema: str) -> No
         assert not await ledger.revoke_key("missing")
         assert ledger._key_epoch == 2
         assert ledger._listener is None  # nobody read key_epoch: no extra connection
+
+
+# -- usage reports ----------------------------------------------------------------------------
+
+
+async def test_usage_reports_are_bounded_by_report_timeout_not_command_timeout(
+    schema: str,
+) -> None:
+    """A report over many rows may outlast a request's statement budget; here a lock held
+    for 1.5 s stands in for a long scan."""
+    async with PostgresLedger(DSN, schema=schema, command_timeout=0.5) as ledger:
+        await ledger.usage()  # migrated
+    blocker: Any = await asyncpg.connect(DSN)
+    try:
+        await blocker.execute("BEGIN")
+        await blocker.execute(f'LOCK TABLE "{schema}".usage_records IN ACCESS EXCLUSIVE MODE')
+        async with PostgresLedger(
+            DSN, schema=schema, command_timeout=0.5, report_timeout=0.5
+        ) as strict:
+            with pytest.raises(LedgerUnavailableError):
+                await strict.usage_totals(group_by=("day",))
+        answers: list[Any] = []
+        async with PostgresLedger(
+            DSN, schema=schema, command_timeout=0.5, report_timeout=30
+        ) as patient:
+
+            async def report() -> None:
+                answers.append(await patient.usage_totals(group_by=("day",)))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(report)
+                await anyio.sleep(1.5)  # past command_timeout, the report still waits
+                assert answers == []
+                await blocker.execute("COMMIT")  # releases the lock
+        assert answers == [[]]
+    finally:
+        await blocker.close()

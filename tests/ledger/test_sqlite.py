@@ -701,3 +701,40 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
     assert conn.execute("SELECT version FROM gatewaykit_schema").fetchall() == [(LATEST_VERSION,)]
     assert conn.execute("SELECT epoch FROM key_epoch").fetchall() == [(1,)]
     conn.close()
+
+
+async def test_a_version_3_file_gets_the_usage_indexes_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for version in (1, 2, 3):
+        for statement in MIGRATIONS[version]:
+            conn.execute(statement)
+    conn.execute("INSERT INTO gatewaykit_schema (version) VALUES (3)")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute(
+        "INSERT INTO usage_records (request_id, user, model, endpoint, status, usage_source, "
+        "input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_nanos, "
+        "latency_ms, created_at) VALUES ('r1', 'u', 'm', 'e', 'success', 'provider', "
+        "1, 2, 0, 0, 500, 7, 86400000000)"
+    )
+    conn.close()
+    async with SQLiteLedger(str(path)) as ledger:
+        (record,) = await ledger.usage(user="u")
+        assert (record.latency_ms, record.cost) == (7, D("0.0000005"))
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM gatewaykit_schema").fetchall() == [(LATEST_VERSION,)]
+    plans = {
+        where: " ".join(
+            row[3]
+            for row in conn.execute(
+                f"EXPLAIN QUERY PLAN SELECT * FROM usage_records WHERE {where} "
+                "ORDER BY created_at DESC, seq DESC LIMIT 10"
+            )
+        )
+        for where in ("created_at >= 0", "user = 'u'", "key_id = 'k'")
+    }
+    conn.close()
+    assert "usage_time" in plans["created_at >= 0"]
+    assert "usage_user_time" in plans["user = 'u'"]
+    assert "usage_key_time" in plans["key_id = 'k'"]
+    assert all("TEMP B-TREE" not in plan for plan in plans.values())  # no sort step

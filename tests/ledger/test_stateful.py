@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from gatewaykit.errors import BudgetExceeded, GatewayKitError
-from gatewaykit.ledger.base import Hold, Ledger, Period, UsageRecord
+from gatewaykit.ledger.base import Hold, Ledger, Period, UsageGroup, UsageRecord
 from tests.ledger.backends import BACKENDS, Backend, FakeClock
 from tests.ledger.model import ModelLedger
 
@@ -219,6 +219,9 @@ class LedgerMachine(RuleBasedStateMachine):
         expected = self.run(self.model.holds(live_only=False, limit=10_000))
         assert sorted(real, key=lambda h: h.hold_id) == sorted(expected, key=lambda h: h.hold_id)
         assert self.run(self.ledger.usage(limit=10_000)) == self.run(self.model.usage(limit=10_000))
+        groups: tuple[UsageGroup, ...] = ("day", "user", "key", "model")
+        real_totals = self.run(self.ledger.usage_totals(group_by=groups))
+        assert real_totals == self.run(self.model.usage_totals(group_by=groups))
 
 
 def _machine(backend: Backend) -> type[Any]:

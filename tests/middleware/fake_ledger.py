@@ -25,9 +25,14 @@ from gatewaykit.ledger.base import (
     Hold,
     HoldState,
     Period,
+    UsageGroup,
     UsageRecord,
+    UsageTotal,
     validate_scopes,
+    validate_usage_filter,
+    validate_usage_groups,
 )
+from tests.ledger.model import select_usage, total_usage
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -230,9 +235,31 @@ class FakeLedger:
                 problems.append(f"{scope}: spent {spent} != charges {charged}")
         return problems
 
-    async def usage(self, *, user: str | None = None, limit: int = 100) -> list[UsageRecord]:
-        rows = [r for r in self.records if user is None or r.user == user]
-        return rows[::-1][:limit]
+    async def usage(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        limit: int = 100,
+    ) -> list[UsageRecord]:
+        query = validate_usage_filter(since, until, user, key, model)
+        return select_usage(self.records, query)[:limit]
+
+    async def usage_totals(
+        self,
+        *,
+        group_by: Sequence[UsageGroup],
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+    ) -> list[UsageTotal]:
+        query = validate_usage_filter(since, until, user, key, model)
+        return total_usage(self.records, validate_usage_groups(group_by), query)
 
     async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord:
         self.keys[record.key_hash] = record
