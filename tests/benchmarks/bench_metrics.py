@@ -1,6 +1,6 @@
 """What observability costs per request: metrics and tracing on vs off, in one run.
 
-``nox -s bench -- metrics [--n 3000] [--stream-n 300] [--batch 50]``
+``nox -s bench -- metrics [--n 3000] [--stream-n 600] [--batch 25]``
 
 In process, no sockets (tests/benchmarks/gw_micro.py's harness): the real middleware,
 StandaloneMode on an in-memory SQLite ledger and the adapters, in front of a canned
@@ -146,8 +146,8 @@ def hooks_alone(n: int, variant: str) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench metrics")
     parser.add_argument("--n", type=int, default=3000, help="requests per variant")
-    parser.add_argument("--stream-n", type=int, default=300, help="streams per variant")
-    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--stream-n", type=int, default=600, help="streams per variant")
+    parser.add_argument("--batch", type=int, default=25)
     args = parser.parse_args(argv)
     try:
         run: Callable[[Any], Any] = importlib.import_module("uvloop").run
