@@ -19,9 +19,12 @@ def install(session: nox.Session, *args: str) -> None:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """Run the whole test suite (PostgreSQL tests use GATEWAYKIT_TEST_POSTGRES_DSN)."""
+    """Run the whole test suite with branch coverage, failing below the gate in
+    pyproject.toml (PostgreSQL tests use GATEWAYKIT_TEST_POSTGRES_DSN). Arguments go to
+    pytest: ``nox -s tests -- -n 2`` spreads it over two workers (pytest-cov merges
+    their data); a subset wants ``--no-cov``, as the gate is for the whole suite."""
     install(session, "-e", ".[postgres,metrics,otel]", "--group", "test")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "--cov", "--cov-report=term", *session.posargs)
 
 
 @nox.session(python=PYTHON)

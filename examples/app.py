@@ -1,14 +1,17 @@
 """An LLM gateway in one file: gatewaykit's example app.
 
     python examples/app.py [--host 127.0.0.1] [--port 8000] [--db URL] [--prices FILE]
-                           [--hold-ttl SECONDS] [--platform URL] [--ops-port PORT]
+                           [--hold-ttl SECONDS] [--fit-holds] [--platform URL]
+                           [--ops-port PORT]
 
 Serves ``POST /v1/chat/completions``, ``/v1/messages``, ``/v1/responses`` and
 ``GET /healthz``. Standalone by default: API keys and budgets in the ledger named by
 ``--db`` (default ``$GATEWAYKIT_DB``, else ``sqlite:///gatewaykit.db``), managed with the
 ``gatewaykit`` command line. ``--platform URL`` asks a control plane instead, with the
 gateway token from ``GATEWAYKIT_PLATFORM_TOKEN``; ``--db`` then names the database of the
-durable usage-report outbox (default ``sqlite:///gatewaykit-outbox.db``).
+durable usage-report outbox (default ``sqlite:///gatewaykit-outbox.db``). ``--fit-holds``
+admits a request whose worst case does not fit its budget with the largest output cap that
+does (``StandaloneMode(over_budget="fit")``) instead of refusing it.
 
 Upstreams come from the variables the official SDKs read: ``OPENAI_BASE_URL`` (ending in
 ``/v1``) and ``OPENAI_API_KEY`` for chat completions and responses, ``ANTHROPIC_BASE_URL``
@@ -24,42 +27,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import dataclasses
+import logging
 import os
 import shutil
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anyio
 import uvicorn
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from gatewaykit import (
-    GatewayKitError,
-    GatewayMiddleware,
-    PlatformMode,
-    PriceTable,
-    StandaloneMode,
-    Upstream,
-    open_ledger,
-)
-from gatewaykit.adapters import default_client, gateway_routes
-from gatewaykit.errors import ConfigurationError
-from gatewaykit.ledger import Ledger
-from gatewaykit.modes.base import RequestModeStrategy
-from gatewaykit.observability import HealthApp
-from gatewaykit.outbox import Outbox, open_outbox
+from gatewaykit import GatewayKitError, PriceTable, Upstream, open_ledger, server
+from gatewaykit.config import GatewayConfig, parse_config
+from gatewaykit.outbox import open_outbox
 from gatewaykit.testing import FakeProvider
-
-if TYPE_CHECKING:
-    from gatewaykit.observability import PrometheusMetrics
 
 DEFAULT_DB = "sqlite:///gatewaykit.db"
 DEFAULT_OUTBOX = "sqlite:///gatewaykit-outbox.db"
@@ -74,6 +59,7 @@ class Settings:
     db: str = DEFAULT_DB
     prices: Path | None = None
     hold_ttl: float = 600.0
+    fit_holds: bool = False
     platform: str | None = None
     platform_token: str | None = dataclasses.field(default=None, repr=False)
     master_key: str | None = dataclasses.field(default=None, repr=False)
@@ -106,6 +92,11 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
     parser.add_argument("--prices", type=Path, help="JSON price file, merged over the defaults")
     parser.add_argument("--hold-ttl", type=float, default=600.0, help="seconds (default 600)")
     parser.add_argument(
+        "--fit-holds",
+        action="store_true",
+        help="lower a request's output cap to what its budget can pay instead of a 402",
+    )
+    parser.add_argument(
         "--platform", metavar="URL", help="control plane URL (token: GATEWAYKIT_PLATFORM_TOKEN)"
     )
     parser.add_argument(
@@ -123,6 +114,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         db=args.db or environ.get("GATEWAYKIT_DB") or default_db,
         prices=args.prices,
         hold_ttl=args.hold_ttl,
+        fit_holds=args.fit_holds,
         platform=args.platform,
         platform_token=environ.get("GATEWAYKIT_PLATFORM_TOKEN"),
         master_key=environ.get("GATEWAYKIT_MASTER_KEY") or None,
@@ -134,39 +126,70 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
     )
 
 
-def configured_upstreams(settings: Settings, fake_port: int | None) -> list[Upstream]:
-    """The providers to forward to, with the meaning the official SDKs give the variables."""
+def example_config(settings: Settings, fake_port: int | None) -> GatewayConfig:
+    """The settings as a ``gatewaykit serve`` configuration: both run through one factory."""
+    upstreams: list[dict[str, object]] = []
     if fake_port is not None:
         fake = f"http://127.0.0.1:{fake_port}"
-        return [
-            Upstream(base_url=f"{fake}/v1", provider="openai", name="fake-openai"),
-            Upstream(base_url=fake, provider="anthropic", name="fake-anthropic"),
+        upstreams = [
+            {"base_url": f"{fake}/v1", "provider": "openai", "name": "fake-openai"},
+            {"base_url": fake, "provider": "anthropic", "name": "fake-anthropic"},
         ]
-    upstreams = []
     if settings.openai_base_url or settings.openai_api_key:
         upstreams.append(
-            Upstream(
-                base_url=settings.openai_base_url or "https://api.openai.com/v1",
-                api_key=settings.openai_api_key,
-                provider="openai",
-            )
+            {
+                "base_url": settings.openai_base_url or "https://api.openai.com/v1",
+                "provider": "openai",
+                **({"api_key_env": "OPENAI_API_KEY"} if settings.openai_api_key else {}),
+            }
         )
     if settings.anthropic_base_url or settings.anthropic_api_key:
         upstreams.append(
-            Upstream(
-                base_url=settings.anthropic_base_url or "https://api.anthropic.com",
-                api_key=settings.anthropic_api_key,
-                provider="anthropic",
-            )
+            {
+                "base_url": settings.anthropic_base_url or "https://api.anthropic.com",
+                "provider": "anthropic",
+                **({"api_key_env": "ANTHROPIC_API_KEY"} if settings.anthropic_api_key else {}),
+            }
         )
-    return upstreams
+    data: dict[str, object] = {
+        "server": {"host": settings.host, "port": settings.port},
+        "ledger": {"url": settings.db, "hold_ttl": settings.hold_ttl},
+        "prices": {"file": None if settings.prices is None else str(settings.prices)},
+    }
+    if settings.platform is not None:
+        data["platform"] = {
+            "url": settings.platform,
+            "token_env": "GATEWAYKIT_PLATFORM_TOKEN",
+            "outbox": settings.db,
+        }
+    else:
+        data["upstreams"] = upstreams
+        standalone: dict[str, object] = {}
+        if settings.master_key:
+            standalone["master_key_env"] = "GATEWAYKIT_MASTER_KEY"
+        if settings.fit_holds:
+            standalone["over_budget"] = "fit"
+        if standalone:
+            data["standalone"] = standalone
+    secrets = {
+        "OPENAI_API_KEY": settings.openai_api_key,
+        "ANTHROPIC_API_KEY": settings.anthropic_api_key,
+        "GATEWAYKIT_PLATFORM_TOKEN": settings.platform_token,
+        "GATEWAYKIT_MASTER_KEY": settings.master_key,
+    }
+    environ = {name: value for name, value in secrets.items() if value}
+    return parse_config(data, environ=environ, source="examples/app.py")
+
+
+def configured_upstreams(settings: Settings, fake_port: int | None) -> list[Upstream]:
+    """The providers to forward to, with the meaning the official SDKs give the variables."""
+    if settings.platform is not None:
+        return []
+    return server.upstreams(example_config(settings, fake_port))
 
 
 def load_prices(settings: Settings) -> PriceTable:
-    prices = PriceTable.default()
-    return (
-        prices if settings.prices is None else prices.merged(PriceTable.from_file(settings.prices))
-    )
+    return server.load_prices(example_config(settings, 0 if settings.offline else None))
 
 
 class _SideServer(uvicorn.Server):
@@ -177,17 +200,45 @@ class _SideServer(uvicorn.Server):
         yield
 
 
-def ops_app(ledger: Ledger | None, outbox: Outbox | None) -> tuple[Starlette, PrometheusMetrics]:
-    """The operator's app (``/metrics``, ``/livez``, ``/readyz``) and its metrics recorder."""
-    from gatewaykit.observability import MetricsApp, PrometheusMetrics
+#: Set inside the fake provider's task: its log records are dropped (see _QuietSideServer).
+_in_fake_provider: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "in_fake_provider", default=False
+)
 
-    metrics = PrometheusMetrics()
-    if outbox is not None:
-        metrics.watch_outbox(outbox)
-    health = HealthApp(ledger=ledger, outbox=outbox)
-    routes = [Route("/metrics", MetricsApp(metrics))]
-    routes += [Route("/livez", health), Route("/readyz", health)]
-    return Starlette(routes=routes), metrics
+
+class _QuietSideServer(logging.Filter):
+    """Drop the fake provider's uvicorn records: it shares uvicorn's loggers with the main
+    server, whose start-up, shutdown and access lines would otherwise appear twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _in_fake_provider.get()
+
+
+@contextlib.asynccontextmanager
+async def fake_provider(sock: socket.socket) -> AsyncIterator[None]:
+    """Serve gatewaykit's fake provider on ``sock`` for as long as the context lasts."""
+    # log_config/log_level None: leave the main server's logging as it is (access_log=False
+    # would too: uvicorn would remove the access logger's handlers, the main server's too).
+    config = uvicorn.Config(FakeProvider(), log_config=None, log_level=None, lifespan="off")
+    server = _SideServer(config)
+
+    async def serve() -> None:
+        _in_fake_provider.set(True)
+        await server.serve([sock])
+
+    quiet = _QuietSideServer()
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve)
+            try:
+                yield
+            finally:
+                server.should_exit = True
+    finally:
+        for name in ("uvicorn.error", "uvicorn.access"):
+            logging.getLogger(name).removeFilter(quiet)
 
 
 def build_app(
@@ -196,91 +247,17 @@ def build_app(
     fake_socket: socket.socket | None = None,
     ops_socket: socket.socket | None = None,
 ) -> Starlette:
-    """The gateway: adapters behind GatewayMiddleware, resources opened in the lifespan.
+    """The gateway, built by gatewaykit's own app factory (the one ``gatewaykit serve`` uses).
 
     ``fake_socket``: a listening socket to serve the built-in fake provider on;
     ``ops_socket``: one to serve ``/metrics``, ``/livez`` and ``/readyz`` on.
     """
-    client = default_client()
-    prices = load_prices(settings)
-    fake_port: int | None = fake_socket.getsockname()[1] if fake_socket is not None else None
-    ledger: Ledger | None = None
-    platform: PlatformMode | None = None
-    outbox: Outbox | None = None
-    mode: RequestModeStrategy
-    if settings.platform is not None:
-        if not settings.platform_token:
-            raise ConfigurationError(
-                "--platform needs the gateway token in GATEWAYKIT_PLATFORM_TOKEN"
-            )
-        mode = platform = PlatformMode(
-            base_url=settings.platform,
-            gateway_token=settings.platform_token,
-            client=client,
-            outbox=(outbox := open_outbox(settings.db)),
-            prices=prices,
-        )
-    else:
-        ledger = open_ledger(settings.db)
-        mode = StandaloneMode(
-            ledger,
-            prices=prices,
-            upstreams=configured_upstreams(settings, fake_port),
-            master_key=settings.master_key,
-            hold_ttl=settings.hold_ttl,
-        )
-    ops, metrics = ops_app(ledger, outbox) if ops_socket is not None else (None, None)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # Exit order: ledger/outbox, then the upstream client, then the fake provider.
-        async with anyio.create_task_group() as tasks, contextlib.AsyncExitStack() as stack:
-            if fake_socket is not None:
-                # log_config/log_level None: leave the main server's logging as it is.
-                config = uvicorn.Config(
-                    FakeProvider(), log_config=None, log_level=None, lifespan="off"
-                )
-                fake_server = _SideServer(config)
-                tasks.start_soon(fake_server.serve, [fake_socket])
-                stack.callback(setattr, fake_server, "should_exit", True)
-            if ops is not None and ops_socket is not None:
-                ops_server = _SideServer(
-                    uvicorn.Config(ops, log_config=None, log_level=None, lifespan="off")
-                )
-                tasks.start_soon(ops_server.serve, [ops_socket])
-                stack.callback(setattr, ops_server, "should_exit", True)
-            await stack.enter_async_context(client)
-            if ledger is not None:
-                await ledger.open()
-                stack.push_async_callback(ledger.aclose)
-                # Expire the holds of crashed requests even on budgets nobody uses again
-                # (reserve reclaims them lazily only on its own budgets).
-                sweeper = anyio.CancelScope()
-                tasks.start_soon(sweep_periodically, ledger, settings.hold_ttl / 4, sweeper)
-                stack.callback(sweeper.cancel)
-            if platform is not None:
-                await stack.enter_async_context(platform)
-            yield
-
-    async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "mode": type(mode).__name__})
-
-    return Starlette(
-        routes=[Route("/healthz", healthz), *gateway_routes(client=client)],
-        middleware=[Middleware(GatewayMiddleware, mode=mode, metrics=metrics)],
-        lifespan=lifespan,
+    if fake_socket is None:
+        return server.build_app(example_config(settings, None), ops_socket=ops_socket)
+    config = example_config(settings, fake_socket.getsockname()[1])
+    return server.build_app(
+        config, services=[lambda: fake_provider(fake_socket)], ops_socket=ops_socket
     )
-
-
-async def sweep_periodically(ledger: Ledger, interval: float, scope: anyio.CancelScope) -> None:
-    """Run ``ledger.sweep()`` every ``interval`` seconds until ``scope`` is cancelled."""
-    with scope:
-        while True:
-            await anyio.sleep(interval)
-            try:
-                await ledger.sweep()
-            except GatewayKitError as exc:  # the ledger is down: try again next round
-                print(f"gatewaykit: sweep failed: {exc}", file=sys.stderr)
 
 
 def absolute_db_url(url: str) -> str:
@@ -352,23 +329,20 @@ def banner(settings: Settings, fake_port: int | None, ops_port: int | None = Non
     return "\n".join(lines)
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    return sock
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv, os.environ)
     fake_socket = ops_socket = None
     try:
         anyio.run(preflight, settings)
         if settings.offline:
-            fake_socket = listening_socket("127.0.0.1", 0)
+            fake_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            fake_socket.bind(("127.0.0.1", 0))
+            fake_socket.listen(128)
         if settings.ops_port is not None:
-            ops_socket = listening_socket(settings.host, settings.ops_port)
+            ops_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            ops_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ops_socket.bind((settings.host, settings.ops_port))
+            ops_socket.listen(128)
         app = build_app(settings, fake_socket=fake_socket, ops_socket=ops_socket)
     except (GatewayKitError, OSError, ImportError) as exc:
         for sock in (fake_socket, ops_socket):

@@ -1,4 +1,4 @@
-"""``gatewaykit``: the admin command line for a standalone ledger (DESIGN §8).
+"""``gatewaykit``: the admin command line for a standalone ledger (docs/cli.md).
 
 Every command opens the ledger named by ``--db`` (default ``$GATEWAYKIT_DB``, else
 ``sqlite:///gatewaykit.db``), does one thing, and closes it. Listings print a readable
@@ -17,12 +17,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import click
@@ -43,7 +44,13 @@ from gatewaykit.ledger.base import (
     validate_scopes,
 )
 from gatewaykit.ledger.url import open_ledger
-from gatewaykit.money import parse_usd
+from gatewaykit.money import parse_plain_usd
+from gatewaykit.urls import redact
+
+if TYPE_CHECKING:  # serve's imports stay out of the other commands' start-up
+    from starlette.applications import Starlette
+
+    from gatewaykit.config import GatewayConfig
 
 __all__ = ["main"]
 
@@ -59,11 +66,6 @@ class CliError(click.ClickException):
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -101,7 +103,7 @@ def _run(ctx: click.Context, action: Callable[[Ledger], Awaitable[T]], *, create
     except GatewayKitError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
-        raise CliError(f"cannot open the ledger at {_redact(url)}: {exc}") from None
+        raise CliError(f"cannot open the ledger at {redact(url)}: {exc}") from None
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -144,7 +146,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, empty: s
 
 def _amount(text: str, *, what: str) -> Decimal:
     try:
-        return parse_usd(text)
+        return parse_plain_usd(text)
     except GatewayKitError as exc:
         raise click.BadParameter(str(exc), param_hint=what) from None
 
@@ -261,7 +263,40 @@ def _key_json(record: ApiKeyRecord) -> dict[str, Any]:
         "prefix": record.prefix,
         "user": record.user,
         "revoked": record.revoked,
+        "team": record.team,
+        "rpm": record.rpm,
+        "models": None if record.allowed_models is None else list(record.allowed_models),
+        "created_at": _iso(record.created_at),
+        "expires_at": _iso(record.expires_at),
     }
+
+
+def _expires(text: str | None, now: datetime) -> datetime | None:
+    """``--expires``: a span from now (``90m``, ``12h``, ``30d``, ``2w``) or an ISO 8601
+    date or date-time (UTC unless it names an offset)."""
+    if text is None:
+        return None
+    span = _SPAN.match(text)
+    if span is not None:
+        seconds = int(span[1]) * _SPAN_UNITS[span[2]]
+        try:
+            when = now.replace(microsecond=0) + timedelta(seconds=seconds)
+        except OverflowError:
+            raise click.BadParameter(f"{text!r} is too far ahead", param_hint="--expires") from None
+    else:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise click.BadParameter(
+                f"{text!r} is neither a span (90m, 12h, 30d, 2w) nor an ISO 8601 date-time "
+                "(2027-01-31 or 2027-01-31T18:00:00+01:00)",
+                param_hint="--expires",
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+    if when <= now:
+        raise click.BadParameter(f"{when.isoformat()} is in the past", param_hint="--expires")
+    return when.astimezone(timezone.utc)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -299,7 +334,17 @@ def keys() -> None:
 @click.option("--budget", metavar="USD", help="Give the key its own budget (scope key:<key_id>).")
 @click.option("--period", metavar="PERIOD", help=PERIOD_HELP + "  [default: none]")
 @click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute allowed.")
+@click.option(
+    "--max-concurrent",
+    type=click.IntRange(min=1, max=2**31 - 1),
+    help="Requests the key may have in flight at once.",
+)
 @click.option("--team", help="The key's team: a team:<TEAM> budget then applies too.")
+@click.option(
+    "--expires",
+    metavar="WHEN",
+    help="Refuse the key after WHEN: a span (90m, 12h, 30d, 2w) or an ISO 8601 date-time.",
+)
 @click.option(
     "--model",
     "models",
@@ -315,11 +360,14 @@ def keys_create(
     budget: str | None,
     period: str | None,
     rpm: int | None,
+    max_concurrent: int | None,
     team: str | None,
+    expires: str | None,
     models: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Create a key for USER and print it once; only its hash is stored."""
+    expires_at = _expires(expires, datetime.now(timezone.utc))
     _scope(f"user:{user}", what="--user")  # the key's user is a scope id: no whitespace
     if team is not None:
         _scope(f"team:{team}", what="--team")
@@ -335,7 +383,9 @@ def keys_create(
         user=user,
         team=team,
         rpm=rpm,
+        max_concurrent=max_concurrent,
         allowed_models=tuple(models) or None,
+        expires_at=expires_at,
     )
 
     async def action(ledger: Ledger) -> None:
@@ -346,9 +396,13 @@ def keys_create(
 
     _run(ctx, action, create=True)
     if _want_json(ctx, as_json):
-        _emit_json({"key": new.key, "key_id": new.key_id, "user": user})
+        _emit_json(
+            {"key": new.key, "key_id": new.key_id, "user": user, "expires_at": _iso(expires_at)}
+        )
         return
     click.echo(f"Created key {new.key_id} for user {user}:\n\n    {new.key}\n")
+    if expires_at is not None:
+        click.echo(f"It expires at {_iso(expires_at)}.")
     if limit is not None:
         click.echo(f"Budget key:{new.key_id}: {_per(limit, window or Period())}.")
     click.echo("Store it now: it is not shown again (the ledger keeps only its hash).")
@@ -369,10 +423,28 @@ def keys_list(ctx: click.Context, user: str | None, as_json: bool) -> None:
         _emit_json([_key_json(r) for r in records])
         return
     _table(
-        ["key_id", "prefix", "user", "team", "revoked"],
-        [[r.key_id, r.prefix, r.user, r.team, "yes" if r.revoked else "no"] for r in records],
+        ["key_id", "prefix", "user", "team", "rpm", "models", "created", "expires", "revoked"],
+        [
+            [
+                r.key_id,
+                r.prefix,
+                r.user,
+                r.team,
+                r.rpm,
+                None if r.allowed_models is None else ",".join(r.allowed_models),
+                _short_time(r.created_at),
+                _short_time(r.expires_at),
+                "yes" if r.revoked else "no",
+            ]
+            for r in records
+        ],
         empty="No keys.",
     )
+
+
+def _short_time(value: datetime | None) -> str | None:
+    """A time for a table: UTC to the minute (``--json`` has it in full)."""
+    return None if value is None else value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
 
 
 @keys.command("revoke")
@@ -708,3 +780,107 @@ def check(ctx: click.Context, as_json: bool) -> None:
         click.echo("OK: every invariant holds.")
     if violations:
         ctx.exit(1)
+
+
+# -- serve -------------------------------------------------------------------------------
+
+#: How ``serve --workers N`` tells its worker processes which file to load.
+CONFIG_VARIABLE = "GATEWAYKIT_SERVE_CONFIG"
+
+
+def _load(path: Path) -> GatewayConfig:
+    from gatewaykit.config import load_config
+
+    try:
+        return load_config(path, environ=os.environ)
+    except GatewayKitError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _worker_app() -> Starlette:
+    """The app of one ``serve --workers N`` process, built from the file ``serve`` checked."""
+    from gatewaykit.config import load_config
+    from gatewaykit.server import build_app
+
+    return build_app(load_config(os.environ[CONFIG_VARIABLE], environ=os.environ))
+
+
+async def _preflight(config: GatewayConfig) -> None:
+    """Open the ledger (or outbox) once before serving, so a bad URL fails here, readably."""
+    from gatewaykit.outbox import open_outbox
+
+    platform = config.platform
+    if platform is not None:
+        async with open_outbox(platform.outbox):
+            return
+    async with open_ledger(config.ledger.url):
+        return
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="gatewaykit.toml",
+    show_default=True,
+    envvar="GATEWAYKIT_CONFIG",
+    help="The TOML configuration file (env GATEWAYKIT_CONFIG).",
+)
+@click.option("--host", help="Listen on this address  [default: [server] host]")
+@click.option("--port", type=click.IntRange(0, 65535), help="[default: [server] port]")
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Processes  [default: [server] workers]"
+)
+@click.option(
+    "--check-config",
+    is_flag=True,
+    help="Validate the file, print the resolved configuration (secrets masked) and exit.",
+)
+def serve(
+    config_path: Path, host: str | None, port: int | None, workers: int | None, check_config: bool
+) -> None:
+    """Run the gateway under uvicorn, configured by a TOML file (see docs/configuration.md)."""
+    config = _load(config_path)
+    overrides = {"host": host, "port": port, "workers": workers}
+    server = config.server.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    config = config.model_copy(update={"server": server})
+    if check_config:
+        _emit_json(config.masked())
+        return
+    from gatewaykit.server import build_app
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise CliError("gatewaykit serve needs uvicorn: pip install 'gatewaykit[serve]'") from None
+    try:
+        anyio.run(_preflight, config)
+    except GatewayKitError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot open the ledger: {exc}") from None
+    if server.workers > 1 and config.platform is None and config.ledger.url.startswith("sqlite"):
+        click.echo(
+            "warning: several workers on one SQLite ledger serialise on its lock; "
+            "use PostgreSQL for more than one process",
+            err=True,
+        )
+    mode = f"platform, control plane {config.platform.url}" if config.platform else "standalone"
+    click.echo(
+        f"gatewaykit serve: {mode}, {server.workers} worker(s), config {config_path}", err=True
+    )
+    if server.workers == 1:
+        uvicorn.run(
+            build_app(config), host=server.host, port=server.port, access_log=server.access_log
+        )
+        return
+    os.environ[CONFIG_VARIABLE] = str(config_path.resolve())
+    uvicorn.run(
+        "gatewaykit.cli:_worker_app",
+        factory=True,
+        host=server.host,
+        port=server.port,
+        workers=server.workers,
+        access_log=server.access_log,
+    )

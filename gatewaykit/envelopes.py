@@ -1,7 +1,7 @@
 """Wire formats and their error envelopes, so official SDKs raise the right exception.
 
 OpenAI: ``{"error": {"message", "type", "param", "code"}}``;
-Anthropic: ``{"type": "error", "error": {"type", "message"}}`` (DESIGN §6).
+Anthropic: ``{"type": "error", "error": {"type", "message"}}`` (docs/errors.md).
 """
 
 from __future__ import annotations

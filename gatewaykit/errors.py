@@ -14,7 +14,6 @@ GatewayKitError
 │   ├── LedgerUnavailableError        the store cannot be reached (→ 503)
 │   └── SchemaError                   a database of an unknown version or not ours
 ├── SettlementMissingError (LookupError)  get_settlement() without GatewayMiddleware
-├── ModelNotPricedError               no price for a model under the ``reject`` policy
 ├── MalformedStreamError (ValueError) an upstream stream or body the gateway cannot read
 ├── UpstreamError                     the upstream HTTP exchange failed (any client)
 │   ├── UpstreamConnectError          no connection could be made (in time, or at all)
@@ -36,6 +35,7 @@ from decimal import Decimal
 
 __all__ = [
     "BudgetExceeded",
+    "ConcurrencyExceeded",
     "ConfigurationError",
     "ErrorKind",
     "GatewayKitError",
@@ -48,7 +48,6 @@ __all__ = [
     "LedgerError",
     "LedgerUnavailableError",
     "MalformedStreamError",
-    "ModelNotPricedError",
     "RequestRejected",
     "SchemaError",
     "SettlementMissingError",
@@ -56,6 +55,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamResponseTooLarge",
     "UpstreamTimeoutError",
+    "describe_error",
 ]
 
 
@@ -110,9 +110,22 @@ class BudgetExceeded(LedgerError):
 
     @property
     def remaining(self) -> Decimal:
-        """What is left in the window, never below zero for display."""
-        left = self.limit - self.spent - self.held
-        return left if left > 0 else Decimal(0)
+        """What is left in the window: ``limit - spent - held``, as ``budgets show`` says it.
+
+        Negative after an overrun (the provider billed more than was held): shown as what
+        it is, never clamped, so the 402 and the ledger agree.
+        """
+        return self.limit - self.spent - self.held
+
+
+class ConcurrencyExceeded(LedgerError):
+    """A reserve would give a scope more live holds (requests in flight) than its cap."""
+
+    def __init__(self, *, scope: str, limit: int, live: int) -> None:
+        self.scope = scope
+        self.limit = limit
+        self.live = live
+        super().__init__(f"{scope} already has {live} requests in flight, its limit is {limit}")
 
 
 class HoldConflictError(LedgerError):
@@ -137,17 +150,6 @@ class SchemaError(LedgerError):
 
 class SettlementMissingError(GatewayKitError, LookupError):
     """``get_settlement`` was called on a request that GatewayMiddleware did not handle."""
-
-
-class ModelNotPricedError(GatewayKitError):
-    """The model has no price and the unpriced-model policy is ``reject``."""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        super().__init__(
-            f"model {model!r} has no price; add it to the PriceTable or choose another "
-            "unpriced-model policy"
-        )
 
 
 class MalformedStreamError(GatewayKitError, ValueError):
@@ -242,3 +244,10 @@ class RequestRejected(GatewayKitError):
         self.headers = dict(headers or {})
         self.details = dict(details or {})
         super().__init__(message)
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"ClassName: message"`` (just the class when the message is empty), for logs and
+    the reasons a settlement or an outbox item records."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

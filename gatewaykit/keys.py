@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import hmac
 import secrets
 
-__all__ = ["KEY_PREFIX", "NewKey", "display_prefix", "generate_key", "hash_key", "keys_match"]
+__all__ = ["KEY_PREFIX", "NewKey", "display_prefix", "generate_key", "hash_key"]
 
 KEY_PREFIX = "gk_"
 
@@ -31,11 +30,6 @@ class NewKey:
 def hash_key(key: str) -> str:
     """Hex SHA-256 of the key: keys have 256 bits of entropy, so no salt or KDF is needed."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def keys_match(stored_hash: str, presented_key: str) -> bool:
-    """Constant-time comparison of a stored hash with a presented key."""
-    return hmac.compare_digest(stored_hash.encode(), hash_key(presented_key).encode())
 
 
 def display_prefix(key: str) -> str:

@@ -1,6 +1,6 @@
 """GatewayMiddleware: admits gated LLM requests and guarantees each is settled once.
 
-A pure ASGI middleware (DESIGN §2, §9). For a gated route (POST to a configured path) it
+A pure ASGI middleware (docs/middleware.md). For a gated route (POST to a configured path) it
 
 1. reads the body once, capped at ``max_body_bytes`` (413 beyond), and parses it for the
    route's wire format (400 when unusable);
@@ -62,7 +62,7 @@ hold cannot expire under a long stream.
 
 Precedence: a body that cannot be parsed (400/413) is reported only after the credential
 was checked, when the mode offers ``authenticate(headers)`` (:class:`SupportsAuthenticate`),
-so 401 wins over 400 (DESIGN §6).
+so 401 wins over 400 (docs/errors.md).
 """
 
 from __future__ import annotations

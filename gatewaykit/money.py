@@ -6,11 +6,12 @@ nano-USD rounds up (ceiling), once, so a budget is never under-charged.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 
 from gatewaykit.errors import InvalidAmountError
 
-__all__ = ["NANOS_PER_USD", "from_nanos", "parse_usd", "to_nanos"]
+__all__ = ["NANOS_PER_USD", "from_nanos", "parse_plain_usd", "parse_usd", "to_nanos"]
 
 NANOS_PER_USD = 10**9
 #: Largest amount a signed 64-bit nano-USD counter holds (about $9.2 billion).
@@ -58,6 +59,25 @@ def parse_usd(value: object) -> Decimal:
             f"got {amount:.3E}"
         )
     return amount
+
+
+_PLAIN = re.compile(r"[0-9]*\.?[0-9]+")
+
+
+def parse_plain_usd(text: str) -> Decimal:
+    """An amount of USD a person typed: digits with an optional decimal point, nothing else.
+
+    ``Decimal`` reads ``1e3`` as 1000 and ``1_000`` as 1000; typed at a prompt, those are
+    more likely mistakes than budgets, so human input (the command line) must spell the
+    amount out.
+    """
+    plain = text.strip()
+    if not _PLAIN.fullmatch(plain):
+        raise InvalidAmountError(
+            f"{text!r} is not a plain amount of USD: write digits with an optional decimal "
+            "point, e.g. 1000 or 0.25 (no exponent, sign, currency symbol or separators)"
+        )
+    return parse_usd(plain)
 
 
 def to_nanos(value: object) -> int:

@@ -12,11 +12,14 @@ import math
 from collections.abc import Iterator, Mapping
 from decimal import Decimal, localcontext
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, TypeAdapter, ValidationError
 
 from gatewaykit.errors import ConfigurationError, InvalidAmountError
 from gatewaykit.money import MAX_NANOS, from_nanos, parse_usd, to_nanos
 from gatewaykit.usage import Usage
+from gatewaykit.validation import first_problem
 
 __all__ = [
     "DEFAULT_PRICES",
@@ -121,34 +124,41 @@ class ModelPrice:
 
         ``context_window`` (optional) is an integer number of tokens, not a string.
         """
-        known = {
-            "input_per_mtok",
-            "output_per_mtok",
-            "cache_read_per_mtok",
-            "cache_write_per_mtok",
-            "context_window",
-        }
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigurationError(
-                f"price of {model!r}: unknown field(s) {sorted(unknown)}; expected {sorted(known)}"
-            )
-        missing = {"input_per_mtok", "output_per_mtok"} - set(data)
-        if missing:
-            raise ConfigurationError(f"price of {model!r}: missing {sorted(missing)}")
-        window = data.get("context_window")
-        if window is not None and (
-            isinstance(window, bool) or not isinstance(window, int) or window < 1
-        ):
-            raise ConfigurationError(
-                f"price of {model!r}: context_window must be a positive integer number of "
-                f"tokens, not {window!r}"
-            )
         try:
-            rates = {k: parse_usd(v) for k, v in data.items() if k != "context_window"}
-            return cls(**rates, context_window=window)
-        except InvalidAmountError as exc:
-            raise ConfigurationError(f"price of {model!r}: {exc}") from None
+            entry = _PRICE_ENTRY.validate_python(data)
+        except ValidationError as exc:
+            raise ConfigurationError(
+                f"price of {model!r}: {first_problem(exc, whole='the price')}"
+            ) from None
+        return entry.price()
+
+
+_Usd = Annotated[Decimal, PlainValidator(parse_usd)]
+
+
+class _PriceEntry(BaseModel):
+    """One model's entry in a price file (DESIGN §8): decimal strings, no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_per_mtok: _Usd
+    output_per_mtok: _Usd
+    cache_read_per_mtok: _Usd | None = None
+    cache_write_per_mtok: _Usd | None = None
+    context_window: Annotated[int, Field(strict=True, ge=1)] | None = None
+
+    def price(self) -> ModelPrice:
+        return ModelPrice(
+            self.input_per_mtok,
+            self.output_per_mtok,
+            self.cache_read_per_mtok,
+            self.cache_write_per_mtok,
+            context_window=self.context_window,
+        )
+
+
+_PRICE_ENTRY = TypeAdapter(_PriceEntry)
+_PRICE_FILE = TypeAdapter(dict[Annotated[str, Field(min_length=1)], _PriceEntry])
 
 
 class PriceTable(Mapping[str, ModelPrice]):
@@ -164,26 +174,21 @@ class PriceTable(Mapping[str, ModelPrice]):
             )
 
     @classmethod
-    def from_dict(cls, prices: Mapping[str, ModelPrice | Mapping[str, Any]]) -> PriceTable:
-        return cls(prices)
-
-    @classmethod
     def from_file(cls, path: str | Path) -> PriceTable:
-        """Load the JSON price file format (DESIGN §8); prices are decimal strings."""
+        """Load the JSON price file (docs/mounting.md, Prices): rates as decimal strings."""
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigurationError(f"cannot read price file {path}: {exc.strerror}") from None
         try:
-            data = json.loads(text, parse_float=Decimal)
+            # JSON numbers become Decimal, never float: a price is exact as written.
+            entries = _PRICE_FILE.validate_python(json.loads(text, parse_float=Decimal))
         except json.JSONDecodeError as exc:
             raise ConfigurationError(f"price file {path} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigurationError(f"price file {path} must hold a JSON object keyed by model")
-        for name, value in data.items():
-            if not isinstance(value, dict):
-                raise ConfigurationError(f"price file {path}: {name!r} must map to an object")
-        return cls(data)
+        except ValidationError as exc:
+            problem = first_problem(exc, whole="the price file")
+            raise ConfigurationError(f"price file {path}: {problem}") from None
+        return cls({name: entry.price() for name, entry in entries.items()})
 
     @classmethod
     def default(cls) -> PriceTable:

@@ -1,7 +1,7 @@
 """The settlement: the one object a handler talks to about money.
 
 A settlement wraps one hold (standalone) or one correlation (platform) and moves through
-a small state machine (DESIGN §4)::
+a small state machine (docs/settlement.md)::
 
     open ──on_first_chunk──▶ committed
       │                         │
@@ -24,6 +24,7 @@ from decimal import Decimal
 from typing import Any, Literal, Protocol
 
 from gatewaykit.context import get_context
+from gatewaykit.errors import describe_error
 from gatewaykit.upstream import Attempt
 from gatewaykit.usage import Usage
 
@@ -159,7 +160,8 @@ class Settlement(abc.ABC):
         self, error: BaseException | str, usage: Usage | None = None
     ) -> SettlementOutcome:
         """Before commit nothing was delivered: refund. After: charge what was consumed."""
-        return await self._terminal("error", usage, _describe(error))
+        reason = error if isinstance(error, str) else describe_error(error)
+        return await self._terminal("error", usage, reason)
 
     async def on_no_usage(self) -> SettlementOutcome:
         return await self._terminal("no_usage", None, None)
@@ -237,13 +239,6 @@ class UnmeteredSettlement(Settlement):
 
 
 _FREE = RequestEstimate(prompt_tokens=0, max_output_tokens=0, amount=Decimal(0))
-
-
-def _describe(error: BaseException | str) -> str:
-    if isinstance(error, str):
-        return error
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def get_settlement(conn: Any) -> Settlement:

@@ -74,6 +74,7 @@ class Upstream:
 
     @property
     def label(self) -> str:
+        """The upstream's name, else its provider (the ``owned_by`` of a model listing)."""
         return self.name or self.provider
 
 

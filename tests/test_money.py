@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gatewaykit.errors import ConfigurationError, GatewayKitError, InvalidAmountError
-from gatewaykit.money import MAX_NANOS, NANOS_PER_USD, from_nanos, parse_usd, to_nanos
+from gatewaykit.money import (
+    MAX_NANOS,
+    NANOS_PER_USD,
+    from_nanos,
+    parse_plain_usd,
+    parse_usd,
+    to_nanos,
+)
 from gatewaykit.pricing import ModelPrice
 from gatewaykit.usage import Usage
 
@@ -114,3 +121,16 @@ def test_absurd_exponents_are_refused_at_once(text: str) -> None:
 def test_zero_with_any_exponent_is_zero() -> None:
     assert to_nanos("0E+999999999") == 0
     assert ModelPrice(Decimal("0E+999999999"), Decimal(1)).cost_nanos(Usage(input_tokens=5)) == 0
+
+
+@pytest.mark.parametrize(
+    "text", ["1e3", "1E-3", "1_000", "+5", "-5", "$5", "5.", "NaN", "Infinity", ""]
+)
+def test_typed_money_must_be_plain(text: str) -> None:
+    with pytest.raises(InvalidAmountError, match="plain amount"):
+        parse_plain_usd(text)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1000", "1000"), ("0.25", "0.25"), (".5", "0.5")])
+def test_plain_money_is_read_exactly(text: str, expected: str) -> None:
+    assert parse_plain_usd(text) == Decimal(expected)

@@ -81,7 +81,7 @@ def test_floats_rejected_in_prices() -> None:
 
 
 def test_price_table_lookup() -> None:
-    table = PriceTable.from_dict(
+    table = PriceTable(
         {
             "gpt-4o": {"input_per_mtok": "2.50", "output_per_mtok": "10.00"},
             "anthropic/claude-x": {"input_per_mtok": "3", "output_per_mtok": "15"},
@@ -124,24 +124,37 @@ def test_price_file(tmp_path: Path) -> None:
     ("content", "message"),
     [
         ("not json", "not valid JSON"),
-        ("[]", "JSON object"),
-        ('{"m": 1}', "must map to an object"),
-        ('{"m": {"input_per_mtok": "1"}}', "missing"),
-        ('{"m": {"input_per_mtok": "1", "output_per_mtok": "x"}}', "price of 'm'"),
-        ('{"m": {"input_per_mtok": "1", "output_per_mtok": "1", "extra": "1"}}', "unknown"),
-        ('{"m": {"input_per_mtok": "-1", "output_per_mtok": "1"}}', "negative"),
+        ("[]", "the price file is not a JSON object"),
+        ('{"m": 1}', "m is not a JSON object"),
+        (
+            '{"": {"input_per_mtok": "1", "output_per_mtok": "1"}}',
+            r"\[key\]: String should have at least 1 character",
+        ),
+        ('{"m": {"input_per_mtok": "1"}}', "m.output_per_mtok is missing"),
+        (
+            '{"m": {"input_per_mtok": "1", "output_per_mtok": "x"}}',
+            "m.output_per_mtok: .*not a decimal amount",
+        ),
+        (
+            '{"m": {"input_per_mtok": "1", "output_per_mtok": "1", "extra": "1"}}',
+            "m.extra: Extra inputs are not permitted",
+        ),
+        ('{"m": {"input_per_mtok": "-1", "output_per_mtok": "1"}}', "m.input_per_mtok: .*negative"),
         (
             '{"m": {"input_per_mtok": "1", "output_per_mtok": "1", "context_window": "8"}}',
-            "integer",
+            "m.context_window: Input should be a valid integer",
         ),
-        ('{"m": {"input_per_mtok": "1", "output_per_mtok": "1", "context_window": 0}}', "integer"),
+        (
+            '{"m": {"input_per_mtok": "1", "output_per_mtok": "1", "context_window": 0}}',
+            "m.context_window: Input should be greater than or equal to 1",
+        ),
         (
             '{"m": {"input_per_mtok": "1", "output_per_mtok": "1", "context_window": 1.5}}',
-            "integer",
+            "m.context_window: Input should be a valid integer",
         ),
         (
             '{"m": {"input_per_mtok": "1", "output_per_mtok": "1", "context_window": true}}',
-            "integer",
+            "m.context_window: Input should be a valid integer",
         ),
     ],
 )

@@ -1,4 +1,4 @@
-"""The public surface (DESIGN §8) is pinned: adding or removing a name is a decision."""
+"""The public surface (docs/api.md) is pinned: adding or removing a name is a decision."""
 
 from __future__ import annotations
 
@@ -50,10 +50,16 @@ def test_unknown_names_raise_attribute_error() -> None:
 @pytest.mark.parametrize(
     "module",
     [
+        "gatewaykit.adapters",
+        "gatewaykit.adapters.openapi",
+        "gatewaykit.config",
+        "gatewaykit.ledger",
         "gatewaykit.middleware",
+        "gatewaykit.modes.fitting",
         "gatewaykit.modes.standalone",
         "gatewaykit.parsing",
         "gatewaykit.ratelimit",
+        "gatewaykit.server",
         "gatewaykit.streams",
         "gatewaykit.testing.settlement",
     ],

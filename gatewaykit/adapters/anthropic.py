@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from typing_extensions import Unpack
+
 from gatewaykit.adapters.endpoint import (
     ProxyEndpoint,
     RawHeaders,
@@ -23,6 +25,7 @@ from gatewaykit.adapters.endpoint import (
     client_header,
     forwarded_body,
 )
+from gatewaykit.adapters.options import EndpointOptions, UnaryEndpointOptions
 from gatewaykit.adapters.reading import EventKind, StreamUsage, text_len, tokens
 from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
 from gatewaykit.context import GatewayContext
@@ -186,10 +189,7 @@ _FREE = Usage()
 def anthropic_messages(
     *,
     client: UpstreamClient | Any,
-    connect_timeout: float | None = 10.0,
-    read_timeout: float | None = 600.0,
-    first_chunk_timeout: float | None = None,
-    max_response_bytes: int = 64 * 1024 * 1024,
+    **options: Unpack[EndpointOptions],
 ) -> ProxyEndpoint:
     """The ``/v1/messages`` endpoint: an ASGI app to mount behind GatewayMiddleware.
 
@@ -198,23 +198,14 @@ def anthropic_messages(
     return ProxyEndpoint(
         _MessagesSpec(),
         client=client,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        first_chunk_timeout=first_chunk_timeout,
-        max_response_bytes=max_response_bytes,
+        **options,
     )
 
 
 def anthropic_count_tokens(
     *,
     client: UpstreamClient | Any,
-    connect_timeout: float | None = 10.0,
-    read_timeout: float | None = 600.0,
+    **options: Unpack[UnaryEndpointOptions],
 ) -> ProxyEndpoint:
     """The ``/v1/messages/count_tokens`` endpoint (unmetered: never held or charged)."""
-    return ProxyEndpoint(
-        _CountTokensSpec(),
-        client=client,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-    )
+    return ProxyEndpoint(_CountTokensSpec(), client=client, **options)

@@ -14,7 +14,10 @@ import json
 import re
 from typing import Any
 
+from typing_extensions import Unpack
+
 from gatewaykit.adapters.endpoint import ProxyEndpoint, RawHeaders, base_headers, forwarded_body
+from gatewaykit.adapters.options import EndpointOptions
 from gatewaykit.adapters.reading import EventKind, StreamUsage, openai_usage, text_len
 from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent, parse_json
 from gatewaykit.context import GatewayContext
@@ -27,6 +30,7 @@ __all__ = [
     "ChatStreamUsage",
     "chat_usage",
     "openai_chat_completions",
+    "openai_headers",
 ]
 
 
@@ -142,6 +146,15 @@ class ChatStreamUsage(StreamUsage):
         return EventKind.FORWARD
 
 
+def openai_headers(upstream: Upstream) -> dict[str, str]:
+    """The upstream headers of every OpenAI API: a bearer credential, then the upstream's."""
+    headers = base_headers()
+    if upstream.api_key:
+        headers["authorization"] = f"Bearer {upstream.api_key}"
+    headers.update(upstream.headers)
+    return headers
+
+
 class _ChatSpec:
     wire = WireFormat.OPENAI_CHAT
     provider = "openai"
@@ -153,11 +166,7 @@ class _ChatSpec:
         return f"{upstream.base_url}/chat/completions"
 
     def headers(self, upstream: Upstream, client_headers: RawHeaders) -> dict[str, str]:
-        headers = base_headers()
-        if upstream.api_key:
-            headers["authorization"] = f"Bearer {upstream.api_key}"
-        headers.update(upstream.headers)
-        return headers
+        return openai_headers(upstream)
 
     def prepare(self, context: GatewayContext, attempt: Attempt) -> tuple[bytes, StreamUsage]:
         if context.stream and self.inject_stream_usage:
@@ -183,27 +192,21 @@ class _ChatSpec:
 def openai_chat_completions(
     *,
     client: UpstreamClient | Any,
-    connect_timeout: float | None = 10.0,
-    read_timeout: float | None = 600.0,
-    first_chunk_timeout: float | None = None,
-    max_response_bytes: int = 64 * 1024 * 1024,
     inject_stream_usage: bool = True,
+    **options: Unpack[EndpointOptions],
 ) -> ProxyEndpoint:
     """The ``/v1/chat/completions`` endpoint: an ASGI app to mount behind GatewayMiddleware.
 
     ``client`` is the upstream client: :func:`gatewaykit.adapters.default_client` (aiohttp,
-    the fast one), or an ``httpx.AsyncClient`` / ``httpx2.AsyncClient``. Timeouts are
-    seconds (None: no limit); ``first_chunk_timeout`` bounds the connect and the wait for
-    a stream's first real event, after which the next attempt is tried.
-    ``max_response_bytes`` caps a non-streaming answer. ``inject_stream_usage=False``
+    the fast one), or an ``httpx.AsyncClient`` / ``httpx2.AsyncClient``. ``options`` are
+    the timeouts and the body cap of :class:`~gatewaykit.adapters.options.EndpointOptions`
+    (``connect_timeout``, ``read_timeout``, ``first_chunk_timeout``,
+    ``max_response_bytes``). ``inject_stream_usage=False``
     leaves ``stream_options`` alone for upstreams that reject it (streams are then billed
     by the missing-usage policy).
     """
     return ProxyEndpoint(
         _ChatSpec(inject_stream_usage=inject_stream_usage),
         client=client,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        first_chunk_timeout=first_chunk_timeout,
-        max_response_bytes=max_response_bytes,
+        **options,
     )

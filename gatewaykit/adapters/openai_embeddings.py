@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from gatewaykit.adapters.endpoint import ProxyEndpoint, RawHeaders, base_headers, forwarded_body
+from typing_extensions import Unpack
+
+from gatewaykit.adapters.endpoint import ProxyEndpoint, RawHeaders, forwarded_body
+from gatewaykit.adapters.openai_chat import openai_headers
+from gatewaykit.adapters.options import UnaryEndpointOptions
 from gatewaykit.adapters.reading import StreamUsage, openai_usage
 from gatewaykit.context import GatewayContext
 from gatewaykit.envelopes import WireFormat
@@ -35,11 +39,7 @@ class _EmbeddingsSpec:
         return f"{upstream.base_url}/embeddings"
 
     def headers(self, upstream: Upstream, client_headers: RawHeaders) -> dict[str, str]:
-        headers = base_headers()
-        if upstream.api_key:
-            headers["authorization"] = f"Bearer {upstream.api_key}"
-        headers.update(upstream.headers)
-        return headers
+        return openai_headers(upstream)
 
     def prepare(self, context: GatewayContext, attempt: Attempt) -> tuple[bytes, StreamUsage]:
         return forwarded_body(context, attempt), StreamUsage()  # never read: no stream
@@ -57,19 +57,11 @@ class _EmbeddingsSpec:
 def openai_embeddings(
     *,
     client: UpstreamClient | Any,
-    connect_timeout: float | None = 10.0,
-    read_timeout: float | None = 600.0,
-    max_response_bytes: int = 64 * 1024 * 1024,
+    **options: Unpack[UnaryEndpointOptions],
 ) -> ProxyEndpoint:
     """The ``/v1/embeddings`` endpoint: an ASGI app to mount behind GatewayMiddleware.
 
-    Arguments as for :func:`gatewaykit.adapters.openai_chat_completions`; a large batch's
-    answer must fit in ``max_response_bytes``.
+    ``options``: :class:`~gatewaykit.adapters.options.UnaryEndpointOptions`; a large
+    batch's answer must fit in ``max_response_bytes``.
     """
-    return ProxyEndpoint(
-        _EmbeddingsSpec(),
-        client=client,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        max_response_bytes=max_response_bytes,
-    )
+    return ProxyEndpoint(_EmbeddingsSpec(), client=client, **options)

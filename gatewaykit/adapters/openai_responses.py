@@ -15,7 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from gatewaykit.adapters.endpoint import ProxyEndpoint, RawHeaders, base_headers, forwarded_body
+from typing_extensions import Unpack
+
+from gatewaykit.adapters.endpoint import ProxyEndpoint, RawHeaders, forwarded_body
+from gatewaykit.adapters.openai_chat import openai_headers
+from gatewaykit.adapters.options import EndpointOptions
 from gatewaykit.adapters.reading import EventKind, StreamUsage, openai_usage, text_len
 from gatewaykit.adapters.sse import MalformedStreamError, SSEEvent
 from gatewaykit.context import GatewayContext
@@ -99,11 +103,7 @@ class _ResponsesSpec:
         return f"{upstream.base_url}/responses"
 
     def headers(self, upstream: Upstream, client_headers: RawHeaders) -> dict[str, str]:
-        headers = base_headers()
-        if upstream.api_key:
-            headers["authorization"] = f"Bearer {upstream.api_key}"
-        headers.update(upstream.headers)
-        return headers
+        return openai_headers(upstream)
 
     def prepare(self, context: GatewayContext, attempt: Attempt) -> tuple[bytes, StreamUsage]:
         return forwarded_body(context, attempt), ResponsesStreamUsage()
@@ -129,10 +129,7 @@ class _ResponsesSpec:
 def openai_responses(
     *,
     client: UpstreamClient | Any,
-    connect_timeout: float | None = 10.0,
-    read_timeout: float | None = 600.0,
-    first_chunk_timeout: float | None = None,
-    max_response_bytes: int = 64 * 1024 * 1024,
+    **options: Unpack[EndpointOptions],
 ) -> ProxyEndpoint:
     """The ``/v1/responses`` endpoint: an ASGI app to mount behind GatewayMiddleware.
 
@@ -141,8 +138,5 @@ def openai_responses(
     return ProxyEndpoint(
         _ResponsesSpec(),
         client=client,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        first_chunk_timeout=first_chunk_timeout,
-        max_response_bytes=max_response_bytes,
+        **options,
     )

@@ -1,7 +1,7 @@
 """The default upstream client: aiohttp, driven directly.
 
 aiohttp's pool holds up under concurrency where httpx's collapses (encode/httpx#3215), and
-without an httpx layer over it a proxied request costs about half the CPU (DESIGN §10:
+without an httpx layer over it a proxied request costs about half the CPU (docs/performance.md:
 the httpx-over-aiohttp passthrough ran at 0.46× the raw-aiohttp floor). The session is
 created on first use inside the running loop, or when the client is entered; the host
 closes it in its lifespan (``async with default_client() as client: ...``).
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -26,6 +25,7 @@ from gatewaykit.errors import (
     UpstreamTimeoutError,
 )
 from gatewaykit.http.base import Timeouts, too_large
+from gatewaykit.resource import AsyncResource
 
 __all__ = ["AiohttpClient", "default_client"]
 
@@ -43,7 +43,7 @@ def default_client(
     return AiohttpClient(max_connections=max_connections, keepalive_expiry=keepalive_expiry)
 
 
-class AiohttpClient:
+class AiohttpClient(AsyncResource):
     """An :class:`~gatewaykit.http.UpstreamClient` on one ``aiohttp.ClientSession``."""
 
     def __init__(
@@ -84,17 +84,9 @@ class AiohttpClient:
             )
         return session
 
-    async def __aenter__(self) -> AiohttpClient:
+    async def open(self) -> None:
+        """Create the session now (it is otherwise made on first use)."""
         _ = self.session
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         session, self._session = self._session, None

@@ -1,6 +1,6 @@
 """The one upstream client protocol: adapters, platform mode and the outbox sender use it.
 
-A gateway's hot path is its upstream HTTP client (DESIGN §10), so gatewaykit talks to a
+A gateway's hot path is its upstream HTTP client (docs/performance.md), so gatewaykit talks to a
 small protocol of its own rather than to one library's API: :func:`default_client` drives
 aiohttp directly, and an ``httpx.AsyncClient`` or ``httpx2.AsyncClient`` (respx mocks the
 former) is wrapped by :class:`~gatewaykit.http.HttpxClient`. Each implementation maps its

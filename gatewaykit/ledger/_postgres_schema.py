@@ -159,8 +159,20 @@ CREATE INDEX usage_records_user_time ON usage_records (user_id, created_at, seq)
 CREATE INDEX usage_records_key_time ON usage_records (key_id, created_at, seq);
 """
 
+# Live holds per budget window, kept with the reserved amount in the same statements, so
+# a reserve can cap the requests a key (or any scope) has in flight; and the keys' cap.
+_V5 = r"""
+ALTER TABLE counters ADD COLUMN live bigint NOT NULL DEFAULT 0 CHECK (live >= 0);
+UPDATE counters c SET live = x.n
+FROM (SELECT u.scope, u.ws, count(*) AS n
+      FROM holds h, unnest(h.scopes, h.windows) AS u(scope, ws)
+      WHERE h.state = 'held' GROUP BY u.scope, u.ws) x
+WHERE c.scope = x.scope AND c.window_start = x.ws;
+ALTER TABLE api_keys ADD COLUMN max_concurrent integer CHECK (max_concurrent > 0);
+"""
+
 #: Migration scripts in order; never edit a released one, append a new one.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _OURS = ("budgets", "counters", "holds", "usage_records", "api_keys")

@@ -123,6 +123,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX usage_user_time ON usage_records (user, created_at)",
         "CREATE INDEX usage_key_time ON usage_records (key_id, created_at)",
     ),
+    # Live holds per budget window, kept with the reserved amount, so a reserve can cap
+    # the requests a key (or any scope) has in flight; and the keys' own cap.
+    5: (
+        f"ALTER TABLE counters ADD COLUMN live INTEGER NOT NULL DEFAULT 0 {_INT.format('live')}",
+        """UPDATE counters SET live = (SELECT count(*) FROM hold_scopes s JOIN holds h
+            ON h.hold_id = s.hold_id WHERE h.state = 'held' AND s.scope = counters.scope
+            AND s.window_start = counters.window_start)""",
+        "ALTER TABLE api_keys ADD COLUMN max_concurrent INTEGER",
+    ),
 }
 LATEST_VERSION = max(MIGRATIONS)
 

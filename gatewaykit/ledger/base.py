@@ -1,6 +1,6 @@
 """The ledger contract: value types and the ``Ledger`` protocol every backend implements.
 
-Semantics (DESIGN §3), shared by every backend and checked by one conformance suite:
+Semantics (docs/ledger.md), shared by every backend and checked by one conformance suite:
 
 * Money is ``Decimal`` USD here and integer nano-USD in storage; a float is refused.
 * A budget is a scope string ``kind:id`` with a limit (``None`` = unlimited, spend is
@@ -23,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from types import TracebackType
 from typing import Literal, Protocol, runtime_checkable
 
 from gatewaykit.errors import ConfigurationError, InvalidScopeError
+from gatewaykit.money import MAX_NANOS, parse_usd, to_nanos
 from gatewaykit.usage import MAX_TOKENS
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "Hold",
     "HoldState",
     "Ledger",
+    "OutputFit",
     "Period",
     "RESPONSE_CONTEXT_TTL",
     "ResponseContext",
@@ -48,7 +50,9 @@ __all__ = [
     "UsageTotal",
     "sort_totals",
     "validate_context_id",
+    "validate_fit",
     "validate_hold_id",
+    "validate_max_live",
     "validate_record",
     "validate_scopes",
     "validate_ttl",
@@ -73,6 +77,22 @@ def validate_scopes(scopes: Sequence[str]) -> tuple[str, ...]:
                 "(lower-case kind, no whitespace)"
             )
     return tuple(sorted(set(scopes)))
+
+
+def validate_max_live(
+    max_live: Mapping[str, int] | None, scopes: tuple[str, ...]
+) -> tuple[tuple[str, int], ...]:
+    """Caps on live holds: each a scope of the hold and a positive int; sorted by scope."""
+    if not max_live:
+        return ()
+    if not isinstance(max_live, Mapping):
+        raise ConfigurationError("max_live must map scopes to the most live holds they may have")
+    for scope, most in max_live.items():
+        if scope not in scopes:
+            raise ConfigurationError(f"max_live names {scope!r}, which is not a scope of the hold")
+        if isinstance(most, bool) or not isinstance(most, int) or not 0 < most < 2**31:
+            raise ConfigurationError(f"max_live[{scope!r}] must be a positive int, not {most!r}")
+    return tuple(sorted(max_live.items()))
 
 
 def validate_hold_id(hold_id: str) -> str:
@@ -210,6 +230,94 @@ class BudgetStatus:
         if self.limit is None:
             return None
         return self.limit - self.spent - self.held
+
+
+#: Most decimal places below a nano-USD an :class:`OutputFit` computes with.
+_MAX_FIT_DIGITS = 40
+
+
+def _units(value: Decimal, digits: int) -> int:
+    """``value`` USD in units of 10^-(9 + digits) USD (exact: ``digits`` is large enough)."""
+    sign, coefficient_digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)
+    assert not sign
+    coefficient = int("".join(map(str, coefficient_digits)))
+    return coefficient * int(10 ** (exponent + 9 + digits))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutputFit:
+    """A reserve that may hold fewer output tokens than asked, so the hold fits the budgets.
+
+    A hold of ``n`` output tokens costs ``base + n × per_token`` USD rounded up to the
+    nano-USD once (``base``: the prompt; both exact, unrounded). ``reserve(..., fit=f)``
+    holds its ``amount`` — the cost of ``max_tokens`` — when that fits every budget, else
+    the cost of the largest ``n ≥ min_tokens`` that fits all of them, decided in the same
+    atomic step as the hold (two requests never fit into the same room); it refuses only
+    when ``min_tokens`` does not fit. :meth:`tokens_held` reads ``n`` back from the amount
+    held, also for a replay. The backends compute in integers of ``10^-(9 + digits)`` USD.
+    """
+
+    base: Decimal
+    per_token: Decimal
+    min_tokens: int
+    max_tokens: int
+    digits: int = dataclasses.field(init=False, repr=False, compare=False)
+    base_units: int = dataclasses.field(init=False, repr=False, compare=False)
+    token_units: int = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        base, per_token = parse_usd(self.base), parse_usd(self.per_token)
+        for name in ("min_tokens", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigurationError(f"OutputFit.{name} must be a non-negative int")
+        if self.min_tokens > self.max_tokens:
+            raise ConfigurationError("OutputFit.min_tokens must not exceed max_tokens")
+        exponents = [v.as_tuple().exponent for v in (base, per_token) if v]
+        digits = max([0, *(-9 - e for e in exponents if isinstance(e, int))])
+        if digits > _MAX_FIT_DIGITS:
+            raise ConfigurationError("OutputFit amounts have too many decimal places")
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "per_token", per_token)
+        object.__setattr__(self, "digits", digits)
+        object.__setattr__(self, "base_units", _units(base, digits) if base else 0)
+        object.__setattr__(self, "token_units", _units(per_token, digits) if per_token else 0)
+        if self.nanos(self.max_tokens) > MAX_NANOS:
+            raise ConfigurationError("OutputFit.max_tokens costs more than a ledger can hold")
+
+    def nanos(self, tokens: int) -> int:
+        """The hold for ``tokens`` output tokens, in nano-USD (rounded up once)."""
+        scale: int = 10**self.digits
+        return -(-(self.base_units + tokens * self.token_units) // scale)
+
+    def tokens_within(self, room: int) -> int | None:
+        """The most output tokens (at most ``max_tokens``) whose hold is ≤ ``room`` nano-USD;
+        None when not even ``min_tokens`` fits."""
+        spare = room * 10**self.digits - self.base_units
+        if spare < 0:
+            return None
+        tokens = self.max_tokens if not self.token_units else spare // self.token_units
+        tokens = min(tokens, self.max_tokens)
+        return tokens if tokens >= self.min_tokens else None
+
+    def tokens_held(self, amount: Decimal) -> int:
+        """The output tokens a hold of ``amount`` USD (made with this fit) pays for."""
+        tokens = self.tokens_within(to_nanos(amount))
+        return self.min_tokens if tokens is None else tokens
+
+
+def validate_fit(fit: OutputFit | None, amount: int) -> OutputFit | None:
+    """A fit must price ``amount`` (nano-USD) as the hold of its ``max_tokens``."""
+    if fit is None:
+        return None
+    if not isinstance(fit, OutputFit):
+        raise ConfigurationError("fit must be an OutputFit or None")
+    if fit.nanos(fit.max_tokens) != amount:
+        raise ConfigurationError(
+            "a fitted reserve's amount must be its OutputFit's cost of max_tokens"
+        )
+    return fit
 
 
 #: How long a remembered response context lives (seconds): OpenAI keeps a stored
@@ -454,6 +562,8 @@ class ApiKeyRecord:
     expires_at: datetime | None = None
     allowed_models: tuple[str, ...] | None = None
     rpm: int | None = None
+    #: The most requests this key may have in flight at once (None: no cap).
+    max_concurrent: int | None = None
 
 
 @runtime_checkable
@@ -503,9 +613,27 @@ class Ledger(Protocol):
 
     # -- holds -------------------------------------------------------------------------
     async def reserve(
-        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+        self,
+        hold_id: str,
+        scopes: Sequence[str],
+        amount: Decimal,
+        *,
+        ttl: float,
+        fit: OutputFit | None = None,
+        max_live: Mapping[str, int] | None = None,
     ) -> Hold:
         """Hold ``amount`` on every scope or none; raises BudgetExceeded on refusal.
+
+        ``max_live`` caps, per scope of the hold, its live holds (requests in flight) this
+        one included: a scope at its cap refuses with ConcurrencyExceeded (checked before
+        the budgets; the first such scope in sorted order). The count and the new hold are
+        one atomic step, exact across every process sharing the store.
+
+        With ``fit`` (see :class:`OutputFit`), a smaller hold that fits every budget is
+        taken instead of a refusal; ``Hold.amount`` says what was held. A refusal then
+        reports the first scope (sorted) where ``fit.min_tokens`` does not fit, requesting
+        that smaller amount. A replay with a fit accepts any stored amount the fit could
+        have held.
 
         A replay returns the stored hold (whatever its state since); a tombstone left by
         an earlier release is returned as is, so the caller must check ``hold.live``.

@@ -30,10 +30,9 @@ import functools
 import logging
 import re
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from types import TracebackType
 from typing import Any
 
 import anyio
@@ -41,6 +40,7 @@ import asyncpg
 
 from gatewaykit.errors import (
     BudgetExceeded,
+    ConcurrencyExceeded,
     ConfigurationError,
     GatewayKitError,
     HoldClosedError,
@@ -55,6 +55,7 @@ from gatewaykit.ledger.base import (
     BudgetStatus,
     Hold,
     HoldState,
+    OutputFit,
     Period,
     ResponseContext,
     UsageFilter,
@@ -63,7 +64,9 @@ from gatewaykit.ledger.base import (
     UsageTotal,
     sort_totals,
     validate_context_id,
+    validate_fit,
     validate_hold_id,
+    validate_max_live,
     validate_record,
     validate_scopes,
     validate_ttl,
@@ -71,6 +74,8 @@ from gatewaykit.ledger.base import (
     validate_usage_groups,
 )
 from gatewaykit.money import from_nanos, to_nanos
+from gatewaykit.resource import AsyncResource
+from gatewaykit.urls import redact
 
 __all__ = ["PostgresLedger"]
 
@@ -102,7 +107,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 # first row is written.
 _RELEASE = """
 rel AS (
-    SELECT u.scope, u.ws, sum(e.amount)::bigint AS amt
+    SELECT u.scope, u.ws, sum(e.amount)::bigint AS amt, count(*) AS n
     FROM expired e, unnest(e.scopes, e.windows) AS u(scope, ws)
     GROUP BY u.scope, u.ws
 ),
@@ -111,14 +116,14 @@ rel_locked AS (
     ORDER BY c.scope, c.window_start FOR UPDATE OF c
 ),
 rel_upd AS (
-    UPDATE counters c SET reserved = c.reserved - rel.amt FROM rel
+    UPDATE counters c SET reserved = c.reserved - rel.amt, live = c.live - rel.n FROM rel
     WHERE c.scope = rel.scope AND c.window_start = rel.ws
       AND (SELECT count(*) FROM rel_locked) >= 0
 )"""
 
 # $1 hold id, $2 sorted scopes, $3 amount, $4 ttl. Reclaims due holds on the scopes,
 # then admits all-or-none. Returns one row per scope (in $2 order).
-_RESERVE = """
+_RESERVE_TEMPLATE = """
 WITH clock AS (SELECT gk_now() AS t),
 fresh AS (SELECT NOT EXISTS (SELECT 1 FROM holds WHERE hold_id = $1) AS yes),
 tgt AS (
@@ -146,7 +151,7 @@ skipped AS (
       AND h.expires_at <= (SELECT t FROM clock) AND h.scopes && $2::text[]
 ),
 rel AS (
-    SELECT u.scope, u.ws, sum(e.amount)::bigint AS amt
+    SELECT u.scope, u.ws, sum(e.amount)::bigint AS amt, count(*) AS n
     FROM expired e, unnest(e.scopes, e.windows) AS u(scope, ws)
     GROUP BY u.scope, u.ws
 ),
@@ -169,14 +174,14 @@ chk AS (
     LEFT JOIN locked l ON l.scope = t.scope AND l.window_start = t.ws
     LEFT JOIN rel r ON r.scope = t.scope AND r.ws = t.ws
 ),
-verdict AS (
+{fit}{caps}verdict AS (
     SELECT bool_and(fresh.yes AND c.present AND (c.limit_nanos IS NULL
-               OR c.spent::numeric + c.reserved + $3 <= c.limit_nanos)) AS admit
+               OR c.spent::numeric + c.reserved + {amount} <= c.limit_nanos)){crowded} AS admit
     FROM chk c, fresh
 ),
 ins AS (
     INSERT INTO holds (hold_id, scopes, windows, amount, state, created_at, expires_at)
-    SELECT $1, $2::text[], (SELECT array_agg(ws ORDER BY ord) FROM tgt), $3, 'held',
+    SELECT $1, $2::text[], (SELECT array_agg(ws ORDER BY ord) FROM tgt), {amount}, 'held',
            clock.t, clock.t + $4::interval
     FROM clock, verdict WHERE verdict.admit
     ON CONFLICT (hold_id) DO NOTHING
@@ -185,7 +190,9 @@ ins AS (
 upd AS (
     UPDATE counters c
     SET reserved = c.reserved - coalesce(r.amt, 0)
-            + CASE WHEN t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins) THEN $3 ELSE 0 END,
+            + CASE WHEN t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins) THEN {amount} ELSE 0 END,
+        live = c.live - coalesce(r.n, 0)
+            + CASE WHEN t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins) THEN 1 ELSE 0 END,
         used = c.used OR (t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins))
     FROM keys k
     LEFT JOIN rel r ON r.scope = k.scope AND r.ws = k.ws
@@ -195,11 +202,62 @@ upd AS (
 )
 SELECT c.scope, c.ws, c.limit_nanos, c.period_kind, c.period_seconds, c.present,
        c.spent, c.reserved, f.yes AS fresh, v.admit, i.created_at, i.expires_at,
-       k.yes AS skipped
+       k.yes AS skipped, ({amount})::bigint AS held{crowded_columns}
 FROM chk c CROSS JOIN fresh f CROSS JOIN verdict v CROSS JOIN skipped k
 LEFT JOIN ins i ON true
 ORDER BY c.ord
 """
+
+
+# A fitted reserve (OutputFit) also takes $5 min tokens, $6 max tokens, $7 base units,
+# $8 units per token, $9 units per nano-USD: it holds the full $3 when the tightest
+# locked budget has room, else the largest fitting hold (integer division, exact), else
+# the smallest (which the verdict then refuses). Mirrors OutputFit.tokens_within.
+_FIT = """room AS (
+    SELECT min(c.limit_nanos::numeric - c.spent - c.reserved) AS r
+    FROM chk c WHERE c.limit_nanos IS NOT NULL
+),
+fitted AS (
+    SELECT CASE WHEN room.r IS NULL OR room.r >= $3 THEN $3::bigint
+        ELSE div($7::numeric + $9::numeric - 1 + $8::numeric * greatest($5::bigint, least(
+                $6::bigint, CASE WHEN $8::numeric = 0 THEN $6::bigint
+                                 ELSE div(room.r * $9::numeric - $7::numeric, $8::numeric) END)),
+                 $9::numeric)::bigint
+    END AS a FROM room
+),
+"""
+# Caps on live holds ($c1 scopes, $c2 caps: the two parameters after the fit's): each
+# capped scope's live holds in all its windows, less those this statement reclaims. The
+# rows are read, not locked: the caller serialises capped reserves of a scope with an
+# advisory lock taken before this statement, whose snapshot then sees every one of them.
+_CAPS = """caps AS (
+    SELECT m.scope, m.most,
+           (SELECT coalesce(sum(c.live), 0) FROM counters c WHERE c.scope = m.scope)
+           - (SELECT count(*) FROM expired e WHERE m.scope = ANY(e.scopes)) AS live
+    FROM unnest($c1::text[], $c2::int[]) AS m(scope, most)
+),
+crowded AS (SELECT * FROM caps WHERE live >= most ORDER BY scope LIMIT 1),
+"""
+_CROWDED_COLUMNS = """,
+       (SELECT scope FROM crowded) AS crowded_scope, (SELECT most FROM crowded) AS crowded_most,
+       (SELECT live FROM crowded) AS crowded_live"""
+
+
+@functools.cache
+def _reserve_sql(*, fit: bool, caps: bool) -> str:
+    sql = _RESERVE_TEMPLATE.format(
+        fit=_FIT if fit else "",
+        amount="(SELECT a FROM fitted)" if fit else "$3",
+        caps=_CAPS if caps else "",
+        crowded=" AND NOT EXISTS (SELECT 1 FROM crowded)" if caps else "",
+        crowded_columns=_CROWDED_COLUMNS if caps else "",
+    )
+    first = 10 if fit else 5
+    return sql.replace("$c1", f"${first}").replace("$c2", f"${first + 1}")
+
+
+_RESERVE = _reserve_sql(fit=False, caps=False)
+_RESERVE_FIT = _reserve_sql(fit=True, caps=False)
 
 # Create the counter rows a reserve needs, sorted so concurrent inserters never deadlock.
 _ENSURE_COUNTERS = """
@@ -250,7 +308,8 @@ claim AS (
     RETURNING x.scopes, x.windows, x.amount, x.late, h.state AS was
 ),
 delta AS (
-    SELECT u.scope, u.ws, CASE WHEN c.was = 'held' THEN c.amount ELSE 0 END AS rel
+    SELECT u.scope, u.ws, CASE WHEN c.was = 'held' THEN c.amount ELSE 0 END AS rel,
+           CASE WHEN c.was = 'held' THEN 1 ELSE 0 END AS n
     FROM claim c, unnest(c.scopes, c.windows) AS u(scope, ws)
 ),
 locked AS (
@@ -258,13 +317,16 @@ locked AS (
     ORDER BY c.scope, c.window_start FOR UPDATE OF c
 ),
 upd AS (
-    UPDATE counters c SET reserved = c.reserved - d.rel, spent = c.spent + $2 FROM delta d
+    UPDATE counters c SET reserved = c.reserved - d.rel, live = c.live - d.n,
+        spent = c.spent + $2 FROM delta d
     WHERE c.scope = d.scope AND c.window_start = d.ws AND (SELECT count(*) FROM locked) >= 0
 ),
 {_RECORD_INSERT.format(when="EXISTS (SELECT 1 FROM claim)")}
 SELECT h.*, c.late AS new_late, c.was
 FROM (SELECT 1) one LEFT JOIN h ON true LEFT JOIN claim c ON true
 """
+
+_STATEMENTS = {"reserve": _RESERVE, "reserve_fit": _RESERVE_FIT, "settle": _SETTLE}
 
 _RELEASE_RECORD = _RECORD_INSERT.format(
     when="EXISTS (SELECT 1 FROM claim WHERE state = 'released') OR EXISTS (SELECT 1 FROM tomb)"
@@ -357,16 +419,19 @@ _CHECK_COUNTERS = """
 WITH per AS (
     SELECT u.scope, u.ws,
            sum(CASE WHEN h.state = 'held' THEN h.amount ELSE 0 END) AS live,
-           sum(CASE WHEN h.state = 'settled' THEN h.charged ELSE 0 END) AS charged
+           sum(CASE WHEN h.state = 'settled' THEN h.charged ELSE 0 END) AS charged,
+           count(*) FILTER (WHERE h.state = 'held') AS holds
     FROM holds h, unnest(h.scopes, h.windows) AS u(scope, ws)
     GROUP BY u.scope, u.ws
 )
 SELECT coalesce(c.scope, p.scope) AS scope, coalesce(c.window_start, p.ws) AS ws,
-       c.scope IS NOT NULL AS present, c.spent, c.reserved,
-       coalesce(p.live, 0) AS live, coalesce(p.charged, 0) AS charged
+       c.scope IS NOT NULL AS present, c.spent, c.reserved, c.live AS counted,
+       coalesce(p.live, 0) AS live, coalesce(p.charged, 0) AS charged,
+       coalesce(p.holds, 0) AS holds
 FROM counters c FULL JOIN per p ON p.scope = c.scope AND p.ws = c.window_start
 WHERE c.scope IS NULL OR c.spent < 0 OR c.reserved < 0
    OR c.reserved != coalesce(p.live, 0) OR c.spent != coalesce(p.charged, 0)
+   OR c.live != coalesce(p.holds, 0)
 ORDER BY 1, 2
 """
 
@@ -425,7 +490,8 @@ SELECT count(*) AS pruned FROM gone
 """
 
 _KEY_COLUMNS = (
-    "key_id, key_hash, prefix, user_id, team, revoked, created_at, expires_at, allowed_models, rpm"
+    "key_id, key_hash, prefix, user_id, team, revoked, created_at, expires_at, allowed_models, "
+    "rpm, max_concurrent"
 )
 _USAGE_COLUMNS = (
     "request_id, key_id, user_id, model, endpoint, status, usage_source, input_tokens, "
@@ -557,6 +623,7 @@ def _key(r: Any) -> ApiKeyRecord:
         expires_at=r["expires_at"],
         allowed_models=None if r["allowed_models"] is None else tuple(r["allowed_models"]),
         rpm=r["rpm"],
+        max_concurrent=r["max_concurrent"],
     )
 
 
@@ -571,7 +638,7 @@ class _Op:
     lead: bool = False
 
 
-class PostgresLedger:
+class PostgresLedger(AsyncResource):
     """A budget ledger in PostgreSQL, shared safely by any number of gateway processes.
 
     ``url`` is a libpq URL (``postgresql://user:pass@host:5432/dbname``). The tables live
@@ -610,7 +677,7 @@ class PostgresLedger:
         if not isinstance(url, str) or not url.startswith(("postgresql://", "postgres://")):
             raise ConfigurationError(
                 "PostgresLedger needs a postgresql://user@host/dbname URL, got "
-                f"{_redact(url) if isinstance(url, str) else url!r}"
+                f"{redact(url) if isinstance(url, str) else url!r}"
             )
         url, url_schema = _split_schema(url)
         schema = schema if schema is not None else url_schema or "public"
@@ -652,7 +719,7 @@ class PostgresLedger:
         self._listener: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"PostgresLedger({_redact(self.url)!r}, schema={self.schema!r})"
+        return f"PostgresLedger({redact(self.url)!r}, schema={self.schema!r})"
 
     # -- key change notifications ------------------------------------------------------
     @property
@@ -703,7 +770,7 @@ class PostgresLedger:
                 logger.warning(
                     "key change listener cannot listen on %s (%s); cached API keys fall "
                     "back to key_cache_ttl until it can; retrying in %.1fs",
-                    _redact(self.url),
+                    redact(self.url),
                     type(exc).__name__,
                     delay,
                 )
@@ -760,22 +827,10 @@ class PostgresLedger:
             if pool is not None:
                 await pool.close()
 
-    async def __aenter__(self) -> PostgresLedger:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     def _unavailable(self, exc: BaseException) -> LedgerUnavailableError:
         detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")
         return LedgerUnavailableError(
-            f"the PostgreSQL ledger at {_redact(self.url)} is unavailable ({detail})"
+            f"the PostgreSQL ledger at {redact(self.url)} is unavailable ({detail})"
         )
 
     @contextlib.asynccontextmanager
@@ -862,37 +917,76 @@ class PostgresLedger:
 
     # -- holds -------------------------------------------------------------------------
     async def reserve(
-        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+        self,
+        hold_id: str,
+        scopes: Sequence[str],
+        amount: Decimal,
+        *,
+        ttl: float,
+        fit: OutputFit | None = None,
+        max_live: Mapping[str, int] | None = None,
     ) -> Hold:
         """Hold ``amount`` on every scope or none (one statement); BudgetExceeded if refused.
 
         Due holds on the same scopes are expired first. A replay returns the stored hold.
+        With ``fit``, the same statement decides the largest hold that fits. With
+        ``max_live``, an advisory lock per capped scope (in scope order, held to commit)
+        serialises the capped reserves of that scope in every process, and the statement
+        that follows counts their live holds from a snapshot taken under the lock.
         """
         hold_id = validate_hold_id(hold_id)
         scope_t = validate_scopes(scopes)
         nanos = to_nanos(amount)
         ttl_td = timedelta(microseconds=_us(validate_ttl(ttl)))
-        args = (hold_id, list(scope_t), nanos, ttl_td)
+        fit = validate_fit(fit, nanos)
+        caps = validate_max_live(max_live, scope_t)
+        args: tuple[Any, ...] = (hold_id, list(scope_t), nanos, ttl_td)
+        kind = "reserve"
+        smallest = nanos
+        if fit is not None:
+            kind, smallest = "reserve_fit", fit.nanos(fit.min_tokens)
+            args += (
+                fit.min_tokens,
+                fit.max_tokens,
+                Decimal(fit.base_units),
+                Decimal(fit.token_units),
+                Decimal(10**fit.digits),
+            )
+        if caps:
+            args += ([scope for scope, _ in caps], [most for _, most in caps])
         for attempt in range(_RETRIES):
-            rows = await self._combined("reserve", scope_t, args)
+            if caps:
+                rows = await self._capped(_reserve_sql(fit=fit is not None, caps=True), caps, args)
+            else:
+                rows = await self._combined(kind, scope_t, args)
             first = rows[0]
             if not first["fresh"] or (first["admit"] and first["created_at"] is None):
-                replayed = await self._replay_reserve(hold_id, scope_t, nanos)
+                replayed = await self._replay_reserve(hold_id, scope_t, smallest, nanos)
                 if replayed is not None:
                     return replayed
                 continue  # the competing reserve rolled back: reserve afresh
+            held = first["held"]
+            if caps and first["crowded_scope"] is not None:
+                if first["skipped"] and attempt < _RETRIES - 1:
+                    await anyio.sleep(0.001 * (attempt + 1))  # as for a budget, below
+                    continue
+                raise ConcurrencyExceeded(
+                    scope=first["crowded_scope"],
+                    limit=first["crowded_most"],
+                    live=first["crowded_live"],
+                )
             if first["admit"]:
                 self._remember(hold_id, scope_t)
                 return Hold(
                     hold_id=hold_id,
                     scopes=scope_t,
-                    amount=from_nanos(nanos),
+                    amount=from_nanos(held),
                     state=HoldState.HELD,
                     created_at=first["created_at"],
                     expires_at=first["expires_at"],
-                    remaining=_remaining(rows, nanos),
+                    remaining=_remaining(rows, held),
                 )
-            refusal = _refusal(rows, nanos)
+            refusal = _refusal(rows, held)
             if refusal is not None:
                 if first["skipped"] and attempt < _RETRIES - 1:
                     # A due hold on these budgets was being released by another
@@ -910,8 +1004,26 @@ class PostgresLedger:
             f"could not reserve hold {hold_id!r}: the store kept changing under it; retry"
         )
 
+    async def _capped(
+        self, sql: str, caps: tuple[tuple[str, int], ...], args: tuple[Any, ...]
+    ) -> list[Any]:
+        """A capped reserve: the scopes' advisory locks, then the statement, one commit."""
+        for attempt in range(_RETRIES):
+            try:
+                async with self._conn() as conn, conn.transaction():
+                    for scope, _ in caps:
+                        await conn.execute(
+                            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                            f"gatewaykit:live:{self.schema}:{scope}",
+                        )
+                    return list(await conn.fetch(sql, *args))
+            except LedgerUnavailableError as exc:
+                if not _deadlock(exc) or attempt == _RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     async def _replay_reserve(
-        self, hold_id: str, scopes: tuple[str, ...], nanos: int
+        self, hold_id: str, scopes: tuple[str, ...], smallest: int, nanos: int
     ) -> Hold | None:
         rows = await self._fetch(f"SELECT {_HOLD_COLUMNS} FROM holds WHERE hold_id = $1", hold_id)
         if not rows:
@@ -919,7 +1031,7 @@ class PostgresLedger:
         row = rows[0]
         if row["state"] == "released" and not row["scopes"]:
             return _hold(row)  # a tombstone: the release came first
-        if tuple(row["scopes"]) != scopes or row["amount"] != nanos:
+        if tuple(row["scopes"]) != scopes or not smallest <= row["amount"] <= nanos:
             raise HoldConflictError(
                 f"hold {hold_id!r} was reserved with other scopes or another amount; "
                 "use a fresh hold id for a new request"
@@ -1046,6 +1158,10 @@ class PostgresLedger:
                     f"I2: {where} has reserved {row['reserved']} nano-USD but its live holds "
                     f"total {row['live']}"
                 )
+            if row["counted"] != row["holds"]:
+                problems.append(
+                    f"I2: {where} counts {row['counted']} live holds but has {row['holds']}"
+                )
             if row["spent"] != row["charged"]:
                 problems.append(
                     f"I3: {where} has spent {row['spent']} nano-USD but its settled holds "
@@ -1110,7 +1226,7 @@ class PostgresLedger:
         hands the lead to the next queued op. Shielded, so a cancelled caller never
         strands the ops it carries; ``command_timeout`` bounds the wait.
         """
-        sql = _RESERVE if kind == "reserve" else _SETTLE
+        sql = _STATEMENTS[kind]
         if self.batch_max == 1:
             return await self._fetch(sql, *args)
         key = (kind, scopes)
@@ -1260,7 +1376,7 @@ class PostgresLedger:
         try:
             rows = await self._fetch(
                 f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES "
-                "($1, $2, $3, $4, $5, $6, coalesce($7, gk_now()), $8, $9, $10) "
+                "($1, $2, $3, $4, $5, $6, coalesce($7, gk_now()), $8, $9, $10, $11) "
                 "RETURNING created_at",
                 record.key_id,
                 record.key_hash,
@@ -1272,6 +1388,7 @@ class PostgresLedger:
                 record.expires_at,
                 None if record.allowed_models is None else list(record.allowed_models),
                 record.rpm,
+                record.max_concurrent,
             )
         except LedgerUnavailableError as exc:
             if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
@@ -1404,8 +1521,3 @@ def _split_schema(url: str) -> tuple[str, str | None]:
         return url, None
     rest = urllib.parse.urlencode([(n, v) for n, v in query if n != "schema"])
     return urllib.parse.urlunsplit(parts._replace(query=rest)), schemas[-1]
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages and reprs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

@@ -28,14 +28,14 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from gatewaykit.errors import (
     BudgetExceeded,
+    ConcurrencyExceeded,
     ConfigurationError,
     GatewayKitError,
     HoldClosedError,
@@ -50,6 +50,7 @@ from gatewaykit.ledger.base import (
     BudgetStatus,
     Hold,
     HoldState,
+    OutputFit,
     Period,
     ResponseContext,
     UsageFilter,
@@ -58,7 +59,9 @@ from gatewaykit.ledger.base import (
     UsageTotal,
     sort_totals,
     validate_context_id,
+    validate_fit,
     validate_hold_id,
+    validate_max_live,
     validate_record,
     validate_scopes,
     validate_ttl,
@@ -66,6 +69,7 @@ from gatewaykit.ledger.base import (
     validate_usage_groups,
 )
 from gatewaykit.money import from_nanos, to_nanos
+from gatewaykit.resource import AsyncResource
 
 __all__ = ["SQLiteLedger"]
 
@@ -94,7 +98,8 @@ _USAGE_SUMS = (
     "sum(cache_write_tokens), sum(cost_nanos)"
 )
 _KEY_COLUMNS = (
-    "key_id, key_hash, prefix, user, team, revoked, created_at, expires_at, allowed_models, rpm"
+    "key_id, key_hash, prefix, user, team, revoked, created_at, expires_at, allowed_models, rpm, "
+    "max_concurrent"
 )
 _MAX_BATCH = 512
 #: How long a busy writer waits for more operations before it commits (seconds).
@@ -213,7 +218,8 @@ class _Store:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.c = conn
         self.budget_cache: dict[str, tuple[int | None, Period] | None] = {}
-        #: (scope, window) -> [spent, reserved]: committed values plus pending changes.
+        #: (scope, window) -> [spent, reserved, live holds]: committed values plus pending
+        #: changes.
         self.counters: dict[tuple[str, int], list[int]] = {}
         #: Windows whose counter row exists in the database.
         self.stored: set[tuple[str, int]] = set()
@@ -298,21 +304,21 @@ class _Store:
             new_rows: list[tuple[Any, ...]] = []
             changed: list[tuple[Any, ...]] = []
             for window in self.touched:
-                spent, reserved = self.counters[window]
+                spent, reserved, live = self.counters[window]
                 if window in self.stored:
-                    changed.append((spent, reserved, *window))
+                    changed.append((spent, reserved, live, *window))
                 else:
-                    new_rows.append((*window, spent, reserved))
+                    new_rows.append((*window, spent, reserved, live))
             if changed:
                 c.executemany(
-                    "UPDATE counters SET spent = ?, reserved = ? "
+                    "UPDATE counters SET spent = ?, reserved = ?, live = ? "
                     "WHERE scope = ? AND window_start = ?",
                     changed,
                 )
             if new_rows:
                 c.executemany(
-                    "INSERT INTO counters (scope, window_start, spent, reserved) "
-                    "VALUES (?, ?, ?, ?)",
+                    "INSERT INTO counters (scope, window_start, spent, reserved, live) "
+                    "VALUES (?, ?, ?, ?, ?)",
                     new_rows,
                 )
             self.stored.update(self.touched)
@@ -340,25 +346,33 @@ class _Store:
         return budget
 
     def counter(self, scope: str, key: int) -> list[int]:
-        """The window's [spent, reserved], loaded once; pending changes are applied to it."""
+        """The window's [spent, reserved, live], loaded once; pending changes are applied."""
         cached = self.counters.get((scope, key))
         if cached is None:
             row = self.c.execute(
-                "SELECT spent, reserved FROM counters WHERE scope = ? AND window_start = ?",
+                "SELECT spent, reserved, live FROM counters WHERE scope = ? AND window_start = ?",
                 (scope, key),
             ).fetchone()
             if row is not None:
                 self.stored.add((scope, key))
-            cached = self.counters[(scope, key)] = list(row) if row else [0, 0]
+            cached = self.counters[(scope, key)] = list(row) if row else [0, 0, 0]
         return cached
 
-    def move(self, windows: list[tuple[str, int]], spent: int, reserved: int) -> None:
+    def used(self, scope: str, key: int) -> int:
+        """Spent plus reserved in the window."""
+        counter = self.counter(scope, key)
+        return counter[0] + counter[1]
+
+    def move(
+        self, windows: list[tuple[str, int]], spent: int, reserved: int, live: int = 0
+    ) -> None:
         """Change the counters of ``windows``; a total may never go negative (I9)."""
         for scope, key in windows:
             counter = self.counter(scope, key)
             counter[0] += spent
             counter[1] += reserved
-            if counter[0] < 0 or counter[1] < 0:
+            counter[2] += live
+            if counter[0] < 0 or counter[1] < 0 or counter[2] < 0:
                 raise LedgerError(
                     f"the ledger refused a change that would make {scope}'s totals negative "
                     "(invariant I9); run check() and restore the database from a backup"
@@ -368,7 +382,7 @@ class _Store:
     def status(self, scope: str, now: int) -> BudgetStatus:
         limit, period = self.budget(scope) or (None, _NO_PERIOD)
         start, end = period.window(_dt(now))
-        spent, reserved = self.counter(scope, _window_key(period, now))
+        spent, reserved, _ = self.counter(scope, _window_key(period, now))
         return BudgetStatus(
             scope=scope,
             limit=None if limit is None else _usd(limit),
@@ -426,7 +440,7 @@ class _Store:
         windows = self.windows(row[0])
         row = (*row[:3], state, *row[4:])
         self.put(row, windows, now)
-        self.move(windows, 0, -row[2])
+        self.move(windows, 0, -row[2], -1)
         return row
 
     def touch(self, row: HoldRow, now: int) -> HoldRow:
@@ -511,20 +525,34 @@ class _Store:
 
     # -- holds -------------------------------------------------------------------------
     def reserve(
-        self, now: int, hold_id: str, scopes: tuple[str, ...], amount: int, ttl: int
+        self,
+        now: int,
+        hold_id: str,
+        scopes: tuple[str, ...],
+        amount: int,
+        ttl: int,
+        fit: OutputFit | None = None,
+        caps: tuple[tuple[str, int], ...] = (),
     ) -> Hold | _Fail:
         text = " ".join(scopes)
         row = self.get(hold_id)
         if row is not None:
             if row[3] == "released" and not row[1]:
                 return _hold(row)  # a tombstone: the release came first
-            if row[1] != text or row[2] != amount:
+            smallest = amount if fit is None else fit.nanos(fit.min_tokens)
+            if row[1] != text or not smallest <= row[2] <= amount:
                 raise HoldConflictError(
                     f"hold {hold_id!r} was reserved with other scopes or another amount; "
                     "use a fresh hold id for a new request"
                 )
             return _hold(self.touch(row, now))
         self.reclaim(scopes, now)
+        for scope, most in caps:  # requests in flight, before the budgets (429 before 402)
+            live = self.live_holds(scope)
+            if live >= most:
+                return _Fail(ConcurrencyExceeded(scope=scope, limit=most, live=live))
+        if fit is not None:
+            amount = self.fitted(scopes, amount, fit, now)
         windows = []
         limits = []
         for scope in scopes:
@@ -532,7 +560,7 @@ class _Store:
             key = _window_key(period, now)
             limits.append(limit)
             if limit is not None:
-                spent, reserved = self.counter(scope, key)
+                spent, reserved, _ = self.counter(scope, key)
                 if spent + reserved + amount > limit:
                     return _Fail(
                         BudgetExceeded(
@@ -548,15 +576,37 @@ class _Store:
         expires = now + ttl
         row = (hold_id, text, amount, "held", now, expires, 0, 0, 0)
         self.put(row, windows, None, new=True)
-        self.move(windows, 0, amount)
+        self.move(windows, 0, amount, 1)
         if self.next_expiry is not None:
             self.next_expiry = min(self.next_expiry, expires)
         # The counters now include this hold: the headroom a gateway reports, for free.
         remaining = tuple(
-            (scope, None if limit is None else _headroom_usd(limit - sum(self.counter(scope, key))))
+            (scope, None if limit is None else _headroom_usd(limit - self.used(scope, key)))
             for (scope, key), limit in zip(windows, limits, strict=True)
         )
         return _hold(row, remaining)
+
+    def live_holds(self, scope: str) -> int:
+        """The scope's live holds in all its windows: stored counts, or this batch's."""
+        rows = self.c.execute(
+            "SELECT window_start, live FROM counters WHERE scope = ? AND live > 0", (scope,)
+        ).fetchall()
+        stored = {(scope, key): live for key, live in rows}
+        stored.update((w, c[2]) for w, c in self.counters.items() if w[0] == scope)
+        return sum(stored.values())
+
+    def fitted(self, scopes: tuple[str, ...], amount: int, fit: OutputFit, now: int) -> int:
+        """The hold a fitted reserve tries: ``amount`` if the tightest budget has room for
+        it, else the largest fitting hold, else the smallest (which is then refused)."""
+        rooms = []
+        for scope in scopes:
+            limit, period = self.budget(scope) or (None, _NO_PERIOD)
+            if limit is not None:
+                rooms.append(limit - self.used(scope, _window_key(period, now)))
+        if not rooms or min(rooms) >= amount:
+            return amount
+        tokens = fit.tokens_within(min(rooms))
+        return fit.nanos(fit.min_tokens if tokens is None else tokens)
 
     def settle(
         self, now: int, hold_id: str, actual: int, record: UsageRecord | None, cost: int
@@ -580,7 +630,7 @@ class _Store:
         windows = self.windows(hold_id)
         row = (*row[:3], "settled", row[4], row[5], actual, overrun, int(late))
         self.put(row, windows, None if late else now)
-        self.move(windows, actual, 0 if late else -amount)
+        self.move(windows, actual, 0 if late else -amount, 0 if late else -1)
         self.record(record, cost, now)
         return _hold(row)
 
@@ -636,24 +686,27 @@ class _Store:
         self.flush()
         c = self.c
         problems: list[str] = []
-        expected: dict[tuple[str, int], tuple[int, int]] = {
-            (scope, key): (live, charged)
-            for scope, key, live, charged in c.execute(
+        expected: dict[tuple[str, int], tuple[int, int, int]] = {
+            (scope, key): (live, charged, count)
+            for scope, key, live, charged, count in c.execute(
                 "SELECT s.scope, s.window_start, "
                 "sum(CASE WHEN h.state = 'held' THEN h.amount ELSE 0 END), "
-                "sum(CASE WHEN h.state = 'settled' THEN h.charged ELSE 0 END) "
+                "sum(CASE WHEN h.state = 'settled' THEN h.charged ELSE 0 END), "
+                "sum(h.state = 'held') "
                 "FROM hold_scopes s JOIN holds h ON h.hold_id = s.hold_id "
                 "GROUP BY s.scope, s.window_start"
             )
         }
-        counters = c.execute("SELECT scope, window_start, spent, reserved FROM counters")
-        for scope, key, spent, reserved in counters:
-            live, charged = expected.pop((scope, key), (0, 0))
+        counters = c.execute("SELECT scope, window_start, spent, reserved, live FROM counters")
+        for scope, key, spent, reserved, held in counters:
+            live, charged, count = expected.pop((scope, key), (0, 0, 0))
             where = f"{scope} (window starting {_dt(key * 1_000_000).isoformat()})"
             if reserved != live:
                 problems.append(
                     f"I2: {where} has reserved {reserved} nano-USD but its live holds total {live}"
                 )
+            if held != count:
+                problems.append(f"I2: {where} counts {held} live holds but has {count}")
             if spent != charged:
                 problems.append(
                     f"I3: {where} has spent {spent} nano-USD but its settled "
@@ -780,6 +833,7 @@ class _Store:
             expires_at=None if r[7] is None else _dt(r[7]),
             allowed_models=None if r[8] is None else tuple(json.loads(r[8])),
             rpm=r[9],
+            max_concurrent=r[10],
         )
 
     def create_key(self, now: int, record: ApiKeyRecord) -> ApiKeyRecord:
@@ -787,7 +841,7 @@ class _Store:
         created = now if record.created_at is None else _dt_us(record.created_at)
         try:
             self.c.execute(
-                f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.key_id,
                     record.key_hash,
@@ -799,6 +853,7 @@ class _Store:
                     None if record.expires_at is None else _dt_us(record.expires_at),
                     None if record.allowed_models is None else json.dumps(record.allowed_models),
                     record.rpm,
+                    record.max_concurrent,
                 ),
             )
         except sqlite3.IntegrityError:
@@ -1189,7 +1244,7 @@ def _set_exc(future: asyncio.Future[None], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-class SQLiteLedger:
+class SQLiteLedger(AsyncResource):
     """The embedded ledger: one SQLite file (or ``:memory:``), WAL, durable by default.
 
     ``synchronous="FULL"`` (default) makes every acknowledged operation survive power
@@ -1269,18 +1324,6 @@ class SQLiteLedger:
         writer.queue.put(None)
         await asyncio.shield(writer.closed)
 
-    async def __aenter__(self) -> SQLiteLedger:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     async def _call(self, fn: Callable[..., T | _Fail], *args: Any) -> T:
         writer = self._writer
         if writer is None:
@@ -1315,12 +1358,23 @@ class SQLiteLedger:
 
     # -- holds -------------------------------------------------------------------------
     async def reserve(
-        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+        self,
+        hold_id: str,
+        scopes: Sequence[str],
+        amount: Decimal,
+        *,
+        ttl: float,
+        fit: OutputFit | None = None,
+        max_live: Mapping[str, int] | None = None,
     ) -> Hold:
         hold_id = validate_hold_id(hold_id)
         scope_t = validate_scopes(scopes)
         nanos = _nanos(amount)
         ttl_us = max(1, _us(validate_ttl(ttl)))
+        if fit is not None or max_live:
+            fit = validate_fit(fit, nanos)
+            caps = validate_max_live(max_live, scope_t)
+            return await self._call(_Store.reserve, hold_id, scope_t, nanos, ttl_us, fit, caps)
         return await self._call(_Store.reserve, hold_id, scope_t, nanos, ttl_us)
 
     async def settle(

@@ -2,8 +2,9 @@
 
 Given how a request ended and what the settlement observed, :func:`charge_for` decides
 the usage to record and the amount to settle (or that the hold is released), following
-DESIGN §4's table and the ``missing_usage`` / ``disconnect`` policies. No ledger, no I/O:
-it is tested on its own (tests/test_charging.py) and the settlement only writes it down.
+the settlement table of docs/settlement.md and the ``missing_usage`` / ``disconnect``
+policies. No ledger, no I/O: it is tested on its own (tests/test_charging.py) and the
+settlement only writes it down.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ import json
 import logging
 from collections.abc import Mapping
 from decimal import Decimal
-from types import TracebackType
 from typing import Any, Literal
 
 import anyio
@@ -46,15 +45,22 @@ from gatewaykit.errors import (
     RequestRejected,
     UpstreamConnectError,
     UpstreamError,
+    describe_error,
 )
 from gatewaykit.http import Timeouts, as_upstream_client, post
 from gatewaykit.modes.admission import credential, endpoint_name, missing_credential
 from gatewaykit.modes.admission import estimate as held_estimate
 from gatewaykit.modes.base import GatewayRequest
+from gatewaykit.modes.platform_messages import (
+    AttemptAnswer,
+    MalformedAnswer,
+    parse_resolve_answer,
+)
 from gatewaykit.outbox.admissions import AdmissionKeeper, RecoveryCause
 from gatewaykit.outbox.base import Admission, AdmissionStore, Outbox
 from gatewaykit.outbox.sender import OutboxSender, RetryPolicy
 from gatewaykit.pricing import ModelPrice, PriceTable
+from gatewaykit.resource import AsyncResource
 from gatewaykit.settlement import (
     RequestEstimate,
     Settlement,
@@ -97,12 +103,6 @@ _RECOVERED_ERRORS: dict[RecoveryCause, str] = {
     "shutdown": "the gateway shut down before the request ended",
 }
 
-_PROVIDERS: dict[str, Literal["openai", "anthropic"]] = {
-    "openai": "openai",
-    "openai-compatible": "openai",
-    "openai_compatible": "openai",
-    "anthropic": "anthropic",
-}
 _RELAYED = {
     401: ErrorKind.AUTHENTICATION,
     402: ErrorKind.BUDGET,
@@ -121,11 +121,7 @@ _RESERVED_ERROR_FIELDS = frozenset({"type", "message", "code", "param"})
 _MAX_MESSAGE = 500
 
 
-class _MalformedAnswer(ValueError):
-    """The control plane's resolve answer does not follow the protocol."""
-
-
-class PlatformMode:
+class PlatformMode(AsyncResource):
     """Admit requests by asking a control plane; report usage through a durable outbox.
 
     ``base_url`` is the control plane's root (``{base_url}/v1/resolve``,
@@ -238,41 +234,37 @@ class PlatformMode:
         return self.sender.running and not self._stopping
 
     # -- lifecycle ---------------------------------------------------------------------
-    async def __aenter__(self) -> PlatformMode:
+    async def open(self) -> None:
+        """Open the outbox (unless the host did), start the sender and the keeper."""
         if not self.outbox.is_open:
             await self.outbox.open()
             self._opened_outbox = True
         try:
-            await self.sender.__aenter__()
+            await self.sender.open()
             try:
                 # Reports what a dead process left open (the sender is woken for them).
                 await self._start_admissions()
             except BaseException:
-                await self.sender.__aexit__(None, None, None)
+                await self.sender.aclose()
                 raise
         except BaseException:
             await self._close_outbox()
             raise
         self._stopping = False
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
+        """Refuse new requests, report the open ones incomplete, flush, close the outbox."""
         self._stopping = True  # refuse new requests: their admissions would outlive the mode
         try:
             # Requests still open now are reported incomplete, then the sender flushes.
             await self._stop_admissions()
-            await self.sender.__aexit__(exc_type, exc, tb)
+            await self.sender.aclose()
         finally:
             await self._close_outbox()
 
     async def _start_admissions(self) -> None:
         if self.admissions is not None:
-            await self.admissions.__aenter__()
+            await self.admissions.open()
         else:
             logger.warning(
                 "%r does not keep open admissions (gatewaykit.outbox.AdmissionStore): the "
@@ -283,13 +275,13 @@ class PlatformMode:
     async def _stop_admissions(self) -> None:
         # Task groups unwind in reverse: the keeper (entered last) stops first.
         if self.admissions is not None:
-            await self.admissions.__aexit__(None, None, None)
+            await self.admissions.aclose()
 
     async def _close_outbox(self) -> None:
         if self._opened_outbox:
             self._opened_outbox = False
             with anyio.CancelScope(shield=True):
-                await self.outbox.close()
+                await self.outbox.aclose()
 
     # -- admission ---------------------------------------------------------------------
     async def authenticate(self, headers: Mapping[str, str]) -> None:
@@ -326,7 +318,7 @@ class PlatformMode:
         answer = await self._post_resolve(request.request_id, payload, estimate)
         try:
             user_id, attempts = _parse_answer(answer, request)
-        except _MalformedAnswer as exc:
+        except MalformedAnswer as exc:
             logger.warning("resolve of %s: malformed answer: %s", request.request_id, exc)
             # A 200 is an admission from the control plane's side: give it back.
             await self._release(
@@ -453,7 +445,7 @@ class PlatformMode:
             logger.error(
                 "could not record the admission of %s (%s); refusing the request",
                 request_id,
-                _describe(exc),
+                describe_error(exc),
             )
             await self._release(request_id, "the gateway could not record the admission", estimate)
             raise _unavailable("the gateway cannot record usage right now") from None
@@ -504,11 +496,6 @@ def _resolve_failure(exc: BaseException) -> str:
     return f"the resolve call failed ({cause or type(exc).__name__})"
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _unavailable(message: str) -> RequestRejected:
     return RequestRejected(ErrorKind.UNAVAILABLE, f"{message}; please retry shortly")
 
@@ -527,24 +514,16 @@ def _serves(provider: str, fmt: WireFormat | None) -> bool:
 
 
 def _parse_answer(data: Any, request: GatewayRequest) -> tuple[str | None, tuple[Attempt, ...]]:
-    if not isinstance(data, dict):
-        raise _MalformedAnswer("not a JSON object")
-    echoed = data.get("request_id")
-    if echoed is not None and echoed != request.request_id:
-        raise _MalformedAnswer("request_id does not match the one sent")
-    user_id = data.get("user_id")
-    if user_id is not None and not isinstance(user_id, str):
-        raise _MalformedAnswer("user_id must be a string")
-    raw = data.get("attempts")
-    if not isinstance(raw, list) or not raw:
-        raise _MalformedAnswer("no attempts")
+    answer = parse_resolve_answer(data)
+    if answer.request_id is not None and answer.request_id != request.request_id:
+        raise MalformedAnswer("request_id does not match the one sent")
     attempts: list[Attempt] = []
     seen: set[str] = set()
-    for index, item in enumerate(raw):
-        attempt = _parse_attempt(item, index, request.parsed.model)
-        if attempt.attempt_id in seen:
-            raise _MalformedAnswer(f"attempt_id {attempt.attempt_id!r} repeated")
-        seen.add(attempt.attempt_id)
+    for index, item in enumerate(answer.attempts):
+        if item.attempt_id in seen:
+            raise MalformedAnswer(f"attempts[{index}].attempt_id {item.attempt_id!r} repeated")
+        seen.add(item.attempt_id)
+        attempt = _attempt(item, index, request.parsed.model)
         if _serves(attempt.upstream.provider, request.format):
             attempts.append(attempt)
         else:
@@ -556,48 +535,23 @@ def _parse_answer(data: Any, request: GatewayRequest) -> tuple[str | None, tuple
                 request.format.value if request.format else request.path,
             )
     if not attempts:
-        raise _MalformedAnswer("no attempt can serve this endpoint")
-    return user_id, tuple(attempts)
+        raise MalformedAnswer("no attempt can serve this endpoint")
+    return answer.user_id, tuple(attempts)
 
 
-def _parse_attempt(item: Any, index: int, default_model: str) -> Attempt:
-    where = f"attempts[{index}]"
-    if not isinstance(item, dict):
-        raise _MalformedAnswer(f"{where} is not an object")
-    attempt_id = item.get("attempt_id")
-    if not isinstance(attempt_id, str) or not attempt_id.strip() or len(attempt_id) > 255:
-        raise _MalformedAnswer(f"{where}.attempt_id must be a non-empty string")
-    provider = _PROVIDERS.get(str(item.get("provider", "")).lower())
-    if provider is None:
-        raise _MalformedAnswer(f"{where}.provider must be 'openai' or 'anthropic'")
-    model = item.get("model", default_model)
-    if model is None:
-        model = default_model
-    if not isinstance(model, str) or not model:
-        raise _MalformedAnswer(f"{where}.model must be a string")
-    base_url = item.get("base_url")
-    if not isinstance(base_url, str):
-        raise _MalformedAnswer(f"{where}.base_url must be a string")
-    api_key = item.get("api_key")
-    if api_key is not None and not isinstance(api_key, str):
-        raise _MalformedAnswer(f"{where}.api_key must be a string or null")
-    headers = item.get("headers") or {}
-    if not isinstance(headers, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-    ):
-        raise _MalformedAnswer(f"{where}.headers must map strings to strings")
+def _attempt(item: AttemptAnswer, index: int, default_model: str) -> Attempt:
     try:
         upstream = Upstream(
-            base_url=base_url,
-            api_key=api_key,
-            provider=provider,
-            headers=dict(headers),
-            name=attempt_id,
+            base_url=item.base_url,
+            api_key=item.api_key,
+            provider=item.provider,
+            headers=dict(item.headers or {}),
+            name=item.attempt_id,
         )
     except ConfigurationError as exc:
         # Upstream's own words: which field is wrong, never a key or header value.
-        raise _MalformedAnswer(f"{where}: {exc}") from None
-    return Attempt(attempt_id=attempt_id, upstream=upstream, model=model)
+        raise MalformedAnswer(f"attempts[{index}]: {exc}") from None
+    return Attempt(attempt_id=item.attempt_id, upstream=upstream, model=item.model or default_model)
 
 
 def usage_report(

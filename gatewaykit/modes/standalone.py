@@ -1,6 +1,6 @@
 """StandaloneMode: keys, budgets and usage in a local ledger; upstreams from configuration.
 
-``resolve`` admits a request in the order that gives DESIGN §6's precedence
+``resolve`` admits a request in the order that gives the precedence of docs/errors.md
 (401 > 400 > 403 > 429 > 404 > 402):
 
 1. credential (``Authorization: Bearer`` or ``x-api-key``) → 401 when missing, unknown,
@@ -35,8 +35,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from decimal import Decimal
 from typing import Literal
 
@@ -46,6 +45,7 @@ from gatewaykit.context import GatewayContext
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.errors import (
     BudgetExceeded,
+    ConcurrencyExceeded,
     ConfigurationError,
     ErrorKind,
     HoldClosedError,
@@ -72,6 +72,12 @@ from gatewaykit.modes.admission import (
 )
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.charging import DisconnectPolicy, MissingUsagePolicy, charge_for
+from gatewaykit.modes.fitting import (
+    FITTED_FORMATS,
+    MAX_OUTPUT_TOKENS_HEADER,
+    output_fit,
+    with_output_limit,
+)
 from gatewaykit.money import parse_usd
 from gatewaykit.pricing import ModelPrice, PriceTable
 from gatewaykit.ratelimit import RateLimiter
@@ -96,6 +102,7 @@ __all__ = [
     "DisconnectPolicy",
     "LedgerUnavailablePolicy",
     "MissingUsagePolicy",
+    "OverBudgetPolicy",
     "StandaloneMode",
     "StandaloneSettlement",
     "UnknownContextPolicy",
@@ -105,12 +112,16 @@ __all__ = [
 logger = logging.getLogger("gatewaykit.standalone")
 
 LedgerUnavailablePolicy = Literal["fail_closed", "fail_open"]
+#: A request whose worst case does not fit its budgets: ``"refuse"`` it (402), or ``"fit"``
+#: a smaller output cap into what is left (:mod:`gatewaykit.modes.fitting`).
+OverBudgetPolicy = Literal["refuse", "fit"]
 #: ``"reject"`` (400), ``"allow"`` (served unbudgeted: held and charged 0), or a fallback
 #: price: a :class:`ModelPrice`, or a ``Decimal`` USD per million tokens for input and
 #: output alike.
 UnpricedPolicy = Literal["reject", "allow"] | ModelPrice | Decimal
 
 _KEY_CACHE_SIZE = 10_000
+_REMAINING_HEADER = "x-gatewaykit-budget-remaining"
 _USER = re.compile(r"[^\s]{1,200}")  # what a budget scope id allows
 #: Pauses between attempts to settle while the ledger is unreachable (about 1.3 s in all).
 _SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0)
@@ -122,7 +133,9 @@ class StandaloneMode:
     See the module docstring for the admission order, and docs/configuration.md for every
     option. ``teams`` maps a user to a team for requests whose key names no team (and for
     master-key requests); a key's own ``team`` wins. ``default_rpm`` applies to keys
-    without their own ``rpm``; the master key is never rate limited.
+    without their own ``rpm``; the master key is never rate limited. A key's
+    ``max_concurrent`` and ``user_max_concurrent`` (every user's cap, master-key requests
+    included) cap the requests in flight, inside the ledger's reserve (429).
     """
 
     def __init__(
@@ -139,9 +152,12 @@ class StandaloneMode:
         default_max_output_tokens: int = 4096,
         key_cache_ttl: float = 5.0,
         default_rpm: int | None = None,
+        user_max_concurrent: int | None = None,
         teams: Mapping[str, str] | None = None,
         budget_headers: bool = True,
         ledger_unavailable: LedgerUnavailablePolicy = "fail_closed",
+        over_budget: OverBudgetPolicy = "refuse",
+        min_output_tokens: int = 256,
         unknown_response_context: UnknownContextPolicy = "context_window",
         response_context_ttl: float = RESPONSE_CONTEXT_TTL,
         clock: Callable[[], float] = time.monotonic,
@@ -168,10 +184,24 @@ class StandaloneMode:
             raise ConfigurationError("key_cache_ttl must be ≥ 0 seconds")
         if default_rpm is not None and (isinstance(default_rpm, bool) or default_rpm < 1):
             raise ConfigurationError("default_rpm must be a positive int or None")
+        if user_max_concurrent is not None and (
+            isinstance(user_max_concurrent, bool)
+            or not isinstance(user_max_concurrent, int)
+            or user_max_concurrent < 1
+        ):
+            raise ConfigurationError("user_max_concurrent must be a positive int or None")
         if ledger_unavailable not in ("fail_closed", "fail_open"):
             raise ConfigurationError(
                 f"ledger_unavailable must be fail_closed or fail_open, not {ledger_unavailable!r}"
             )
+        if over_budget not in ("refuse", "fit"):
+            raise ConfigurationError(f"over_budget must be refuse or fit, not {over_budget!r}")
+        if (
+            isinstance(min_output_tokens, bool)
+            or not isinstance(min_output_tokens, int)
+            or min_output_tokens < 1
+        ):
+            raise ConfigurationError("min_output_tokens must be a positive int")
         if unknown_response_context not in ("context_window", "reject"):
             raise ConfigurationError(
                 "unknown_response_context must be context_window or reject, not "
@@ -198,16 +228,22 @@ class StandaloneMode:
         self.default_max_output_tokens = default_max_output_tokens
         self.key_cache_ttl = float(key_cache_ttl)
         self.default_rpm = default_rpm
+        self.user_max_concurrent = user_max_concurrent
         self.teams = dict(teams or {})
         self.budget_headers = budget_headers
         self.ledger_unavailable: LedgerUnavailablePolicy = ledger_unavailable
+        self.over_budget: OverBudgetPolicy = over_budget
+        self.min_output_tokens = min_output_tokens
         self.unknown_response_context: UnknownContextPolicy = unknown_response_context
         self.response_context_ttl = validate_ttl(response_context_ttl)
         self._master_hash = hash_key(master_key) if master_key is not None else None
         self._clock = clock
+        # Wall time (key expiry, rate-limit reset headers) is read from the same clock, so
+        # one fake clock moves everything in tests.
+        self._wall_epoch = time.time() - clock()
         #: digest -> (record or None, expiry, the ledger's key_epoch when it was looked up)
         self._keys: OrderedDict[str, tuple[ApiKeyRecord | None, float, int | None]] = OrderedDict()
-        self._limiter = RateLimiter(clock=clock)
+        self._limiter = RateLimiter(clock=clock, wall_clock=self._wall_time)
         self._routes: dict[
             tuple[WireFormat | None, str], tuple[tuple[Attempt, ...], ModelPrice | None]
         ] = {}
@@ -224,6 +260,9 @@ class StandaloneMode:
         revoked = await self.ledger.revoke_key(key_id)
         self.invalidate_key(key_id)
         return revoked
+
+    def _wall_time(self) -> float:
+        return self._wall_epoch + self._clock()
 
     def invalidate_key(self, key_id: str | None = None) -> None:
         """Drop cached lookups of ``key_id`` (or of every key, and every cached miss)."""
@@ -269,7 +308,7 @@ class StandaloneMode:
             raise RequestRejected(ErrorKind.AUTHENTICATION, "invalid API key")
         if record.revoked:
             raise RequestRejected(ErrorKind.AUTHENTICATION, "this API key has been revoked")
-        if record.expires_at is not None and record.expires_at <= datetime.now(timezone.utc):
+        if record.expires_at is not None and record.expires_at.timestamp() <= self._wall_time():
             raise RequestRejected(ErrorKind.AUTHENTICATION, "this API key has expired")
         return record
 
@@ -366,10 +405,37 @@ class StandaloneMode:
         if team:
             scopes.append(f"team:{team}")
         held = True
+        fit = (
+            output_fit(
+                held_estimate,
+                price,
+                choices=request.parsed.choices,
+                min_output_tokens=self.min_output_tokens,
+            )
+            if self.over_budget == "fit" and price is not None and fmt in FITTED_FORMATS
+            else None
+        )
+        body, raw_body = request.body, request.raw_body
+        caps = self._caps(identity.max_concurrent if identity else None, key_id, user)
         try:
-            hold = await self.ledger.reserve(request.request_id, scopes, amount, ttl=self.hold_ttl)
+            if fit is None and caps is None:
+                hold = await self.ledger.reserve(
+                    request.request_id, scopes, amount, ttl=self.hold_ttl
+                )
+            else:
+                hold = await self.ledger.reserve(
+                    request.request_id, scopes, amount, ttl=self.hold_ttl, fit=fit, max_live=caps
+                )
         except BudgetExceeded as exc:
             raise _budget_rejection(exc) from None
+        except ConcurrencyExceeded as exc:
+            raise RequestRejected(
+                ErrorKind.RATE_LIMIT,
+                f"too many requests in flight for {exc.scope}: its limit is {exc.limit}; "
+                "retry when one has finished",
+                headers={"retry-after": "1"},
+                details={"scope": exc.scope, "max_concurrent": exc.limit},
+            ) from None
         except LedgerUnavailableError:
             if self.ledger_unavailable != "fail_open":
                 logger.warning("request %s refused: ledger unavailable", request.request_id)
@@ -383,6 +449,17 @@ class StandaloneMode:
             if not hold.live:
                 raise RequestRejected(
                     ErrorKind.UNAVAILABLE, "the request id was already used; retry the request"
+                )
+            if fit is not None and hold.amount < amount:
+                # Fitted: the body goes upstream re-encoded with the smaller output cap.
+                tokens = fit.tokens_held(hold.amount)
+                assert fmt is not None  # fitted only for FITTED_FORMATS
+                body, raw_body = with_output_limit(fmt, request.body, tokens), b""
+                headers[MAX_OUTPUT_TOKENS_HEADER] = str(tokens)
+                held_estimate = dataclasses.replace(
+                    held_estimate,
+                    max_output_tokens=tokens * request.parsed.choices,
+                    amount=hold.amount,
                 )
         if self.budget_headers and held:
             headers.update(_headroom(hold))
@@ -400,6 +477,8 @@ class StandaloneMode:
             hold_ttl=self.hold_ttl,
             scopes=None if held else tuple(scopes),
             context_plan=context_plan,
+            response_headers=headers if self.budget_headers and held else None,
+            clock=self._clock,
         )
         return GatewayContext(
             request_id=request.request_id,
@@ -407,13 +486,27 @@ class StandaloneMode:
             format=fmt,
             model=request.parsed.model,
             stream=request.parsed.stream,
-            body=request.body,
-            raw_body=request.raw_body,
+            body=body,
+            raw_body=raw_body,
             attempts=attempts,
             user_id=user,
             key_id=key_id,
             response_headers=headers,
         )
+
+    def _caps(
+        self, key_cap: int | None, key_id: str | None, user: str | None
+    ) -> dict[str, int] | None:
+        """The caps on requests in flight this request is admitted under (None: none)."""
+        user_cap = self.user_max_concurrent if user is not None else None
+        if key_cap is None and user_cap is None:
+            return None  # the common case: nothing to build
+        caps = {}
+        if key_cap is not None and key_id is not None:
+            caps[f"key:{key_id}"] = key_cap
+        if user_cap is not None:
+            caps[f"user:{user}"] = user_cap
+        return caps
 
     async def _stored_context(
         self, request: GatewayRequest, user: str, price: ModelPrice | None
@@ -545,6 +638,10 @@ class StandaloneSettlement(Settlement):
     the ledger was down): its charge is then booked afterwards as a zero hold settled at
     the actual cost (an overrun), if the ledger is back.
 
+    ``response_headers`` are the response's headers (StandaloneMode's budget headers in
+    them): a refund before the response started gives the hold back to the reported
+    ``x-gatewaykit-budget-remaining``, so a refunded error never reports the released hold.
+
     ``context_plan`` is given for OpenAI responses requests: on success, the context a
     later request continuing this response (the id an adapter noted with
     ``note_response``) or its conversation will be billed for is written with the settle.
@@ -569,8 +666,10 @@ class StandaloneSettlement(Settlement):
         scopes: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         context_plan: ContextPlan | None = None,
+        response_headers: MutableMapping[str, str] | None = None,
     ) -> None:
         super().__init__(request_id=request_id, estimate=estimate)
+        self.response_headers = response_headers
         self.context_plan = context_plan
         self.ledger = ledger
         self.price = price
@@ -647,6 +746,8 @@ class StandaloneSettlement(Settlement):
                 # configured.
                 recorded=self.unheld_scopes is not None,
             )
+        if amount is None:
+            self._give_back_headroom()
         return SettlementOutcome(
             status=status,
             charged=amount if amount is not None else Decimal(0),
@@ -654,6 +755,13 @@ class StandaloneSettlement(Settlement):
             refunded=amount is None,
             error=error,
         )
+
+    def _give_back_headroom(self) -> None:
+        """The refund returns the hold to every scope, so to the reported tightest one."""
+        headers = self.response_headers
+        remaining = headers.get(_REMAINING_HEADER) if headers is not None else None
+        if headers is not None and remaining is not None and not self.committed:
+            headers[_REMAINING_HEADER] = str(Decimal(remaining) + self.estimate.amount)
 
     def _response_context(
         self, status: SettlementStatus, charge: Usage | None
@@ -722,7 +830,7 @@ def _headroom(hold: Hold) -> dict[str, str]:
         return {}
     remaining, scope = min(limited)
     return {
-        "x-gatewaykit-budget-remaining": str(max(remaining, Decimal(0))),
+        _REMAINING_HEADER: str(remaining),
         "x-gatewaykit-budget-scope": scope,
     }
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Mapping
-from types import TracebackType
 from typing import Any, Literal
 
 import anyio
-import anyio.abc
 
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.outbox.base import Admission, AdmissionStore
+from gatewaykit.resource import BackgroundWorker
 
 __all__ = ["AdmissionKeeper", "RecoveryCause"]
 
@@ -50,7 +49,7 @@ RecoveryCause = Literal["shutdown", "crash"]
 CauseReportBuilder = Callable[[Admission, RecoveryCause], tuple[str, Mapping[str, Any]]]
 
 
-class AdmissionKeeper:
+class AdmissionKeeper(BackgroundWorker):
     """Heart-beats for one gateway process and recovers stale admissions in ``store``.
 
     ``report`` builds the report that replaces a recovered admission. ``instance_id``
@@ -87,7 +86,6 @@ class AdmissionKeeper:
         self._fixed_id = instance_id
         self._instance_id = instance_id or ""
         self._on_recovered = on_recovered
-        self._tg: anyio.abc.TaskGroup | None = None
         #: Admissions this process turned into reports (its own at shutdown included).
         self.recovered = 0
 
@@ -100,50 +98,28 @@ class AdmissionKeeper:
         """This process's id in the store (fixed, or random per start; "" before the first)."""
         return self._instance_id
 
-    @property
-    def running(self) -> bool:
-        return self._tg is not None
-
     async def admit(self, request_id: str, details: Mapping[str, Any]) -> bool:
         """Record an open admission owned by this process (see ``AdmissionStore.admit``)."""
-        if self._tg is None:
+        if not self.running:
             raise ConfigurationError("the AdmissionKeeper is not running")
         return await self.store.admit(request_id, details, owner=self._instance_id)
 
     # -- lifecycle ---------------------------------------------------------------------
-    async def __aenter__(self) -> AdmissionKeeper:
-        if self._tg is not None:
-            raise ConfigurationError("this AdmissionKeeper is already running")
+    async def _starting(self) -> None:
         self._instance_id = self._fixed_id or uuid.uuid4().hex
         # Recover before the first heartbeat: with a stable id, what this id holds now was
         # left by its previous run.
         await self._recover(own=self._fixed_id is not None, cause="crash")
         await self._beat()
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        tg.start_soon(self._loop)
-        self._tg = tg
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        tg, self._tg = self._tg, None
-        if tg is None:
-            return
-        tg.cancel_scope.cancel()
-        await tg.__aexit__(None, None, None)
-        with anyio.CancelScope(shield=True):
-            await self._recover(own=True, cause="shutdown")
-            try:
-                await self.store.retire(self._instance_id)
-            except Exception as exc:
-                logger.warning("outbox: could not retire instance %s: %s", self._instance_id, exc)
+    async def _stopped(self) -> None:
+        await self._recover(own=True, cause="shutdown")
+        try:
+            await self.store.retire(self._instance_id)
+        except Exception as exc:
+            logger.warning("outbox: could not retire instance %s: %s", self._instance_id, exc)
 
-    async def _loop(self) -> None:
+    async def _run(self) -> None:
         while True:
             await anyio.sleep(self.interval)
             # Sweep only right after a beat that landed: this process's own heart-beat is

@@ -96,7 +96,7 @@ class Outbox(Protocol):
     async def open(self) -> None:
         """Connect and create the table if needed. Idempotent."""
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Disconnect. Idempotent. Queued items stay in the store."""
 
     async def __aenter__(self) -> Outbox: ...

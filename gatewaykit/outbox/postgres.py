@@ -13,10 +13,11 @@ report and closing its admission is one statement; recovery locks the admissions
 
 from __future__ import annotations
 
+import functools
 import json
 import zlib
-from collections.abc import Mapping
-from types import TracebackType
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
 from typing import Any
 
 import asyncpg
@@ -30,18 +31,23 @@ from gatewaykit.outbox.base import (
     validate_key,
     validate_table,
 )
+from gatewaykit.resource import AsyncResource
 
 __all__ = ["PostgresOutbox"]
 
 _COLUMNS = "idempotency_key, payload, enqueued_at, attempts, last_error, dead_at"
-_NOW = "clock_timestamp()"
+# The database clock, unless a test pinned ``gatewaykit.now`` for the session (``clock``).
+_NOW = (
+    "coalesce(nullif(current_setting('gatewaykit.now', true), '')::timestamptz, clock_timestamp())"
+)
 
 
-class PostgresOutbox:
+class PostgresOutbox(AsyncResource):
     """A durable outbox in a PostgreSQL table (created on open if missing).
 
     ``dsn`` is a ``postgresql://`` URL; ``pool_options`` go to ``asyncpg.create_pool``
-    (connect and command timeouts default to 10 s).
+    (connect and command timeouts default to 10 s). ``clock`` is for tests only, as for
+    ``PostgresLedger``: it replaces the database clock (seconds since the epoch).
     """
 
     def __init__(
@@ -51,6 +57,7 @@ class PostgresOutbox:
         table: str = "gatewaykit_outbox",
         min_size: int = 1,
         max_size: int = 4,
+        clock: Callable[[], float] | None = None,
         **pool_options: Any,
     ) -> None:
         if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
@@ -66,6 +73,8 @@ class PostgresOutbox:
             "command_timeout": 10.0,
             **pool_options,
         }
+        if clock is not None:
+            self._pool_options["setup"] = functools.partial(_pin_clock, clock)
         self._pool: asyncpg.Pool | None = None
 
     def __repr__(self) -> str:
@@ -121,22 +130,10 @@ class PostgresOutbox:
             raise
         self._pool = pool
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
-
-    async def __aenter__(self) -> PostgresOutbox:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _p(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -359,3 +356,10 @@ def _admission(row: Any) -> Admission:
         admitted_at=row["admitted_at"],
         details=json.loads(row["details"]),
     )
+
+
+async def _pin_clock(clock: Callable[[], float], conn: Any) -> None:
+    """Pin the session's ``gatewaykit.now`` to the test clock on every acquire (the pool
+    resets it on release)."""
+    now = datetime.fromtimestamp(clock(), timezone.utc).isoformat()
+    await conn.execute("SELECT set_config('gatewaykit.now', $1, false)", now)

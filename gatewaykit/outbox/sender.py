@@ -15,15 +15,14 @@ import logging
 import random
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from types import TracebackType
 from typing import Any
 
 import anyio
-import anyio.abc
 
-from gatewaykit.errors import ConfigurationError, UpstreamError
+from gatewaykit.errors import ConfigurationError, UpstreamError, describe_error
 from gatewaykit.http import Timeouts, as_upstream_client, post
 from gatewaykit.outbox.base import Outbox, OutboxItem
+from gatewaykit.resource import BackgroundWorker
 
 __all__ = ["OutboxSender", "RetryPolicy", "is_permanent_rejection", "parse_retry_after"]
 
@@ -99,12 +98,7 @@ def parse_retry_after(value: str | None) -> float | None:
     return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class OutboxSender:
+class OutboxSender(BackgroundWorker):
     """Delivers ``outbox`` items to ``{base_url}{path}`` with the gateway token.
 
     ``client`` is an upstream client (:func:`gatewaykit.http.default_client`, or an
@@ -160,7 +154,6 @@ class OutboxSender:
         self._retry_on_start = retry_on_start
         self._rng = rng or random.Random()
         self._wakeup = anyio.Event()
-        self._tg: anyio.abc.TaskGroup | None = None
         self._failing = False
         self.delivered = 0
         self.failed_attempts = 0
@@ -170,49 +163,32 @@ class OutboxSender:
         state = "running" if self.running else "stopped"
         return f"<OutboxSender {self.url} {state}>"
 
-    @property
-    def running(self) -> bool:
-        return self._tg is not None
-
     def notify(self) -> None:
         """Something was enqueued: look at the store now instead of at the next poll."""
         self._wakeup.set()
 
     # -- lifecycle ---------------------------------------------------------------------
-    async def __aenter__(self) -> OutboxSender:
-        if self._tg is not None:
-            raise ConfigurationError("this OutboxSender is already running")
+    async def _starting(self) -> None:
         if self._retry_on_start:
             try:
                 await self.outbox.reschedule_all()
             except Exception as exc:
-                logger.warning("outbox: could not reschedule queued reports: %s", _describe(exc))
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        tg.start_soon(self._pump, False)
-        self._tg = tg
-        return self
+                logger.warning(
+                    "outbox: could not reschedule queued reports: %s", describe_error(exc)
+                )
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        tg, self._tg = self._tg, None
-        if tg is None:
+    async def _run(self) -> None:
+        await self._pump(False)
+
+    async def _stopped(self) -> None:
+        if await self.flush(self.shutdown_timeout):
             return
-        tg.cancel_scope.cancel()
-        await tg.__aexit__(None, None, None)
-        with anyio.CancelScope(shield=True):
-            emptied = await self.flush(self.shutdown_timeout)
-        if not emptied:
-            left = await self._safe_size()
-            logger.warning(
-                "outbox: %s report(s) still undelivered at shutdown; they stay queued and are "
-                "sent after the next start",
-                "?" if left is None else left,
-            )
+        left = await self._safe_size()
+        logger.warning(
+            "outbox: %s report(s) still undelivered at shutdown; they stay queued and are "
+            "sent after the next start",
+            "?" if left is None else left,
+        )
 
     async def flush(self, within: float) -> bool:
         """Deliver everything queued now, ignoring backoff, for at most ``within`` seconds.
@@ -222,7 +198,7 @@ class OutboxSender:
         try:
             await self.outbox.reschedule_all()
         except Exception as exc:
-            logger.warning("outbox: flush could not read the store: %s", _describe(exc))
+            logger.warning("outbox: flush could not read the store: %s", describe_error(exc))
             return False
         with anyio.move_on_after(within):
             await self._pump(True)
@@ -271,7 +247,7 @@ class OutboxSender:
                             wait = min(wait, due_in)
                 except Exception as exc:
                     logger.warning(
-                        "outbox: store error, retrying in %.1fs: %s", wait, _describe(exc)
+                        "outbox: store error, retrying in %.1fs: %s", wait, describe_error(exc)
                     )
                 with anyio.move_on_after(wait):
                     await self._wakeup.wait()
@@ -289,7 +265,7 @@ class OutboxSender:
                     self._client, self.url, body, headers=headers, timeouts=self._timeouts
                 )
         except (UpstreamError, TimeoutError) as exc:
-            await self._failed(item, _describe(exc), None)
+            await self._failed(item, describe_error(exc), None)
             return
         if not (200 <= status < 300 or is_permanent_rejection(status)):
             retry_after = parse_retry_after(answer_headers.get("retry-after"))
@@ -316,7 +292,7 @@ class OutboxSender:
             except Exception as exc:
                 # The lease runs out and the item is delivered again: idempotent, never lost.
                 logger.warning(
-                    "outbox: could not record the outcome of %s: %s", item.key, _describe(exc)
+                    "outbox: could not record the outcome of %s: %s", item.key, describe_error(exc)
                 )
 
     async def _failed(self, item: OutboxItem, reason: str, retry_after: float | None) -> None:
@@ -342,7 +318,7 @@ class OutboxSender:
                 await self.outbox.retry_later(item.key, delay=delay, error=reason)
             except Exception as exc:
                 # The lease runs out instead and the item comes round again.
-                logger.warning("outbox: could not reschedule %s: %s", item.key, _describe(exc))
+                logger.warning("outbox: could not reschedule %s: %s", item.key, describe_error(exc))
         self.failed_attempts += 1
 
 

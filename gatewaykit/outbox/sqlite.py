@@ -21,7 +21,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
-from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
@@ -36,6 +35,7 @@ from gatewaykit.outbox.base import (
     validate_key,
     validate_table,
 )
+from gatewaykit.resource import AsyncResource
 
 __all__ = ["SQLiteOutbox"]
 
@@ -46,12 +46,14 @@ _Statement = tuple[str, tuple[Any, ...]]
 _Op = tuple[_Statement, ...]
 
 
-class SQLiteOutbox:
+class SQLiteOutbox(AsyncResource):
     """A durable outbox in a SQLite file (``":memory:"`` keeps it in memory, for tests).
 
     ``synchronous`` is SQLite's ``PRAGMA synchronous`` (``FULL`` survives power loss,
     ``NORMAL`` survives a process crash and is several times faster). ``busy_timeout`` is
-    how long to wait for another process's write lock, in seconds.
+    how long to wait for another process's write lock, in seconds. ``clock`` is the store
+    clock (seconds since the epoch; default :func:`time.time`), as for ``SQLiteLedger``:
+    tests pass a fake one and move it instead of sleeping.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class SQLiteOutbox:
         table: str = "gatewaykit_outbox",
         synchronous: str = "FULL",
         busy_timeout: float = 5.0,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if not isinstance(path, str) or not path:
             raise ConfigurationError(f"SQLiteOutbox needs a file path or ':memory:', got {path!r}")
@@ -71,6 +74,7 @@ class SQLiteOutbox:
         self._admissions, self._instances = admission_tables(self.table)
         self._synchronous = synchronous.upper()
         self._busy_ms = int(busy_timeout * 1000)
+        self.clock: Callable[[], float] = clock or time.time
         self._db: sqlite3.Connection | None = None
         self._thread = anyio.CapacityLimiter(1)
         self._lock = anyio.Lock()
@@ -129,24 +133,12 @@ class SQLiteOutbox:
             raise
         return db
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         db, self._db = self._db, None
         if db is not None:
             with anyio.CancelScope(shield=True):
                 async with self._lock:
                     await anyio.to_thread.run_sync(db.close, limiter=self._thread)
-
-    async def __aenter__(self) -> SQLiteOutbox:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -199,7 +191,7 @@ class SQLiteOutbox:
     async def enqueue(self, key: str, payload: Mapping[str, Any]) -> bool:
         validate_key(key)
         text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
-        now = time.time()
+        now = self.clock()
         count = await self._write(
             f"INSERT INTO {self.table} (idempotency_key, payload, enqueued_at, next_attempt_at) "
             "VALUES (?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
@@ -215,7 +207,7 @@ class SQLiteOutbox:
         )
 
         def run(db: sqlite3.Connection) -> list[Any]:
-            now = time.time()
+            now = self.clock()
             db.execute("BEGIN IMMEDIATE")
             try:
                 params = (now, limit) if due_only else (limit,)
@@ -245,27 +237,27 @@ class SQLiteOutbox:
         await self._write(
             f"UPDATE {self.table} SET attempts = attempts + 1, last_error = ?, "
             "next_attempt_at = ? WHERE idempotency_key = ? AND dead_at IS NULL",
-            (error, time.time() + max(delay, 0.0), key),
+            (error, self.clock() + max(delay, 0.0), key),
         )
 
     async def park(self, key: str, *, error: str) -> None:
         await self._write(
             f"UPDATE {self.table} SET attempts = attempts + 1, last_error = ?, dead_at = ? "
             "WHERE idempotency_key = ? AND dead_at IS NULL",
-            (error, time.time(), key),
+            (error, self.clock(), key),
         )
 
     async def reschedule_all(self) -> int:
         return await self._write(
             f"UPDATE {self.table} SET next_attempt_at = ? WHERE dead_at IS NULL",
-            (time.time(),),
+            (self.clock(),),
         )
 
     async def requeue_dead(self) -> int:
         return await self._write(
             f"UPDATE {self.table} SET dead_at = NULL, next_attempt_at = ? "
             "WHERE dead_at IS NOT NULL",
-            (time.time(),),
+            (self.clock(),),
         )
 
     # -- open admissions (AdmissionStore) ----------------------------------------------
@@ -275,14 +267,14 @@ class SQLiteOutbox:
         count = await self._write(
             f"INSERT INTO {self._admissions} (request_id, owner, admitted_at, details) "
             "VALUES (?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
-            (request_id, owner, time.time(), text),
+            (request_id, owner, self.clock(), text),
         )
         return count == 1
 
     async def complete(self, request_id: str, key: str, payload: Mapping[str, Any]) -> bool:
         validate_key(key)
         text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
-        now = time.time()
+        now = self.clock()
         _, closed = await self._write_all(
             (
                 (
@@ -314,7 +306,7 @@ class SQLiteOutbox:
         )
 
         def run(db: sqlite3.Connection) -> list[str]:
-            cutoff = time.time() - stale_after
+            cutoff = self.clock() - stale_after
             params = (owner, cutoff)  # owner None: "a.owner = NULL" matches nothing
             if (
                 db.execute(select + " LIMIT 1", params).fetchone() is None
@@ -324,7 +316,7 @@ class SQLiteOutbox:
             db.execute("BEGIN IMMEDIATE")
             try:
                 keys = []
-                now = time.time()
+                now = self.clock()
                 for request_id, row_owner, admitted_at, details in db.execute(
                     select, params
                 ).fetchall():
@@ -356,7 +348,7 @@ class SQLiteOutbox:
         return keys
 
     async def heartbeat(self, owner: str) -> None:
-        now = time.time()
+        now = self.clock()
         await self._write(
             f"INSERT INTO {self._instances} (owner, started_at, heartbeat_at) VALUES (?, ?, ?) "
             "ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
@@ -402,13 +394,13 @@ class SQLiteOutbox:
         oldest = await self._scalar(
             f"SELECT min(enqueued_at) FROM {self.table} WHERE dead_at IS NULL"
         )
-        return None if oldest is None else max(time.time() - float(oldest), 0.0)
+        return None if oldest is None else max(self.clock() - float(oldest), 0.0)
 
     async def next_due_in(self) -> float | None:
         due = await self._scalar(
             f"SELECT min(next_attempt_at) FROM {self.table} WHERE dead_at IS NULL"
         )
-        return None if due is None else max(float(due) - time.time(), 0.0)
+        return None if due is None else max(float(due) - self.clock(), 0.0)
 
     async def dead_letters(self, *, limit: int = 100) -> list[OutboxItem]:
         sql = (

@@ -100,6 +100,9 @@ class FakeBehavior:
     omit_usage: bool = False
     malformed: Literal["json", "sse"] | None = None
     text: str = "tok"
+    #: Stop at the request's output cap (``max_completion_tokens``/``max_tokens``/
+    #: ``max_output_tokens``) as real providers do: fewer events when the cap is lower.
+    respect_output_cap: bool = False
 
     @property
     def output_tokens(self) -> int:
@@ -200,6 +203,9 @@ class FakeProvider:
             message = f"bad x-fake-behavior header: {exc}"
             await _respond(send, 400, _error_body(wire, 400, message))
             return
+        cap = _output_cap(body) if behavior.respect_output_cap else None
+        if cap is not None and cap < behavior.events:
+            behavior = dataclasses.replace(behavior, events=cap)
         if behavior.first_byte_delay:
             await anyio.sleep(behavior.first_byte_delay)
         if behavior.fail_status is not None:
@@ -392,6 +398,16 @@ _MALFORMED = {
     "json": b'data: {"truncated": [\n\n',
     "sse": b"<html>this is not an event stream</html>",
 }
+
+
+def _output_cap(body: Mapping[str, Any]) -> int | None:
+    """The smallest output cap a request sets, in any format's field (None: no cap)."""
+    caps = [
+        body[f]
+        for f in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+        if isinstance(body.get(f), int) and not isinstance(body.get(f), bool)
+    ]
+    return min(caps) if caps else None
 
 
 def _sse(data: Mapping[str, Any], event: str | None = None) -> bytes:

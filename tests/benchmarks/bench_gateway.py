@@ -893,8 +893,8 @@ def render(results: dict[str, Any], command: str) -> str:
         "chunk. Memory: the server's VmRSS with "
         f"0/{steps} streams open (each has received its first event); the per-stream "
         "cost is the least-squares slope.",
-        "- Floor: the raw-aiohttp passthrough (DESIGN §10). CPU is the server process's. "
-        + _db_cpu_method(results),
+        "- Floor: the raw-aiohttp passthrough (the fastest plain proxy measured). "
+        "CPU is the server process's. " + _db_cpu_method(results),
         "",
     ]
     rig = summary.get("_rig")

@@ -3,7 +3,7 @@
 Kinds:
 
 - ``passthrough-aiohttp``: a plain pure-ASGI Starlette proxy using a raw
-  ``aiohttp.ClientSession`` -- the floor (DESIGN §10).
+  ``aiohttp.ClientSession`` -- the floor (docs/performance.md).
 - ``passthrough-httpx``: the same proxy using ``httpx.AsyncClient`` with the httpx-aiohttp
   transport, built exactly as gatewaykit's default client is.
 - ``gateway-sqlite`` / ``gateway-postgres``: gatewaykit (``GatewayMiddleware`` +

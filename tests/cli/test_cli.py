@@ -1,4 +1,4 @@
-"""The ``gatewaykit`` command line against a real SQLite ledger (DESIGN §8)."""
+"""The ``gatewaykit`` command line against a real SQLite ledger (docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,9 +45,11 @@ def cli_json(*args: str) -> Any:
     return json.loads(result.stdout)
 
 
-def with_ledger(url: str, action: Callable[[Ledger], Awaitable[T]]) -> T:
+def with_ledger(url: str, action: Callable[[Ledger], Awaitable[T]], **options: Any) -> T:
+    """Run ``action`` on the ledger at ``url``; ``options`` go to the backend (e.g. clock)."""
+
     async def run() -> T:
-        ledger = open_ledger(url)
+        ledger = open_ledger(url, **options)
         await ledger.open()
         try:
             return await action(ledger)
@@ -67,7 +69,8 @@ def is_iso_utc(text: str) -> bool:
 
 def test_keys_create_prints_the_key_once_and_stores_only_its_hash(db: str) -> None:
     created = cli_json("--db", db, "keys", "create", "--user", "alice", "--json")
-    assert set(created) == {"key", "key_id", "user"}
+    assert set(created) == {"key", "key_id", "user", "expires_at"}
+    assert created["expires_at"] is None
     assert created["user"] == "alice"
     assert created["key"].startswith(f"gk_{created['key_id']}_")
 
@@ -78,8 +81,14 @@ def test_keys_create_prints_the_key_once_and_stores_only_its_hash(db: str) -> No
             "prefix": listed[0]["prefix"],
             "user": "alice",
             "revoked": False,
+            "team": None,
+            "rpm": None,
+            "models": None,
+            "created_at": listed[0]["created_at"],
+            "expires_at": None,
         }
     ]
+    assert is_iso_utc(listed[0]["created_at"])
     assert created["key"] not in json.dumps(listed)
     assert created["key"].startswith(listed[0]["prefix"].rstrip("…"))
     path = db.removeprefix("sqlite:///")
@@ -97,7 +106,7 @@ def test_keys_create_readable_output_shows_the_key_and_a_warning(db: str) -> Non
 def test_keys_create_with_budget_makes_a_key_scope(db: str) -> None:
     created = cli_json(
         "--db", db, "keys", "create", "--user", "alice", "--budget", "5", "--period", "day",
-        "--rpm", "60", "--json",
+        "--rpm", "60", "--max-concurrent", "3", "--json",
     )  # fmt: skip
     [budget] = cli_json("--db", db, "budgets", "show", f"key:{created['key_id']}", "--json")
     assert budget["scope"] == f"key:{created['key_id']}"
@@ -113,6 +122,7 @@ def test_keys_create_with_budget_makes_a_key_scope(db: str) -> None:
 
     [record] = with_ledger(db, find)
     assert record.rpm == 60
+    assert record.max_concurrent == 3
 
 
 def test_keys_create_with_team_and_models(db: str) -> None:
@@ -138,9 +148,71 @@ def test_keys_list_table_and_user_filter(db: str) -> None:
     assert [k["key_id"] for k in only_bob] == [bob["key_id"]]
     table = cli("--db", db, "keys", "list")
     assert table.exit_code == 0
-    assert table.stdout.splitlines()[0].split() == ["KEY_ID", "PREFIX", "USER", "TEAM", "REVOKED"]
+    assert table.stdout.splitlines()[0].split() == [
+        "KEY_ID", "PREFIX", "USER", "TEAM", "RPM", "MODELS", "CREATED", "EXPIRES", "REVOKED",
+    ]  # fmt: skip
     assert "alice" in table.stdout
     assert "bob" in table.stdout
+
+
+def test_keys_list_shows_rpm_models_creation_and_expiry(db: str) -> None:
+    """issue 15 §7: what a key may do, and until when, is visible without --json."""
+    before = datetime.now(timezone.utc)
+    created = cli_json(
+        "--db", db, "keys", "create", "--user", "alice", "--rpm", "30", "--model", "gpt-4o",
+        "--model", "gpt-4o-mini", "--expires", "30d", "--json",
+    )  # fmt: skip
+    expires = datetime.fromisoformat(created["expires_at"])
+    assert timedelta(days=30) - timedelta(seconds=2) <= expires - before <= timedelta(days=30)
+    [listed] = cli_json("--db", db, "keys", "list", "--json")
+    assert listed["rpm"] == 30
+    assert listed["models"] == ["gpt-4o", "gpt-4o-mini"]
+    assert listed["expires_at"] == created["expires_at"]
+    assert before - timedelta(seconds=1) <= datetime.fromisoformat(listed["created_at"])
+    [header, row] = cli("--db", db, "keys", "list").stdout.splitlines()
+    cells = dict(zip(header.split(), row.split(), strict=True))
+    assert cells["RPM"] == "30"
+    assert cells["MODELS"] == "gpt-4o,gpt-4o-mini"
+    assert cells["EXPIRES"] == expires.strftime("%Y-%m-%dT%H:%MZ")
+    assert cells["CREATED"].startswith(before.strftime("%Y-%m-%d"))
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("2099-01-31", "2099-01-31T00:00:00+00:00"),
+        ("2099-01-31T18:00:00+01:00", "2099-01-31T17:00:00+00:00"),
+        ("2099-01-31 18:00", "2099-01-31T18:00:00+00:00"),
+    ],
+)
+def test_keys_create_expires_at_a_date_time(db: str, given: str, expected: str) -> None:
+    created = cli_json("--db", db, "keys", "create", "--user", "a", "--expires", given, "--json")
+    assert created["expires_at"] == expected
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [("yesterday", "neither a span"), ("2020-01-01", "in the past"), ("0d", "in the past")],
+)
+def test_keys_create_refuses_a_bad_expiry(db: str, given: str, message: str) -> None:
+    result = cli("--db", db, "keys", "create", "--user", "a", "--expires", given)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "gk_" not in result.output
+
+
+@pytest.mark.parametrize(
+    "amount", ["1e3", "1E3", "1_000", "+5", "$5", "5 USD", "0x10", "NaN", "5."]
+)
+def test_money_must_be_written_out(db: str, amount: str) -> None:
+    """issue 15 §7: ``--limit 1e3`` was silently $1000."""
+    for args in (["budgets", "set", "user:a", "--limit", amount],
+                 ["keys", "create", "--user", "a", "--budget", amount]):  # fmt: skip
+        result = cli("--db", db, *args)
+        assert result.exit_code == 2, result.output
+        assert "not a plain amount of USD" in result.output
+    for plain in ("1000.50", ".5", " 7 "):
+        assert cli("--db", db, "budgets", "set", "user:a", "--limit", plain).exit_code == 0
 
 
 def test_keys_revoke(db: str) -> None:
@@ -286,8 +358,8 @@ def test_sweep_expires_holds_past_their_ttl(db: str) -> None:
     async def short_hold(ledger: Ledger) -> None:
         await ledger.reserve("short", ["user:alice"], Decimal("0.5"), ttl=0.05)
 
-    with_ledger(db, short_hold)
-    time.sleep(0.1)
+    # Written an hour ago by the store clock: the CLI, on the real clock, finds it expired.
+    with_ledger(db, short_hold, clock=lambda: time.time() - 3600)
     assert cli_json("--db", db, "sweep", "--json") == {"expired": 1}
     assert cli_json("--db", db, "holds", "--json") == []
     again = cli("--db", db, "sweep")
@@ -331,6 +403,7 @@ def test_db_from_the_environment(tmp_path: Path) -> None:
         ["keys", "create", "--user", "has space"],
         ["keys", "create", "--user", "alice", "--team", "a b"],
         ["keys", "create", "--user", "alice", "--rpm", "0"],
+        ["keys", "create", "--user", "alice", "--max-concurrent", "0"],
         ["keys", "create"],
         ["budgets", "set", "alice", "--limit", "5"],
         ["budgets", "set", "user:alice", "--limit", "5$"],
@@ -488,3 +561,16 @@ def test_the_cli_on_postgres(pg_db: str) -> None:
 
     anyio.run(corrupt)
     assert cli("--db", pg_db, "check").exit_code == 1
+
+
+def test_python_m_gatewaykit_without_its_dependencies_says_what_to_do() -> None:
+    """issue 15 §1: from a checkout, with a Python lacking anyio, it was a traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-S", "-m", "gatewaykit", "--help"],  # -S: no site-packages
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "a dependency is missing in this Python" in done.stderr
+    assert "source .nox/example/bin/activate" in done.stderr

@@ -98,7 +98,26 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             process.kill()
             process.wait()
     assert process.returncode == 0, log.read_text()
-    assert "Traceback" not in log.read_text()
+    text = log.read_text()
+    assert "Traceback" not in text
+    # The fake provider shares uvicorn's loggers; its lines are not the server's (issue 15 §4).
+    for line in ("Started server process", "Shutting down", "Finished server process"):
+        assert text.count(line) == 1, text
+
+
+def test_each_request_is_logged_once(gateway: Gateway) -> None:
+    """The built-in fake provider's own access lines stay out of the gateway's log."""
+    key = create_key(gateway, "dave")["key"]
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=key, max_retries=0)
+    before = gateway.log.read_text().count('"POST /v1/responses HTTP/1.1" 200')
+    client.responses.create(model="gpt-4o-mini", input="Hi")
+    deadline = time.monotonic() + 5
+    while gateway.log.read_text().count('"POST /v1/responses HTTP/1.1" 200') == before:
+        assert time.monotonic() < deadline, "the request was not logged"
+        time.sleep(0.05)
+    # The gateway answers after reading the fake provider's whole answer, so a line of the
+    # provider's would have been written (and flushed) before the gateway's own.
+    assert gateway.log.read_text().count('"POST /v1/responses HTTP/1.1" 200') == before + 1
 
 
 def create_key(gateway: Gateway, user: str, *budget: str) -> dict[str, Any]:

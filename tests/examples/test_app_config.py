@@ -82,3 +82,13 @@ def test_platform_banner_names_the_control_plane_and_outbox() -> None:
     assert "outbox.db" in banner
     assert "gw-secret" not in banner
     assert "gw-secret" not in repr(settings)
+
+
+def test_fit_holds_flag_sets_the_over_budget_policy() -> None:
+    assert example.parse_settings([], {}).fit_holds is False
+    settings = example.parse_settings(["--fit-holds", "--db", "sqlite://:memory:"], {})
+    assert settings.fit_holds is True
+    for fit, policy in ((settings, "fit"), (example.Settings(db="sqlite://:memory:"), "refuse")):
+        app = example.build_app(fit)
+        [middleware] = app.user_middleware
+        assert middleware.kwargs["mode"].over_budget == policy

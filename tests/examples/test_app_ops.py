@@ -19,7 +19,6 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.examples.helpers import load_example
 from tests.examples.test_app import APP, environment, free_port, gatewaykit
 
 pytestmark = pytest.mark.slow
@@ -134,12 +133,15 @@ def test_banner_names_the_ops_port(gateway: Gateway) -> None:
 
 @pytest.mark.anyio
 async def test_platform_ops_app_reports_the_outbox(tmp_path: Path) -> None:
+    from gatewaykit.observability import HealthApp, PrometheusMetrics
+    from gatewaykit.observability.ops import ops_app
     from gatewaykit.outbox.sqlite import SQLiteOutbox
 
-    ops_app = load_example("app").ops_app
     async with SQLiteOutbox(str(tmp_path / "outbox.db")) as outbox:
         await outbox.enqueue("req_1:1", {"status": "success"})
-        app, _ = ops_app(None, outbox)
+        metrics = PrometheusMetrics()
+        metrics.watch_outbox(outbox)
+        app = ops_app(metrics, HealthApp(outbox=outbox))
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://ops") as http:
             ready = await http.get("/readyz")

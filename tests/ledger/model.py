@@ -1,6 +1,6 @@
 """A pure-Python reference ledger: the executable specification every backend must match.
 
-It implements the ``Ledger`` protocol in memory, with the semantics of DESIGN §3 and
+It implements the ``Ledger`` protocol in memory, with the semantics of docs/ledger.md and
 docs/ledger.md, written for clarity rather than speed. The stateful test drives a real
 backend and this model side by side and compares every reply; the model also checks
 invariants I1–I11 on its own state (:meth:`ModelLedger.invariants`).
@@ -13,20 +13,24 @@ Rules the backends share (spelled out here because the model is the spec):
   ("touch"); ``reserve`` of a new id first expires every due hold sharing one of its scopes.
 * A new reserve is refused (nothing stored except the reclaim) when, for some scope with a
   limit, ``spent + reserved + amount > limit`` in that scope's current window; the first
-  refusing scope in sorted order is reported.
+  refusing scope in sorted order is reported. Before the budgets, a scope capped by
+  ``max_live`` refuses (ConcurrencyExceeded) when its live holds, in all its windows,
+  already number its cap. A fitted reserve (``OutputFit``) tries the largest hold the
+  tightest limited budget has room for.
 * A hold settles into the windows recorded when it was taken (I10).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 from gatewaykit.errors import (
     BudgetExceeded,
+    ConcurrencyExceeded,
     ConfigurationError,
     HoldClosedError,
     HoldConflictError,
@@ -37,6 +41,7 @@ from gatewaykit.ledger.base import (
     BudgetStatus,
     Hold,
     HoldState,
+    OutputFit,
     Period,
     UsageFilter,
     UsageGroup,
@@ -44,7 +49,9 @@ from gatewaykit.ledger.base import (
     UsageTotal,
     sort_totals,
     validate_context_id,
+    validate_fit,
     validate_hold_id,
+    validate_max_live,
     validate_record,
     validate_scopes,
     validate_ttl,
@@ -147,6 +154,7 @@ class MHold:
 class Counter:
     spent: int = 0
     reserved: int = 0
+    live: int = 0
 
 
 class ModelLedger:
@@ -234,24 +242,35 @@ class ModelLedger:
         hold.ended_us = now
         for scope, key in hold.windows.items():
             self.counters[(scope, key)].reserved -= hold.amount
+            self.counters[(scope, key)].live -= 1
 
     def _touch(self, hold: MHold, now: int) -> None:
         if hold.state is HoldState.HELD and now >= hold.expires_us:
             self._expire(hold, now)
 
     async def reserve(
-        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+        self,
+        hold_id: str,
+        scopes: Sequence[str],
+        amount: Decimal,
+        *,
+        ttl: float,
+        fit: OutputFit | None = None,
+        max_live: Mapping[str, int] | None = None,
     ) -> Hold:
         hold_id = validate_hold_id(hold_id)
         scope_t = validate_scopes(scopes)
         nanos = to_nanos(amount)
         ttl = validate_ttl(ttl)
+        fit = validate_fit(fit, nanos)
+        caps = validate_max_live(max_live, scope_t)
         now = self.now()
         existing = self.holds_.get(hold_id)
         if existing is not None:
             if existing.state is HoldState.RELEASED and not existing.scopes:
                 return existing.view()
-            if existing.scopes != scope_t or existing.amount != nanos:
+            smallest = nanos if fit is None else fit.nanos(fit.min_tokens)
+            if existing.scopes != scope_t or not smallest <= existing.amount <= nanos:
                 raise HoldConflictError(
                     f"hold {hold_id!r} was reserved with other scopes or amount"
                 )
@@ -260,6 +279,12 @@ class ModelLedger:
         for hold in self.holds_.values():
             if hold.state is HoldState.HELD and set(hold.scopes) & set(scope_t):
                 self._touch(hold, now)
+        for scope, most in caps:  # requests in flight, before the budgets (429 before 402)
+            live = self.live_holds(scope)
+            if live >= most:
+                raise ConcurrencyExceeded(scope=scope, limit=most, live=live)
+        if fit is not None:
+            nanos = self._fitted(scope_t, nanos, fit, now)
         windows: dict[str, int] = {}
         for scope in scope_t:
             limit, period = self.budgets_.get(scope, (None, Period()))
@@ -277,6 +302,7 @@ class ModelLedger:
                 )
         for scope, key in windows.items():
             self.counters.setdefault((scope, key), Counter()).reserved += nanos
+            self.counters[(scope, key)].live += 1
         hold = MHold(
             hold_id, scope_t, windows, nanos, HoldState.HELD, now, now + max(1, to_us(ttl))
         )
@@ -289,6 +315,31 @@ class ModelLedger:
             left = None if limit is None else from_nanos(limit - counter.spent - counter.reserved)
             remaining.append((scope, left))
         return dataclasses.replace(hold.view(), remaining=tuple(remaining))
+
+    def live_holds(self, scope: str) -> int:
+        """The scope's live holds in all its windows (what a cap counts)."""
+        return sum(c.live for (s, _), c in self.counters.items() if s == scope)
+
+    async def sweep_scope(self, scope: str) -> None:
+        """Expire the due holds on ``scope``, as a reserve on it does first."""
+        now = self.now()
+        for hold in self.holds_.values():
+            if hold.state is HoldState.HELD and scope in hold.scopes:
+                self._touch(hold, now)
+
+    def _fitted(self, scopes: tuple[str, ...], nanos: int, fit: OutputFit, now: int) -> int:
+        """The hold a fitted reserve tries: the full amount if the tightest budget has room
+        for it, else the largest fitting one, else the smallest (which is then refused)."""
+        rooms = []
+        for scope in scopes:
+            limit, period = self.budgets_.get(scope, (None, Period()))
+            if limit is not None:
+                counter = self.counters.get((scope, window_of(period, now)[0]), Counter())
+                rooms.append(limit - counter.spent - counter.reserved)
+        if not rooms or min(rooms) >= nanos:
+            return nanos
+        tokens = fit.tokens_within(min(rooms))
+        return fit.nanos(fit.min_tokens if tokens is None else tokens)
 
     def _record(self, record: UsageRecord | None, now: int) -> None:
         if record is None or any(r.request_id == record.request_id for r in self.usage_):
@@ -318,6 +369,7 @@ class ModelLedger:
             counter = self.counters[(scope, key)]
             if not late:
                 counter.reserved -= hold.amount
+                counter.live -= 1
             counter.spent += nanos
         hold.state = HoldState.SETTLED
         hold.charged = nanos
@@ -356,6 +408,7 @@ class ModelLedger:
         if hold.state is HoldState.HELD:
             for scope, key in hold.windows.items():
                 self.counters[(scope, key)].reserved -= hold.amount
+                self.counters[(scope, key)].live -= 1
             hold.state = HoldState.RELEASED
             hold.ended_us = now
             self._record(record, now)
@@ -464,6 +517,7 @@ class ModelLedger:
         """I1–I11 on the model's own state; ``swept`` adds I5 (checked right after a sweep)."""
         problems: list[str] = []
         live: dict[tuple[str, int], int] = {}
+        count: dict[tuple[str, int], int] = {}
         charged: dict[tuple[str, int], int] = {}
         now = self.now()
         for hold in self.holds_.values():
@@ -474,6 +528,7 @@ class ModelLedger:
             for scope, key in hold.windows.items():
                 if hold.state is HoldState.HELD:
                     live[(scope, key)] = live.get((scope, key), 0) + hold.amount
+                    count[(scope, key)] = count.get((scope, key), 0) + 1
                 if hold.state is HoldState.SETTLED:
                     charged[(scope, key)] = charged.get((scope, key), 0) + hold.charged
             if hold.state is not HoldState.SETTLED and (hold.charged or hold.late):
@@ -487,9 +542,11 @@ class ModelLedger:
         for (scope, key), counter in self.counters.items():
             if counter.reserved != live.get((scope, key), 0):
                 problems.append(f"I2: {scope}@{key} reserved {counter.reserved} != live holds")
+            if counter.live != count.get((scope, key), 0):
+                problems.append(f"I2: {scope}@{key} counts {counter.live} live holds, not so")
             if counter.spent != charged.get((scope, key), 0):
                 problems.append(f"I3: {scope}@{key} spent {counter.spent} != settled charges")
-            if counter.spent < 0 or counter.reserved < 0:
+            if counter.spent < 0 or counter.reserved < 0 or counter.live < 0:
                 problems.append(f"I9: {scope}@{key} has a negative total")
         for key_ in set(live) | set(charged):
             if key_ not in self.counters:

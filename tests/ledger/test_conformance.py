@@ -235,7 +235,7 @@ async def test_overrun_is_charged_and_recorded(ledger: Ledger) -> None:
     assert status.remaining == D("-1.5")
     with pytest.raises(BudgetExceeded) as info:
         await ledger.reserve("r2", ["user:a"], D(0), ttl=60)
-    assert info.value.remaining == 0  # displayed clamped; the stored total is exact
+    assert info.value.remaining == D("-1.5")  # as the status says it: never clamped
 
 
 async def test_release_refunds(ledger: Ledger) -> None:

@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from gatewaykit.errors import BudgetExceeded, GatewayKitError
-from gatewaykit.ledger.base import Hold, Ledger, Period, UsageGroup, UsageRecord
+from gatewaykit.errors import BudgetExceeded, ConcurrencyExceeded, GatewayKitError
+from gatewaykit.ledger.base import Hold, Ledger, OutputFit, Period, UsageGroup, UsageRecord
+from gatewaykit.money import from_nanos
 from tests.ledger.backends import BACKENDS, Backend, FakeClock
 from tests.ledger.model import ModelLedger
 
@@ -33,12 +34,25 @@ AMOUNTS = [Decimal(0), Decimal("0.000000001"), Decimal("0.25"), Decimal("1"), De
 LIMITS = [None, Decimal(0), Decimal("1"), Decimal("3"), Decimal("10")]
 TTLS = [1, 30, 600]
 STEPS = [0.000001, 0.5, 29, 30, 600, 3600, 86_400]
+#: Fitted reserves: full holds of $0.6 to $10.1, smallest ones of $0.003 to $0.15.
+FITS = [
+    OutputFit(base=Decimal("0.1"), per_token=Decimal("0.01"), min_tokens=5, max_tokens=1000),
+    OutputFit(base=Decimal(0), per_token=Decimal("0.003"), min_tokens=1, max_tokens=200),
+    OutputFit(
+        base=Decimal("0.0000000005"),
+        per_token=Decimal("0.0000333"),
+        min_tokens=256,
+        max_tokens=20_000,
+    ),
+]
 
 
 def outcome(value: Any) -> Any:
     """What must match between backend and model: values, or the error's kind and facts."""
     if isinstance(value, BudgetExceeded):
         return ("BudgetExceeded", value.scope, value.limit, value.spent, value.held)
+    if isinstance(value, ConcurrencyExceeded):
+        return ("ConcurrencyExceeded", value.scope, value.limit, value.live)
     if isinstance(value, GatewayKitError):
         return type(value).__name__
     return value
@@ -59,7 +73,7 @@ class LedgerMachine(RuleBasedStateMachine):
         )
         self.ledger: Ledger = self.opener()
         self.run(self.ledger.open())
-        self.params: dict[str, tuple[list[str], Decimal]] = {}
+        self.params: dict[str, tuple[list[str], Decimal, OutputFit | None]] = {}
         self.counter = 0
 
     def run(self, coro: Awaitable[Any]) -> Any:
@@ -105,17 +119,85 @@ class LedgerMachine(RuleBasedStateMachine):
     )
     def reserve(self, scopes: list[str], amount: Decimal, ttl: int) -> None:
         hold_id = self.fresh_id()
-        self.params[hold_id] = (scopes, amount)
+        self.params[hold_id] = (scopes, amount, None)
         self.both("reserve", hold_id, scopes, amount, ttl=ttl)
+
+    @rule(
+        scopes=st.lists(st.sampled_from(SCOPES), min_size=1, max_size=3, unique=True),
+        fit=st.sampled_from(FITS),
+        ttl=st.sampled_from(TTLS),
+    )
+    def reserve_fitted(self, scopes: list[str], fit: OutputFit, ttl: int) -> None:
+        """The largest hold that fits every budget, or a refusal at the smallest."""
+        hold_id = self.fresh_id()
+        amount = from_nanos(fit.nanos(fit.max_tokens))
+        self.params[hold_id] = (scopes, amount, fit)
+        self.both("reserve", hold_id, scopes, amount, ttl=ttl, fit=fit)
+
+    @rule(
+        scopes=st.lists(st.sampled_from(SCOPES), min_size=1, max_size=3, unique=True),
+        amount=st.sampled_from(AMOUNTS),
+        most=st.integers(1, 3),
+        fit=st.none() | st.sampled_from(FITS),
+    )
+    def reserve_capped(
+        self, scopes: list[str], amount: Decimal, most: int, fit: OutputFit | None
+    ) -> None:
+        """A cap on the live holds of the hold's first scope (and a fit, sometimes)."""
+        hold_id = self.fresh_id()
+        if fit is not None:
+            amount = from_nanos(fit.nanos(fit.max_tokens))
+        self.params[hold_id] = (scopes, amount, fit)
+        caps = {scopes[0]: most}
+        self.both("reserve", hold_id, scopes, amount, ttl=30, fit=fit, max_live=caps)
+
+    @rule(count=st.integers(2, 12), most=st.integers(1, 4), amount=st.sampled_from(AMOUNTS))
+    def concurrent_capped_reserves(self, count: int, most: int, amount: Decimal) -> None:
+        """Capped reserves race on the backend: no more are admitted than the cap allows.
+
+        A refusal's kind cannot depend on the order: after a budget refusal no equal
+        reserve fits, and a scope at its cap stays there while no time passes.
+        """
+        ids = [self.fresh_id() for _ in range(count)]
+        caps = {"user:a": most}
+        for hold_id in ids:
+            self.params[hold_id] = (["user:a", "key:k"], amount, None)
+
+        async def race() -> list[Any]:
+            return await asyncio.gather(
+                *(
+                    self.ledger.reserve(h, ["user:a", "key:k"], amount, ttl=30, max_live=caps)
+                    for h in ids
+                ),
+                return_exceptions=True,
+            )
+
+        self.run(self.model.sweep_scope("user:a"))
+        before = self.model.live_holds("user:a")
+        results = self.run(race())
+        kinds = (Hold, BudgetExceeded, ConcurrencyExceeded)
+        assert all(isinstance(r, kinds) for r in results), results
+        assert sum(isinstance(r, Hold) for r in results) <= max(0, most - before)
+        for hold_id, result in zip(ids, results, strict=True):
+            if isinstance(result, Hold):
+                self.run(self.model.reserve(hold_id, ["user:a", "key:k"], amount, ttl=30))
+        for hold_id, result in zip(ids, results, strict=True):
+            if not isinstance(result, Hold):
+                with pytest.raises(type(result)):
+                    self.run(
+                        self.model.reserve(
+                            hold_id, ["user:a", "key:k"], amount, ttl=30, max_live=caps
+                        )
+                    )
 
     @precondition(lambda self: bool(self.params))
     @rule(data=st.data(), ttl=st.sampled_from(TTLS), conflicting=st.booleans())
     def replay_reserve(self, data: st.DataObject, ttl: int, conflicting: bool) -> None:
         hold_id = data.draw(st.sampled_from(sorted(self.params)))
-        scopes, amount = self.params[hold_id]
+        scopes, amount, fit = self.params[hold_id]
         if conflicting:
             amount += Decimal(1)
-        self.both("reserve", hold_id, list(reversed(scopes)), amount, ttl=ttl)
+        self.both("reserve", hold_id, list(reversed(scopes)), amount, ttl=ttl, fit=fit)
 
     @precondition(lambda self: bool(self.params))
     @rule(data=st.data(), actual=st.sampled_from([*AMOUNTS, Decimal("7")]))
@@ -153,7 +235,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def release_first(self) -> None:
         """F8: a release before its reserve leaves a tombstone the reserve then returns."""
         hold_id = self.fresh_id()
-        self.params[hold_id] = (["user:a"], Decimal(1))
+        self.params[hold_id] = (["user:a"], Decimal(1), None)
         self.both("release", hold_id)
 
     @precondition(lambda self: bool(self.params))
@@ -181,7 +263,7 @@ class LedgerMachine(RuleBasedStateMachine):
         """Equal reserves race on the backend; the model admits the same number."""
         ids = [self.fresh_id() for _ in range(count)]
         for hold_id in ids:
-            self.params[hold_id] = (["user:a"], amount)
+            self.params[hold_id] = (["user:a"], amount, None)
 
         async def race() -> list[Any]:
             return await asyncio.gather(
@@ -200,6 +282,36 @@ class LedgerMachine(RuleBasedStateMachine):
         for hold_id in refused:
             with pytest.raises(BudgetExceeded):
                 self.run(self.model.reserve(hold_id, ["user:a"], amount, ttl=30))
+
+    @rule(count=st.integers(2, 12), fit=st.sampled_from(FITS))
+    def concurrent_fitted_reserves(self, count: int, fit: OutputFit) -> None:
+        """Fitted reserves race on the backend: each fits into what the others left.
+
+        Which hold got which room depends on the backend's order; the model takes each
+        admitted hold at the amount the backend chose, then refuses the refused ones.
+        """
+        ids = [self.fresh_id() for _ in range(count)]
+        amount = from_nanos(fit.nanos(fit.max_tokens))
+        for hold_id in ids:
+            self.params[hold_id] = (["user:a"], amount, fit)
+
+        async def race() -> list[Any]:
+            return await asyncio.gather(
+                *(self.ledger.reserve(h, ["user:a"], amount, ttl=30, fit=fit) for h in ids),
+                return_exceptions=True,
+            )
+
+        results = self.run(race())
+        assert all(isinstance(r, (Hold, BudgetExceeded)) for r in results), results
+        for hold_id, result in zip(ids, results, strict=True):
+            if isinstance(result, Hold):
+                assert fit.nanos(fit.min_tokens) <= fit.nanos(fit.tokens_held(result.amount))
+                assert result.amount <= amount
+                self.run(self.model.reserve(hold_id, ["user:a"], result.amount, ttl=30))
+        for hold_id, result in zip(ids, results, strict=True):
+            if not isinstance(result, Hold):
+                with pytest.raises(BudgetExceeded):
+                    self.run(self.model.reserve(hold_id, ["user:a"], amount, ttl=30, fit=fit))
 
     @precondition(lambda self: self.backend.persistent)
     @rule()

@@ -8,7 +8,7 @@ records written with the settle/release, check() of the counters.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -24,6 +24,7 @@ from gatewaykit.ledger.base import (
     BudgetStatus,
     Hold,
     HoldState,
+    OutputFit,
     Period,
     UsageGroup,
     UsageRecord,
@@ -96,8 +97,17 @@ class FakeLedger:
         return [s for s in [await self.status(k) for k in sorted(self.limits)] if s]
 
     async def reserve(
-        self, hold_id: str, scopes: Sequence[str], amount: Decimal, *, ttl: float
+        self,
+        hold_id: str,
+        scopes: Sequence[str],
+        amount: Decimal,
+        *,
+        ttl: float,
+        fit: OutputFit | None = None,
+        max_live: Mapping[str, int] | None = None,
     ) -> Hold:
+        if fit is not None or max_live:
+            raise NotImplementedError("the fake ledger neither fits holds nor caps them")
         self._guard("reserve")
         scopes = validate_scopes(scopes)
         if hold_id in self.hold_rows:

@@ -1,4 +1,4 @@
-"""Every way a gated request can end settles its hold exactly once (DESIGN §4)."""
+"""Every way a gated request can end settles its hold exactly once (docs/settlement.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gatewaykit import GatewayMiddleware, get_settlement
 from gatewaykit.context import SCOPE_KEY, GatewayContext
-from gatewaykit.ledger.base import HoldState, Ledger
+from gatewaykit.ledger.base import Hold, HoldState, Ledger
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.usage import Usage, UsageSource
@@ -349,6 +349,7 @@ async def test_the_app_learns_of_the_disconnect_through_receive(
     ledger: Ledger, make_mode: Callable[..., StandaloneMode], key: str
 ) -> None:
     seen: list[str] = []
+    contacted = anyio.Event()
 
     async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
         first = await receive()
@@ -357,6 +358,7 @@ async def test_the_app_learns_of_the_disconnect_through_receive(
         context = scope[SCOPE_KEY]
         assert isinstance(context, GatewayContext)
         context.settlement.note_upstream_contacted()
+        contacted.set()
         with anyio.CancelScope(shield=True):
             seen.append((await receive())["type"])
             seen.append((await receive())["type"])
@@ -365,7 +367,7 @@ async def test_the_app_learns_of_the_disconnect_through_receive(
     ex = Exchange()
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: call(app, json_body=BODY, headers=bearer(key), exchange=ex))
-        await anyio.sleep(0.01)
+        await contacted.wait()
         ex.disconnect()
     assert seen == ["http.disconnect", "http.disconnect"]
     assert await spent(ledger) == MICRO
@@ -407,9 +409,26 @@ async def test_first_terminal_hook_wins(
 
 
 async def test_heartbeats_extend_the_hold_while_the_response_lives(
-    ledger: Ledger, make_mode: Callable[..., StandaloneMode], key: str
+    ledger: Ledger,
+    make_mode: Callable[..., StandaloneMode],
+    key: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     expiries = []
+    extended = [anyio.Event()]  # set (and replaced) each time a heartbeat extended the hold
+    extend = ledger.extend
+
+    async def counted_extend(hold_id: str, *, ttl: float) -> Hold:
+        hold = await extend(hold_id, ttl=ttl)
+        done, extended[0] = extended[0], anyio.Event()
+        done.set()
+        return hold
+
+    monkeypatch.setattr(ledger, "extend", counted_extend)
+
+    async def next_heartbeats(count: int) -> None:
+        for _ in range(count):
+            await extended[0].wait()
 
     async def endpoint(request: Request) -> Response:
         settlement = get_settlement(request)
@@ -420,7 +439,8 @@ async def test_heartbeats_extend_the_hold_while_the_response_lives(
                 assert hold is not None
                 expiries.append(hold.expires_at)
                 yield b"data: x\n\n"
-                await anyio.sleep(0.2)  # many heartbeat intervals, even on a loaded machine
+                # Two: the first may have begun before the read above.
+                await next_heartbeats(2)
             await settlement.on_success(Usage(1, 1))
 
         return StreamingResponse(body())

@@ -5,12 +5,18 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import anyio
 import pytest
 
 from gatewaykit.ledger.base import HoldState, Ledger
 from gatewaykit.modes.standalone import StandaloneSettlement
 from gatewaykit.pricing import ModelPrice
-from gatewaykit.settlement import RequestEstimate
+from gatewaykit.settlement import (
+    RequestEstimate,
+    Settlement,
+    SettlementOutcome,
+    SettlementStatus,
+)
 from gatewaykit.usage import MAX_TOKENS, Usage, UsageSource
 from tests.middleware.conftest import PRICES, open_backend
 from tests.middleware.fake_ledger import FakeLedger
@@ -165,3 +171,41 @@ async def test_an_absurd_usage_report_is_charged_clamped_and_flagged(backend: st
         hold = await ledger.get_hold("req_2")
         assert hold is not None
         assert hold.state is HoldState.SETTLED
+
+
+class _FailsOnce(Settlement):
+    """A settlement whose first transition waits for ``gate`` and then fails."""
+
+    def __init__(self) -> None:
+        super().__init__(request_id="req-flaky", estimate=RequestEstimate(1, 1, Decimal(0)))
+        self.gate = anyio.Event()
+        self.started = anyio.Event()
+        self.calls = 0
+
+    async def _finish(
+        self, status: SettlementStatus, usage: Usage | None, error: str | None
+    ) -> SettlementOutcome:
+        self.calls += 1
+        if self.calls == 1:
+            self.started.set()
+            await self.gate.wait()
+            raise OSError("the ledger went away")
+        return SettlementOutcome(status, Decimal(0), usage, refunded=False, error=error)
+
+
+async def test_a_transition_failing_after_its_caller_left_is_logged_and_can_be_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settlement = _FailsOnce()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(settlement.on_success, Usage(1, 1))
+        await settlement.started.wait()
+        tg.cancel_scope.cancel()  # the caller leaves; the transition keeps running
+    settlement.gate.set()
+    with pytest.raises(OSError, match="went away"):
+        await settlement.on_success(Usage(1, 1))  # joins the one in flight
+    assert "settling request req-flaky failed after its caller was cancelled: OSError" in (
+        caplog.text
+    )
+    outcome = await settlement.on_success(Usage(1, 1))  # a later hook tries again
+    assert (outcome.status, settlement.calls) == ("success", 2)

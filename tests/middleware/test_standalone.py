@@ -230,6 +230,46 @@ async def test_revoked_and_expired_keys_are_401(
         await openai_chat(app, expired)
 
 
+async def test_key_expiry_reads_the_modes_clock(
+    make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+) -> None:
+    """Expiry is wall time read from the one injected clock: moving it expires the key."""
+    clock = [0.0]
+    mode = make_mode(key_cache_ttl=0, clock=lambda: clock[0])
+    app = app_for(mode)
+    soon = datetime.now(timezone.utc) + timedelta(seconds=60)
+    key, _ = await make_key("alice", expires_at=soon)
+    await openai_chat(app, key)
+    clock[0] += 61
+    with pytest.raises(openai.AuthenticationError, match="expired"):
+        await openai_chat(app, key)
+
+
+async def test_the_settlement_measures_latency_with_the_modes_clock(
+    ledger: Ledger, make_mode: Callable[..., StandaloneMode], make_key: MakeKey
+) -> None:
+    clock = [100.0]
+
+    async def endpoint(request: Request) -> Response:
+        clock[0] += 2.5  # the upstream "takes" 2.5 s of the mode's clock
+        await get_settlement(request).on_success(Usage(1, 1))
+        return JSONResponse({"choices": [], "usage": {"prompt_tokens": 1}})
+
+    mode = make_mode(clock=lambda: clock[0])
+    app = GatewayMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", endpoint, methods=["POST"])]),
+        mode=mode,
+    )
+    key, _ = await make_key("alice")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gw"
+    ) as client:
+        response = await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+    assert response.status_code == 200
+    [record] = await ledger.usage(user="alice")
+    assert record.latency_ms == 2500
+
+
 class _WithoutKeyEpoch:
     """A ledger that cannot tell when keys change (no ``key_epoch``), as third-party
     backends may be: the key cache then relies on ``key_cache_ttl`` alone."""
@@ -586,7 +626,16 @@ async def test_configuration_is_validated(ledger: Ledger) -> None:
         {"default_rpm": 0},
         {"teams": {"bob": "red team"}},
         {"ledger_unavailable": "maybe"},
+        {"over_budget": "squeeze"},
+        {"min_output_tokens": 0},
+        {"min_output_tokens": True},
+        {"user_max_concurrent": 0},
         {"upstreams": Upstream("https://x.example/v1")},
+        {"default_max_output_tokens": True},
+        {"default_max_output_tokens": 1.5},
+        {"default_max_output_tokens": -1},
+        {"key_cache_ttl": -1},
+        {"unknown_response_context": "guess"},
     ):
         with pytest.raises(ConfigurationError):
             StandaloneMode(ledger, **{**base, **bad})

@@ -19,7 +19,7 @@ POSTGRES_DSN = os.environ.get(
 )
 GATEWAY_TOKEN = "gw-secret-token"
 
-OutboxFactory = Callable[[], Outbox]
+OutboxFactory = Callable[..., Outbox]  # keyword options go to the backend (e.g. clock)
 
 
 @pytest.fixture(
@@ -34,12 +34,12 @@ async def outbox_factory(
     """Makes outboxes that all share one store (a file, or a fresh PostgreSQL table)."""
     if request.param == "sqlite":
         path = str(tmp_path / "outbox.db")
-        yield lambda: SQLiteOutbox(path)
+        yield lambda **options: SQLiteOutbox(path, **options)
         return
     from gatewaykit.outbox.postgres import PostgresOutbox
 
     table = f"gk_outbox_test_{uuid.uuid4().hex[:12]}"
-    yield lambda: PostgresOutbox(POSTGRES_DSN, table=table)
+    yield lambda **options: PostgresOutbox(POSTGRES_DSN, table=table, **options)
     import asyncpg
 
     conn = await asyncpg.connect(POSTGRES_DSN)

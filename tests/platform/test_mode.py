@@ -486,7 +486,7 @@ async def test_a_report_that_cannot_be_stored_is_logged_whole(
     mode: PlatformMode, caplog: pytest.LogCaptureFixture
 ) -> None:
     context = await mode.resolve(gateway_request())
-    await mode.outbox.close()  # the store is gone
+    await mode.outbox.aclose()  # the store is gone
     outcome = await context.settlement.on_success(Usage(5, 6))
     assert outcome.status == "success"
     assert "could not store usage report" in caplog.text
@@ -542,3 +542,17 @@ async def test_works_with_an_httpx2_client(plane: FakeControlPlane, tmp_path: Pa
                 await mode.resolve(slow)
             assert caught.value.status == 429
             assert caught.value.headers == {"retry-after": "9"}
+
+
+async def test_the_client_is_told_which_field_was_wrong(
+    gateway: httpx.AsyncClient, plane: FakeControlPlane
+) -> None:
+    plane.set_attempts("gpt-4o-mini", {**OPENAI_UP, "api_key": 12345, "provider": "openai"})
+    response = await gateway.post(
+        CHAT, json=chat_body(), headers={"authorization": "Bearer tok-alice"}
+    )
+    assert response.status_code == 503
+    message = response.json()["error"]["message"]
+    assert "malformed answer" in message
+    assert "api_key: Input should be a valid string" in message
+    assert "12345" not in message

@@ -9,6 +9,7 @@ import pytest
 
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.outbox import Outbox, SQLiteOutbox, open_outbox
+from tests.ledger.backends import FakeClock
 
 from .conftest import OutboxFactory
 
@@ -50,27 +51,30 @@ async def test_claim_leases_items_and_ack_removes_them(outbox: Outbox) -> None:
     assert await outbox.next_due_in() is None
 
 
-async def test_a_lapsed_lease_makes_the_item_due_again(outbox: Outbox) -> None:
-    await outbox.enqueue("k", REPORT)
-    assert len(await outbox.claim(limit=1, lease=0.05)) == 1
-    assert await outbox.claim(limit=1, lease=0.05) == []
-    await anyio.sleep(0.1)
-    assert [item.key for item in await outbox.claim(limit=1, lease=30)] == ["k"]
+async def test_a_lapsed_lease_makes_the_item_due_again(outbox_factory: OutboxFactory) -> None:
+    clock = FakeClock()
+    async with outbox_factory(clock=clock) as outbox:
+        await outbox.enqueue("k", REPORT)
+        assert len(await outbox.claim(limit=1, lease=30)) == 1
+        clock.advance(29.9)
+        assert await outbox.claim(limit=1, lease=30) == []
+        clock.advance(0.1)  # the lease ends exactly at its length
+        assert [item.key for item in await outbox.claim(limit=1, lease=30)] == ["k"]
 
 
-async def test_retry_later_counts_and_delays(outbox: Outbox) -> None:
-    await outbox.enqueue("k", REPORT)
-    await outbox.claim(limit=1, lease=30)
-    await outbox.retry_later("k", delay=60, error="HTTP 503: down")
-    due_in = await outbox.next_due_in()
-    assert due_in is not None
-    assert 55 < due_in <= 60
-    assert await outbox.claim(limit=1, lease=30) == []
-    [item] = await outbox.claim(limit=1, lease=30, due_only=False)
-    assert item.attempts == 1
-    assert item.last_error == "HTTP 503: down"
-    assert await outbox.reschedule_all() == 1
-    assert await outbox.next_due_in() == 0
+async def test_retry_later_counts_and_delays(outbox_factory: OutboxFactory) -> None:
+    clock = FakeClock()
+    async with outbox_factory(clock=clock) as outbox:
+        await outbox.enqueue("k", REPORT)
+        await outbox.claim(limit=1, lease=30)
+        await outbox.retry_later("k", delay=60, error="HTTP 503: down")
+        assert await outbox.next_due_in() == pytest.approx(60)
+        assert await outbox.claim(limit=1, lease=30) == []
+        [item] = await outbox.claim(limit=1, lease=30, due_only=False)
+        assert item.attempts == 1
+        assert item.last_error == "HTTP 503: down"
+        assert await outbox.reschedule_all() == 1
+        assert await outbox.next_due_in() == 0
 
 
 async def test_park_keeps_a_dead_letter_until_requeued(outbox: Outbox) -> None:
@@ -93,12 +97,12 @@ async def test_park_keeps_a_dead_letter_until_requeued(outbox: Outbox) -> None:
     assert await outbox.size() == 2
 
 
-async def test_oldest_age_grows(outbox: Outbox) -> None:
-    await outbox.enqueue("k", REPORT)
-    await anyio.sleep(0.05)
-    age = await outbox.oldest_age()
-    assert age is not None
-    assert 0.04 <= age < 5
+async def test_oldest_age_grows(outbox_factory: OutboxFactory) -> None:
+    clock = FakeClock()
+    async with outbox_factory(clock=clock) as outbox:
+        await outbox.enqueue("k", REPORT)
+        clock.advance(42.5)
+        assert await outbox.oldest_age() == pytest.approx(42.5)
 
 
 async def test_items_survive_reopening(outbox_factory: OutboxFactory) -> None:
