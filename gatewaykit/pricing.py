@@ -137,7 +137,7 @@ _Usd = Annotated[Decimal, PlainValidator(parse_usd)]
 
 
 class _PriceEntry(BaseModel):
-    """One model's entry in a price file (DESIGN §8): decimal strings, no unknown fields."""
+    """One model's entry in a price file (docs/configuration.md): decimal strings only."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -6,6 +6,7 @@ import json
 from decimal import Decimal
 from pathlib import Path
 
+from gatewaykit import server
 from tests.examples.helpers import load_example
 
 example = load_example("app")
@@ -89,6 +90,6 @@ def test_fit_holds_flag_sets_the_over_budget_policy() -> None:
     settings = example.parse_settings(["--fit-holds", "--db", "sqlite://:memory:"], {})
     assert settings.fit_holds is True
     for fit, policy in ((settings, "fit"), (example.Settings(db="sqlite://:memory:"), "refuse")):
-        app = example.build_app(fit)
+        app = server.build_app(example.example_config(fit, fake_port=9))
         [middleware] = app.user_middleware
         assert middleware.kwargs["mode"].over_budget == policy
