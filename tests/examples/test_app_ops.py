@@ -129,28 +129,3 @@ def test_banner_names_the_ops_port(gateway: Gateway) -> None:
     assert f"GET {gateway.ops}/metrics  {gateway.ops}/livez  {gateway.ops}/readyz" in (
         gateway.log.read_text()
     )
-
-
-@pytest.mark.anyio
-async def test_platform_ops_app_reports_the_outbox(tmp_path: Path) -> None:
-    from gatewaykit.observability import HealthApp, PrometheusMetrics
-    from gatewaykit.observability.ops import ops_app
-    from gatewaykit.outbox.sqlite import SQLiteOutbox
-
-    async with SQLiteOutbox(str(tmp_path / "outbox.db")) as outbox:
-        await outbox.enqueue("req_1:1", {"status": "success"})
-        metrics = PrometheusMetrics()
-        metrics.watch_outbox(outbox)
-        app = ops_app(metrics, HealthApp(outbox=outbox))
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://ops") as http:
-            ready = await http.get("/readyz")
-            text = (await http.get("/metrics")).text
-    assert ready.json() == {"status": "ok", "checks": {"outbox": "ok"}}
-    pending = {
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "gatewaykit_outbox_pending"
-    }
-    assert pending == {1.0}
