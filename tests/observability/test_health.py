@@ -10,6 +10,7 @@ from typing import Any, cast
 import anyio
 import httpx
 import pytest
+from starlette.types import Message
 
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.ledger.base import Ledger
@@ -130,3 +131,24 @@ async def test_readyz_follows_a_postgres_server_that_locks_the_gateway_out_and_b
         await admin.execute(f'ALTER ROLE "{role}" LOGIN')
         back = await get(app, "/readyz")
         assert back.status_code == 200, back.text
+
+
+async def test_the_apps_answer_lifespan_and_ignore_other_scopes() -> None:
+    app = HealthApp()
+    assert "HealthApp" in repr(app)
+    messages: list[Message] = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return messages.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app({"type": "lifespan"}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    await app({"type": "websocket"}, receive, send)
+    assert len(sent) == 2
+    head = await get(app, "/livez", "HEAD")
+    assert head.status_code == 200
+    assert head.content == b""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import httpx2
@@ -16,10 +17,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from gatewaykit.context import GatewayContext
+from gatewaykit.envelopes import WireFormat
+from gatewaykit.errors import ErrorKind
 from gatewaykit.ledger.sqlite import SQLiteLedger
 from gatewaykit.observability import OpenTelemetryTracing
-from gatewaykit.testing import FakeProvider
-from gatewaykit.upstream import Upstream
+from gatewaykit.settlement import RequestEstimate, SettlementOutcome
+from gatewaykit.testing import FakeProvider, RecordingSettlement
+from gatewaykit.upstream import Attempt, Upstream
+from gatewaykit.usage import Usage
 from tests.observability.conftest import Build
 from tests.scenarios.conftest import UPSTREAM_KEY, new_key
 
@@ -205,3 +211,111 @@ async def test_a_responses_request_names_the_response_it_created(
     attrs = dict(root.attributes or {})
     assert attrs["gen_ai.response.id"] == answer.id
     assert attrs["http.route"] == "/v1/responses"
+
+
+async def test_under_an_outer_server_span_the_request_span_is_its_child(
+    build: Build,
+    ledger: SQLiteLedger,
+    tracing: OpenTelemetryTracing,
+    exporter: InMemorySpanExporter,
+) -> None:
+    key, _ = await new_key(ledger)
+    with tracing.tracer.start_as_current_span("POST /v1/chat/completions") as outer:
+        async with sdk(build(tracing=tracing), key) as client:
+            await client.chat.completions.create(model="test-model", messages=MESSAGES)
+    [root] = by_name(exporter.get_finished_spans())["gatewaykit.request"]
+    assert root.kind is SpanKind.INTERNAL
+    assert root.parent is not None
+    assert root.parent.span_id == outer.get_span_context().span_id
+
+
+def unit_context(amount: str) -> GatewayContext:
+    estimate = RequestEstimate(prompt_tokens=1, max_output_tokens=1, amount=Decimal(amount))
+    settlement = RecordingSettlement(estimate=estimate)
+    return GatewayContext("req_1", settlement, WireFormat.OPENAI_EMBEDDINGS, "m", False, {})
+
+
+def test_a_failed_settlement_an_overrun_and_a_5xx_are_marked(
+    tracing: OpenTelemetryTracing, exporter: InMemorySpanExporter
+) -> None:
+    trace = tracing.start("/v1/embeddings", {})
+    trace.admitting()
+    context = unit_context("0.001")
+    trace.admitted(context)
+    trace.attempt(Attempt("1", Upstream("https://api.example.com/v1"), "m"))
+    trace.settling()
+    trace.settled(None, Decimal("0.001"), None)  # the ledger failed; a later hook retries
+    trace.settling()
+    usage = Usage(input_tokens=5, cache_read_tokens=3, cache_write_tokens=2)
+    outcome = SettlementOutcome("error", Decimal("0.003"), usage, False, recorded=False)
+    trace.settled(outcome, Decimal("0.001"), "resp_1")
+    trace.finished(502)
+    named = by_name(exporter.get_finished_spans())
+    first, second = named["gatewaykit.settlement"]
+    assert first.status.status_code is StatusCode.ERROR
+    assert second.status.status_code is StatusCode.ERROR  # not recorded
+    [root] = named["gatewaykit.request"]
+    attrs = dict(root.attributes or {})
+    assert attrs["gen_ai.operation.name"] == "embeddings"
+    assert attrs["gatewaykit.overrun_usd"] == pytest.approx(0.002)
+    assert attrs["gen_ai.usage.cache_read.input_tokens"] == 3
+    assert attrs["gen_ai.usage.cache_creation.input_tokens"] == 2
+    assert attrs["gen_ai.response.id"] == "resp_1"
+    assert root.status.status_code is StatusCode.ERROR
+    [attempt] = named["embeddings m"]
+    assert attempt.status.status_code is StatusCode.ERROR
+    assert dict(attempt.attributes or {})["server.port"] == 443
+    assert "OpenTelemetryTracing" in repr(tracing)
+
+
+def test_an_interrupted_request_ends_every_span_it_opened(
+    tracing: OpenTelemetryTracing, exporter: InMemorySpanExporter
+) -> None:
+    trace = tracing.start("/v1/chat/completions", {})
+    trace.activate()
+    trace.admitting()
+    trace.refused(ErrorKind.UNAVAILABLE)
+    trace.finished(503)
+    other = tracing.start("/v1/chat/completions", {})
+    other.admitting()
+    other.admitted(unit_context("0"))
+    other.attempt(Attempt("1", Upstream("http://127.0.0.1:9/v1"), "m"))
+    other.settling()
+    other.finished(0)  # cancelled mid-way: nothing is left open
+    names = [span.name for span in exporter.get_finished_spans()]
+    assert sorted(names) == sorted(
+        ["gatewaykit.admission", "gatewaykit.request"] * 2 + ["embeddings m", "gatewaykit.settlement"]
+    )
+    refused = next(s for s in exporter.get_finished_spans() if s.name == "gatewaykit.request")
+    assert refused.status.status_code is StatusCode.ERROR
+    assert dict(refused.attributes or {})["gatewaykit.denial_reason"] == "unavailable"
+
+
+class BrokenTracing:
+    """A tracing whose every span operation fails."""
+
+    def start(self, route: str, headers: object) -> BrokenTracing:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: object) -> None:
+            raise RuntimeError("bug in the tracer")
+
+        return fail
+
+
+async def test_a_tracer_that_raises_breaks_no_request(
+    build: Build, ledger: SQLiteLedger, caplog: pytest.LogCaptureFixture
+) -> None:
+    key, _ = await new_key(ledger)
+    broken: Any = BrokenTracing()
+    async with sdk(build(tracing=broken), key) as client:
+        await client.chat.completions.create(model="test-model", messages=MESSAGES)
+    [record] = await ledger.usage()
+    assert record.status == "success"
+    failures = [r for r in caplog.records if "metrics or tracing failed" in r.getMessage()]
+    # activate, admitting, admitted, attempt, inject, settling, settled, finished
+    assert len(failures) == 8
+    async with sdk(build(tracing=broken), "gk_nope") as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.chat.completions.create(model="test-model", messages=MESSAGES)
