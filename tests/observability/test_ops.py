@@ -70,3 +70,32 @@ async def test_the_platform_ops_app_reports_the_outbox(tmp_path: Path) -> None:
         if s.name == "gatewaykit_outbox_pending"
     }
     assert pending == {1.0}
+
+
+async def test_the_app_factory_serves_ops_on_the_socket_it_is_given() -> None:
+    from gatewaykit import server
+    from gatewaykit.config import parse_config
+
+    config = parse_config(
+        {
+            "ledger": {"url": "sqlite://:memory:"},
+            "upstreams": [{"base_url": "http://127.0.0.1:9/v1", "provider": "openai"}],
+        },
+        environ={},
+        source="test",
+    )
+    sock = listening()
+    app = server.build_app(config, ops_socket=sock)
+    [middleware] = app.user_middleware
+    assert isinstance(middleware.kwargs["metrics"], PrometheusMetrics)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    async with app.router.lifespan_context(app), httpx.AsyncClient(base_url=url) as http:
+        with anyio.fail_after(5):
+            while True:  # uvicorn starts in the background and says so by a flag only
+                try:
+                    ready = await http.get("/readyz")
+                    break
+                except httpx.ConnectError:
+                    await anyio.sleep(0.01)
+    sock.close()
+    assert ready.json() == {"status": "ok", "checks": {"ledger": "ok"}}

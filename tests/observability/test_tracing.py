@@ -284,7 +284,8 @@ def test_an_interrupted_request_ends_every_span_it_opened(
     other.finished(0)  # cancelled mid-way: nothing is left open
     names = [span.name for span in exporter.get_finished_spans()]
     assert sorted(names) == sorted(
-        ["gatewaykit.admission", "gatewaykit.request"] * 2 + ["embeddings m", "gatewaykit.settlement"]
+        ["gatewaykit.admission", "gatewaykit.request"] * 2
+        + ["embeddings m", "gatewaykit.settlement"]
     )
     refused = next(s for s in exporter.get_finished_spans() if s.name == "gatewaykit.request")
     assert refused.status.status_code is StatusCode.ERROR
