@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 from anthropic.types import MessageParam
@@ -16,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from gatewaykit import GatewayMiddleware, StandaloneMode
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.ledger.sqlite import SQLiteLedger
-from gatewaykit.observability import MultiprocessPrometheusMetrics, PrometheusMetrics
+from gatewaykit.observability import MetricsApp, MultiprocessPrometheusMetrics, PrometheusMetrics
 from gatewaykit.observability.prometheus import OTHER_MODEL
 from gatewaykit.outbox.sqlite import SQLiteOutbox
 from gatewaykit.settlement import SettlementOutcome
@@ -312,3 +314,46 @@ async def test_a_recorder_that_raises_breaks_no_request(
     assert record.cost > 0  # charged; the ledger fixture also checks no hold is left live
     failures = [r for r in caplog.records if "metrics or tracing failed" in r.getMessage()]
     assert len(failures) == 4  # admitted, first_byte, settled, finished
+
+
+async def test_a_failed_settlement_counts_as_an_error_with_no_usage(kind: Metrics) -> None:
+    metrics = kind()
+    metrics.admitted(CHAT, "m", Decimal(1), 0.0)
+    metrics.settled(CHAT, "m", Decimal(1), None, 0.0)
+    samples = await scrape(metrics)
+    assert sample(samples, "gatewaykit_requests_total", route=CHAT, model="m", outcome="error") == 1
+    assert sample(samples, "gatewaykit_usage_source_total", source="none") == 1
+    assert sample(samples, "gatewaykit_holds_live") == 0
+    assert type(metrics).__name__ in repr(metrics)
+
+
+class Stuck:
+    async def size(self) -> int:
+        raise OSError("disk gone")
+
+
+async def test_an_outbox_that_fails_at_scrape_time_is_logged_and_the_rest_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = PrometheusMetrics()
+    broken: Any = Stuck()
+    metrics.watch_outbox(broken)
+    samples = await scrape(metrics)
+    assert sample(samples, "gatewaykit_holds_live") == 0
+    assert "refreshing metrics failed: OSError" in caplog.text
+
+
+def test_histogram_buckets_must_increase() -> None:
+    with pytest.raises(ConfigurationError, match="increasing"):
+        PrometheusMetrics(request_buckets=[1.0, 0.5])
+
+
+async def test_a_multiprocess_directory_is_read_instead_of_the_registry(tmp_path: Path) -> None:
+    metrics = PrometheusMetrics()
+    metrics.finished(CHAT, 0.1)
+    app = MetricsApp(metrics, multiprocess_dir=str(tmp_path))
+    assert "multiprocess=True" in repr(app)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://ops") as http:
+        text = (await http.get("/metrics")).text
+    assert "gatewaykit_request_seconds" not in text  # no worker wrote to the directory

@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gatewaykit.ledger.sqlite import SQLiteLedger
@@ -99,3 +100,14 @@ async def test_the_app_factory_serves_ops_on_the_socket_it_is_given() -> None:
                     await anyio.sleep(0.01)
     sock.close()
     assert ready.json() == {"status": "ok", "checks": {"ledger": "ok"}}
+
+
+async def test_the_service_of_a_platform_gateway_watches_its_outbox() -> None:
+    sock = listening()
+    async with SQLiteOutbox(":memory:") as outbox:
+        await outbox.enqueue("req_1:1", {"status": "success"})
+        metrics, _ = ops_service(sock, outbox=outbox)
+        await metrics.refresh()
+        text = generate_latest(metrics.registry).decode()
+    sock.close()
+    assert "gatewaykit_outbox_pending 1.0" in text
