@@ -24,7 +24,7 @@ def tests(session: nox.Session) -> None:
     GATEWAYKIT_TEST_REDIS_URL). Arguments go to pytest: ``nox -s tests -- -n 2`` spreads it
     over two workers (pytest-cov merges their data); a subset wants ``--no-cov``, as the
     gate is for the whole suite."""
-    install(session, "-e", ".[postgres,admin,redis]", "--group", "test")
+    install(session, "-e", ".[postgres,admin,metrics,otel,redis]", "--group", "test")
     session.run("pytest", "--cov", "--cov-report=term", *session.posargs)
 
 
@@ -39,7 +39,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the library, its tests and examples."""
-    install(session, "-e", ".[postgres,admin,redis]", "--group", "typecheck")
+    install(session, "-e", ".[postgres,admin,metrics,otel,redis]", "--group", "typecheck")
     session.run("mypy")
 
 
@@ -53,12 +53,14 @@ def docs(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks (never part of the test run); results are printed as tables."""
-    install(session, "-e", ".[postgres,redis]", "--group", "test", "--group", "bench")
+    install(
+        session, "-e", ".[postgres,metrics,otel,redis]", "--group", "test", "--group", "bench"
+    )
     session.run("python", "-m", "tests.benchmarks", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def example(session: nox.Session) -> None:
     """Install gatewaykit and run the example gateway against the built-in fake provider."""
-    install(session, "-e", ".[admin]", "--group", "examples")
+    install(session, "-e", ".[admin,metrics]", "--group", "examples")
     session.run("python", "examples/app.py", *session.posargs)
