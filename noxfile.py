@@ -53,9 +53,7 @@ def docs(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks (never part of the test run); results are printed as tables."""
-    install(
-        session, "-e", ".[postgres,metrics,otel,redis]", "--group", "test", "--group", "bench"
-    )
+    install(session, "-e", ".[postgres,metrics,otel,redis]", "--group", "test", "--group", "bench")
     session.run("python", "-m", "tests.benchmarks", *session.posargs)
 
 
