@@ -12,7 +12,6 @@ A later section is one more field on :class:`GatewayConfig` (a model deriving fr
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from pydantic import (
 )
 
 from gatewaykit.errors import ConfigurationError
+from gatewaykit.urls import redact
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -242,15 +242,10 @@ class GatewayConfig(Section):
         if self.platform is not None:
             data["platform"]["token"] = MASK
         data["prices"]["file"] = None if self.prices_file is None else str(self.prices_file)
-        data["ledger"]["url"] = _redact(self.ledger.url)
+        data["ledger"]["url"] = redact(self.ledger.url)
         if self.platform is not None:
-            data["platform"]["outbox"] = _redact(self.platform.outbox)
+            data["platform"]["outbox"] = redact(self.platform.outbox)
         return data
-
-
-def _redact(url: str) -> str:
-    """A database URL without its password."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", rf"\1:{MASK}@", url)
 
 
 def _where(location: tuple[int | str, ...]) -> str:

@@ -172,7 +172,7 @@ def test_check_config_prints_the_resolved_configuration_with_secrets_masked(
     assert shown["server"]["port"] == 9001  # the flag wins over the file
     assert shown["upstreams"][0]["api_key"] == "********"
     assert shown["upstreams"][0]["api_key_env"] == "OPENAI_API_KEY"
-    assert shown["ledger"]["url"] == "postgresql://gk:********@db/gk"
+    assert shown["ledger"]["url"] == "postgresql://gk:***@db/gk"
     assert GatewayConfig.model_fields.keys() <= shown.keys()
 
 
@@ -187,3 +187,20 @@ def test_serve_reports_a_bad_file_in_one_line_and_exits_2(tmp_path: Path) -> Non
     missing = CliRunner().invoke(main, ["serve", "--config", str(tmp_path / "absent.toml")])
     assert missing.exit_code == 2
     assert "cannot read the configuration" in missing.output
+
+
+@pytest.mark.parametrize(
+    ("url", "password"),
+    [
+        ("postgresql://gk:pa/ss@db/gk", "pa/ss"),  # a '/' the URL should have encoded
+        ("postgresql://gk:p@ss@db/gk", "p@ss"),
+        ("postgresql://gk@db/gk?password=dbsecret", "dbsecret"),
+    ],
+)
+def test_check_config_masks_every_form_of_database_password(
+    tmp_path: Path, url: str, password: str
+) -> None:
+    text = MINIMAL + f'\n[ledger]\nurl = "{url}"\n'
+    shown = load_config(write(tmp_path, text), environ={"OPENAI_API_KEY": SECRET}).masked()
+    assert password not in json.dumps(shown)
+    assert "ss@" not in shown["ledger"]["url"]
