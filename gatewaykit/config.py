@@ -12,6 +12,7 @@ A later section is one more field on :class:`GatewayConfig` (a model deriving fr
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 MASK = "********"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Section(BaseModel):
@@ -63,6 +65,8 @@ def _secret(info: ValidationInfo, *, env: str | None, file: Path | None, what: s
         raise ValueError(f"give {what}_env or {what}_file, not both")
     context: Mapping[str, Any] = info.context or {}
     if env is not None:
+        if not _ENV_NAME.fullmatch(env):  # perhaps the secret itself: never repeat it
+            raise ValueError(f"{what}_env: not an environment variable name (A-Z, 0-9, _)")
         value = context.get("environ", {}).get(env)
         if not value or not value.strip():
             raise ValueError(f"{what}_env: the environment variable {env} is not set or empty")

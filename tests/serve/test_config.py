@@ -204,3 +204,10 @@ def test_check_config_masks_every_form_of_database_password(
     shown = load_config(write(tmp_path, text), environ={"OPENAI_API_KEY": SECRET}).masked()
     assert password not in json.dumps(shown)
     assert "ss@" not in shown["ledger"]["url"]
+
+
+def test_a_secret_written_where_a_variable_name_belongs_is_not_echoed(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace('"OPENAI_API_KEY"', f'"{SECRET}"'))
+    message = error_of(path)
+    assert SECRET not in message
+    assert "upstreams[0]: api_key_env: not an environment variable name" in message
