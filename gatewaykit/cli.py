@@ -845,11 +845,15 @@ def serve(
     overrides = {"host": host, "port": port, "workers": workers}
     server = config.server.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     config = config.model_copy(update={"server": server})
+    from gatewaykit.server import build_app
+
+    try:
+        app = build_app(config)  # reads the price file and checks what the file could not
+    except GatewayKitError as exc:
+        raise CliError(str(exc)) from None
     if check_config:
         _emit_json(config.masked())
         return
-    from gatewaykit.server import build_app
-
     try:
         import uvicorn
     except ImportError:
@@ -871,9 +875,7 @@ def serve(
         f"gatewaykit serve: {mode}, {server.workers} worker(s), config {config_path}", err=True
     )
     if server.workers == 1:
-        uvicorn.run(
-            build_app(config), host=server.host, port=server.port, access_log=server.access_log
-        )
+        uvicorn.run(app, host=server.host, port=server.port, access_log=server.access_log)
         return
     os.environ[CONFIG_VARIABLE] = str(config_path.resolve())
     uvicorn.run(

@@ -211,3 +211,25 @@ def test_a_secret_written_where_a_variable_name_belongs_is_not_echoed(tmp_path: 
     message = error_of(path)
     assert SECRET not in message
     assert "upstreams[0]: api_key_env: not an environment variable name" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ('\n[prices]\nfile = "prices.json"\n', "price file"),
+        ("\n[ledger]\nhold_ttl = 1e12\n", "hold TTL"),
+    ],
+)
+@pytest.mark.parametrize("check", [True, False])
+def test_what_serve_would_refuse_check_config_refuses_too(
+    tmp_path: Path, extra: str, expected: str, check: bool
+) -> None:
+    (tmp_path / "prices.json").write_text('{"m": {"input_per_mtok": "x", "output_per_mtok": "1"}}')
+    path = write(tmp_path, MINIMAL + extra)
+    flags = ["--check-config"] if check else ["--port", "0"]
+    result = CliRunner().invoke(
+        main, ["serve", "--config", str(path), *flags], env={"OPENAI_API_KEY": SECRET}
+    )
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
