@@ -105,7 +105,7 @@ class ServerConfig(Section):
 class LedgerConfig(Section):
     """``[ledger]``: the budget store (standalone mode)."""
 
-    url: str = "sqlite:///gatewaykit.db"
+    url: str = Field(default="sqlite:///gatewaykit.db", repr=False)  # it may hold a password
     hold_ttl: float = Field(default=600.0, gt=0)
     #: Seconds between sweeps that expire crashed requests' holds; default ``hold_ttl / 4``.
     sweep_interval: float | None = Field(default=None, gt=0)
@@ -188,7 +188,7 @@ class PlatformConfig(Section):
     token_env: str | None = None
     token_file: Path | None = None
     #: The durable usage-report outbox (a database of its own, never the ledger's).
-    outbox: str = "sqlite:///gatewaykit-outbox.db"
+    outbox: str = Field(default="sqlite:///gatewaykit-outbox.db", repr=False)
     default_max_output_tokens: int = Field(default=4096, gt=0)
     _token: str = PrivateAttr(default="")
 

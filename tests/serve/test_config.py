@@ -233,3 +233,18 @@ def test_what_serve_would_refuse_check_config_refuses_too(
     assert result.exit_code == 2, result.output
     assert expected in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_the_config_repr_never_shows_a_database_password(tmp_path: Path) -> None:
+    standalone = MINIMAL + '\n[ledger]\nurl = "postgresql://gk:dbpassword@db/gk"\n'
+    config = load_config(write(tmp_path, standalone), environ={"OPENAI_API_KEY": SECRET})
+    platform = (
+        '[platform]\nurl = "https://cp.example"\ntoken_env = "T"\n'
+        'outbox = "postgresql://gk:outboxpassword@db/gk"\n'
+    )
+    plane = load_config(write(tmp_path, platform, "p.toml"), environ={"T": "gw-token"})
+    for text in (repr(config), str(config), repr(plane), str(plane)):
+        assert "dbpassword" not in text
+        assert "outboxpassword" not in text
+        assert SECRET not in text
+        assert "gw-token" not in text
