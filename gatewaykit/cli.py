@@ -265,6 +265,7 @@ def _key_json(record: ApiKeyRecord) -> dict[str, Any]:
         "revoked": record.revoked,
         "team": record.team,
         "rpm": record.rpm,
+        "max_concurrent": record.max_concurrent,
         "models": None if record.allowed_models is None else list(record.allowed_models),
         "created_at": _iso(record.created_at),
         "expires_at": _iso(record.expires_at),
@@ -423,7 +424,18 @@ def keys_list(ctx: click.Context, user: str | None, as_json: bool) -> None:
         _emit_json([_key_json(r) for r in records])
         return
     _table(
-        ["key_id", "prefix", "user", "team", "rpm", "models", "created", "expires", "revoked"],
+        [
+            "key_id",
+            "prefix",
+            "user",
+            "team",
+            "rpm",
+            "max_concurrent",
+            "models",
+            "created",
+            "expires",
+            "revoked",
+        ],
         [
             [
                 r.key_id,
@@ -431,6 +443,7 @@ def keys_list(ctx: click.Context, user: str | None, as_json: bool) -> None:
                 r.user,
                 r.team,
                 r.rpm,
+                r.max_concurrent,
                 None if r.allowed_models is None else ",".join(r.allowed_models),
                 _short_time(r.created_at),
                 _short_time(r.expires_at),
