@@ -6,7 +6,7 @@ import json
 from decimal import Decimal
 from pathlib import Path
 
-from gatewaykit import server
+from gatewaykit import StandaloneMode, server
 from tests.examples.helpers import load_example
 
 example = load_example("app")
@@ -92,4 +92,6 @@ def test_fit_holds_flag_sets_the_over_budget_policy() -> None:
     for fit, policy in ((settings, "fit"), (example.Settings(db="sqlite://:memory:"), "refuse")):
         app = server.build_app(example.example_config(fit, fake_port=9))
         [middleware] = app.user_middleware
-        assert middleware.kwargs["mode"].over_budget == policy
+        mode = middleware.kwargs["mode"]
+        assert isinstance(mode, StandaloneMode)
+        assert mode.over_budget == policy
