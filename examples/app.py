@@ -41,6 +41,7 @@ from gatewaykit import GatewayKitError, PriceTable, Upstream, open_ledger, serve
 from gatewaykit.config import GatewayConfig, parse_config
 from gatewaykit.outbox import open_outbox
 from gatewaykit.testing import FakeProvider
+from gatewaykit.urls import redact
 
 DEFAULT_DB = "sqlite:///gatewaykit.db"
 DEFAULT_OUTBOX = "sqlite:///gatewaykit-outbox.db"
@@ -272,7 +273,7 @@ async def preflight(settings: Settings) -> None:
 
 def banner(settings: Settings, fake_port: int | None) -> str:
     base = f"http://{settings.host}:{settings.port}"
-    db = absolute_db_url(settings.db)
+    db = redact(absolute_db_url(settings.db))  # the banner goes to logs: never a password
     lines = [f"gatewaykit example gateway on {base}"]
     lines.append(
         "  routes     POST /v1/chat/completions  /v1/messages  /v1/responses  /v1/embeddings"
