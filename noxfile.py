@@ -23,7 +23,7 @@ def tests(session: nox.Session) -> None:
     pyproject.toml (PostgreSQL tests use GATEWAYKIT_TEST_POSTGRES_DSN). Arguments go to
     pytest: ``nox -s tests -- -n 2`` spreads it over two workers (pytest-cov merges
     their data); a subset wants ``--no-cov``, as the gate is for the whole suite."""
-    install(session, "-e", ".[postgres]", "--group", "test")
+    install(session, "-e", ".[postgres,admin]", "--group", "test")
     session.run("pytest", "--cov", "--cov-report=term", *session.posargs)
 
 
@@ -38,7 +38,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the library, its tests and examples."""
-    install(session, "-e", ".[postgres]", "--group", "typecheck")
+    install(session, "-e", ".[postgres,admin]", "--group", "typecheck")
     session.run("mypy")
 
 
@@ -59,5 +59,5 @@ def bench(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def example(session: nox.Session) -> None:
     """Install gatewaykit and run the example gateway against the built-in fake provider."""
-    install(session, "-e", ".", "--group", "examples")
+    install(session, "-e", ".[admin]", "--group", "examples")
     session.run("python", "examples/app.py", *session.posargs)

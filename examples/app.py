@@ -16,7 +16,8 @@ Upstreams come from the variables the official SDKs read: ``OPENAI_BASE_URL`` (e
 ``/v1``) and ``OPENAI_API_KEY`` for chat completions and responses, ``ANTHROPIC_BASE_URL``
 (no ``/v1``) and ``ANTHROPIC_API_KEY`` for messages. With none of them set, the app starts
 gatewaykit's fake provider on a side port, so it runs offline. ``GATEWAYKIT_MASTER_KEY``
-sets a master key (at least 16 characters) that may act for any user.
+sets a master key (at least 16 characters) that may act for any user and logs in to the
+admin page at ``/admin/`` (standalone mode; needs ``gatewaykit[admin]``).
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ def example_config(settings: Settings, fake_port: int | None) -> GatewayConfig:
             standalone["over_budget"] = "fit"
         if standalone:
             data["standalone"] = standalone
+        if settings.master_key:
+            data["admin"] = {"enabled": True}  # the admin page at /admin
     secrets = {
         "OPENAI_API_KEY": settings.openai_api_key,
         "ANTHROPIC_API_KEY": settings.anthropic_api_key,
@@ -298,7 +301,10 @@ def banner(settings: Settings, fake_port: int | None) -> str:
             lines.append(f"  upstream   {upstream.provider} {upstream.base_url} ({served})")
     prices = f"defaults + {settings.prices}" if settings.prices else "built-in defaults"
     lines.append(f"  prices     {prices}; hold TTL {settings.hold_ttl:g} s")
-    lines.append(f"  master key {'set' if settings.master_key else 'not set'}")
+    if settings.master_key:
+        lines.append(f"  admin      {base}/admin/ (log in with GATEWAYKIT_MASTER_KEY)")
+    else:
+        lines.append("  master key not set (GATEWAYKIT_MASTER_KEY opens an admin page at /admin/)")
     lines.append("Create a key (printed once) with:")
     lines.append(f"  {cli_command()} --db {db} keys create --user alice --budget 5")
     lines.append("then use it with the SDK you already have:")

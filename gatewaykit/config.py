@@ -37,6 +37,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
+    "AdminConfig",
     "GatewayConfig",
     "LedgerConfig",
     "PlatformConfig",
@@ -181,6 +182,14 @@ class StandaloneConfig(Section):
         return self._master_key
 
 
+class AdminConfig(Section):
+    """``[admin]``: the admin page (``gatewaykit[admin]``), logged in with the master key."""
+
+    enabled: bool = False
+    path: str = Field(default="/admin", pattern=r"^(/[A-Za-z0-9._~-]+)+$")
+    session_ttl: float = Field(default=8 * 3600, ge=1)
+
+
 class PlatformConfig(Section):
     """``[platform]``: a control plane decides instead of the local ledger."""
 
@@ -219,6 +228,7 @@ class GatewayConfig(Section):
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     standalone: StandaloneConfig = StandaloneConfig()
     platform: PlatformConfig | None = None
+    admin: AdminConfig = AdminConfig()
     _base_dir: Path = PrivateAttr(default=Path())
 
     @model_validator(mode="after")
@@ -229,6 +239,11 @@ class GatewayConfig(Section):
             )
         if self.platform is None and not self.upstreams:
             raise ValueError("standalone mode needs at least one [[upstreams]] table")
+        if self.admin.enabled and (self.platform is not None or not self.standalone.master_key):
+            raise ValueError(
+                "[admin] enabled needs standalone mode and a master key to log in with "
+                "([standalone] master_key_env or master_key_file)"
+            )
         self._base_dir = Path((info.context or {}).get("base_dir", "."))
         return self
 

@@ -37,8 +37,9 @@ def display_prefix(key: str) -> str:
     return key[: len(KEY_PREFIX) + 12 + 1 + 4] + "…"
 
 
-def generate_key() -> NewKey:
-    key_id = secrets.token_hex(6)  # 12 hex chars: readable, unique enough to name a key
+def generate_key(key_id: str | None = None) -> NewKey:
+    """A new key; ``key_id`` (12 hex characters) when the caller must know it in advance."""
+    key_id = key_id or secrets.token_hex(6)  # 12 hex chars: readable, unique enough
     secret = secrets.token_urlsafe(32)  # 256 bits
     key = f"{KEY_PREFIX}{key_id}_{secret}"
     return NewKey(key=key, key_id=key_id, key_hash=hash_key(key), prefix=display_prefix(key))

@@ -2,8 +2,9 @@
 
 :func:`build_app` turns a validated :class:`~gatewaykit.config.GatewayConfig` into a
 Starlette application: the adapters behind :class:`~gatewaykit.GatewayMiddleware`,
-``GET /healthz``, and a lifespan that opens the upstream client, the ledger (with a
-periodic sweeper) or the platform mode's outbox, and closes them in reverse order.
+``GET /healthz``, the admin page when ``[admin]`` enables it, and a lifespan that opens
+the upstream client, the ledger (with a periodic sweeper) or the platform mode's outbox,
+and closes them in reverse order.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from gatewaykit.adapters import default_client, gateway_routes
 from gatewaykit.config import GatewayConfig
@@ -123,8 +124,15 @@ def build_app(config: GatewayConfig, *, services: Sequence[Service] = ()) -> Sta
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "mode": type(mode).__name__})
 
+    routes: list[BaseRoute] = [Route("/healthz", healthz), *gateway_routes(client=client)]
+    master_key = config.standalone.master_key
+    if config.admin.enabled and ledger is not None and master_key is not None:
+        from gatewaykit.admin import admin_app  # the admin extra: jinja2, itsdangerous
+
+        admin = admin_app(ledger, master_key=master_key, session_ttl=config.admin.session_ttl)
+        routes.append(Mount(config.admin.path, admin))
     return Starlette(
-        routes=[Route("/healthz", healthz), *gateway_routes(client=client)],
+        routes=routes,
         middleware=[
             Middleware(GatewayMiddleware, mode=mode, max_body_bytes=config.server.max_body_bytes)
         ],

@@ -52,6 +52,7 @@ def test_unknown_names_raise_attribute_error() -> None:
     [
         "gatewaykit.adapters",
         "gatewaykit.adapters.openapi",
+        "gatewaykit.admin",
         "gatewaykit.config",
         "gatewaykit.ledger",
         "gatewaykit.middleware",
@@ -68,3 +69,8 @@ def test_modules_declare_all(module: str) -> None:
     mod = importlib.import_module(module)
     for name in mod.__all__:
         assert hasattr(mod, name), f"{module}.__all__ names missing {name}"
+
+
+def test_the_admin_package_exports_only_its_factory() -> None:
+    admin = importlib.import_module("gatewaykit.admin")
+    assert admin.__all__ == ["admin_app"]
