@@ -23,7 +23,7 @@ def tests(session: nox.Session) -> None:
     pyproject.toml (PostgreSQL tests use GATEWAYKIT_TEST_POSTGRES_DSN). Arguments go to
     pytest: ``nox -s tests -- -n 2`` spreads it over two workers (pytest-cov merges
     their data); a subset wants ``--no-cov``, as the gate is for the whole suite."""
-    install(session, "-e", ".[postgres,admin]", "--group", "test")
+    install(session, "-e", ".[postgres,admin,metrics,otel]", "--group", "test")
     session.run("pytest", "--cov", "--cov-report=term", *session.posargs)
 
 
@@ -38,7 +38,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the library, its tests and examples."""
-    install(session, "-e", ".[postgres,admin]", "--group", "typecheck")
+    install(session, "-e", ".[postgres,admin,metrics,otel]", "--group", "typecheck")
     session.run("mypy")
 
 
@@ -52,12 +52,12 @@ def docs(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks (never part of the test run); results are printed as tables."""
-    install(session, "-e", ".[postgres]", "--group", "test", "--group", "bench")
+    install(session, "-e", ".[postgres,metrics,otel]", "--group", "test", "--group", "bench")
     session.run("python", "-m", "tests.benchmarks", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def example(session: nox.Session) -> None:
     """Install gatewaykit and run the example gateway against the built-in fake provider."""
-    install(session, "-e", ".[admin]", "--group", "examples")
+    install(session, "-e", ".[admin,metrics]", "--group", "examples")
     session.run("python", "examples/app.py", *session.posargs)

@@ -2,6 +2,7 @@
 
     python examples/app.py [--host 127.0.0.1] [--port 8000] [--db URL] [--prices FILE]
                            [--hold-ttl SECONDS] [--fit-holds] [--platform URL]
+                           [--ops-port PORT]
 
 Serves ``POST /v1/chat/completions``, ``/v1/messages``, ``/v1/responses`` and
 ``GET /healthz``. Standalone by default: API keys and budgets in the ledger named by
@@ -18,6 +19,9 @@ Upstreams come from the variables the official SDKs read: ``OPENAI_BASE_URL`` (e
 gatewaykit's fake provider on a side port, so it runs offline. ``GATEWAYKIT_MASTER_KEY``
 sets a master key (at least 16 characters) that may act for any user and logs in to the
 admin page at ``/admin/`` (standalone mode; needs ``gatewaykit[admin]``).
+
+``--ops-port PORT`` serves ``GET /metrics`` (Prometheus), ``/livez`` and ``/readyz`` on a
+port of their own (needs ``gatewaykit[metrics]``), so they are never exposed with the API.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class Settings:
     openai_api_key: str | None = dataclasses.field(default=None, repr=False)
     anthropic_base_url: str | None = None
     anthropic_api_key: str | None = dataclasses.field(default=None, repr=False)
+    ops_port: int | None = None
 
     @property
     def offline(self) -> bool:
@@ -96,6 +101,12 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
     parser.add_argument(
         "--platform", metavar="URL", help="control plane URL (token: GATEWAYKIT_PLATFORM_TOKEN)"
     )
+    parser.add_argument(
+        "--ops-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics, /livez and /readyz on this port (default: not served)",
+    )
     args = parser.parse_args(argv)
     # A separate default file in platform mode: a ledger refuses a file holding an outbox.
     default_db = DEFAULT_OUTBOX if args.platform else DEFAULT_DB
@@ -113,6 +124,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         openai_api_key=environ.get("OPENAI_API_KEY") or None,
         anthropic_base_url=environ.get("ANTHROPIC_BASE_URL") or None,
         anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
+        ops_port=args.ops_port,
     )
 
 
@@ -233,15 +245,23 @@ async def fake_provider(sock: socket.socket) -> AsyncIterator[None]:
             logging.getLogger(name).removeFilter(quiet)
 
 
-def build_app(settings: Settings, *, fake_socket: socket.socket | None = None) -> Starlette:
+def build_app(
+    settings: Settings,
+    *,
+    fake_socket: socket.socket | None = None,
+    ops_socket: socket.socket | None = None,
+) -> Starlette:
     """The gateway, built by gatewaykit's own app factory (the one ``gatewaykit serve`` uses).
 
-    ``fake_socket``: a listening socket to serve the built-in fake provider on.
+    ``fake_socket``: a listening socket to serve the built-in fake provider on;
+    ``ops_socket``: one to serve ``/metrics``, ``/livez`` and ``/readyz`` on.
     """
     if fake_socket is None:
-        return server.build_app(example_config(settings, None))
+        return server.build_app(example_config(settings, None), ops_socket=ops_socket)
     config = example_config(settings, fake_socket.getsockname()[1])
-    return server.build_app(config, services=[lambda: fake_provider(fake_socket)])
+    return server.build_app(
+        config, services=[lambda: fake_provider(fake_socket)], ops_socket=ops_socket
+    )
 
 
 def absolute_db_url(url: str) -> str:
@@ -274,7 +294,7 @@ async def preflight(settings: Settings) -> None:
     await ledger.aclose()
 
 
-def banner(settings: Settings, fake_port: int | None) -> str:
+def banner(settings: Settings, fake_port: int | None, ops_port: int | None = None) -> str:
     base = f"http://{settings.host}:{settings.port}"
     db = redact(absolute_db_url(settings.db))  # the banner goes to logs: never a password
     lines = [f"gatewaykit example gateway on {base}"]
@@ -282,6 +302,9 @@ def banner(settings: Settings, fake_port: int | None) -> str:
         "  routes     POST /v1/chat/completions  /v1/messages  /v1/responses  /v1/embeddings"
         "  /v1/messages/count_tokens, GET /v1/models  /healthz"
     )
+    if ops_port is not None:
+        ops = f"http://{settings.host}:{ops_port}"
+        lines.append(f"  ops        GET {ops}/metrics  {ops}/livez  {ops}/readyz")
     if settings.platform is not None:
         lines.append(f"  mode       platform: control plane {settings.platform}")
         lines.append(f"  outbox     {db}")
@@ -315,21 +338,28 @@ def banner(settings: Settings, fake_port: int | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv, os.environ)
-    fake_socket = None
+    fake_socket = ops_socket = None
     try:
         anyio.run(preflight, settings)
         if settings.offline:
             fake_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             fake_socket.bind(("127.0.0.1", 0))
             fake_socket.listen(128)
-        app = build_app(settings, fake_socket=fake_socket)
-    except (GatewayKitError, OSError) as exc:
-        if fake_socket is not None:
-            fake_socket.close()
+        if settings.ops_port is not None:
+            ops_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            ops_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ops_socket.bind((settings.host, settings.ops_port))
+            ops_socket.listen(128)
+        app = build_app(settings, fake_socket=fake_socket, ops_socket=ops_socket)
+    except (GatewayKitError, OSError, ImportError) as exc:
+        for sock in (fake_socket, ops_socket):
+            if sock is not None:
+                sock.close()
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     fake_port = fake_socket.getsockname()[1] if fake_socket is not None else None
-    print(banner(settings, fake_port), flush=True)
+    ops_port = ops_socket.getsockname()[1] if ops_socket is not None else None
+    print(banner(settings, fake_port, ops_port), flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port)
 
 

@@ -2,15 +2,17 @@
 
 :func:`build_app` turns a validated :class:`~gatewaykit.config.GatewayConfig` into a
 Starlette application: the adapters behind :class:`~gatewaykit.GatewayMiddleware`,
-``GET /healthz``, the admin page when ``[admin]`` enables it, and a lifespan that opens
-the upstream client, the ledger (with a periodic sweeper) or the platform mode's outbox,
-and closes them in reverse order.
+``GET /healthz``, the admin page when ``[admin]`` enables it (and on a port of their own,
+if asked, ``/metrics``, ``/livez`` and ``/readyz``), and a lifespan that opens the upstream
+client, the ledger (with a periodic sweeper) or the platform mode's outbox, and closes them
+in reverse order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 
@@ -29,7 +31,8 @@ from gatewaykit.middleware import GatewayMiddleware
 from gatewaykit.modes.base import RequestModeStrategy
 from gatewaykit.modes.platform import PlatformMode
 from gatewaykit.modes.standalone import StandaloneMode
-from gatewaykit.outbox import open_outbox
+from gatewaykit.observability.recorder import MetricsRecorder
+from gatewaykit.outbox import Outbox, open_outbox
 from gatewaykit.pricing import PriceTable
 from gatewaykit.upstream import Upstream
 
@@ -63,11 +66,21 @@ def upstreams(config: GatewayConfig) -> list[Upstream]:
     ]
 
 
-def build_app(config: GatewayConfig, *, services: Sequence[Service] = ()) -> Starlette:
-    """The gateway for ``config``; nothing is opened until the app's lifespan starts."""
+def build_app(
+    config: GatewayConfig,
+    *,
+    services: Sequence[Service] = (),
+    ops_socket: socket.socket | None = None,
+) -> Starlette:
+    """The gateway for ``config``; nothing is opened until the app's lifespan starts.
+
+    ``ops_socket``: a listening socket to serve ``/metrics``, ``/livez`` and ``/readyz``
+    on (docs/observability.md; needs ``gatewaykit[metrics]``).
+    """
     client = default_client()
     prices = load_prices(config)
     ledger: Ledger | None = None
+    outbox: Outbox | None = None
     platform: PlatformMode | None = None
     mode: RequestModeStrategy
     if config.platform is not None:
@@ -75,7 +88,7 @@ def build_app(config: GatewayConfig, *, services: Sequence[Service] = ()) -> Sta
             base_url=config.platform.url,
             gateway_token=config.platform.token,
             client=client,
-            outbox=open_outbox(config.platform.outbox),
+            outbox=(outbox := open_outbox(config.platform.outbox)),
             prices=prices,
             default_max_output_tokens=config.platform.default_max_output_tokens,
         )
@@ -101,6 +114,12 @@ def build_app(config: GatewayConfig, *, services: Sequence[Service] = ()) -> Sta
             ledger_unavailable=options.ledger_unavailable,
         )
     sweep_interval = config.ledger.sweep_interval or config.ledger.hold_ttl / 4
+    metrics: MetricsRecorder | None = None
+    if ops_socket is not None:
+        from gatewaykit.observability.ops import ops_service
+
+        metrics, serve_ops = ops_service(ops_socket, ledger=ledger, outbox=outbox)
+        services = [*services, serve_ops]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -134,7 +153,12 @@ def build_app(config: GatewayConfig, *, services: Sequence[Service] = ()) -> Sta
     return Starlette(
         routes=routes,
         middleware=[
-            Middleware(GatewayMiddleware, mode=mode, max_body_bytes=config.server.max_body_bytes)
+            Middleware(
+                GatewayMiddleware,
+                mode=mode,
+                max_body_bytes=config.server.max_body_bytes,
+                metrics=metrics,
+            )
         ],
         lifespan=lifespan,
     )

@@ -19,8 +19,9 @@ import abc
 import asyncio
 import dataclasses
 import logging
+from collections.abc import MutableMapping
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from gatewaykit.context import get_context
 from gatewaykit.errors import describe_error
@@ -29,6 +30,7 @@ from gatewaykit.usage import Usage
 
 __all__ = [
     "RequestEstimate",
+    "RequestObserver",
     "Settlement",
     "SettlementOutcome",
     "SettlementStatus",
@@ -67,12 +69,34 @@ class SettlementOutcome:
     recorded: bool = True
 
 
+class RequestObserver(Protocol):
+    """What metrics and tracing learn from a settlement (set by GatewayMiddleware).
+
+    Called synchronously; an observer must be cheap and must not raise.
+    """
+
+    def attempt(self, attempt: Attempt) -> None:
+        """``attempt`` is being tried now (the previous one, if any, failed)."""
+
+    def inject(self, headers: MutableMapping[str, str]) -> None:
+        """Add trace-propagation headers to the upstream request of the current attempt."""
+
+    def settling(self) -> None:
+        """The terminal transition starts."""
+
+    def settled(self, outcome: SettlementOutcome | None) -> None:
+        """The terminal transition ended: its outcome, or None when it raised."""
+
+
 class Settlement(abc.ABC):
     """State machine shared by every mode; see the module docstring."""
 
     #: The provider's id of the response being served (``resp_…`` of OpenAI responses),
     #: once an adapter noted it; a later request may continue that response.
     response_id: str | None = None
+    #: Told about attempts and the outcome when metrics or tracing are on; None costs
+    #: nothing (GatewayMiddleware sets it per request).
+    observer: RequestObserver | None = None
 
     def __init__(self, *, request_id: str, estimate: RequestEstimate) -> None:
         self.request_id = request_id
@@ -99,6 +123,8 @@ class Settlement(abc.ABC):
     def note_attempt(self, attempt: Attempt) -> None:
         """``attempt`` is the one being tried now; the last noted is the one that served."""
         self.attempt = attempt
+        if self.observer is not None:
+            self.observer.attempt(attempt)
 
     def note_output(self, chars: int) -> None:
         """``chars`` characters of generated output reached the client."""
@@ -180,11 +206,16 @@ class Settlement(abc.ABC):
     async def _finish_once(
         self, status: SettlementStatus, usage: Usage | None, error: str | None
     ) -> SettlementOutcome:
+        observer = self.observer
+        if observer is not None:
+            observer.settling()
         try:
             self._outcome = await self._finish(status, usage, error)
         finally:
             if self._outcome is None:  # failed: a later hook may try again
                 self._finishing = None
+            if observer is not None:
+                observer.settled(self._outcome)
         return self._outcome
 
     @abc.abstractmethod

@@ -251,6 +251,9 @@ class _Exchange:
                 kind=rejection.kind,
                 message=rejection.message,
             )
+        observer = self.settlement.observer
+        if observer is not None:  # tracing: the attempt's traceparent goes upstream
+            observer.inject(headers)
         body, reader = spec.prepare(context, attempt)
         self.meter = meter = StreamMeter(self.settlement, reader)
         limit = self.endpoint.first_chunk_timeout if context.stream else None

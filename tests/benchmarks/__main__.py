@@ -1,6 +1,6 @@
 """Run benchmarks: ``python -m tests.benchmarks [NAME|all] [args...]``.
 
-NAME is one of ledger, postgres, keys, gateway, usage.
+NAME is one of ledger, postgres, keys, gateway, usage, metrics.
 
 Each benchmark is a module ``tests/benchmarks/bench_<name>.py`` exposing ``main(argv)``,
 sync or async; a module that is not present is skipped with a note. Arguments after the
@@ -15,7 +15,7 @@ import importlib.util
 import inspect
 import sys
 
-BENCHMARKS = ("ledger", "postgres", "keys", "gateway", "usage")
+BENCHMARKS = ("ledger", "postgres", "keys", "gateway", "usage", "metrics")
 
 
 def run(name: str, argv: list[str]) -> None:

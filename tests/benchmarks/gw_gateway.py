@@ -153,7 +153,8 @@ def gateway_app(
     """gatewaykit as a user would mount it: Starlette + the adapters + GatewayMiddleware.
 
     ``client`` replaces gatewaykit's default client (the in-process benchmark passes a
-    mock-transport client).
+    mock-transport client). ``options["metrics"]`` / ``options["tracing"]``, when given,
+    are passed to the middleware (bench_metrics).
     """
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -198,6 +199,13 @@ def gateway_app(
 
     return Starlette(
         routes=gateway_routes(client=client),
-        middleware=[Middleware(GatewayMiddleware, mode=mode)],
+        middleware=[
+            Middleware(
+                GatewayMiddleware,
+                mode=mode,
+                metrics=options.get("metrics"),
+                tracing=options.get("tracing"),
+            )
+        ],
         lifespan=lifespan,
     )
