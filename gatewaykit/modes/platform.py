@@ -32,13 +32,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 
 from gatewaykit.context import GatewayContext
-from gatewaykit.envelopes import WireFormat
 from gatewaykit.errors import (
     ConfigurationError,
     ErrorKind,
@@ -52,23 +50,28 @@ from gatewaykit.modes.admission import credential, endpoint_name, missing_creden
 from gatewaykit.modes.admission import estimate as held_estimate
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.platform_messages import (
-    AttemptAnswer,
     MalformedAnswer,
-    parse_resolve_answer,
+    control_plane_refusal,
+    parse_attempts,
+    unavailable,
 )
-from gatewaykit.outbox.admissions import AdmissionKeeper, RecoveryCause
-from gatewaykit.outbox.base import Admission, AdmissionStore, Outbox
+from gatewaykit.modes.platform_reports import (
+    RELEASE_ATTEMPT_ID,
+    ReportStatus,
+    admission_details,
+    recovered_report,
+    released_report,
+    usage_report,
+)
+from gatewaykit.modes.platform_settlement import ATTEMPT_ID_HEADER, PlatformSettlement
+from gatewaykit.outbox.admissions import AdmissionKeeper
+from gatewaykit.outbox.base import AdmissionStore, Outbox
 from gatewaykit.outbox.sender import OutboxSender, RetryPolicy
 from gatewaykit.pricing import ModelPrice, PriceTable
 from gatewaykit.resource import AsyncResource
 from gatewaykit.settlement import (
     RequestEstimate,
-    Settlement,
-    SettlementOutcome,
-    SettlementStatus,
 )
-from gatewaykit.upstream import Attempt, Upstream
-from gatewaykit.usage import Usage
 
 __all__ = [
     "ATTEMPT_ID_HEADER",
@@ -83,42 +86,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("gatewaykit.platform")
-
-#: Response header naming the attempt that served the request (set by the adapters as
-#: they try each attempt; PlatformMode presets it to the first).
-ATTEMPT_ID_HEADER = "x-gatewaykit-attempt-id"
-
-#: The attempt id of a ``released`` report: the gateway never got a usable list of attempts.
-RELEASE_ATTEMPT_ID = "-"
-
-#: A usage report's ``status``: a settlement's, or ``released`` (admitted, never served).
-ReportStatus = SettlementStatus | Literal["released"]
-
-#: The ``error`` of a report recovered from an admission left open, by cause.
-_RECOVERED_ERRORS: dict[RecoveryCause, str] = {
-    "crash": (
-        "gateway restarted: the gateway process serving this request stopped (crash or kill) "
-        "before the request ended; what happened upstream is unknown"
-    ),
-    "shutdown": "the gateway shut down before the request ended",
-}
-
-_RELAYED = {
-    401: ErrorKind.AUTHENTICATION,
-    402: ErrorKind.BUDGET,
-    403: ErrorKind.PERMISSION,
-    404: ErrorKind.NOT_FOUND,
-    429: ErrorKind.RATE_LIMIT,
-}
-_DEFAULT_MESSAGES = {
-    401: "invalid API key",
-    402: "budget exceeded",
-    403: "this key may not make this request",
-    404: "model not found",
-    429: "rate limit exceeded",
-}
-_RESERVED_ERROR_FIELDS = frozenset({"type", "message", "code", "param"})
-_MAX_MESSAGE = 500
 
 
 class PlatformMode(AsyncResource):
@@ -317,14 +284,14 @@ class PlatformMode(AsyncResource):
         }
         answer = await self._post_resolve(request.request_id, payload, estimate)
         try:
-            user_id, attempts = _parse_answer(answer, request)
+            user_id, attempts = parse_attempts(answer, request)
         except MalformedAnswer as exc:
             logger.warning("resolve of %s: malformed answer: %s", request.request_id, exc)
             # A 200 is an admission from the control plane's side: give it back.
             await self._release(
                 request.request_id, f"the resolve answer was unusable ({exc})", estimate
             )
-            raise _unavailable(f"the control plane gave a malformed answer ({exc})") from None
+            raise unavailable(f"the control plane gave a malformed answer ({exc})") from None
         admitted = await self._record_admission(
             request.request_id,
             admission_details(attempts, request.parsed.model, endpoint, estimate),
@@ -380,14 +347,14 @@ class PlatformMode(AsyncResource):
                 await self._release(request_id, _resolve_failure(exc), estimate)
             if isinstance(exc, TimeoutError):  # UpstreamTimeoutError included
                 logger.warning("resolve of %s timed out", request_id)
-                raise _unavailable(
+                raise unavailable(
                     f"the control plane did not answer within {self.resolve_timeout:g}s"
                 ) from None
             logger.warning("resolve of %s failed: %s", request_id, exc)
             reason = (
                 exc.cause if isinstance(exc, UpstreamError) and exc.cause else type(exc).__name__
             )
-            raise _unavailable(f"the control plane is unreachable ({reason})") from None
+            raise unavailable(f"the control plane is unreachable ({reason})") from None
         data = _json_or_none(raw)
         if status == 200:
             return data
@@ -395,36 +362,7 @@ class PlatformMode(AsyncResource):
             # A 5xx may come after the control plane admitted (or from a proxy in front of
             # it that gave up waiting): the outcome is unknown, so release.
             await self._release(request_id, f"the resolve answer was HTTP {status}", estimate)
-        error = data.get("error") if isinstance(data, dict) else None
-        error = error if isinstance(error, dict) else {}
-        if status == 401 and error.get("type") == "invalid_gateway_token":
-            logger.error("the control plane refused this gateway's token (resolve answered 401)")
-            raise _unavailable("the control plane refused this gateway's credentials")
-        kind = _RELAYED.get(status)
-        if kind is None:
-            logger.warning("resolve of %s: control plane answered HTTP %d", request_id, status)
-            raise _unavailable(f"the control plane answered HTTP {status}")
-        message = error.get("message")
-        if not isinstance(message, str) or not message.strip():
-            message = _DEFAULT_MESSAGES[status]
-        details = {
-            name: value
-            for name, value in error.items()
-            if name not in _RESERVED_ERROR_FIELDS
-            and isinstance(name, str)
-            and (value is None or isinstance(value, (str, int, bool)))
-        }
-        relay_headers: dict[str, str] = {}
-        retry_after = answer_headers.get("retry-after")
-        if status == 429 and retry_after:
-            relay_headers["retry-after"] = retry_after
-        raise RequestRejected(
-            kind,
-            message[:_MAX_MESSAGE],
-            status=status,
-            headers=relay_headers,
-            details=details,
-        )
+        raise control_plane_refusal(request_id, status, data, answer_headers)
 
     # -- admissions and releases -------------------------------------------------------
     async def _record_admission(
@@ -448,11 +386,11 @@ class PlatformMode(AsyncResource):
                 describe_error(exc),
             )
             await self._release(request_id, "the gateway could not record the admission", estimate)
-            raise _unavailable("the gateway cannot record usage right now") from None
+            raise unavailable("the gateway cannot record usage right now") from None
         if not noted:
             # Not released: the open admission with this id belongs to another request.
             logger.error("request id %s is already admitted and open; refusing it", request_id)
-            raise _unavailable("the gateway cannot record usage right now")
+            raise unavailable("the gateway cannot record usage right now")
         return True
 
     async def _release(self, request_id: str, reason: str, estimate: RequestEstimate) -> None:
@@ -496,253 +434,8 @@ def _resolve_failure(exc: BaseException) -> str:
     return f"the resolve call failed ({cause or type(exc).__name__})"
 
 
-def _unavailable(message: str) -> RequestRejected:
-    return RequestRejected(ErrorKind.UNAVAILABLE, f"{message}; please retry shortly")
-
-
 def _json_or_none(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, TypeError):
         return None
-
-
-def _serves(provider: str, fmt: WireFormat | None) -> bool:
-    if fmt is None:
-        return True
-    return (provider == "anthropic") == (not fmt.is_openai)
-
-
-def _parse_answer(data: Any, request: GatewayRequest) -> tuple[str | None, tuple[Attempt, ...]]:
-    answer = parse_resolve_answer(data)
-    if answer.request_id is not None and answer.request_id != request.request_id:
-        raise MalformedAnswer("request_id does not match the one sent")
-    attempts: list[Attempt] = []
-    seen: set[str] = set()
-    for index, item in enumerate(answer.attempts):
-        if item.attempt_id in seen:
-            raise MalformedAnswer(f"attempts[{index}].attempt_id {item.attempt_id!r} repeated")
-        seen.add(item.attempt_id)
-        attempt = _attempt(item, index, request.parsed.model)
-        if _serves(attempt.upstream.provider, request.format):
-            attempts.append(attempt)
-        else:
-            logger.warning(
-                "resolve of %s: skipping attempt %s (%s cannot serve %s)",
-                request.request_id,
-                attempt.attempt_id,
-                attempt.upstream.provider,
-                request.format.value if request.format else request.path,
-            )
-    if not attempts:
-        raise MalformedAnswer("no attempt can serve this endpoint")
-    return answer.user_id, tuple(attempts)
-
-
-def _attempt(item: AttemptAnswer, index: int, default_model: str) -> Attempt:
-    try:
-        upstream = Upstream(
-            base_url=item.base_url,
-            api_key=item.api_key,
-            provider=item.provider,
-            headers=dict(item.headers or {}),
-            name=item.attempt_id,
-        )
-    except ConfigurationError as exc:
-        # Upstream's own words: which field is wrong, never a key or header value.
-        raise MalformedAnswer(f"attempts[{index}]: {exc}") from None
-    return Attempt(attempt_id=item.attempt_id, upstream=upstream, model=item.model or default_model)
-
-
-def usage_report(
-    *,
-    request_id: str,
-    attempt_id: str,
-    status: ReportStatus,
-    usage: Usage | None,
-    error: str | None = None,
-    observed: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The JSON body of one usage report (docs/platform-protocol.md)."""
-    report: dict[str, Any] = {
-        "request_id": request_id,
-        "attempt_id": attempt_id,
-        "status": status,
-        "usage": None,
-        "usage_source": "none",
-    }
-    if usage is not None:
-        report["usage"] = {
-            "input_tokens": usage.input_tokens,
-            "output_tokens": usage.output_tokens,
-            "cache_read_tokens": usage.cache_read_tokens,
-            "cache_write_tokens": usage.cache_write_tokens,
-        }
-        report["usage_source"] = usage.source.value
-    if error is not None:
-        report["error"] = error[:_MAX_MESSAGE]
-    if observed is not None:
-        report["observed"] = dict(observed)
-    return report
-
-
-def admission_details(
-    attempts: tuple[Attempt, ...], model: str, endpoint: str, estimate: RequestEstimate
-) -> dict[str, Any]:
-    """What is written down when a request is admitted: enough to report it without us."""
-    return {
-        "attempt_ids": [attempt.attempt_id for attempt in attempts],
-        "model": model,
-        "endpoint": endpoint,
-        "prompt_tokens_estimate": estimate.prompt_tokens,
-        "estimate_usd": str(estimate.amount),
-    }
-
-
-def recovered_report(admission: Admission, cause: RecoveryCause) -> tuple[str, dict[str, Any]]:
-    """The report of an admission left open (its process died, or stopped with it open).
-
-    Status ``incomplete``, usage unknown (``null``, source ``none``). Which attempt was
-    being tried is not written down, so it names the first attempt offered; the
-    observations the process kept in memory are unknown (``null``).
-    """
-    attempt_ids = admission.details.get("attempt_ids") or [RELEASE_ATTEMPT_ID]
-    attempt_id = str(attempt_ids[0])
-    report = usage_report(
-        request_id=admission.request_id,
-        attempt_id=attempt_id,
-        status="incomplete",
-        usage=None,
-        error=_RECOVERED_ERRORS[cause],
-        observed={
-            "upstream_contacted": None,
-            "committed": None,
-            "output_chars": None,
-            "prompt_tokens_estimate": admission.details.get("prompt_tokens_estimate"),
-        },
-    )
-    return f"{admission.request_id}:{attempt_id}", report
-
-
-def released_report(
-    request_id: str, reason: str, prompt_tokens_estimate: int
-) -> tuple[str, dict[str, Any]]:
-    """The report of a request the control plane may have admitted but that was never
-    served (no usable resolve answer): status ``released``, attempt id ``"-"``."""
-    report = usage_report(
-        request_id=request_id,
-        attempt_id=RELEASE_ATTEMPT_ID,
-        status="released",
-        usage=None,
-        error=reason,
-        observed={
-            "upstream_contacted": False,
-            "committed": False,
-            "output_chars": 0,
-            "prompt_tokens_estimate": prompt_tokens_estimate,
-        },
-    )
-    return f"{request_id}:{RELEASE_ATTEMPT_ID}", report
-
-
-class PlatformSettlement(Settlement):
-    """Settles by queueing one usage report in the mode's durable outbox.
-
-    The reported attempt is the one that served, or the last one tried: the adapters call
-    ``note_attempt`` as they try each, which also names it in the response's
-    ``x-gatewaykit-attempt-id`` header.
-    ``charged`` in the outcome is always 0 — the control plane prices the report.
-    ``admitted``: the mode recorded this request's admission in the outbox, so the report
-    is queued by closing it (and not at all if another process already reported it).
-    """
-
-    def __init__(
-        self,
-        *,
-        mode: PlatformMode,
-        request_id: str,
-        estimate: RequestEstimate,
-        attempts: tuple[Attempt, ...],
-        admitted: bool = False,
-    ) -> None:
-        super().__init__(request_id=request_id, estimate=estimate)
-        if not attempts:
-            raise ConfigurationError("a PlatformSettlement needs at least one attempt")
-        self._mode = mode
-        self._attempts = attempts
-        self._admitted = admitted
-        self._context: GatewayContext | None = None
-        self.report_key: str | None = None
-
-    def bind(self, context: GatewayContext) -> None:
-        """Name the attempt being tried in this context's response headers, for the client."""
-        self._context = context
-
-    def note_attempt(self, attempt: Attempt) -> None:
-        super().note_attempt(attempt)
-        if self._context is not None:
-            self._context.response_headers[ATTEMPT_ID_HEADER] = attempt.attempt_id
-
-    @property
-    def attempt_id(self) -> str:
-        """The attempt that served (or was tried last); the first until an adapter says."""
-        attempt = self.attempt
-        if attempt is not None and attempt in self._attempts:
-            return attempt.attempt_id
-        return self._attempts[0].attempt_id
-
-    async def _finish(
-        self, status: SettlementStatus, usage: Usage | None, error: str | None
-    ) -> SettlementOutcome:
-        if usage is None and status in ("error", "incomplete"):
-            usage = self.partial_usage
-        attempt_id = self.attempt_id
-        report = usage_report(
-            request_id=self.request_id,
-            attempt_id=attempt_id,
-            status=status,
-            usage=usage,
-            error=error,
-            observed={
-                "upstream_contacted": self.upstream_contacted,
-                "committed": self.committed,
-                "output_chars": self.output_chars,
-                "prompt_tokens_estimate": self.estimate.prompt_tokens,
-            },
-        )
-        key = f"{self.request_id}:{attempt_id}"
-        self.report_key = key
-        recorded = True
-        try:
-            await self._queue_report(key, report)
-        except Exception:
-            # Nothing durable could be written: the log line is the last copy of the report,
-            # and the adapters withhold the answer (unrecorded, it would be free).
-            recorded = False
-            logger.exception(
-                "could not store usage report %s; report: %s",
-                key,
-                json.dumps(report, separators=(",", ":")),
-            )
-        return SettlementOutcome(
-            status=status,
-            charged=Decimal(0),
-            usage=usage,
-            refunded=status == "error" and not self.committed,
-            error=error,
-            recorded=recorded,
-        )
-
-    async def _queue_report(self, key: str, report: Mapping[str, Any]) -> None:
-        if not self._admitted:
-            await self._mode.enqueue_report(key, report)
-        elif not await self._mode.complete_admission(self.request_id, key, report):
-            self.report_key = None
-            logger.warning(
-                "usage report %s not queued: another gateway process had already reported "
-                "request %s as incomplete (this process missed its heart-beats for longer "
-                "than the admission lease); report: %s",
-                key,
-                self.request_id,
-                json.dumps(report, separators=(",", ":")),
-            )
