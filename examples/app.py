@@ -305,7 +305,7 @@ async def preflight(settings: Settings) -> None:
 
 def banner(settings: Settings, fake_port: int | None, ops_port: int | None = None) -> str:
     base = f"http://{settings.host}:{settings.port}"
-    db = absolute_db_url(settings.db)
+    db = redact(absolute_db_url(settings.db))  # the banner goes to logs: never a password
     lines = [f"gatewaykit example gateway on {base}"]
     lines.append(
         "  routes     POST /v1/chat/completions  /v1/messages  /v1/responses  /v1/embeddings"

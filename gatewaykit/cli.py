@@ -265,6 +265,7 @@ def _key_json(record: ApiKeyRecord) -> dict[str, Any]:
         "revoked": record.revoked,
         "team": record.team,
         "rpm": record.rpm,
+        "max_concurrent": record.max_concurrent,
         "models": None if record.allowed_models is None else list(record.allowed_models),
         "created_at": _iso(record.created_at),
         "expires_at": _iso(record.expires_at),
@@ -483,7 +484,18 @@ def keys_list(ctx: click.Context, user: str | None, as_json: bool) -> None:
         _emit_json([_key_json(r) for r in records])
         return
     _table(
-        ["key_id", "prefix", "user", "team", "rpm", "models", "created", "expires", "revoked"],
+        [
+            "key_id",
+            "prefix",
+            "user",
+            "team",
+            "rpm",
+            "max_concurrent",
+            "models",
+            "created",
+            "expires",
+            "revoked",
+        ],
         [
             [
                 r.key_id,
@@ -491,6 +503,7 @@ def keys_list(ctx: click.Context, user: str | None, as_json: bool) -> None:
                 r.user,
                 r.team,
                 r.rpm,
+                r.max_concurrent,
                 None if r.allowed_models is None else ",".join(r.allowed_models),
                 _short_time(r.created_at),
                 _short_time(r.expires_at),
@@ -905,11 +918,15 @@ def serve(
     overrides = {"host": host, "port": port, "workers": workers}
     server = config.server.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     config = config.model_copy(update={"server": server})
+    from gatewaykit.server import build_app
+
+    try:
+        app = build_app(config)  # reads the price file and checks what the file could not
+    except GatewayKitError as exc:
+        raise CliError(str(exc)) from None
     if check_config:
         _emit_json(config.masked())
         return
-    from gatewaykit.server import build_app
-
     try:
         import uvicorn
     except ImportError:
@@ -931,9 +948,7 @@ def serve(
         f"gatewaykit serve: {mode}, {server.workers} worker(s), config {config_path}", err=True
     )
     if server.workers == 1:
-        uvicorn.run(
-            build_app(config), host=server.host, port=server.port, access_log=server.access_log
-        )
+        uvicorn.run(app, host=server.host, port=server.port, access_log=server.access_log)
         return
     os.environ[CONFIG_VARIABLE] = str(config_path.resolve())
     uvicorn.run(

@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 MASK = "********"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Section(BaseModel):
@@ -66,6 +67,8 @@ def _secret(info: ValidationInfo, *, env: str | None, file: Path | None, what: s
         raise ValueError(f"give {what}_env or {what}_file, not both")
     context: Mapping[str, Any] = info.context or {}
     if env is not None:
+        if not _ENV_NAME.fullmatch(env):  # perhaps the secret itself: never repeat it
+            raise ValueError(f"{what}_env: not an environment variable name (A-Z, 0-9, _)")
         value = context.get("environ", {}).get(env)
         if not value or not value.strip():
             raise ValueError(f"{what}_env: the environment variable {env} is not set or empty")
@@ -104,7 +107,7 @@ class ServerConfig(Section):
 class LedgerConfig(Section):
     """``[ledger]``: the budget store (standalone mode)."""
 
-    url: str = "sqlite:///gatewaykit.db"
+    url: str = Field(default="sqlite:///gatewaykit.db", repr=False)  # it may hold a password
     hold_ttl: float = Field(default=600.0, gt=0)
     #: Seconds between sweeps that expire crashed requests' holds; default ``hold_ttl / 4``.
     sweep_interval: float | None = Field(default=None, gt=0)
@@ -215,7 +218,7 @@ class PlatformConfig(Section):
     token_env: str | None = None
     token_file: Path | None = None
     #: The durable usage-report outbox (a database of its own, never the ledger's).
-    outbox: str = "sqlite:///gatewaykit-outbox.db"
+    outbox: str = Field(default="sqlite:///gatewaykit-outbox.db", repr=False)
     default_max_output_tokens: int = Field(default=4096, gt=0)
     _token: str = PrivateAttr(default="")
 
@@ -280,17 +283,12 @@ class GatewayConfig(Section):
         if self.platform is not None:
             data["platform"]["token"] = MASK
         data["prices"]["file"] = None if self.prices_file is None else str(self.prices_file)
-        data["ledger"]["url"] = _redact(self.ledger.url)
+        data["ledger"]["url"] = redact(self.ledger.url)
         if self.ratelimit.redis_url is not None:
             data["ratelimit"]["redis_url"] = redact(self.ratelimit.redis_url)
         if self.platform is not None:
-            data["platform"]["outbox"] = _redact(self.platform.outbox)
+            data["platform"]["outbox"] = redact(self.platform.outbox)
         return data
-
-
-def _redact(url: str) -> str:
-    """A database URL without its password."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", rf"\1:{MASK}@", url)
 
 
 def _where(location: tuple[int | str, ...]) -> str:

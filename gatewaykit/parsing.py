@@ -100,9 +100,16 @@ def parse_request(fmt: WireFormat, body: Mapping[str, Any]) -> ParsedRequest:
         raise _invalid("'stream' must be a boolean")
     choices: int | None = None
     if fmt is WireFormat.OPENAI_CHAT:
-        limit = _positive_int(body, "max_completion_tokens")
-        if limit is None:
-            limit = _positive_int(body, "max_tokens")
+        # Both may be sent; an OpenAI-compatible server may honour either: hold the larger.
+        caps = [
+            cap
+            for cap in (
+                _positive_int(body, "max_completion_tokens"),
+                _positive_int(body, "max_tokens"),
+            )
+            if cap is not None
+        ]
+        limit = max(caps) if caps else None
         chars = _chat_chars(body)
         user = _string(body.get("user"), "user")
         choices = _positive_int(body, "n")

@@ -15,7 +15,8 @@ from gatewaykit.errors import ConfigurationError
 
 __all__ = ["open_store", "redact", "store_target"]
 
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+#: ``password=`` as a URL query parameter, or as a word of a libpq keyword string.
+_QUERY_PASSWORD = re.compile(r"((?:^|[?&\s])password\s*=\s*)[^&#\s]*", re.IGNORECASE)
 
 
 def store_target(
@@ -24,8 +25,9 @@ def store_target(
     """``("sqlite", path or ":memory:")`` or ``("postgresql", url)``; ``error`` names the
     caller's exception, ``what`` its store ("ledger", "outbox") in the message."""
     if not isinstance(url, str) or "://" not in url:
+        shown = redact(url) if isinstance(url, str) else url
         raise error(
-            f"not {_article(what)} URL: {url!r}; use sqlite:///path.db, "
+            f"not {_article(what)} URL: {shown!r}; use sqlite:///path.db, "
             "sqlite://:memory: or postgresql://user@host/dbname"
         )
     scheme, rest = url.split("://", 1)
@@ -75,7 +77,7 @@ def redact(url: str) -> str:
 
     The user info ends at the URL's last ``@``, so a password holding ``/``, ``:`` or ``@``
     (which should have been percent-encoded) is hidden all the same; a ``password=`` query
-    parameter is hidden too.
+    parameter (or word of a libpq keyword string) is hidden too.
     """
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")

@@ -89,3 +89,12 @@ def test_a_missing_postgres_driver_names_the_extra(monkeypatch: pytest.MonkeyPat
         open_ledger("postgresql://u@h/db")
     with pytest.raises(ConfigurationError, match="a PostgreSQL outbox needs the extra"):
         open_outbox("postgresql://u@h/db")
+
+
+def test_a_libpq_keyword_string_is_refused_without_its_password() -> None:
+    """``--db "host=db user=gk password=s3cret"`` (libpq's other spelling) is not a URL:
+    the error says so without repeating the password."""
+    with pytest.raises(InvalidLedgerURLError, match="not a ledger URL") as info:
+        open_ledger("host=db user=gk password=s3cret dbname=gk")
+    assert "s3cret" not in str(info.value)
+    assert "s3cret" not in redact("host=db password=s3cret")

@@ -124,12 +124,20 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX usage_key_time ON usage_records (key_id, created_at)",
     ),
     # Live holds per budget window, kept with the reserved amount, so a reserve can cap
-    # the requests a key (or any scope) has in flight; and the keys' own cap.
+    # the requests a key (or any scope) has in flight; and the keys' own cap. The live
+    # holds are grouped once (a subquery per counter row would scan them once per row).
     5: (
         f"ALTER TABLE counters ADD COLUMN live INTEGER NOT NULL DEFAULT 0 {_INT.format('live')}",
-        """UPDATE counters SET live = (SELECT count(*) FROM hold_scopes s JOIN holds h
-            ON h.hold_id = s.hold_id WHERE h.state = 'held' AND s.scope = counters.scope
-            AND s.window_start = counters.window_start)""",
+        """CREATE TEMP TABLE gk_live (scope TEXT NOT NULL, window_start INTEGER NOT NULL,
+            n INTEGER NOT NULL, PRIMARY KEY (scope, window_start)) WITHOUT ROWID""",
+        """INSERT INTO gk_live SELECT s.scope, s.window_start, count(*) FROM holds h
+            JOIN hold_scopes s ON s.hold_id = h.hold_id WHERE h.state = 'held'
+            GROUP BY s.scope, s.window_start""",
+        """UPDATE counters SET live = (SELECT n FROM gk_live l WHERE l.scope = counters.scope
+            AND l.window_start = counters.window_start)
+            WHERE EXISTS (SELECT 1 FROM gk_live l WHERE l.scope = counters.scope
+            AND l.window_start = counters.window_start)""",
+        "DROP TABLE gk_live",
         "ALTER TABLE api_keys ADD COLUMN max_concurrent INTEGER",
     ),
     # A key's tokens-per-minute limit (gatewaykit.ratelimit), beside its rpm.

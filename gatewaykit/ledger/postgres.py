@@ -117,7 +117,8 @@ rel_locked AS (
     ORDER BY c.scope, c.window_start FOR UPDATE OF c
 ),
 rel_upd AS (
-    UPDATE counters c SET reserved = c.reserved - rel.amt, live = c.live - rel.n FROM rel
+    UPDATE counters c SET reserved = c.reserved - rel.amt, live = greatest(c.live - rel.n, 0)
+    FROM rel
     WHERE c.scope = rel.scope AND c.window_start = rel.ws
       AND (SELECT count(*) FROM rel_locked) >= 0
 )"""
@@ -192,7 +193,7 @@ upd AS (
     UPDATE counters c
     SET reserved = c.reserved - coalesce(r.amt, 0)
             + CASE WHEN t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins) THEN {amount} ELSE 0 END,
-        live = c.live - coalesce(r.n, 0)
+        live = greatest(c.live - coalesce(r.n, 0), 0)
             + CASE WHEN t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins) THEN 1 ELSE 0 END,
         used = c.used OR (t.scope IS NOT NULL AND EXISTS (SELECT 1 FROM ins))
     FROM keys k
@@ -318,7 +319,7 @@ locked AS (
     ORDER BY c.scope, c.window_start FOR UPDATE OF c
 ),
 upd AS (
-    UPDATE counters c SET reserved = c.reserved - d.rel, live = c.live - d.n,
+    UPDATE counters c SET reserved = c.reserved - d.rel, live = greatest(c.live - d.n, 0),
         spent = c.spent + $2 FROM delta d
     WHERE c.scope = d.scope AND c.window_start = d.ws AND (SELECT count(*) FROM locked) >= 0
 ),

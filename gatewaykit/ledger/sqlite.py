@@ -367,13 +367,17 @@ class _Store:
     def move(
         self, windows: list[tuple[str, int]], spent: int, reserved: int, live: int = 0
     ) -> None:
-        """Change the counters of ``windows``; a total may never go negative (I9)."""
+        """Change the counters of ``windows``; a money total may never go negative (I9).
+
+        The live count stops at zero instead: a count that drifted (check() reports it)
+        must never stop a hold from being charged or expired.
+        """
         for scope, key in windows:
             counter = self.counter(scope, key)
             counter[0] += spent
             counter[1] += reserved
-            counter[2] += live
-            if counter[0] < 0 or counter[1] < 0 or counter[2] < 0:
+            counter[2] = max(counter[2] + live, 0)
+            if counter[0] < 0 or counter[1] < 0:
                 raise LedgerError(
                     f"the ledger refused a change that would make {scope}'s totals negative "
                     "(invariant I9); run check() and restore the database from a backup"

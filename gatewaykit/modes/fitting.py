@@ -50,8 +50,9 @@ def with_output_limit(fmt: WireFormat, body: Mapping[str, Any], tokens: int) -> 
     """``body`` with its output cap set to ``tokens``, in the field(s) its format uses.
 
     Chat completions: every cap the client sent (``max_completion_tokens``, the legacy
-    ``max_tokens``), else ``max_completion_tokens``. Anthropic messages: ``max_tokens``.
-    Responses: ``max_output_tokens``.
+    ``max_tokens``), else ``max_completion_tokens``. Anthropic messages: ``max_tokens``,
+    and a ``thinking.budget_tokens`` not below it is lowered under it (Anthropic refuses
+    it otherwise). Responses: ``max_output_tokens``.
     """
     rewritten = dict(body)
     if fmt is WireFormat.OPENAI_CHAT:
@@ -60,6 +61,11 @@ def with_output_limit(fmt: WireFormat, body: Mapping[str, Any], tokens: int) -> 
             rewritten[field] = tokens
     elif fmt is WireFormat.ANTHROPIC_MESSAGES:
         rewritten["max_tokens"] = tokens
+        thinking = body.get("thinking")
+        if isinstance(thinking, Mapping):
+            budget = thinking.get("budget_tokens")
+            if type(budget) is int and budget >= tokens:  # Anthropic wants it below the cap
+                rewritten["thinking"] = {**thinking, "budget_tokens": tokens - 1}
     elif fmt is WireFormat.OPENAI_RESPONSES:
         rewritten["max_output_tokens"] = tokens
     else:

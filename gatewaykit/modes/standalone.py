@@ -535,8 +535,12 @@ class StandaloneMode:
                 raise RequestRejected(
                     ErrorKind.UNAVAILABLE, "the request id was already used; retry the request"
                 )
-            if fit is not None and hold.amount < amount:
-                # Fitted: the body goes upstream re-encoded with the smaller output cap.
+            if fit is not None and (
+                hold.amount < amount or request.parsed.max_output_tokens is None
+            ):
+                # Fitted, or held at the default cap for a request that named none: the
+                # body goes upstream re-encoded with the cap held for, so the provider's
+                # own default cannot spend past the hold (and the budget).
                 tokens = fit.tokens_held(hold.amount)
                 assert fmt is not None  # fitted only for FITTED_FORMATS
                 body, raw_body = with_output_limit(fmt, request.body, tokens), b""

@@ -83,6 +83,7 @@ def test_keys_create_prints_the_key_once_and_stores_only_its_hash(db: str) -> No
             "revoked": False,
             "team": None,
             "rpm": None,
+            "max_concurrent": None,
             "models": None,
             "created_at": listed[0]["created_at"],
             "expires_at": None,
@@ -171,7 +172,8 @@ def test_keys_list_table_and_user_filter(db: str) -> None:
     table = cli("--db", db, "keys", "list")
     assert table.exit_code == 0
     assert table.stdout.splitlines()[0].split() == [
-        "KEY_ID", "PREFIX", "USER", "TEAM", "RPM", "MODELS", "CREATED", "EXPIRES", "REVOKED",
+        "KEY_ID", "PREFIX", "USER", "TEAM", "RPM", "MAX_CONCURRENT", "MODELS", "CREATED",
+        "EXPIRES", "REVOKED",
     ]  # fmt: skip
     assert "alice" in table.stdout
     assert "bob" in table.stdout
@@ -601,3 +603,13 @@ def test_python_m_gatewaykit_without_its_dependencies_says_what_to_do() -> None:
     assert "Traceback" not in done.stderr
     assert "a dependency is missing in this Python" in done.stderr
     assert "source .nox/example/bin/activate" in done.stderr
+
+
+def test_keys_list_shows_the_cap_on_requests_in_flight(db: str) -> None:
+    cli_json("--db", db, "keys", "create", "--user", "alice", "--max-concurrent", "3", "--json")
+    cli_json("--db", db, "keys", "create", "--user", "bob", "--json")
+    listed = {k["user"]: k for k in cli_json("--db", db, "keys", "list", "--json")}
+    assert (listed["alice"]["max_concurrent"], listed["bob"]["max_concurrent"]) == (3, None)
+    header, *rows = cli("--db", db, "keys", "list").stdout.splitlines()
+    cells = {row.split()[2]: dict(zip(header.split(), row.split(), strict=True)) for row in rows}
+    assert (cells["alice"]["MAX_CONCURRENT"], cells["bob"]["MAX_CONCURRENT"]) == ("3", "-")

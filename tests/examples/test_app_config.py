@@ -130,3 +130,14 @@ def test_fit_holds_flag_sets_the_over_budget_policy() -> None:
         mode = middleware.kwargs["mode"]
         assert isinstance(mode, StandaloneMode)
         assert mode.over_budget == policy
+
+
+def test_the_banner_never_prints_a_database_password() -> None:
+    url = "postgresql://gateway:dbsecret@db.internal:5432/llm?schema=gateway"
+    for argv in (["--db", url], ["--db", url, "--platform", "https://plane.example"]):
+        settings = example.parse_settings(
+            argv, {"OPENAI_API_KEY": "sk-x", "GATEWAYKIT_PLATFORM_TOKEN": "gw-secret"}
+        )
+        banner = example.banner(settings, None)
+        assert "dbsecret" not in banner
+        assert "postgresql://gateway:***@db.internal:5432/llm?schema=gateway" in banner

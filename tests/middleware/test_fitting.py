@@ -54,3 +54,18 @@ def test_the_cap_goes_where_each_format_reads_it() -> None:
     assert WireFormat.OPENAI_EMBEDDINGS not in FITTED_FORMATS
     with pytest.raises(ConfigurationError, match="no output cap"):
         with_output_limit(WireFormat.OPENAI_EMBEDDINGS, {}, 7)
+
+
+def test_an_anthropic_thinking_budget_stays_below_the_fitted_cap() -> None:
+    """Anthropic refuses ``thinking.budget_tokens`` ≥ ``max_tokens`` (400): a fitted cap
+    at or below the client's thinking budget lowers that budget too, not the answer."""
+    body = {"max_tokens": 16_000, "thinking": {"type": "enabled", "budget_tokens": 10_000}}
+    fitted = with_output_limit(WireFormat.ANTHROPIC_MESSAGES, body, 3000)
+    assert fitted == {"max_tokens": 3000, "thinking": {"type": "enabled", "budget_tokens": 2999}}
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 10_000}  # not mutated
+    roomy = with_output_limit(WireFormat.ANTHROPIC_MESSAGES, body, 12_000)
+    assert roomy["thinking"] == {"type": "enabled", "budget_tokens": 10_000}
+    off = {"max_tokens": 9, "thinking": {"type": "disabled"}}
+    assert with_output_limit(WireFormat.ANTHROPIC_MESSAGES, off, 7)["thinking"] == {
+        "type": "disabled"
+    }

@@ -45,6 +45,11 @@ RESPONSES = WireFormat.OPENAI_RESPONSES
             ParsedRequest("m", True, 3 + 4 + ATTACHMENT_CHARS + 29, 7, "u"),
         ),
         (CHAT, {"model": "m", "messages": [], "max_tokens": 5}, ParsedRequest("m", False, 0, 5)),
+        (  # both caps: the larger is held, whichever the upstream honours
+            CHAT,
+            {"model": "m", "messages": [], "max_tokens": 9, "max_completion_tokens": 4},
+            ParsedRequest("m", False, 0, 9),
+        ),
         (
             MESSAGES,
             {

@@ -131,10 +131,24 @@ async def test_fitted_hold_rewrites_the_cap_in_every_format(
         assert "x-gatewaykit-max-output-tokens" not in raw.headers
         assert fake.requests[-1].body["max_tokens"] == 10
 
+    # Room for a whole default hold: a request without a cap of its own still goes
+    # upstream with the cap it was held for, or the provider's own default could spend
+    # past the hold and the budget.
+    await ledger.set_budget("user:alice", limit=Decimal("1"))
+    async with (
+        gateway(ledger, client, url, over_budget="fit") as base,
+        openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0) as oai,
+    ):
+        raw = await oai.chat.completions.with_raw_response.create(
+            model="test-model", messages=HELLO
+        )
+        assert raw.headers["x-gatewaykit-max-output-tokens"] == "4096"
+        assert fake.requests[-1].body["max_completion_tokens"] == 4096
+
     charge = PRICE.cost(Usage(input_tokens=20, output_tokens=4))
     status = await ledger.status("user:alice")
     assert status is not None
-    assert status.spent == 4 * charge  # exact, to the nano-dollar
+    assert status.spent == 5 * charge  # exact, to the nano-dollar
     assert status.held == 0
 
 

@@ -172,7 +172,7 @@ def test_check_config_prints_the_resolved_configuration_with_secrets_masked(
     assert shown["server"]["port"] == 9001  # the flag wins over the file
     assert shown["upstreams"][0]["api_key"] == "********"
     assert shown["upstreams"][0]["api_key_env"] == "OPENAI_API_KEY"
-    assert shown["ledger"]["url"] == "postgresql://gk:********@db/gk"
+    assert shown["ledger"]["url"] == "postgresql://gk:***@db/gk"
     assert GatewayConfig.model_fields.keys() <= shown.keys()
 
 
@@ -187,3 +187,64 @@ def test_serve_reports_a_bad_file_in_one_line_and_exits_2(tmp_path: Path) -> Non
     missing = CliRunner().invoke(main, ["serve", "--config", str(tmp_path / "absent.toml")])
     assert missing.exit_code == 2
     assert "cannot read the configuration" in missing.output
+
+
+@pytest.mark.parametrize(
+    ("url", "password"),
+    [
+        ("postgresql://gk:pa/ss@db/gk", "pa/ss"),  # a '/' the URL should have encoded
+        ("postgresql://gk:p@ss@db/gk", "p@ss"),
+        ("postgresql://gk@db/gk?password=dbsecret", "dbsecret"),
+    ],
+)
+def test_check_config_masks_every_form_of_database_password(
+    tmp_path: Path, url: str, password: str
+) -> None:
+    text = MINIMAL + f'\n[ledger]\nurl = "{url}"\n'
+    shown = load_config(write(tmp_path, text), environ={"OPENAI_API_KEY": SECRET}).masked()
+    assert password not in json.dumps(shown)
+    assert "ss@" not in shown["ledger"]["url"]
+
+
+def test_a_secret_written_where_a_variable_name_belongs_is_not_echoed(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace('"OPENAI_API_KEY"', f'"{SECRET}"'))
+    message = error_of(path)
+    assert SECRET not in message
+    assert "upstreams[0]: api_key_env: not an environment variable name" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ('\n[prices]\nfile = "prices.json"\n', "price file"),
+        ("\n[ledger]\nhold_ttl = 1e12\n", "hold TTL"),
+    ],
+)
+@pytest.mark.parametrize("check", [True, False])
+def test_what_serve_would_refuse_check_config_refuses_too(
+    tmp_path: Path, extra: str, expected: str, check: bool
+) -> None:
+    (tmp_path / "prices.json").write_text('{"m": {"input_per_mtok": "x", "output_per_mtok": "1"}}')
+    path = write(tmp_path, MINIMAL + extra)
+    flags = ["--check-config"] if check else ["--port", "0"]
+    result = CliRunner().invoke(
+        main, ["serve", "--config", str(path), *flags], env={"OPENAI_API_KEY": SECRET}
+    )
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_the_config_repr_never_shows_a_database_password(tmp_path: Path) -> None:
+    standalone = MINIMAL + '\n[ledger]\nurl = "postgresql://gk:dbpassword@db/gk"\n'
+    config = load_config(write(tmp_path, standalone), environ={"OPENAI_API_KEY": SECRET})
+    platform = (
+        '[platform]\nurl = "https://cp.example"\ntoken_env = "T"\n'
+        'outbox = "postgresql://gk:outboxpassword@db/gk"\n'
+    )
+    plane = load_config(write(tmp_path, platform, "p.toml"), environ={"T": "gw-token"})
+    for text in (repr(config), str(config), repr(plane), str(plane)):
+        assert "dbpassword" not in text
+        assert "outboxpassword" not in text
+        assert SECRET not in text
+        assert "gw-token" not in text
