@@ -62,6 +62,7 @@ def test_unknown_names_raise_attribute_error() -> None:
         "gatewaykit.modes.platform_reports",
         "gatewaykit.modes.platform_settlement",
         "gatewaykit.modes.standalone",
+        "gatewaykit.modes.standalone_settlement",
         "gatewaykit.parsing",
         "gatewaykit.ratelimit",
         "gatewaykit.server",

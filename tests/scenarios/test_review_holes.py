@@ -28,7 +28,7 @@ from gatewaykit.adapters import gateway_routes
 from gatewaykit.errors import ConfigurationError, LedgerUnavailableError
 from gatewaykit.ledger.base import HoldState, Ledger
 from gatewaykit.ledger.sqlite import SQLiteLedger
-from gatewaykit.modes import standalone
+from gatewaykit.modes import standalone_settlement
 from gatewaykit.modes.platform import PlatformMode
 from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.outbox import RetryPolicy, SQLiteOutbox
@@ -542,7 +542,7 @@ FINAL_EVENTS = {CHAT: b"[DONE]", MESSAGES: b"message_stop", RESPONSES: b"respons
 @pytest.fixture
 def quick_settle_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """StandaloneSettlement's settle retries, minus most of their waiting."""
-    monkeypatch.setattr(standalone, "_SETTLE_RETRY_DELAYS", (0.01, 0.01, 0.01), raising=False)
+    monkeypatch.setattr(standalone_settlement, "_SETTLE_RETRY_DELAYS", (0.01, 0.01, 0.01))
 
 
 async def expire_the_hold(ledger: Ledger, hold_id: str) -> None:
