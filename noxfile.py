@@ -21,11 +21,13 @@ def install(session: nox.Session, *args: str) -> None:
 def tests(session: nox.Session) -> None:
     """Run the whole test suite with branch coverage, failing below the gate in
     pyproject.toml (PostgreSQL tests use GATEWAYKIT_TEST_POSTGRES_DSN, Redis tests
-    GATEWAYKIT_TEST_REDIS_URL). Arguments go to pytest: ``nox -s tests -- -n 2`` spreads it
-    over two workers (pytest-cov merges their data); a subset wants ``--no-cov``, as the
-    gate is for the whole suite."""
+    GATEWAYKIT_TEST_REDIS_URL). The tests are spread over one worker per core (pytest-xdist;
+    pytest-cov merges their data). Arguments go to pytest: ``-n 0`` runs them in one
+    process; a subset wants ``--no-cov``, as the gate is for the whole suite."""
     install(session, "-e", ".[postgres,admin,metrics,otel,redis]", "--group", "test")
-    session.run("pytest", "--cov", "--cov-report=term", *session.posargs)
+    session.run(
+        "pytest", "--cov", "--cov-report=term", "-n", "auto", "--durations=10", *session.posargs
+    )
 
 
 @nox.session(python=PYTHON)
