@@ -25,9 +25,8 @@ def tests(session: nox.Session) -> None:
     pytest-cov merges their data). Arguments go to pytest: ``-n 0`` runs them in one
     process; a subset wants ``--no-cov``, as the gate is for the whole suite."""
     install(session, "-e", ".[postgres,admin,metrics,otel,redis]", "--group", "test")
-    session.run(
-        "pytest", "--cov", "--cov-report=term", "-n", "auto", "--durations=10", *session.posargs
-    )
+    spread = ("-n", "auto", "--durations=10")
+    session.run("pytest", "--cov", "--cov-report=term", *spread, *session.posargs)
 
 
 @nox.session(python=PYTHON)

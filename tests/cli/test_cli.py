@@ -83,6 +83,7 @@ def test_keys_create_prints_the_key_once_and_stores_only_its_hash(db: str) -> No
             "revoked": False,
             "team": None,
             "rpm": None,
+            "tpm": None,
             "max_concurrent": None,
             "models": None,
             "created_at": listed[0]["created_at"],
@@ -172,7 +173,7 @@ def test_keys_list_table_and_user_filter(db: str) -> None:
     table = cli("--db", db, "keys", "list")
     assert table.exit_code == 0
     assert table.stdout.splitlines()[0].split() == [
-        "KEY_ID", "PREFIX", "USER", "TEAM", "RPM", "MAX_CONCURRENT", "MODELS", "CREATED",
+        "KEY_ID", "PREFIX", "USER", "TEAM", "RPM", "TPM", "MAX_CONCURRENT", "MODELS", "CREATED",
         "EXPIRES", "REVOKED",
     ]  # fmt: skip
     assert "alice" in table.stdout
