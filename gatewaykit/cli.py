@@ -29,6 +29,7 @@ import anyio
 import click
 
 from gatewaykit import __version__
+from gatewaykit.csvcells import text_cell
 from gatewaykit.errors import GatewayKitError
 from gatewaykit.keys import generate_key
 from gatewaykit.ledger.base import (
@@ -225,10 +226,13 @@ def _total_json(groups: Sequence[UsageGroup], total: UsageTotal) -> dict[str, An
 
 
 def _emit_csv(rows: Sequence[dict[str, Any]], headers: Sequence[str]) -> None:
+    """Text cells defused against formula injection; ``cost`` (a decimal string) is a number."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(headers), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(
+        {k: v if k == "cost" else text_cell(v) for k, v in row.items()} for row in rows
+    )
     click.echo(out.getvalue(), nl=False)
 
 

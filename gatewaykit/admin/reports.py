@@ -10,6 +10,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+from gatewaykit.csvcells import text_cell
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.ledger.base import UsageRecord
 
@@ -30,8 +31,6 @@ CSV_COLUMNS = (
     "usage_source",
     "status",
 )
-# A cell a spreadsheet would run as a formula (CSV injection) is prefixed with "'".
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _day(params: Mapping[str, str], name: str, label: str) -> date | None:
@@ -80,11 +79,7 @@ class UsageQuery:
 
 
 def _cell(value: object) -> object:
-    if isinstance(value, Decimal):
-        return f"{value:f}"
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    return value
+    return f"{value:f}" if isinstance(value, Decimal) else text_cell(value)
 
 
 def usage_csv(records: Iterable[UsageRecord]) -> str:

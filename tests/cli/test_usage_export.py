@@ -239,6 +239,42 @@ def test_records_as_csv(db: str) -> None:
     )
 
 
+def test_csv_defuses_formula_cells_but_not_numbers(tmp_path: Path) -> None:
+    """User-controlled text that a spreadsheet would run gets a leading "'" (OWASP)."""
+    path = tmp_path / "ledger.db"
+    hostile = {"user": "=cmd|' /C calc'!A0", "model": "+gpt", "key_id": "@k"}
+
+    async def fill() -> None:
+        async with SQLiteLedger(str(path)) as ledger:
+            await ledger.reserve("-r", ["user:x"], D(1), ttl=60)
+            record = UsageRecord(
+                request_id="-r",
+                endpoint="\tmessages",
+                status="success",
+                usage_source="provider",
+                input_tokens=1,
+                cost=D("0.0000712"),
+                user=hostile["user"],
+                model=hostile["model"],
+                key_id=hostile["key_id"],
+            )
+            await ledger.settle("-r", D("0.0000712"), record=record)
+
+    anyio.run(fill)
+    db = f"sqlite:///{path}"
+    [row] = list(csv.DictReader(io.StringIO(cli("--db", db, "usage", "--format", "csv").stdout)))
+    assert {k: row[k] for k in hostile} == {k: "'" + v for k, v in hostile.items()}
+    assert (row["request_id"], row["endpoint"]) == ("'-r", "'\tmessages")
+    assert (row["input_tokens"], row["cost"]) == ("1", "0.0000712")
+    grouped = cli("--db", db, "usage", "--group-by", "user,model", "--format", "csv")
+    [total] = list(csv.DictReader(io.StringIO(grouped.stdout)))
+    assert (total["user"], total["model"], total["cost"]) == (
+        "'=cmd|' /C calc'!A0",
+        "'+gpt",
+        "0.0000712",
+    )
+
+
 def test_empty_results(db: str) -> None:
     assert cli_json("--db", db, "usage", "--model", "nope", "--json") == []
     assert cli_json("--db", db, "usage", "--group-by", "day", "--since", "1h", "--json") == []
