@@ -931,6 +931,12 @@ def serve(
         app = build_app(config)  # reads the price file and checks what the file could not
     except GatewayKitError as exc:
         raise CliError(str(exc)) from None
+    for where in config.passwords_in_file():
+        click.echo(
+            f"warning: {config_path}: {where} holds a password written in the file; "
+            "keep it out (docs/configuration.md: passwords)",
+            err=True,
+        )
     if check_config:
         _emit_json(config.masked())
         return
@@ -950,7 +956,8 @@ def serve(
             "use PostgreSQL for more than one process",
             err=True,
         )
-    mode = f"platform, control plane {config.platform.url}" if config.platform else "standalone"
+    plane = config.platform
+    mode = f"platform, control plane {redact(plane.url)}" if plane else "standalone"
     click.echo(
         f"gatewaykit serve: {mode}, {server.workers} worker(s), config {config_path}", err=True
     )

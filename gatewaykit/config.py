@@ -108,9 +108,25 @@ class LedgerConfig(Section):
     """``[ledger]``: the budget store (standalone mode)."""
 
     url: str = Field(default="sqlite:///gatewaykit.db", repr=False)  # it may hold a password
+    #: The URL from a variable or a file instead, so its password stays out of the file.
+    url_env: str | None = None
+    url_file: Path | None = None
     hold_ttl: float = Field(default=600.0, gt=0)
     #: Seconds between sweeps that expire crashed requests' holds; default ``hold_ttl / 4``.
     sweep_interval: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_from_secret(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict) or not {"url_env", "url_file"} & data.keys():
+            return data
+        if "url" in data:
+            raise ValueError("give url, url_env or url_file, not two")
+        file = data.get("url_file")
+        url = _secret(
+            info, env=data.get("url_env"), file=None if file is None else Path(file), what="url"
+        )
+        return {**data, "url": url}
 
 
 class PricesConfig(Section):
@@ -283,12 +299,32 @@ class GatewayConfig(Section):
         if self.platform is not None:
             data["platform"]["token"] = MASK
         data["prices"]["file"] = None if self.prices_file is None else str(self.prices_file)
-        data["ledger"]["url"] = redact(self.ledger.url)
-        if self.ratelimit.redis_url is not None:
-            data["ratelimit"]["redis_url"] = redact(self.ratelimit.redis_url)
-        if self.platform is not None:
-            data["platform"]["outbox"] = redact(self.platform.outbox)
+        for path, url in self._urls():
+            table: Any = data
+            for part in path[:-1]:
+                table = table[part]
+            table[path[-1]] = redact(url)
         return data
+
+    def passwords_in_file(self) -> list[str]:
+        """Key paths of the URLs written in the file with a credential (to warn about)."""
+        from_secret = self.ledger.url_env is not None or self.ledger.url_file is not None
+        return [
+            _where(path)
+            for path, url in self._urls()
+            if redact(url) != url and not (path == ("ledger", "url") and from_secret)
+        ]
+
+    def _urls(self) -> list[tuple[tuple[int | str, ...], str]]:
+        """Every URL of the configuration with its key path: any may hold a credential."""
+        urls: list[tuple[tuple[int | str, ...], str]] = [(("ledger", "url"), self.ledger.url)]
+        urls += [(("upstreams", i, "base_url"), u.base_url) for i, u in enumerate(self.upstreams)]
+        if self.ratelimit.redis_url is not None:
+            urls.append((("ratelimit", "redis_url"), self.ratelimit.redis_url))
+        if self.platform is not None:
+            urls.append((("platform", "url"), self.platform.url))
+            urls.append((("platform", "outbox"), self.platform.outbox))
+        return urls
 
 
 def _where(location: tuple[int | str, ...]) -> str:

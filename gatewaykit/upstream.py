@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 from gatewaykit.errors import ConfigurationError
+from gatewaykit.urls import redact
 
 __all__ = ["Attempt", "Upstream"]
 
@@ -28,7 +29,8 @@ class Upstream:
     responses): ``base_url`` ends in ``/v1``, e.g. ``https://api.openai.com/v1``.
     ``provider="anthropic"`` (serves messages): ``base_url`` has no ``/v1``, e.g.
     ``https://api.anthropic.com``. ``models`` limits which client model names it serves
-    (None: any). The API key and headers never appear in reprs.
+    (None: any). The API key and headers never appear in reprs, nor does a credential in
+    ``base_url`` (user info, ``?api_key=``).
 
     Whitespace around ``api_key`` is stripped (a key read from a file keeps its newline);
     a key or header value with any other control character is refused here, at
@@ -44,7 +46,9 @@ class Upstream:
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigurationError(f"Upstream base_url must be an http(s) URL: {self.base_url!r}")
+            raise ConfigurationError(
+                f"Upstream base_url must be an http(s) URL: {redact(self.base_url)!r}"
+            )
         if self.provider not in ("openai", "anthropic"):
             raise ConfigurationError(f"unknown upstream provider {self.provider!r}")
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
@@ -68,6 +72,12 @@ class Upstream:
                 )
         if self.models is not None and not isinstance(self.models, frozenset):
             object.__setattr__(self, "models", frozenset(self.models))
+
+    def __repr__(self) -> str:  # base_url may carry credentials (user info, ?api_key=)
+        return (
+            f"Upstream(base_url={redact(self.base_url)!r}, provider={self.provider!r}, "
+            f"models={self.models!r}, name={self.name!r})"
+        )
 
     def serves(self, model: str) -> bool:
         return self.models is None or model in self.models

@@ -15,8 +15,12 @@ from gatewaykit.errors import ConfigurationError
 
 __all__ = ["open_store", "redact", "store_target"]
 
-#: ``password=`` as a URL query parameter, or as a word of a libpq keyword string.
-_QUERY_PASSWORD = re.compile(r"((?:^|[?&\s])password\s*=\s*)[^&#\s]*", re.IGNORECASE)
+#: A credential as a URL query parameter (``password=``, ``api_key=``, ``token=``,
+#: ``sig=`` …) or as a word of a libpq keyword string (``password=…``).
+_QUERY_SECRET = re.compile(
+    r"((?:^|[?&;\s])[\w.-]*(?:pass|pwd|token|key|secret|sig|auth|cred)[\w.-]*\s*=\s*)[^&#;\s]*",
+    re.IGNORECASE,
+)
 
 
 def store_target(
@@ -73,18 +77,23 @@ def open_store(
 
 
 def redact(url: str) -> str:
-    """The URL with its password replaced by ``***``, for messages, logs and reprs.
+    """The URL with its credentials replaced by ``***``, for messages, logs and reprs.
 
     The user info ends at the URL's last ``@``, so a password holding ``/``, ``:`` or ``@``
-    (which should have been percent-encoded) is hidden all the same; a ``password=`` query
-    parameter (or word of a libpq keyword string) is hidden too.
+    (which should have been percent-encoded) is hidden all the same. A database user name
+    is kept (it helps to read an authentication error), but an http(s) URL's user info is
+    hidden whole: a lone user there is usually a token. Query parameters (or words of a
+    libpq keyword string) whose name says credential (``password``, ``api_key``,
+    ``token``, ``sig`` …) are hidden too.
     """
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
-    if sep and at and ":" in userinfo:
-        user = userinfo.split(":", 1)[0]
-        url = f"{scheme}://{user}:***@{host}"
-    return _QUERY_PASSWORD.sub(r"\1***", url)
+    if sep and at and "/" not in userinfo.split(":", 1)[0]:
+        if scheme.lower() in ("http", "https"):
+            url = f"{scheme}://***@{host}"
+        elif ":" in userinfo:
+            url = f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+    return _QUERY_SECRET.sub(r"\1***", url)
 
 
 def _article(what: str) -> str:

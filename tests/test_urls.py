@@ -21,6 +21,19 @@ from gatewaykit.urls import redact, store_target
         ("postgresql://u:p@ss:w@h:5432/db", "ss:w", "postgresql://u:***@h:5432/db"),
         ("postgres://u@h/db?password=secret&sslmode=off", "secret", None),
         ("postgresql://h/db?sslmode=off&PASSWORD=secret", "secret", None),
+        # upstream and control-plane URLs: Basic-auth user info, tokens in the query
+        ("https://user:pass@llm.example/v1", "pass", "https://***@llm.example/v1"),
+        ("https://sk-live-abc@llm.example/v1", "sk-live-abc", "https://***@llm.example/v1"),
+        (
+            "https://llm.example/v1?api-version=2024-10-21&api_key=sk-1",
+            "sk-1",
+            "https://llm.example/v1?api-version=2024-10-21&api_key=***",
+        ),
+        ("https://cp.example/?token=t0k&x=1", "t0k", "https://cp.example/?token=***&x=1"),
+        ("https://llm.example/v1?key=k3y", "k3y", "https://llm.example/v1?key=***"),
+        ("https://llm.example/v1?sig=s1g&Access_Token=t", "s1g", None),
+        ("https://llm.example/v1?Access_Token=t0ken", "t0ken", None),
+        ("redis://:redispass@cache:6379/0", "redispass", "redis://:***@cache:6379/0"),
     ],
 )
 def test_redact_hides_every_password(url: str, hidden: str, shown: str | None) -> None:
@@ -30,7 +43,15 @@ def test_redact_hides_every_password(url: str, hidden: str, shown: str | None) -
 
 
 @pytest.mark.parametrize(
-    "url", ["postgresql://u@h/db", "postgresql://h/db", "sqlite:///a.db", "not a url"]
+    "url",
+    [
+        "postgresql://u@h/db",
+        "postgresql://h/db",
+        "sqlite:///a.db",
+        "not a url",
+        "https://api.openai.com/v1",
+        "https://llm.example/openai?api-version=2024-10-21",
+    ],
 )
 def test_redact_leaves_urls_without_a_password_alone(url: str) -> None:
     assert redact(url) == url

@@ -72,6 +72,7 @@ from gatewaykit.resource import AsyncResource
 from gatewaykit.settlement import (
     RequestEstimate,
 )
+from gatewaykit.urls import redact
 
 __all__ = [
     "ATTEMPT_ID_HEADER",
@@ -138,7 +139,8 @@ class PlatformMode(AsyncResource):
         admission_lease: float = 30.0,
     ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ConfigurationError(f"control plane base_url must be an http(s) URL: {base_url!r}")
+            shown = redact(base_url) if isinstance(base_url, str) else base_url
+            raise ConfigurationError(f"control plane base_url must be an http(s) URL: {shown!r}")
         if not isinstance(gateway_token, str) or not gateway_token.strip():
             raise ConfigurationError("gateway_token must be a non-empty string")
         if not isinstance(outbox, Outbox):
@@ -194,7 +196,7 @@ class PlatformMode(AsyncResource):
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<PlatformMode {self.base_url} {state}>"
+        return f"<PlatformMode {redact(self.base_url)} {state}>"
 
     @property
     def running(self) -> bool:

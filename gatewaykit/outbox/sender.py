@@ -23,6 +23,7 @@ from gatewaykit.errors import ConfigurationError, UpstreamError, describe_error
 from gatewaykit.http import Timeouts, as_upstream_client, post
 from gatewaykit.outbox.base import Outbox, OutboxItem
 from gatewaykit.resource import BackgroundWorker
+from gatewaykit.urls import redact
 
 __all__ = ["OutboxSender", "RetryPolicy", "is_permanent_rejection", "parse_retry_after"]
 
@@ -131,7 +132,9 @@ class OutboxSender(BackgroundWorker):
         rng: random.Random | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
-            raise ConfigurationError(f"control plane base_url must be http(s): {base_url!r}")
+            raise ConfigurationError(
+                f"control plane base_url must be http(s): {redact(base_url)!r}"
+            )
         if not gateway_token:
             raise ConfigurationError("the gateway token must not be empty")
         if concurrency < 1 or request_timeout <= 0 or shutdown_timeout < 0 or poll_interval <= 0:
@@ -141,6 +144,7 @@ class OutboxSender(BackgroundWorker):
             )
         self.outbox = outbox
         self.url = base_url.rstrip("/") + path
+        self._shown_url = redact(self.url)  # for logs and the repr
         self.retry = retry or RetryPolicy()
         self.request_timeout = request_timeout
         self.shutdown_timeout = shutdown_timeout
@@ -161,7 +165,7 @@ class OutboxSender(BackgroundWorker):
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<OutboxSender {self.url} {state}>"
+        return f"<OutboxSender {self._shown_url} {state}>"
 
     def notify(self) -> None:
         """Something was enqueued: look at the store now instead of at the next poll."""
@@ -278,7 +282,7 @@ class OutboxSender(BackgroundWorker):
                     self.delivered += 1
                     if self._failing:
                         self._failing = False
-                        logger.warning("outbox: deliveries to %s succeed again", self.url)
+                        logger.warning("outbox: deliveries to %s succeed again", self._shown_url)
                 else:
                     reason = f"HTTP {status}: {_snippet(answer)}"
                     await self.outbox.park(item.key, error=reason)
@@ -303,7 +307,7 @@ class OutboxSender(BackgroundWorker):
             logger.warning(
                 "outbox: cannot deliver usage reports to %s (%s); they stay queued and are "
                 "retried with backoff",
-                self.url,
+                self._shown_url,
                 reason,
             )
         logger.debug(

@@ -521,6 +521,22 @@ async def test_configuration_errors(plane_client: httpx.AsyncClient) -> None:
             PlatformMode(**{**good, **bad})
 
 
+async def test_a_control_plane_url_with_credentials_is_never_shown(
+    plane_client: httpx.AsyncClient,
+) -> None:
+    outbox = SQLiteOutbox(":memory:")
+    url = "https://gw:cppass@cp.example/?token=t0k"
+    mode = PlatformMode(base_url=url, gateway_token="t", client=plane_client, outbox=outbox)
+    for text in (repr(mode), repr(mode.sender)):
+        assert "cppass" not in text
+        assert "t0k" not in text
+        assert "https://***@cp.example/?token=***" in text
+    with pytest.raises(ConfigurationError) as info:
+        PlatformMode(base_url="ftp://gw:cppass@cp", gateway_token="t", client=plane_client,
+                     outbox=outbox)  # fmt: skip
+    assert "cppass" not in str(info.value)
+
+
 async def test_works_with_an_httpx2_client(plane: FakeControlPlane, tmp_path: Path) -> None:
     import httpx2
 

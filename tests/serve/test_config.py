@@ -248,3 +248,89 @@ def test_the_config_repr_never_shows_a_database_password(tmp_path: Path) -> None
         assert "outboxpassword" not in text
         assert SECRET not in text
         assert "gw-token" not in text
+
+
+def test_check_config_and_reprs_hide_credentials_in_upstream_and_control_plane_urls(
+    tmp_path: Path,
+) -> None:
+    text = MINIMAL.replace(
+        "https://api.openai.com/v1", "https://proxy:basicpass@llm.example/v1?api_key=querykey"
+    )
+    path = write(tmp_path, text)
+    result = CliRunner().invoke(
+        main, ["serve", "--config", str(path), "--check-config"], env={"OPENAI_API_KEY": SECRET}
+    )
+    assert result.exit_code == 0, result.output
+    assert "basicpass" not in result.output
+    assert "querykey" not in result.output
+    shown = json.loads(result.stdout)
+    assert shown["upstreams"][0]["base_url"] == "https://***@llm.example/v1?api_key=***"
+    [upstream] = upstreams(load_config(path, environ={"OPENAI_API_KEY": SECRET}))
+    assert "basicpass" not in repr(upstream)
+    platform = write(
+        tmp_path,
+        '[platform]\nurl = "https://gw:cppass@cp.example"\ntoken_env = "T"\n'
+        f'outbox = "sqlite:///{tmp_path / "outbox.db"}"\n',
+        "p.toml",
+    )
+    plane = CliRunner().invoke(
+        main, ["serve", "--config", str(platform), "--check-config"], env={"T": "gw-token"}
+    )
+    assert plane.exit_code == 0, plane.output
+    assert "cppass" not in plane.output
+    assert json.loads(plane.stdout)["platform"]["url"] == "https://***@cp.example"
+
+
+def test_the_serve_banner_hides_the_control_planes_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    platform = write(
+        tmp_path,
+        '[platform]\nurl = "https://gw:cppass@cp.example/?token=t0k"\ntoken_env = "T"\n'
+        f'outbox = "sqlite:///{tmp_path / "outbox.db"}"\n',
+    )
+    result = CliRunner().invoke(main, ["serve", "--config", str(platform)], env={"T": "gw-tok"})
+    assert result.exit_code == 0, result.output
+    assert "control plane https://***@cp.example/?token=***" in result.stderr
+    assert "cppass" not in result.output
+    assert "t0k" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ('\n[ledger]\nurl = "postgresql://gk:dbpassword@db/gk"\n', "ledger.url"),
+        ('\n[ratelimit]\nredis_url = "redis://:dbpassword@cache/0"\n', "ratelimit.redis_url"),
+    ],
+)
+def test_a_password_written_in_the_file_is_warned_about(
+    tmp_path: Path, extra: str, key: str
+) -> None:
+    path = write(tmp_path, MINIMAL + extra)
+    result = CliRunner().invoke(
+        main, ["serve", "--config", str(path), "--check-config"], env={"OPENAI_API_KEY": SECRET}
+    )
+    assert result.exit_code == 0, result.output
+    assert f"warning: {path}: {key} holds a password written in the file" in result.stderr
+    assert "dbpassword" not in result.output
+
+
+def test_the_ledger_url_may_come_from_the_environment_or_a_file(tmp_path: Path) -> None:
+    url = "postgresql://gk:dbpassword@db/gk"
+    env = {"OPENAI_API_KEY": SECRET, "GK_DB": url}
+    by_env = load_config(write(tmp_path, MINIMAL + '\n[ledger]\nurl_env = "GK_DB"\n'), environ=env)
+    assert by_env.ledger.url == url
+    assert by_env.masked()["ledger"]["url"] == "postgresql://gk:***@db/gk"
+    (tmp_path / "db-url").write_text(url + "\n")
+    text = MINIMAL + '\n[ledger]\nurl_file = "db-url"\n'
+    assert load_config(write(tmp_path, text), environ=env).ledger.url == url
+    result = CliRunner().invoke(
+        main, ["serve", "--config", str(tmp_path / "gatewaykit.toml"), "--check-config"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.stderr
+    both = write(tmp_path, MINIMAL + '\n[ledger]\nurl = "sqlite:///a.db"\nurl_env = "GK_DB"\n')
+    assert "ledger: give url, url_env or url_file, not two" in error_of(both, env)
