@@ -33,6 +33,7 @@ from gatewaykit.csvcells import text_cell
 from gatewaykit.errors import GatewayKitError
 from gatewaykit.keys import generate_key
 from gatewaykit.ledger.base import (
+    MAX_LIMIT,
     USAGE_GROUPS,
     ApiKeyRecord,
     BudgetStatus,
@@ -307,6 +308,7 @@ def _expires(text: str | None, now: datetime) -> datetime | None:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 _PER_MINUTE = click.IntRange(min=1, max=2**31 - 1)
+_LIMIT = click.IntRange(min=1, max=MAX_LIMIT)  # what the databases' LIMIT takes
 
 
 def _limit_or_none(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -704,9 +706,7 @@ def _group_by(values: tuple[str, ...]) -> tuple[UsageGroup, ...]:
     type=click.Choice(["table", "json", "csv"]),
     help="Output format  [default: table; json with --json]",
 )
-@click.option(
-    "--limit", type=click.IntRange(min=1), help="Most records listed, newest first  [default: 100]"
-)
+@click.option("--limit", type=_LIMIT, help="Most records listed, newest first  [default: 100]")
 @json_option
 @click.pass_context
 def usage(
@@ -802,7 +802,7 @@ def _show_totals(groups: tuple[UsageGroup, ...], totals: list[UsageTotal], fmt: 
 
 @main.command()
 @click.option("--all", "everything", is_flag=True, help="Include settled, released, expired.")
-@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--limit", type=_LIMIT, default=1000, show_default=True)
 @json_option
 @click.pass_context
 def holds(ctx: click.Context, everything: bool, limit: int, as_json: bool) -> None:

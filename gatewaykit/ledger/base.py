@@ -37,6 +37,7 @@ __all__ = [
     "ApiKeyRecord",
     "BudgetStatus",
     "Hold",
+    "MAX_LIMIT",
     "HoldState",
     "Ledger",
     "OutputFit",
@@ -53,6 +54,7 @@ __all__ = [
     "validate_fit",
     "validate_hold_id",
     "validate_key_limits",
+    "validate_limit",
     "validate_max_live",
     "validate_record",
     "validate_scopes",
@@ -497,6 +499,18 @@ class UsageFilter:
     user: str | None = None
     key: str | None = None
     model: str | None = None
+
+
+#: The largest ``limit`` of a listing (``holds``, ``usage``): SQLite's and PostgreSQL's
+#: ``LIMIT`` are signed 64-bit; no store holds that many rows anyway.
+MAX_LIMIT = 2**63 - 1
+
+
+def validate_limit(limit: int) -> int:
+    """Check a listing's ``limit`` here, so a wrong one is never the store's overflow."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise ConfigurationError(f"limit must be an int from 1 to {MAX_LIMIT}, got {limit!r}")
+    return limit
 
 
 def validate_usage_filter(

@@ -67,6 +67,7 @@ from gatewaykit.ledger.base import (
     validate_fit,
     validate_hold_id,
     validate_key_limits,
+    validate_limit,
     validate_max_live,
     validate_record,
     validate_scopes,
@@ -601,12 +602,6 @@ def _check_record(record: UsageRecord | None) -> None:
         to_nanos(record.cost)
 
 
-def _limit(limit: int) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ConfigurationError(f"limit must be a positive int, got {limit!r}")
-    return limit
-
-
 def _positive(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -1129,7 +1124,7 @@ class PostgresLedger(AsyncResource):
         where = "WHERE state = 'held' " if live_only else ""
         rows = await self._fetch(
             f"SELECT {_HOLD_COLUMNS} FROM holds {where}ORDER BY created_at DESC, seq DESC LIMIT $1",
-            _limit(limit),
+            validate_limit(limit),
         )
         return [_hold(r) for r in rows]
 
@@ -1304,7 +1299,7 @@ class PostgresLedger(AsyncResource):
     ) -> list[UsageRecord]:
         """Usage records, newest first; ``since <= created_at < until``."""
         query = validate_usage_filter(since, until, user, key, model)
-        args: list[Any] = [_limit(limit)]
+        args: list[Any] = [validate_limit(limit)]
         where = _usage_where(query, args)
         rows = await self._fetch(
             f"SELECT {_USAGE_COLUMNS} FROM usage_records {where}"

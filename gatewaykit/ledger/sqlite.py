@@ -62,6 +62,7 @@ from gatewaykit.ledger.base import (
     validate_fit,
     validate_hold_id,
     validate_key_limits,
+    validate_limit,
     validate_max_live,
     validate_record,
     validate_scopes,
@@ -1425,7 +1426,7 @@ class SQLiteLedger(AsyncResource):
         return await self._call(_Store.get_hold, validate_hold_id(hold_id))
 
     async def holds(self, *, live_only: bool = True, limit: int = 1000) -> list[Hold]:
-        return await self._call(_Store.list_holds, bool(live_only), _limit(limit))
+        return await self._call(_Store.list_holds, bool(live_only), validate_limit(limit))
 
     async def sweep(self) -> int:
         """Expire due holds (their count is returned) and prune expired response contexts."""
@@ -1446,7 +1447,7 @@ class SQLiteLedger(AsyncResource):
         limit: int = 100,
     ) -> list[UsageRecord]:
         query = validate_usage_filter(since, until, user, key, model)
-        return await self._call(_Store.usage, query, _limit(limit))
+        return await self._call(_Store.usage, query, validate_limit(limit))
 
     async def usage_totals(
         self,
@@ -1484,12 +1485,6 @@ class SQLiteLedger(AsyncResource):
 
     async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]:
         return await self._call(_Store.list_keys, user)
-
-
-def _limit(limit: int) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ConfigurationError(f"limit must be a positive int, got {limit!r}")
-    return limit
 
 
 def _record_cost(record: UsageRecord | None) -> int:

@@ -297,12 +297,23 @@ def test_empty_results(db: str) -> None:
         (["--json", "--format", "csv"], "--json conflicts with --format csv"),
         (["--group-by", "user", "--limit", "5"], "--limit applies to the listing"),
         (["--limit", "0"], "--limit"),
+        (
+            ["--limit", str(10**30)],
+            "'--limit': 1000000000000000000000000000000 is not in the range",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_usage_error(db: str, args: list[str], message: str) -> None:
     result = cli("--db", db, "usage", *args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_holds_limit_too_large_for_the_database_is_a_usage_error(db: str) -> None:
+    result = cli("--db", db, "holds", "--limit", str(10**30))
+    assert result.exit_code == 2
+    assert "is not in the range 1<=x<=9223372036854775807" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
 def test_a_span_too_long_is_a_usage_error_not_a_crash(db: str) -> None:

@@ -52,6 +52,7 @@ from gatewaykit.ledger.base import (
     validate_fit,
     validate_hold_id,
     validate_key_limits,
+    validate_limit,
     validate_max_live,
     validate_record,
     validate_scopes,
@@ -433,6 +434,7 @@ class ModelLedger:
         return None if hold is None else hold.view()
 
     async def holds(self, *, live_only: bool = True, limit: int = 1000) -> list[Hold]:
+        validate_limit(limit)
         out = [self.holds_[h].view() for h in reversed(self.order)]  # newest first
         if live_only:
             out = [h for h in out if h.live]
@@ -461,8 +463,7 @@ class ModelLedger:
         model: str | None = None,
         limit: int = 100,
     ) -> list[UsageRecord]:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigurationError(f"limit must be a positive int, got {limit!r}")
+        validate_limit(limit)
         query = validate_usage_filter(since, until, user, key, model)
         return select_usage(self.usage_, query)[:limit]
 

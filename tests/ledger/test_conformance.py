@@ -21,6 +21,7 @@ from gatewaykit.errors import (
     InvalidScopeError,
 )
 from gatewaykit.ledger.base import (
+    MAX_LIMIT,
     ApiKeyRecord,
     HoldState,
     Ledger,
@@ -390,6 +391,16 @@ async def test_holds_listing(ledger: Ledger, clock: FakeClock) -> None:
     assert [h.hold_id for h in await ledger.holds(live_only=False, limit=1)] == ["r2"]
     await ledger.release("r0")
     await ledger.release("r2")
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 1.5, 2**63, 10**30])
+async def test_listing_limits_are_validated_before_the_store(ledger: Ledger, limit: int) -> None:
+    """A limit no database column can take is a ConfigurationError, not a store failure."""
+    with pytest.raises(ConfigurationError, match="limit must be an int from 1 to"):
+        await ledger.usage(limit=limit)
+    with pytest.raises(ConfigurationError, match="limit must be an int from 1 to"):
+        await ledger.holds(limit=limit)
+    assert await ledger.usage(limit=MAX_LIMIT) == []
 
 
 async def test_times_come_from_the_store_clock(ledger: Ledger, clock: FakeClock) -> None:
