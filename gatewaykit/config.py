@@ -173,6 +173,8 @@ class StandaloneConfig(Section):
     min_output_tokens: int = Field(default=256, gt=0)
     default_rpm: int | None = Field(default=None, gt=0)
     default_tpm: int | None = Field(default=None, gt=0)
+    #: The most requests one user may have in flight, across their keys (None: no cap).
+    user_max_concurrent: int | None = Field(default=None, gt=0)
     unpriced: Literal["reject", "allow"] = "reject"
     ledger_unavailable: Literal["fail_closed", "fail_open"] = "fail_closed"
     budget_headers: bool = True

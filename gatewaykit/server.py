@@ -122,6 +122,7 @@ def build_app(
                 for entry in config.ratelimit.limits
             ],
             rate_limiter=limiter,
+            user_max_concurrent=options.user_max_concurrent,
             teams=options.teams or None,
             budget_headers=options.budget_headers,
             ledger_unavailable=options.ledger_unavailable,

@@ -4,8 +4,10 @@ limits, and the app factory wiring them into StandaloneMode."""
 from __future__ import annotations
 
 import sys
+from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gatewaykit.config import parse_config
@@ -13,6 +15,7 @@ from gatewaykit.errors import ConfigurationError
 from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.ratelimit import InProcessRateLimiter, RateLimit, RedisRateLimiter
 from gatewaykit.server import build_app
+from tests.scenarios.conftest import new_key
 
 ENV = {"OPENAI_API_KEY": "sk-test"}
 UPSTREAM = {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY"}
@@ -100,3 +103,46 @@ async def test_the_apps_lifespan_opens_and_closes_the_redis_limiter(tmp_path: Pa
     async with app.router.lifespan_context(app):
         assert (await mode.rate_limiter.acquire("r1", limits, 1)).allowed
         assert not (await mode.rate_limiter.acquire("r2", limits, 1)).allowed
+
+
+@pytest.mark.anyio
+async def test_user_max_concurrent_in_the_file_caps_a_users_requests_in_flight(
+    tmp_path: Path,
+) -> None:
+    config = parse_config(
+        {
+            "upstreams": [UPSTREAM],
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+            "standalone": {"user_max_concurrent": 1},
+        },
+        environ=ENV,
+    )
+    app = build_app(config)
+    [middleware] = app.user_middleware
+    mode = middleware.kwargs["mode"]
+    assert isinstance(mode, StandaloneMode)
+    assert mode.user_max_concurrent == 1
+    async with app.router.lifespan_context(app):
+        key, _ = await new_key(mode.ledger)
+        # alice already has one request in flight (a live hold on her scope).
+        await mode.ledger.reserve("in-flight", ["user:alice"], Decimal(0), ttl=60)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            refused = await client.post(
+                "/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["scope"] == "user:alice"
+        await mode.ledger.release("in-flight")
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_user_max_concurrent_must_be_a_positive_int(value: int) -> None:
+    message = r"standalone\.user_max_concurrent: Input should be greater than 0"
+    with pytest.raises(ConfigurationError, match=message):
+        parse_config(
+            {"upstreams": [UPSTREAM], "standalone": {"user_max_concurrent": value}}, environ=ENV
+        )
