@@ -117,6 +117,7 @@ def parse_request(fmt: WireFormat, body: Mapping[str, Any]) -> ParsedRequest:
             raise _invalid("'n' must be at least 1")
     elif fmt is WireFormat.ANTHROPIC_MESSAGES:
         limit = _positive_int(body, "max_tokens")
+        _check_thinking(body.get("thinking"))
         chars = _anthropic_chars(body)
         metadata = body.get("metadata")
         if metadata is not None and not isinstance(metadata, Mapping):
@@ -134,6 +135,33 @@ def parse_request(fmt: WireFormat, body: Mapping[str, Any]) -> ParsedRequest:
         user=user,
         choices=choices or 1,
     )
+
+
+#: Anthropic's least ``thinking.budget_tokens`` for ``"type": "enabled"``.
+_MIN_THINKING_BUDGET = 1024
+
+
+def _check_thinking(thinking: object) -> None:
+    """Refuse an extended-thinking budget Anthropic would refuse, before anything is held.
+
+    The budget is spent inside ``max_tokens`` (which is what is held), so a valid one
+    changes nothing here. A budget not below ``max_tokens`` is left to the provider:
+    interleaved thinking (a beta header) allows it. Other types pass as they are.
+    """
+    if thinking is None:
+        return
+    if not isinstance(thinking, Mapping):
+        raise _invalid("'thinking' must be an object")
+    if thinking.get("type") != "enabled":
+        return
+    budget = thinking.get("budget_tokens")
+    where = "thinking.enabled.budget_tokens"
+    if budget is None:
+        raise _invalid(f"{where}: Field required")
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise _invalid(f"{where}: Input should be a valid integer")
+    if budget < _MIN_THINKING_BUDGET:
+        raise _invalid(f"{where}: Input should be greater than or equal to {_MIN_THINKING_BUDGET}")
 
 
 def _positive_int(body: Mapping[str, Any], field: str) -> int | None:

@@ -365,6 +365,19 @@ async def test_unusable_bodies_are_400(
     assert message in error["message"]
 
 
+async def test_a_thinking_budget_below_anthropics_minimum_is_400_before_any_hold(
+    ledger: Ledger, wrapped: Callable[..., ASGIApp], make_key: MakeKey
+) -> None:
+    key, _ = await make_key("alice")
+    body = messages(thinking={"type": "enabled", "budget_tokens": 512})
+    ex = await call(wrapped(), "/v1/messages", json_body=body, headers=bearer(key))
+    assert ex.status == 400
+    assert ex.json()["type"] == "error"
+    assert ex.json()["error"]["type"] == "invalid_request_error"
+    assert "budget_tokens" in ex.json()["error"]["message"]
+    assert await ledger.holds(live_only=False) == []
+
+
 async def test_custom_estimator_route(
     ledger: Ledger, make_mode: Callable[..., StandaloneMode], make_key: MakeKey
 ) -> None:

@@ -121,6 +121,45 @@ def test_unusable_requests_are_rejected(fmt: WireFormat, body: dict[str, Any]) -
     assert rejected.value.status == 400
 
 
+def thinking(budget: object, max_tokens: int = 4096) -> dict[str, Any]:
+    enabled = {"type": "enabled", "budget_tokens": budget}
+    return {"model": "c", "max_tokens": max_tokens, "messages": [], "thinking": enabled}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (thinking(1023), "thinking.enabled.budget_tokens: Input should be greater than or"),
+        (thinking(0), "greater than or equal to 1024"),
+        (thinking("2048"), "thinking.enabled.budget_tokens: Input should be a valid integer"),
+        (thinking(None), "thinking.enabled.budget_tokens: Field required"),
+        ({**thinking(2048), "thinking": "on"}, "'thinking' must be an object"),
+    ],
+)
+def test_an_invalid_anthropic_thinking_budget_is_refused(
+    body: dict[str, Any], message: str
+) -> None:
+    """Anthropic refuses these with 400 anyway: refusing first saves a hold and a call."""
+    with pytest.raises(RequestRejected) as rejected:
+        parse_request(MESSAGES, body)
+    assert rejected.value.status == 400
+    assert message in str(rejected.value)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        thinking(1024),
+        # Interleaved thinking (a beta) lets the budget exceed max_tokens: passed through.
+        thinking(32_000, max_tokens=16_000),
+        {**thinking(5), "thinking": {"type": "disabled"}},
+        {**thinking(5), "thinking": {"type": "adaptive"}},
+    ],
+)
+def test_valid_or_unknown_thinking_passes_held_at_max_tokens(body: dict[str, Any]) -> None:
+    assert parse_request(MESSAGES, body).max_output_tokens == body["max_tokens"]
+
+
 def test_parse_body() -> None:
     assert parse_body(b'{"a": 1}') == {"a": 1}
     for raw in (b"", b"null", b"[]", b"\x80"):
