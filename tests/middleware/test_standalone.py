@@ -576,6 +576,34 @@ async def test_precedence_401_400_403_429_404_402(
     assert await status(client, chat(), bearer(key2)) == 402
 
 
+async def test_the_in_flight_cap_is_decided_in_the_reserve_after_404_before_402(
+    ledger: Ledger,
+    make_mode: Callable[..., StandaloneMode],
+    make_key: MakeKey,
+    client_for: Callable[[ASGIApp], httpx.AsyncClient],
+) -> None:
+    """docs/errors.md: the max_concurrent 429 is the reserve's, so a 404 comes first."""
+    if isinstance(ledger, FakeLedger):
+        pytest.skip("the fake ledger does not cap holds")
+    upstreams = [
+        Upstream("https://o.example/v1", provider="openai", models=frozenset({"gpt-test"}))
+    ]
+    client = client_for(app_for(make_mode(upstreams=upstreams, unpriced="allow")))
+    key, record = await make_key("alice", max_concurrent=1)
+    await ledger.reserve("in-flight", [f"key:{record.key_id}", "user:alice"], Decimal(0), ttl=60)
+
+    async def status(model: str) -> int:
+        r = await client.post("/v1/chat/completions", json=chat(model=model), headers=bearer(key))
+        return r.status_code
+
+    assert await status("gpt-nowhere") == 404
+    assert await status("gpt-test") == 429
+    await ledger.set_budget("user:alice", limit=Decimal(0))
+    assert await status("gpt-test") == 429  # checked before the budgets, in the same step
+    await ledger.release("in-flight")
+    assert await status("gpt-test") == 402
+
+
 async def test_request_id_is_ours_and_on_every_gated_response(
     ledger: Ledger,
     make_mode: Callable[..., StandaloneMode],
