@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         run(_run_part(args.part, args.count))
         return
     if args.parts:
-        names = [n for n in _parts() if args.only in n]
+        names = _select(list(_parts()), args.only)
         if args.callgrind:
             callgrind(names, args.callgrind, stream=None)
             return
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.callgrind:
         with tempfile.TemporaryDirectory() as tmpdir:
-            names = [n for n in apps(tmpdir, "gk_x_y") if args.only in n]
+            names = _select(list(apps(tmpdir, "gk_x_y")), args.only)
         callgrind(names, args.callgrind, stream=False)
         callgrind(names, args.callgrind, stream=True)
         return
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         stream = request_bytes(UPSTREAM + "/chat/completions", stream=True, key=key)
         results: dict[str, dict[str, float]] = {}
         for name, make in table.items():
-            if args.only not in name:
+            if name not in _select(list(table), args.only):
                 continue
             req_wall, req_cpu = run(measure(make(), plain, args.n))
             st_wall, st_cpu = run(measure(make(), stream, max(100, args.n // 10)))
@@ -458,6 +458,11 @@ def main(argv: list[str] | None = None) -> None:
                 print("\n-- the same, every function, by self time --")
                 _print_profile(profiler, n, by_self=True, top=30)
         print(json.dumps(results))
+
+
+def _select(names: list[str], only: str) -> list[str]:
+    """``--only``: the name given exactly, else every name containing it."""
+    return [only] if only in names else [n for n in names if only in n]
 
 
 def _print_profile(
