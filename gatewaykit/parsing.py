@@ -22,6 +22,7 @@ from gatewaykit.errors import ErrorKind, RequestRejected
 
 __all__ = [
     "ATTACHMENT_CHARS",
+    "MIN_THINKING_BUDGET",
     "Estimator",
     "ParsedRequest",
     "parse_body",
@@ -138,7 +139,7 @@ def parse_request(fmt: WireFormat, body: Mapping[str, Any]) -> ParsedRequest:
 
 
 #: Anthropic's least ``thinking.budget_tokens`` for ``"type": "enabled"``.
-_MIN_THINKING_BUDGET = 1024
+MIN_THINKING_BUDGET = 1024
 
 
 def _check_thinking(thinking: object) -> None:
@@ -160,8 +161,8 @@ def _check_thinking(thinking: object) -> None:
         raise _invalid(f"{where}: Field required")
     if isinstance(budget, bool) or not isinstance(budget, int):
         raise _invalid(f"{where}: Input should be a valid integer")
-    if budget < _MIN_THINKING_BUDGET:
-        raise _invalid(f"{where}: Input should be greater than or equal to {_MIN_THINKING_BUDGET}")
+    if budget < MIN_THINKING_BUDGET:
+        raise _invalid(f"{where}: Input should be greater than or equal to {MIN_THINKING_BUDGET}")
 
 
 def _positive_int(body: Mapping[str, Any], field: str) -> int | None:

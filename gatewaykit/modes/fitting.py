@@ -16,10 +16,17 @@ from typing import Any
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.ledger.base import OutputFit
+from gatewaykit.parsing import MIN_THINKING_BUDGET
 from gatewaykit.pricing import ModelPrice
 from gatewaykit.settlement import RequestEstimate
 
-__all__ = ["FITTED_FORMATS", "MAX_OUTPUT_TOKENS_HEADER", "output_fit", "with_output_limit"]
+__all__ = [
+    "FITTED_FORMATS",
+    "MAX_OUTPUT_TOKENS_HEADER",
+    "least_fitted_tokens",
+    "output_fit",
+    "with_output_limit",
+]
 
 #: Tells the client the output cap its request was sent upstream with, when it was fitted.
 MAX_OUTPUT_TOKENS_HEADER = "x-gatewaykit-max-output-tokens"
@@ -44,6 +51,18 @@ def output_fit(
     return OutputFit(
         base=base, per_token=per_token, min_tokens=min(min_output_tokens, cap), max_tokens=cap
     )
+
+
+def least_fitted_tokens(fmt: WireFormat | None, body: Mapping[str, Any], configured: int) -> int:
+    """The smallest output cap a request may be fitted down to: ``configured``, but never
+    below what leaves an Anthropic request's extended thinking its least budget (the
+    fitted body lowers ``budget_tokens`` under the cap; under 1,024 the provider would
+    refuse the request)."""
+    if fmt is WireFormat.ANTHROPIC_MESSAGES:
+        thinking = body.get("thinking")
+        if isinstance(thinking, Mapping) and thinking.get("type") == "enabled":
+            return max(configured, MIN_THINKING_BUDGET + 1)
+    return configured
 
 
 def with_output_limit(fmt: WireFormat, body: Mapping[str, Any], tokens: int) -> dict[str, Any]:

@@ -72,6 +72,7 @@ from gatewaykit.modes.charging import DisconnectPolicy, MissingUsagePolicy
 from gatewaykit.modes.fitting import (
     FITTED_FORMATS,
     MAX_OUTPUT_TOKENS_HEADER,
+    least_fitted_tokens,
     output_fit,
     with_output_limit,
 )
@@ -484,7 +485,7 @@ class StandaloneMode:
                 held_estimate,
                 price,
                 choices=request.parsed.choices,
-                min_output_tokens=self.min_output_tokens,
+                min_output_tokens=least_fitted_tokens(fmt, request.body, self.min_output_tokens),
             )
             if self.over_budget == "fit" and price is not None and fmt in FITTED_FORMATS
             else None

@@ -9,7 +9,12 @@ import pytest
 
 from gatewaykit.envelopes import WireFormat
 from gatewaykit.errors import ConfigurationError
-from gatewaykit.modes.fitting import FITTED_FORMATS, output_fit, with_output_limit
+from gatewaykit.modes.fitting import (
+    FITTED_FORMATS,
+    least_fitted_tokens,
+    output_fit,
+    with_output_limit,
+)
 from gatewaykit.money import to_nanos
 from gatewaykit.pricing import ModelPrice, estimate_cost
 from gatewaykit.settlement import RequestEstimate
@@ -69,3 +74,17 @@ def test_an_anthropic_thinking_budget_stays_below_the_fitted_cap() -> None:
     assert with_output_limit(WireFormat.ANTHROPIC_MESSAGES, off, 7)["thinking"] == {
         "type": "disabled"
     }
+
+
+def test_extended_thinking_is_never_fitted_below_its_least_budget() -> None:
+    """A fitted cap lowers ``budget_tokens`` under it; Anthropic refuses a budget under
+    1,024, so a request with thinking enabled is fitted no lower than 1,025."""
+    thinking = {"max_tokens": 16_000, "thinking": {"type": "enabled", "budget_tokens": 4000}}
+    anthropic = WireFormat.ANTHROPIC_MESSAGES
+    assert least_fitted_tokens(anthropic, thinking, 256) == 1025
+    assert least_fitted_tokens(anthropic, thinking, 2000) == 2000
+    assert least_fitted_tokens(anthropic, {"thinking": {"type": "disabled"}}, 256) == 256
+    assert least_fitted_tokens(anthropic, {"max_tokens": 9}, 256) == 256
+    assert least_fitted_tokens(WireFormat.OPENAI_CHAT, thinking, 256) == 256
+    fitted = with_output_limit(anthropic, thinking, 1025)
+    assert fitted["thinking"]["budget_tokens"] == 1024

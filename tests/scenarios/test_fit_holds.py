@@ -178,6 +178,44 @@ async def test_refused_only_below_min_output_tokens(
         assert raw.headers["x-gatewaykit-max-output-tokens"] == "256"
 
 
+async def test_extended_thinking_is_fitted_no_lower_than_its_least_budget(
+    ledger: Ledger, client: AiohttpClient, provider: tuple[FakeProvider, str]
+) -> None:
+    """Room for 1,100 output tokens: fitted to 1,100 with a 1,099 thinking budget. Room
+    for 600: a thinking request is refused (a 1,024 budget cannot fit) rather than sent
+    with a budget Anthropic would refuse; the same request without thinking is fitted."""
+    fake, url = provider
+    key, _ = await new_key(ledger)
+    thinking: Any = {"type": "enabled", "budget_tokens": 2000}
+    async with (
+        gateway(ledger, client, url, over_budget="fit") as base,
+        anthropic.AsyncAnthropic(base_url=base, api_key=key, max_retries=0) as ant,
+    ):
+        await ledger.set_budget("user:alice", limit=(3 + 2 * 1100) * MICRO)
+        raw = await ant.messages.with_raw_response.create(
+            model="test-model", max_tokens=4096, messages=HELLO, thinking=thinking
+        )
+        assert raw.headers["x-gatewaykit-max-output-tokens"] == "1100"
+        assert fake.requests[-1].body["max_tokens"] == 1100
+        assert fake.requests[-1].body["thinking"]["budget_tokens"] == 1099
+
+        status = await ledger.status("user:alice")
+        assert status is not None
+        await ledger.set_budget("user:alice", limit=status.spent + (3 + 2 * 600) * MICRO)
+        sent = len(fake.requests)
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await ant.messages.create(
+                model="test-model", max_tokens=4096, messages=HELLO, thinking=thinking
+            )
+        assert refused.value.status_code == 402
+        assert len(fake.requests) == sent  # nothing went upstream
+        raw = await ant.messages.with_raw_response.create(
+            model="test-model", max_tokens=4096, messages=HELLO
+        )
+        assert raw.headers["x-gatewaykit-max-output-tokens"] == "600"
+    assert await ledger.check() == []
+
+
 async def test_twenty_concurrent_fitted_streams_never_overspend(
     ledger: Ledger, client: AiohttpClient, provider: tuple[FakeProvider, str]
 ) -> None:

@@ -4,6 +4,7 @@ limits, and the app factory wiring them into StandaloneMode."""
 from __future__ import annotations
 
 import sys
+import uuid
 from decimal import Decimal
 from pathlib import Path
 
@@ -99,7 +100,7 @@ async def test_the_apps_lifespan_opens_and_closes_the_redis_limiter(tmp_path: Pa
     [middleware] = app.user_middleware
     mode = middleware.kwargs["mode"]
     assert isinstance(mode, StandaloneMode)
-    limits = [RateLimit(f"key:lifespan-{tmp_path.name}", rpm=1)]
+    limits = [RateLimit(f"key:lifespan-{uuid.uuid4().hex}", rpm=1)]  # fresh on every run
     async with app.router.lifespan_context(app):
         assert (await mode.rate_limiter.acquire("r1", limits, 1)).allowed
         assert not (await mode.rate_limiter.acquire("r2", limits, 1)).allowed
