@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from gatewaykit.errors import ConfigurationError
+from gatewaykit.runtime import DEFAULT_GC_THRESHOLD
 from gatewaykit.urls import redact
 
 if sys.version_info >= (3, 11):
@@ -102,6 +103,9 @@ class ServerConfig(Section):
     workers: int = Field(default=1, ge=1)
     access_log: bool = True
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    #: The collector's young-generation threshold once the app started (gatewaykit.runtime);
+    #: 0 leaves CPython's defaults.
+    gc_threshold: int = Field(default=DEFAULT_GC_THRESHOLD, ge=0)
 
 
 class LedgerConfig(Section):

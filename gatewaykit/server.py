@@ -36,6 +36,7 @@ from gatewaykit.observability.recorder import MetricsRecorder
 from gatewaykit.outbox import Outbox, open_outbox
 from gatewaykit.pricing import PriceTable
 from gatewaykit.ratelimit import RateLimit
+from gatewaykit.runtime import tune_gc
 from gatewaykit.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -154,6 +155,7 @@ def build_app(
                 await stack.enter_async_context(limiter)
             if platform is not None:
                 await stack.enter_async_context(platform)
+            tune_gc(config.server.gc_threshold)  # in each worker, once all is loaded
             yield
 
     async def healthz(request: Request) -> JSONResponse:

@@ -65,6 +65,7 @@ def test_unknown_names_raise_attribute_error() -> None:
         "gatewaykit.modes.standalone_settlement",
         "gatewaykit.parsing",
         "gatewaykit.ratelimit",
+        "gatewaykit.runtime",
         "gatewaykit.server",
         "gatewaykit.streams",
         "gatewaykit.testing.settlement",

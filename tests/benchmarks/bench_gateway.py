@@ -71,6 +71,7 @@ VARIANTS = {
     "memory": "in-memory SQLite",
     "normal": "synchronous=NORMAL",
     "nohdr": "budget_headers=False",
+    "gcdefault": "CPython's default collector settings",
 }
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 

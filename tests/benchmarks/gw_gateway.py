@@ -163,6 +163,7 @@ def gateway_app(
     from gatewaykit.adapters import default_client, gateway_routes
     from gatewaykit.keys import display_prefix, hash_key
     from gatewaykit.ledger.base import ApiKeyRecord
+    from gatewaykit.runtime import tune_gc
 
     ledger = open_target(options["db"])
     key: str = options["key"]
@@ -203,6 +204,8 @@ def gateway_app(
                     )
                 await ledger.set_budget(f"key:{key_id}", limit=BUDGET_USD)
                 await ledger.set_budget("user:bench", limit=BUDGET_USD)
+                if "gcdefault" not in variants:  # as gatewaykit serve runs it
+                    tune_gc()
                 yield
         finally:
             await ledger.aclose()
