@@ -210,6 +210,7 @@ SELECT (created_at AT TIME ZONE 'UTC')::date, user_id, key_id, model, count(*),
        sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
        sum(cache_write_tokens), sum(cost_nanos)
 FROM usage_records GROUP BY 1, 2, 3, 4;
+ANALYZE usage_daily;
 """
 
 #: Migration scripts in order; never edit a released one, append a new one.

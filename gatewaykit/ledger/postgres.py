@@ -525,8 +525,9 @@ _USAGE_GROUP_SQL: dict[str, str] = {
     "day": "day",
 }
 _USAGE_SUMS = ", ".join(f"sum({c}) AS {c}" for c in _ROLLUP_SUMS)
-#: Seq values folded into the rollup per statement (a sweep runs as many as it needs).
-_ROLLUP_BATCH = 200_000
+#: Seq values folded into the rollup per statement (a sweep runs as many as it needs);
+#: each statement takes about a second per 50,000 records of new groups.
+_ROLLUP_BATCH = 50_000
 #: How long the rollup waits for transactions still writing usage records (ms); past
 #: it, the sweep leaves the rollup for the next one rather than hold up settles longer.
 _ROLLUP_LOCK_WAIT_MS = 100
@@ -749,7 +750,8 @@ class PostgresLedger(AsyncResource):
     ``connect_timeout`` every connection attempt; past either, or whenever the server is
     unreachable, operations raise :class:`~gatewaykit.errors.LedgerUnavailableError`
     (fail closed). ``report_timeout`` replaces ``command_timeout`` for ``usage`` and
-    ``usage_totals``, which may read millions of rows.
+    ``usage_totals``, which may read millions of rows, for each step of the usage rollup
+    ``sweep`` runs, and for each schema migration (migration 7 sums every usage record).
 
     ``batch_max`` caps how many queued reserves (or settles) on the same budgets one
     round trip carries; ``batch_max=1`` turns the combiner off.
@@ -1268,7 +1270,7 @@ class PostgresLedger(AsyncResource):
                 return 0
         moved = 0
         while True:
-            rows = await self._fetch(_ROLLUP, bound, _ROLLUP_BATCH)
+            rows = await self._fetch(_ROLLUP, bound, _ROLLUP_BATCH, report=True)
             if not rows:  # caught up, or another instance is rolling up
                 return moved
             moved += rows[0]["moved"]
@@ -1488,9 +1490,16 @@ class PostgresLedger(AsyncResource):
             await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
             mark = int(await conn.fetchval("SELECT seq FROM usage_rollup"))
             args: list[Any] = []
-            union = " UNION ALL ".join(_usage_parts(query, mark, args))
+            # Each part is summed on its own first: the union then carries a few rows per
+            # group, not every rollup row and record of the range.
+            select = ", ".join([*columns, _USAGE_SUMS])
+            union = " UNION ALL ".join(
+                f"SELECT {select} FROM ({part}) part{group}"
+                for part in _usage_parts(query, mark, args)
+            )
+            outer = ", ".join([*(f"g{i}" for i in range(len(groups))), _USAGE_SUMS])
             rows = await conn.fetch(
-                f"SELECT {', '.join([*columns, _USAGE_SUMS])} FROM ({union}) parts{group}",
+                f"SELECT {outer} FROM ({union}) parts{group}",
                 *args,
                 timeout=self.report_timeout,
             )

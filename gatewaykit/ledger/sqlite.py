@@ -104,6 +104,7 @@ _DAILY_COLUMNS = f"day, user, key_id, model, {', '.join(ROLLUP_SUMS)}"
 #: The SQL of each ``usage_totals`` group over those parts (a day is a number since 1970).
 _USAGE_GROUP_SQL: dict[str, str] = {"user": "user", "key": "key_id", "model": "model", "day": "day"}
 _USAGE_SUMS = ", ".join(f"sum({c})" for c in ROLLUP_SUMS)
+_USAGE_SUMS_AS = ", ".join(f"sum({c}) AS {c}" for c in ROLLUP_SUMS)
 #: Records folded into the rollup per step (a sweep takes as many steps as it needs).
 _ROLLUP_BATCH = 50_000
 _KEY_COLUMNS = (
@@ -879,10 +880,13 @@ class _Store:
         self.flush()
         parts, args = self._usage_parts(query)
         columns = [_USAGE_GROUP_SQL[g] for g in groups]
-        select = ", ".join([*columns, _USAGE_SUMS])
+        select = ", ".join([*columns, _USAGE_SUMS_AS])
         group = f" GROUP BY {', '.join(columns)}" if columns else ""
-        union = " UNION ALL ".join(parts)
-        rows = self.c.execute(f"SELECT {select} FROM ({union}){group}", args).fetchall()
+        # Each part is summed on its own first, so the union carries few rows per group.
+        union = " UNION ALL ".join(f"SELECT {select} FROM ({part}){group}" for part in parts)
+        rows = self.c.execute(
+            f"SELECT {', '.join([*columns, _USAGE_SUMS])} FROM ({union}){group}", args
+        ).fetchall()
         n = len(groups)
         return sort_totals(
             [
