@@ -176,17 +176,55 @@ _V6 = r"""
 ALTER TABLE api_keys ADD COLUMN tpm integer CHECK (tpm > 0);
 """
 
+# Daily sums of the usage records up to a watermark (usage_rollup.seq): usage_totals reads
+# whole days from here and only the records past the watermark, and the partial days at a
+# range's edges, from usage_records. Filled here for the existing records, under a SHARE
+# lock that waits for every transaction still writing records (and holds new ones back
+# until this one commits), and by every sweep after. The unique index tells a missing
+# user or key from an empty one; sums are integer numerics, as sum() over the records is.
+_V7 = r"""
+LOCK TABLE usage_records IN SHARE MODE;
+CREATE TABLE usage_daily (
+    day                date NOT NULL,
+    user_id            text,
+    key_id             text,
+    model              text NOT NULL,
+    requests           bigint NOT NULL,
+    input_tokens       numeric(39) NOT NULL,
+    output_tokens      numeric(39) NOT NULL,
+    cache_read_tokens  numeric(39) NOT NULL,
+    cache_write_tokens numeric(39) NOT NULL,
+    cost_nanos         numeric(39) NOT NULL
+);
+CREATE UNIQUE INDEX usage_daily_group ON usage_daily
+    (day, model, coalesce(user_id, ''), (user_id IS NULL), coalesce(key_id, ''), (key_id IS NULL));
+CREATE INDEX usage_daily_user ON usage_daily (user_id, day);
+CREATE INDEX usage_daily_key ON usage_daily (key_id, day);
+CREATE TABLE usage_rollup (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    seq bigint NOT NULL
+);
+INSERT INTO usage_rollup (seq) SELECT coalesce(max(seq), 0) FROM usage_records;
+INSERT INTO usage_daily
+SELECT (created_at AT TIME ZONE 'UTC')::date, user_id, key_id, model, count(*),
+       sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
+       sum(cache_write_tokens), sum(cost_nanos)
+FROM usage_records GROUP BY 1, 2, 3, 4;
+ANALYZE usage_daily;
+"""
+
 #: Migration scripts in order; never edit a released one, append a new one.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _OURS = ("budgets", "counters", "holds", "usage_records", "api_keys")
 
 
-async def migrate(conn: Any, schema: str) -> int:
+async def migrate(conn: Any, schema: str, *, timeout: float | None = None) -> int:
     """Bring ``schema`` to :data:`SCHEMA_VERSION`; return the version found before.
 
-    ``conn`` is an asyncpg connection whose ``search_path`` is ``schema``. Raises
+    ``conn`` is an asyncpg connection whose ``search_path`` is ``schema``; ``timeout``
+    bounds each migration script (None: the connection's command timeout). Raises
     :class:`SchemaError` for a schema written by a newer gatewaykit, or one that holds
     tables of the same names but no version record (not ours).
     """
@@ -216,6 +254,6 @@ async def migrate(conn: Any, schema: str) -> int:
                 f"gatewaykit understands ({SCHEMA_VERSION}); upgrade gatewaykit"
             )
         for version in range(found + 1, SCHEMA_VERSION + 1):
-            await conn.execute(MIGRATIONS[version - 1])
+            await conn.execute(MIGRATIONS[version - 1], timeout=timeout)
             await conn.execute("INSERT INTO gatewaykit_schema (version) VALUES ($1)", version)
         return int(found)

@@ -1,3 +1,4 @@
+# ruff: noqa: S608  (SQL is assembled from constant fragments only; values are parameters)
 """The SQLite ledger's schema and its versioned migrations.
 
 Every money column is an integer number of nano-USD and every time an integer number of
@@ -13,12 +14,45 @@ import sqlite3
 
 from gatewaykit.errors import SchemaError
 
-__all__ = ["APPLICATION_ID", "LATEST_VERSION", "MIGRATIONS", "prepare"]
+__all__ = [
+    "APPLICATION_ID",
+    "DAY_SQL",
+    "LATEST_VERSION",
+    "MIGRATIONS",
+    "ROLLUP_AGGREGATES",
+    "ROLLUP_SUMS",
+    "ROLLUP_UPSERT",
+    "prepare",
+]
 
 #: ``PRAGMA application_id`` of a gatewaykit ledger ("gwkt"), so a foreign file is recognised.
 APPLICATION_ID = 0x67776B74
 
 _INT = "CHECK (typeof({0}) = 'integer' AND {0} >= 0)"
+
+#: A record's UTC day number since 1970 (floored, so a time before 1970 is not day 0).
+DAY_SQL = (
+    "(CASE WHEN created_at >= 0 THEN created_at / 86400000000 "
+    "ELSE (created_at + 1) / 86400000000 - 1 END)"
+)
+#: The sums usage_daily keeps per (day, user, key, model), and their aggregates of records.
+ROLLUP_SUMS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost_nanos",
+)
+ROLLUP_AGGREGATES = ", ".join(["count(*)", *(f"sum({c})" for c in ROLLUP_SUMS[1:])])
+#: Adds the records with ``?1 < seq <= ?2`` to usage_daily.
+ROLLUP_UPSERT = f"""
+INSERT INTO usage_daily (day, user, key_id, model, {", ".join(ROLLUP_SUMS)})
+SELECT {DAY_SQL}, user, key_id, model, {ROLLUP_AGGREGATES} FROM usage_records
+WHERE seq > ?1 AND seq <= ?2 GROUP BY 1, 2, 3, 4
+ON CONFLICT (day, model, coalesce(user, ''), user IS NULL, coalesce(key_id, ''), key_id IS NULL)
+DO UPDATE SET {", ".join(f"{c} = {c} + excluded.{c}" for c in ROLLUP_SUMS)}
+"""
 
 #: version -> statements that upgrade the previous version to it.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -142,6 +176,30 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # A key's tokens-per-minute limit (gatewaykit.ratelimit), beside its rpm.
     6: ("ALTER TABLE api_keys ADD COLUMN tpm INTEGER",),
+    # Daily sums of the usage records up to a watermark (usage_rollup.seq): usage_totals
+    # reads whole days from here and only the records past the watermark, and the partial
+    # days at a range's edges, from usage_records. Filled here for the existing records
+    # (this transaction is the only writer) and by every sweep after. The one unique index
+    # tells a missing user or key from an empty one.
+    7: (
+        f"""CREATE TABLE usage_daily (
+            day INTEGER NOT NULL,
+            user TEXT,
+            key_id TEXT,
+            model TEXT NOT NULL,
+            {", ".join(f"{c} INTEGER NOT NULL {_INT.format(c)}" for c in ROLLUP_SUMS)}
+        )""",
+        """CREATE UNIQUE INDEX usage_daily_group ON usage_daily
+            (day, model, coalesce(user, ''), user IS NULL, coalesce(key_id, ''), key_id IS NULL)""",
+        "CREATE INDEX usage_daily_user ON usage_daily (user, day)",
+        "CREATE INDEX usage_daily_key ON usage_daily (key_id, day)",
+        """CREATE TABLE usage_rollup (id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL)""",
+        "INSERT INTO usage_rollup (id, seq) SELECT 1, coalesce(max(seq), 0) FROM usage_records",
+        f"""INSERT INTO usage_daily (day, user, key_id, model, {", ".join(ROLLUP_SUMS)})
+            SELECT {DAY_SQL}, user, key_id, model, {ROLLUP_AGGREGATES} FROM usage_records
+            GROUP BY 1, 2, 3, 4""",
+    ),
 }
 LATEST_VERSION = max(MIGRATIONS)
 

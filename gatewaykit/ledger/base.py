@@ -61,6 +61,7 @@ __all__ = [
     "validate_ttl",
     "validate_usage_filter",
     "validate_usage_groups",
+    "whole_days",
 ]
 
 _SCOPE = re.compile(r"^[a-z][a-z0-9_.-]{0,31}:[^\s]{1,200}$")
@@ -561,6 +562,28 @@ def sort_totals(totals: list[UsageTotal]) -> list[UsageTotal]:
         return tuple((value is None, "" if value is None else value) for value in total.group)
 
     return sorted(totals, key=order)
+
+
+def whole_days(query: UsageFilter) -> tuple[date | None, date | None] | None:
+    """The UTC days lying wholly in ``[since, until)``, as ``(first, end)`` with ``end``
+    exclusive and None for an open side; None when not one whole day fits.
+
+    A backend answers these days from its daily rollup and reads the rest of the range
+    (the partial days at its edges) from the records themselves.
+    """
+    first = end = None
+    if query.since is not None:
+        since = query.since.astimezone(timezone.utc)
+        first = since.date()
+        if since.timetz() != datetime.min.timetz().replace(tzinfo=timezone.utc):
+            if first == date.max:
+                return None
+            first += timedelta(days=1)
+    if query.until is not None:
+        end = query.until.astimezone(timezone.utc).date()
+    if first is not None and end is not None and first >= end:
+        return None
+    return first, end
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

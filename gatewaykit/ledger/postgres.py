@@ -31,7 +31,7 @@ import logging
 import re
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -74,6 +74,7 @@ from gatewaykit.ledger.base import (
     validate_ttl,
     validate_usage_filter,
     validate_usage_groups,
+    whole_days,
 )
 from gatewaykit.money import from_nanos, to_nanos
 from gatewaykit.resource import AsyncResource
@@ -502,26 +503,85 @@ _USAGE_COLUMNS = (
     "created_at"
 )
 
-#: The SQL expression of each ``usage_totals`` group.
+_ROLLUP_SUMS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost_nanos",
+)
+_DAILY_COLUMNS = f"day, user_id, key_id, model, {', '.join(_ROLLUP_SUMS)}"
+#: A usage record as a row of usage_daily (the parts ``usage_totals`` sums).
+_RECORD_AS_DAILY = (
+    "(created_at AT TIME ZONE 'UTC')::date AS day, user_id, key_id, model, 1::bigint AS "
+    "requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_nanos"
+)
+_RECORD_SUMS = ", ".join(["count(*)", *(f"sum({c})" for c in _ROLLUP_SUMS[1:])])
+#: The SQL of each ``usage_totals`` group over those parts.
 _USAGE_GROUP_SQL: dict[str, str] = {
     "user": "user_id",
     "key": "key_id",
     "model": "model",
-    "day": "(created_at AT TIME ZONE 'UTC')::date",
+    "day": "day",
 }
-_USAGE_SUMS = (
-    "count(*) AS requests, sum(input_tokens) AS input_tokens, "
-    "sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens, "
-    "sum(cache_write_tokens) AS cache_write_tokens, sum(cost_nanos) AS cost_nanos"
+_USAGE_SUMS = ", ".join(f"sum({c}) AS {c}" for c in _ROLLUP_SUMS)
+#: Seq values folded into the rollup per statement (a sweep runs as many as it needs);
+#: each statement takes about a second per 50,000 records of new groups.
+_ROLLUP_BATCH = 50_000
+#: How long the rollup waits for transactions still writing usage records (ms); past
+#: it, the sweep leaves the rollup for the next one rather than hold up settles longer.
+_ROLLUP_LOCK_WAIT_MS = 100
+
+# The rollup's safe bound: once a SHARE lock on usage_records is granted, no transaction
+# that inserted a record is still open, so every seq up to max(seq) is committed (or was
+# aborted), and a record inserted later draws a larger seq (the sequence is not cached
+# per session). The lock is released at once; the folding runs without it.
+_ROLLUP_BOUND = "LOCK TABLE usage_records IN SHARE MODE"
+
+# $1 safe bound, $2 batch. Folds the records past the watermark, up to the bound, into
+# usage_daily and moves the watermark, in one statement. A rollup already running in
+# another transaction (another instance's sweep) makes this one do nothing.
+_ROLLUP = f"""
+WITH mark AS (SELECT seq FROM usage_rollup FOR UPDATE SKIP LOCKED),
+span AS (SELECT seq AS lo, least($1::bigint, seq + $2::bigint) AS hi FROM mark
+         WHERE seq < $1::bigint),
+agg AS (
+    SELECT (r.created_at AT TIME ZONE 'UTC')::date AS day, r.user_id, r.key_id, r.model,
+           {_RECORD_SUMS}
+    FROM span, usage_records r WHERE r.seq > span.lo AND r.seq <= span.hi
+    GROUP BY 1, 2, 3, 4
+),
+merged AS (
+    INSERT INTO usage_daily AS d ({_DAILY_COLUMNS}) SELECT * FROM agg
+    ON CONFLICT (day, model, coalesce(user_id, ''), (user_id IS NULL), coalesce(key_id, ''),
+                 (key_id IS NULL))
+    DO UPDATE SET {", ".join(f"{c} = d.{c} + excluded.{c}" for c in _ROLLUP_SUMS)}
 )
+UPDATE usage_rollup u SET seq = span.hi FROM span RETURNING span.hi - span.lo AS moved
+"""
+
+# (day, user, key, model) groups whose usage_daily sums differ from their records.
+_CHECK_ROLLUP = f"""
+WITH raw AS (
+    SELECT (created_at AT TIME ZONE 'UTC')::date, user_id, key_id, model, {_RECORD_SUMS}
+    FROM usage_records WHERE seq <= (SELECT seq FROM usage_rollup) GROUP BY 1, 2, 3, 4
+)
+SELECT count(*) FROM ((SELECT * FROM raw EXCEPT SELECT {_DAILY_COLUMNS} FROM usage_daily)
+    UNION ALL (SELECT {_DAILY_COLUMNS} FROM usage_daily EXCEPT SELECT * FROM raw)) x
+"""
 
 
-def _usage_where(query: UsageFilter, args: list[Any]) -> str:
-    """The WHERE clause of a usage query; appends its parameters to ``args``."""
+def _usage_where(
+    query: UsageFilter, args: list[Any], *bounds: tuple[str, datetime | date | int | None]
+) -> str:
+    """The WHERE clause of ``query``'s filters, appending its parameters to ``args``; time
+    bounds as ``bounds`` if given, else ``query``'s."""
+    if not bounds:
+        bounds = (("created_at >=", query.since), ("created_at <", query.until))
     terms: list[str] = []
     for column, value in (
-        ("created_at >=", query.since),
-        ("created_at <", query.until),
+        *bounds,
         ("user_id =", query.user),
         ("key_id =", query.key),
         ("model =", query.model),
@@ -530,6 +590,43 @@ def _usage_where(query: UsageFilter, args: list[Any]) -> str:
             args.append(value)
             terms.append(f"{column} ${len(args)}")
     return "WHERE " + " AND ".join(terms) + " " if terms else ""
+
+
+def _midnight(day: date | None) -> datetime | None:
+    return None if day is None else datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+
+
+def _usage_parts(query: UsageFilter, mark: int, args: list[Any]) -> list[str]:
+    """SELECTs of usage_daily rows whose sums are the totals of ``query``'s records.
+
+    Whole days come from usage_daily plus the records past its watermark ``mark``; the
+    partial days at the range's edges from the records.
+    """
+    days = whole_days(query)
+    records = f"SELECT {_RECORD_AS_DAILY} FROM usage_records "
+    if days is None:
+        return [records + _usage_where(query, args)]
+    first, end = days
+    first_at, end_at = _midnight(first), _midnight(end)
+    parts = [
+        f"SELECT {_DAILY_COLUMNS} FROM usage_daily "
+        + _usage_where(query, args, ("day >=", first), ("day <", end)),
+        records
+        + _usage_where(
+            query, args, ("seq >", mark), ("created_at >=", first_at), ("created_at <", end_at)
+        ),
+    ]
+    if query.since is not None and first_at is not None and query.since < first_at:
+        parts.append(
+            records
+            + _usage_where(query, args, ("created_at >=", query.since), ("created_at <", first_at))
+        )
+    if query.until is not None and end_at is not None and end_at < query.until:
+        parts.append(
+            records
+            + _usage_where(query, args, ("created_at >=", end_at), ("created_at <", query.until))
+        )
+    return parts
 
 
 def _us(seconds: float) -> int:
@@ -648,7 +745,8 @@ class PostgresLedger(AsyncResource):
     ``connect_timeout`` every connection attempt; past either, or whenever the server is
     unreachable, operations raise :class:`~gatewaykit.errors.LedgerUnavailableError`
     (fail closed). ``report_timeout`` replaces ``command_timeout`` for ``usage`` and
-    ``usage_totals``, which may read millions of rows.
+    ``usage_totals``, which may read millions of rows, for each step of the usage rollup
+    ``sweep`` runs, and for each schema migration (migration 7 sums every usage record).
 
     ``batch_max`` caps how many queued reserves (or settles) on the same budgets one
     round trip carries; ``batch_max=1`` turns the combiner off.
@@ -805,7 +903,7 @@ class PostgresLedger(AsyncResource):
             raise self._unavailable(exc) from None
         try:
             async with pool.acquire(timeout=self.connect_timeout) as conn:
-                await migrate(conn, self.schema)
+                await migrate(conn, self.schema, timeout=self.report_timeout)
         except BaseException as exc:
             pool.terminate()
             if isinstance(exc, _UNAVAILABLE):
@@ -1141,7 +1239,36 @@ class PostgresLedger(AsyncResource):
             if swept < self.sweep_batch:
                 break
         await self._prune_contexts()
+        await self._rollup()
         return total
+
+    async def _rollup(self) -> int:
+        """Fold the usage records written since the last rollup into usage_daily, up to a
+        bound no uncommitted record lies below; return how many seq values it moved.
+
+        The bound needs a SHARE lock on usage_records for an instant: it waits for the
+        transactions writing records (settles queue behind it meanwhile), at most
+        ``_ROLLUP_LOCK_WAIT_MS``; past that this sweep leaves the rollup to the next one.
+        """
+        async with self._conn() as conn:
+            if not await conn.fetchval(
+                "SELECT seq < (SELECT coalesce(max(seq), 0) FROM usage_records) FROM usage_rollup"
+            ):
+                return 0  # nothing new: no lock
+            try:
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL lock_timeout = {_ROLLUP_LOCK_WAIT_MS}")
+                    await conn.execute(_ROLLUP_BOUND)
+                    bound = await conn.fetchval("SELECT max(seq) FROM usage_records")
+            except asyncpg.LockNotAvailableError:
+                logger.info("usage rollup skipped: records were being written for too long")
+                return 0
+        moved = 0
+        while True:
+            rows = await self._fetch(_ROLLUP, bound, _ROLLUP_BATCH, report=True)
+            if not rows:  # caught up, or another instance is rolling up
+                return moved
+            moved += rows[0]["moved"]
 
     async def check(self) -> list[str]:
         """Invariant violations (counters equal their holds, exactly); empty when healthy."""
@@ -1171,6 +1298,12 @@ class PostgresLedger(AsyncResource):
             count = (await self._fetch(sql))[0][0]
             if count:
                 problems.append(message.format(count))
+        differ = (await self._fetch(_CHECK_ROLLUP, report=True))[0][0]
+        if differ:
+            problems.append(
+                f"rollup: {differ} (day, user, key, model) sums in usage_daily differ from "
+                "their records"
+            )
         return problems
 
     # -- response contexts ---------------------------------------------------------------
@@ -1341,20 +1474,35 @@ class PostgresLedger(AsyncResource):
         """Counts and sums of the matching usage records per group (days in UTC)."""
         groups = validate_usage_groups(group_by)
         query = validate_usage_filter(since, until, user, key, model)
-        args: list[Any] = []
-        where = _usage_where(query, args)
         columns = [f"{_USAGE_GROUP_SQL[g]} AS g{i}" for i, g in enumerate(groups)]
-        group = "GROUP BY " + ", ".join(str(i + 1) for i in range(len(groups))) if groups else ""
-        rows = await self._fetch(
-            f"SELECT {', '.join([*columns, _USAGE_SUMS])} FROM usage_records {where}{group}",
-            *args,
-            report=True,
-        )
+        group = " GROUP BY " + ", ".join(str(i + 1) for i in range(len(groups))) if groups else ""
+        # One snapshot for the watermark and the rows; plans for the actual bounds (the
+        # pool plans generically, which cannot tell a recent watermark from seq 0).
+        async with (
+            self._conn() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            mark = int(await conn.fetchval("SELECT seq FROM usage_rollup"))
+            args: list[Any] = []
+            # Each part is summed on its own first: the union then carries a few rows per
+            # group, not every rollup row and record of the range.
+            select = ", ".join([*columns, _USAGE_SUMS])
+            union = " UNION ALL ".join(
+                f"SELECT {select} FROM ({part}) part{group}"
+                for part in _usage_parts(query, mark, args)
+            )
+            outer = ", ".join([*(f"g{i}" for i in range(len(groups))), _USAGE_SUMS])
+            rows = await conn.fetch(
+                f"SELECT {outer} FROM ({union}) parts{group}",
+                *args,
+                timeout=self.report_timeout,
+            )
         return sort_totals(
             [
                 UsageTotal(
                     group=tuple(r[f"g{i}"] for i in range(len(groups))),
-                    requests=r["requests"],
+                    requests=int(r["requests"]),
                     input_tokens=int(r["input_tokens"]),
                     output_tokens=int(r["output_tokens"]),
                     cache_read_tokens=int(r["cache_read_tokens"]),

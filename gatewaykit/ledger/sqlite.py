@@ -44,7 +44,13 @@ from gatewaykit.errors import (
     LedgerError,
     LedgerUnavailableError,
 )
-from gatewaykit.ledger._sqlite_schema import prepare
+from gatewaykit.ledger._sqlite_schema import (
+    DAY_SQL,
+    ROLLUP_AGGREGATES,
+    ROLLUP_SUMS,
+    ROLLUP_UPSERT,
+    prepare,
+)
 from gatewaykit.ledger.base import (
     ApiKeyRecord,
     BudgetStatus,
@@ -69,6 +75,7 @@ from gatewaykit.ledger.base import (
     validate_ttl,
     validate_usage_filter,
     validate_usage_groups,
+    whole_days,
 )
 from gatewaykit.money import from_nanos, to_nanos
 from gatewaykit.resource import AsyncResource
@@ -88,17 +95,19 @@ _USAGE_COLUMNS = (
     "output_tokens, cache_read_tokens, cache_write_tokens, cost_nanos, error, latency_ms, "
     "created_at"
 )
-#: The SQL expression of each ``usage_totals`` group (a day is a day number since 1970).
-_USAGE_GROUP_SQL: dict[str, str] = {
-    "user": "user",
-    "key": "key_id",
-    "model": "model",
-    "day": "created_at / 86400000000",
-}
-_USAGE_SUMS = (
-    "count(*), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), "
-    "sum(cache_write_tokens), sum(cost_nanos)"
+_DAY_US = 86_400_000_000
+#: A usage record as a row of usage_daily (the parts ``usage_totals`` sums).
+_RECORD_AS_DAILY = (
+    f"{DAY_SQL} AS day, user, key_id, model, 1 AS requests, input_tokens, output_tokens, "
+    "cache_read_tokens, cache_write_tokens, cost_nanos"
 )
+_DAILY_COLUMNS = f"day, user, key_id, model, {', '.join(ROLLUP_SUMS)}"
+#: The SQL of each ``usage_totals`` group over those parts (a day is a number since 1970).
+_USAGE_GROUP_SQL: dict[str, str] = {"user": "user", "key": "key_id", "model": "model", "day": "day"}
+_USAGE_SUMS = ", ".join(f"sum({c})" for c in ROLLUP_SUMS)
+_USAGE_SUMS_AS = ", ".join(f"sum({c}) AS {c}" for c in ROLLUP_SUMS)
+#: Records folded into the rollup per step (a sweep takes as many steps as it needs).
+_ROLLUP_BATCH = 50_000
 _KEY_COLUMNS = (
     "key_id, key_hash, prefix, user, team, revoked, created_at, expires_at, allowed_models, rpm, "
     "max_concurrent, tpm"
@@ -688,6 +697,24 @@ class _Store:
         self.next_expiry = None
         return len(due)
 
+    def rollup(self, now: int, limit: int) -> int:
+        """Fold up to ``limit`` records past the watermark into usage_daily; return how
+        many seq values the watermark moved.
+
+        Safe without a margin: this runs in the only write transaction SQLite allows, so
+        every record up to ``max(seq)`` is committed (or commits with this one), and a
+        later record gets a larger rowid (records are never deleted).
+        """
+        self.flush()
+        (mark,) = self.c.execute("SELECT seq FROM usage_rollup").fetchone()
+        (top,) = self.c.execute("SELECT coalesce(max(seq), 0) FROM usage_records").fetchone()
+        upto = min(top, mark + limit)
+        if upto <= mark:
+            return 0
+        self.c.execute(ROLLUP_UPSERT, (mark, upto))
+        self.c.execute("UPDATE usage_rollup SET seq = ?", (upto,))
+        return int(upto - mark)
+
     def check(self, now: int) -> list[str]:
         self.flush()
         c = self.c
@@ -744,6 +771,15 @@ class _Store:
                 "OR typeof(reserved) != 'integer') + (SELECT count(*) FROM holds WHERE "
                 "typeof(amount) != 'integer' OR typeof(charged) != 'integer')"
             ),
+            "rollup: {} (day, user, key, model) sums in usage_daily differ from their records": (
+                "SELECT count(*) FROM (SELECT * FROM (SELECT "
+                f"{DAY_SQL}, user, key_id, model, {ROLLUP_AGGREGATES} FROM usage_records "
+                "WHERE seq <= (SELECT seq FROM usage_rollup) GROUP BY 1, 2, 3, 4 "
+                f"EXCEPT SELECT {_DAILY_COLUMNS} FROM usage_daily) UNION ALL "
+                f"SELECT * FROM (SELECT {_DAILY_COLUMNS} FROM usage_daily EXCEPT SELECT "
+                f"{DAY_SQL}, user, key_id, model, {ROLLUP_AGGREGATES} FROM usage_records "
+                "WHERE seq <= (SELECT seq FROM usage_rollup) GROUP BY 1, 2, 3, 4))"
+            ),
         }
         for message, sql in checks.items():
             count = c.execute(sql).fetchone()[0]
@@ -753,12 +789,17 @@ class _Store:
 
     # -- usage and keys ----------------------------------------------------------------
     @staticmethod
-    def _usage_where(query: UsageFilter) -> tuple[str, list[Any]]:
+    def _usage_where(query: UsageFilter, *bounds: tuple[str, int | None]) -> tuple[str, list[Any]]:
+        """The WHERE clause of ``query``'s filters; time bounds as ``bounds`` if given."""
+        if not bounds:
+            bounds = (
+                ("created_at >= ?", None if query.since is None else _dt_us(query.since)),
+                ("created_at < ?", None if query.until is None else _dt_us(query.until)),
+            )
         terms: list[str] = []
         args: list[Any] = []
         for term, value in (
-            ("created_at >= ?", None if query.since is None else _dt_us(query.since)),
-            ("created_at < ?", None if query.until is None else _dt_us(query.until)),
+            *bounds,
             ("user = ?", query.user),
             ("key_id = ?", query.key),
             ("model = ?", query.model),
@@ -767,6 +808,43 @@ class _Store:
                 terms.append(term)
                 args.append(value)
         return ("WHERE " + " AND ".join(terms) + " " if terms else ""), args
+
+    def _usage_parts(self, query: UsageFilter) -> tuple[list[str], list[Any]]:
+        """SELECTs of usage_daily rows whose sums are the totals of ``query``'s records.
+
+        Whole days come from usage_daily plus the records past its watermark; the
+        partial days at the range's edges from the records.
+        """
+        days = whole_days(query)
+        since = None if query.since is None else _dt_us(query.since)
+        until = None if query.until is None else _dt_us(query.until)
+        if days is None:
+            where, args = self._usage_where(query)
+            return [f"SELECT {_RECORD_AS_DAILY} FROM usage_records {where}"], args
+        first = None if days[0] is None else (days[0] - _EPOCH_DAY).days
+        end = None if days[1] is None else (days[1] - _EPOCH_DAY).days
+        first_us = None if first is None else first * _DAY_US
+        end_us = None if end is None else end * _DAY_US
+        (mark,) = self.c.execute("SELECT seq FROM usage_rollup").fetchone()
+        records = f"SELECT {_RECORD_AS_DAILY} FROM usage_records"
+        parts: list[tuple[str, tuple[tuple[str, int | None], ...]]] = [
+            (f"SELECT {_DAILY_COLUMNS} FROM usage_daily", (("day >= ?", first), ("day < ?", end))),
+            (
+                records,
+                (("seq > ?", mark), ("created_at >= ?", first_us), ("created_at < ?", end_us)),
+            ),
+        ]
+        if since is not None and first_us is not None and since < first_us:
+            parts.append((records, (("created_at >= ?", since), ("created_at < ?", first_us))))
+        if until is not None and end_us is not None and end_us < until:
+            parts.append((records, (("created_at >= ?", end_us), ("created_at < ?", until))))
+        selects: list[str] = []
+        args = []
+        for select, bounds in parts:
+            where, part_args = self._usage_where(query, *bounds)
+            selects.append(select + " " + where)
+            args.extend(part_args)
+        return selects, args
 
     def usage(self, now: int, query: UsageFilter, limit: int) -> list[UsageRecord]:
         self.flush()
@@ -801,11 +879,15 @@ class _Store:
         self, now: int, groups: tuple[UsageGroup, ...], query: UsageFilter
     ) -> list[UsageTotal]:
         self.flush()
-        where, args = self._usage_where(query)
+        parts, args = self._usage_parts(query)
         columns = [_USAGE_GROUP_SQL[g] for g in groups]
-        select = ", ".join([*columns, _USAGE_SUMS])
-        group = f"GROUP BY {', '.join(columns)}" if columns else ""
-        rows = self.c.execute(f"SELECT {select} FROM usage_records {where}{group}", args).fetchall()
+        select = ", ".join([*columns, _USAGE_SUMS_AS])
+        group = f" GROUP BY {', '.join(columns)}" if columns else ""
+        # Each part is summed on its own first, so the union carries few rows per group.
+        union = " UNION ALL ".join(f"SELECT {select} FROM ({part}){group}" for part in parts)
+        rows = self.c.execute(
+            f"SELECT {', '.join([*columns, _USAGE_SUMS])} FROM ({union}){group}", args
+        ).fetchall()
         n = len(groups)
         return sort_totals(
             [
@@ -1429,8 +1511,13 @@ class SQLiteLedger(AsyncResource):
         return await self._call(_Store.list_holds, bool(live_only), validate_limit(limit))
 
     async def sweep(self) -> int:
-        """Expire due holds (their count is returned) and prune expired response contexts."""
-        return await self._call(_Store.sweep_and_prune)
+        """Expire due holds (their count is returned), prune expired response contexts,
+        and fold the usage records written since the last sweep into the daily rollup
+        (in steps, so other operations run in between)."""
+        swept: int = await self._call(_Store.sweep_and_prune)
+        while await self._call(_Store.rollup, _ROLLUP_BATCH) == _ROLLUP_BATCH:
+            pass
+        return swept
 
     async def check(self) -> list[str]:
         return await self._call(_Store.check)
