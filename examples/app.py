@@ -52,6 +52,8 @@ from gatewaykit.urls import redact
 
 DEFAULT_DB = "sqlite:///gatewaykit.db"
 DEFAULT_OUTBOX = "sqlite:///gatewaykit-outbox.db"
+#: Seconds the built-in fake provider keeps idle connections: above the gateway client's 30 s.
+KEEP_ALIVE = 75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +234,15 @@ async def fake_provider(sock: socket.socket) -> AsyncIterator[None]:
     """Serve gatewaykit's fake provider on ``sock`` for as long as the context lasts."""
     # log_config/log_level None: leave the main server's logging as it is (access_log=False
     # would too: uvicorn would remove the access logger's handlers, the main server's too).
-    config = uvicorn.Config(FakeProvider(), log_config=None, log_level=None, lifespan="off")
+    # Idle connections outlive the gateway client's keep-alive (30 s), as a real provider's
+    # do: uvicorn's 5 s default would close pooled connections under the client's feet.
+    config = uvicorn.Config(
+        FakeProvider(),
+        log_config=None,
+        log_level=None,
+        lifespan="off",
+        timeout_keep_alive=KEEP_ALIVE,
+    )
     server = _SideServer(config)
 
     async def serve() -> None:

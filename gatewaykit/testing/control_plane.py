@@ -402,6 +402,9 @@ async def serve_app(
             lifespan="off",
             log_level="warning",
             access_log=False,
+            # Longer than a gateway client keeps idle connections (30 s), as a real
+            # control plane's: uvicorn's 5 s would race the client's reuse of them.
+            timeout_keep_alive=75,
             # uvicorn types this int, but any number of seconds works (asyncio.wait_for).
             timeout_graceful_shutdown=cast(Any, graceful_shutdown),
         )

@@ -795,4 +795,7 @@ def main(argv: list[str] | None = None) -> None:
     provider = FakeProvider(
         behavior=FakeBehavior(events=args.events, delay=args.delay), api_key=args.api_key
     )
-    uvicorn.run(provider, host=args.host, port=args.port, log_level="warning")
+    # Idle connections outlive a gateway client's keep-alive (30 s), as a provider's do.
+    uvicorn.run(
+        provider, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=75
+    )

@@ -233,7 +233,12 @@ async def serve(app: Any) -> AsyncIterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="off", log_level="critical", access_log=False)
+    # timeout_keep_alive above the gateway client's keep-alive (30 s), as real providers'
+    # idle timeouts are: with uvicorn's 5 s, a loaded machine reuses connections the
+    # server is closing (ServerDisconnectedError), which a POST may not be retried on.
+    config = uvicorn.Config(
+        app, lifespan="off", log_level="critical", access_log=False, timeout_keep_alive=75
+    )
     config.timeout_graceful_shutdown = 1
     server = Server(config)
     async with anyio.create_task_group() as group:

@@ -37,7 +37,12 @@ async def serve() -> AsyncIterator[Callable[[Any], Any]]:
 
         async def start(app: Any) -> str:
             config = uvicorn.Config(
-                app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"
+                app,
+                host="127.0.0.1",
+                port=0,
+                log_level="warning",
+                lifespan="off",
+                timeout_keep_alive=75,  # above the gateway client's keep-alive
             )
             server = uvicorn.Server(config)
             servers.append(server)
