@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 
 from gatewaykit.envelopes import WireFormat
-from gatewaykit.errors import ErrorKind, InvalidAmountError, RequestRejected
+from gatewaykit.errors import ConfigurationError, ErrorKind, InvalidAmountError, RequestRejected
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.pricing import ModelPrice, estimate_cost, estimate_prompt_tokens
 from gatewaykit.settlement import RequestEstimate
@@ -18,6 +18,7 @@ from gatewaykit.settlement import RequestEstimate
 __all__ = [
     "ENDPOINTS",
     "PROVIDERS",
+    "check_default_max_output_tokens",
     "credential",
     "endpoint_name",
     "estimate",
@@ -64,6 +65,15 @@ def missing_credential() -> RequestRejected:
         ErrorKind.AUTHENTICATION,
         "missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'",
     )
+
+
+def check_default_max_output_tokens(value: object) -> int:
+    """A mode's ``default_max_output_tokens``, checked: an int, not negative."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError("default_max_output_tokens must be an int")
+    if value < 0:
+        raise ConfigurationError("default_max_output_tokens must not be negative")
+    return value
 
 
 def estimate(

@@ -37,24 +37,17 @@ from typing import Any
 import anyio
 
 from gatewaykit.context import GatewayContext
-from gatewaykit.errors import (
-    ConfigurationError,
-    ErrorKind,
-    RequestRejected,
-    UpstreamConnectError,
-    UpstreamError,
-    describe_error,
+from gatewaykit.errors import ConfigurationError, ErrorKind, RequestRejected, describe_error
+from gatewaykit.http import as_upstream_client
+from gatewaykit.modes.admission import (
+    check_default_max_output_tokens,
+    credential,
+    endpoint_name,
+    missing_credential,
 )
-from gatewaykit.http import Timeouts, as_upstream_client, post
-from gatewaykit.modes.admission import credential, endpoint_name, missing_credential
 from gatewaykit.modes.admission import estimate as held_estimate
 from gatewaykit.modes.base import GatewayRequest
-from gatewaykit.modes.platform_messages import (
-    MalformedAnswer,
-    control_plane_refusal,
-    parse_attempts,
-    unavailable,
-)
+from gatewaykit.modes.platform_messages import MalformedAnswer, parse_attempts, unavailable
 from gatewaykit.modes.platform_reports import (
     RELEASE_ATTEMPT_ID,
     ReportStatus,
@@ -63,15 +56,14 @@ from gatewaykit.modes.platform_reports import (
     released_report,
     usage_report,
 )
+from gatewaykit.modes.platform_resolve import ResolveClient
 from gatewaykit.modes.platform_settlement import ATTEMPT_ID_HEADER, PlatformSettlement
 from gatewaykit.outbox.admissions import AdmissionKeeper
 from gatewaykit.outbox.base import AdmissionStore, Outbox
 from gatewaykit.outbox.sender import OutboxSender, RetryPolicy
 from gatewaykit.pricing import ModelPrice, PriceTable
 from gatewaykit.resource import AsyncResource
-from gatewaykit.settlement import (
-    RequestEstimate,
-)
+from gatewaykit.settlement import RequestEstimate
 from gatewaykit.urls import redact
 
 __all__ = [
@@ -153,12 +145,7 @@ class PlatformMode(AsyncResource):
                     "prices must be a PriceTable, a mapping of ModelPrice, or None"
                 )
             prices = PriceTable(prices)
-        if isinstance(default_max_output_tokens, bool) or not isinstance(
-            default_max_output_tokens, int
-        ):
-            raise ConfigurationError("default_max_output_tokens must be an int")
-        if default_max_output_tokens < 0:
-            raise ConfigurationError("default_max_output_tokens must not be negative")
+        check_default_max_output_tokens(default_max_output_tokens)
         if not resolve_timeout > 0:
             raise ConfigurationError("resolve_timeout must be a positive number of seconds")
         self.base_url = base_url.rstrip("/")
@@ -166,11 +153,14 @@ class PlatformMode(AsyncResource):
         self.prices: PriceTable | None = prices
         self.default_max_output_tokens = default_max_output_tokens
         self.resolve_timeout = float(resolve_timeout)
-        self._token = gateway_token
         self._client = as_upstream_client(client)
-        t = self.resolve_timeout
-        self._timeouts = Timeouts(connect=t, read=t, write=t, pool=t)
-        self._resolve_url = f"{self.base_url}/v1/resolve"
+        self._resolver = ResolveClient(
+            self._client,
+            base_url=self.base_url,
+            gateway_token=gateway_token,
+            timeout=self.resolve_timeout,
+            release=self._release,
+        )
         self.sender = OutboxSender(
             outbox,
             client=self._client,
@@ -284,7 +274,7 @@ class PlatformMode(AsyncResource):
             "endpoint": endpoint,
             "estimate_usd": str(estimate.amount),
         }
-        answer = await self._post_resolve(request.request_id, payload, estimate)
+        answer = await self._resolver.post(request.request_id, payload, estimate)
         try:
             user_id, attempts = parse_attempts(answer, request)
         except MalformedAnswer as exc:
@@ -320,51 +310,6 @@ class PlatformMode(AsyncResource):
         context.response_headers[ATTEMPT_ID_HEADER] = attempts[0].attempt_id
         settlement.bind(context)
         return context
-
-    async def _post_resolve(
-        self, request_id: str, payload: Mapping[str, Any], estimate: RequestEstimate
-    ) -> Any:
-        headers = {
-            "authorization": f"Bearer {self._token}",
-            "content-type": "application/json",
-        }
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        try:
-            with anyio.fail_after(self.resolve_timeout):
-                status, answer_headers, raw = await post(
-                    self._client,
-                    self._resolve_url,
-                    body,
-                    headers=headers,
-                    timeouts=self._timeouts,
-                )
-        except anyio.get_cancelled_exc_class():
-            # The caller gave up (a mode that does not shield resolve, as the middleware
-            # does): the control plane may still admit the request.
-            with anyio.CancelScope(shield=True):
-                await self._release(request_id, "the gateway stopped waiting for resolve", estimate)
-            raise
-        except (UpstreamError, TimeoutError) as exc:
-            if not isinstance(exc, UpstreamConnectError):  # it may have reached the plane
-                await self._release(request_id, _resolve_failure(exc), estimate)
-            if isinstance(exc, TimeoutError):  # UpstreamTimeoutError included
-                logger.warning("resolve of %s timed out", request_id)
-                raise unavailable(
-                    f"the control plane did not answer within {self.resolve_timeout:g}s"
-                ) from None
-            logger.warning("resolve of %s failed: %s", request_id, exc)
-            reason = (
-                exc.cause if isinstance(exc, UpstreamError) and exc.cause else type(exc).__name__
-            )
-            raise unavailable(f"the control plane is unreachable ({reason})") from None
-        data = _json_or_none(raw)
-        if status == 200:
-            return data
-        if status >= 500:
-            # A 5xx may come after the control plane admitted (or from a proxy in front of
-            # it that gave up waiting): the outcome is unknown, so release.
-            await self._release(request_id, f"the resolve answer was HTTP {status}", estimate)
-        raise control_plane_refusal(request_id, status, data, answer_headers)
 
     # -- admissions and releases -------------------------------------------------------
     async def _record_admission(
@@ -427,17 +372,3 @@ class PlatformMode(AsyncResource):
         completed = await self.outbox.complete(request_id, key, payload)
         self.sender.notify()
         return completed
-
-
-def _resolve_failure(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "no resolve answer in time"
-    cause = exc.cause if isinstance(exc, UpstreamError) else ""
-    return f"the resolve call failed ({cause or type(exc).__name__})"
-
-
-def _json_or_none(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (ValueError, TypeError):
-        return None

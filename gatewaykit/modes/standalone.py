@@ -32,65 +32,35 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hmac
 import logging
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from decimal import Decimal
 from typing import Literal
 
 from gatewaykit.context import GatewayContext
 from gatewaykit.envelopes import WireFormat
-from gatewaykit.errors import (
-    BudgetExceeded,
-    ConcurrencyExceeded,
-    ConfigurationError,
-    ErrorKind,
-    LedgerUnavailableError,
-    RequestRejected,
-)
-from gatewaykit.keys import hash_key
-from gatewaykit.ledger.base import (
-    RESPONSE_CONTEXT_TTL,
-    ApiKeyRecord,
-    Hold,
-    Ledger,
-    validate_ttl,
-)
+from gatewaykit.errors import ConfigurationError, ErrorKind, LedgerUnavailableError, RequestRejected
+from gatewaykit.ledger.base import RESPONSE_CONTEXT_TTL, ApiKeyRecord, Ledger, validate_ttl
 from gatewaykit.listing import ListedModel
-from gatewaykit.modes.admission import (
-    PROVIDERS,
-    credential,
-    endpoint_name,
-    estimate,
-    missing_credential,
-)
+from gatewaykit.modes.admission import check_default_max_output_tokens, estimate
+from gatewaykit.modes.authentication import KeyAuthenticator
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.charging import DisconnectPolicy, MissingUsagePolicy
-from gatewaykit.modes.fitting import (
-    FITTED_FORMATS,
-    MAX_OUTPUT_TOKENS_HEADER,
-    least_fitted_tokens,
-    output_fit,
-    with_output_limit,
-)
-from gatewaykit.modes.standalone_settlement import REMAINING_HEADER, StandaloneSettlement
-from gatewaykit.money import parse_usd
+from gatewaykit.modes.holds import BudgetHolder, OverBudgetPolicy
+from gatewaykit.modes.routing import RouteTable, UnpricedPolicy
+from gatewaykit.modes.standalone_settlement import StandaloneSettlement
 from gatewaykit.pricing import ModelPrice, PriceTable
 from gatewaykit.ratelimit import InProcessRateLimiter, RateLimit, RateLimiter
-from gatewaykit.settlement import (
-    RequestEstimate,
-    UnmeteredSettlement,
-)
+from gatewaykit.ratelimit.selection import LimitSelector
+from gatewaykit.settlement import UnmeteredSettlement
 from gatewaykit.stored_context import (
     ContextPlan,
     UnknownContextPolicy,
     continuation_hold_tokens,
     read_continuation,
 )
-from gatewaykit.upstream import Attempt, Upstream
+from gatewaykit.upstream import Upstream
 
 __all__ = [
     "DisconnectPolicy",
@@ -106,17 +76,8 @@ __all__ = [
 logger = logging.getLogger("gatewaykit.standalone")
 
 LedgerUnavailablePolicy = Literal["fail_closed", "fail_open"]
-#: A request whose worst case does not fit its budgets: ``"refuse"`` it (402), or ``"fit"``
-#: a smaller output cap into what is left (:mod:`gatewaykit.modes.fitting`).
-OverBudgetPolicy = Literal["refuse", "fit"]
-#: ``"reject"`` (400), ``"allow"`` (served unbudgeted: held and charged 0), or a fallback
-#: price: a :class:`ModelPrice`, or a ``Decimal`` USD per million tokens for input and
-#: output alike.
-UnpricedPolicy = Literal["reject", "allow"] | ModelPrice | Decimal
 
-_KEY_CACHE_SIZE = 10_000
 _USER = re.compile(r"[^\s]{1,200}")  # what a budget scope id allows
-#: Pauses between attempts to settle while the ledger is unreachable (about 1.3 s in all).
 
 
 class StandaloneMode:
@@ -164,53 +125,11 @@ class StandaloneMode:
     ) -> None:
         if not isinstance(ledger, Ledger):
             raise ConfigurationError("ledger must implement gatewaykit.ledger.Ledger")
-        if isinstance(upstreams, Upstream) or not all(isinstance(u, Upstream) for u in upstreams):
-            raise ConfigurationError("upstreams must be a sequence of Upstream")
-        if missing_usage not in ("estimate", "hold", "allow_free", "fail"):
-            raise ConfigurationError(
-                f"missing_usage must be estimate, hold, allow_free or fail, not {missing_usage!r}"
-            )
-        if disconnect not in ("charge_observed", "release"):
-            raise ConfigurationError(
-                f"disconnect must be charge_observed or release, not {disconnect!r}"
-            )
-        if isinstance(default_max_output_tokens, bool) or not isinstance(
-            default_max_output_tokens, int
-        ):
-            raise ConfigurationError("default_max_output_tokens must be an int")
-        if default_max_output_tokens < 0:
-            raise ConfigurationError("default_max_output_tokens must not be negative")
-        if not key_cache_ttl >= 0:
-            raise ConfigurationError("key_cache_ttl must be ≥ 0 seconds")
-        if default_rpm is not None and (isinstance(default_rpm, bool) or default_rpm < 1):
-            raise ConfigurationError("default_rpm must be a positive int or None")
-        if default_tpm is not None and (isinstance(default_tpm, bool) or default_tpm < 1):
-            raise ConfigurationError("default_tpm must be a positive int or None")
-        for limit in rate_limits:
-            if not isinstance(limit, RateLimit) or not limit.scope.startswith(("user:", "team:")):
-                raise ConfigurationError(
-                    f"rate_limits takes RateLimit objects on user: or team: scopes, not {limit!r}"
-                )
-        if rate_limiter is not None and not isinstance(rate_limiter, RateLimiter):
-            raise ConfigurationError("rate_limiter must implement gatewaykit.ratelimit.RateLimiter")
-        if user_max_concurrent is not None and (
-            isinstance(user_max_concurrent, bool)
-            or not isinstance(user_max_concurrent, int)
-            or user_max_concurrent < 1
-        ):
-            raise ConfigurationError("user_max_concurrent must be a positive int or None")
+        self._routes = RouteTable(prices=prices, upstreams=upstreams, unpriced=unpriced)
         if ledger_unavailable not in ("fail_closed", "fail_open"):
             raise ConfigurationError(
                 f"ledger_unavailable must be fail_closed or fail_open, not {ledger_unavailable!r}"
             )
-        if over_budget not in ("refuse", "fit"):
-            raise ConfigurationError(f"over_budget must be refuse or fit, not {over_budget!r}")
-        if (
-            isinstance(min_output_tokens, bool)
-            or not isinstance(min_output_tokens, int)
-            or min_output_tokens < 1
-        ):
-            raise ConfigurationError("min_output_tokens must be a positive int")
         if unknown_response_context not in ("context_window", "reject"):
             raise ConfigurationError(
                 "unknown_response_context must be context_window or reject, not "
@@ -222,49 +141,54 @@ class StandaloneMode:
                     f"teams: {user!r} → {team!r}: names must be 1 to 200 characters without "
                     "whitespace"
                 )
-        if master_key is not None and len(master_key) < 16:
-            raise ConfigurationError("master_key must be at least 16 characters")
-        self.ledger = ledger
-        self.prices = prices if isinstance(prices, PriceTable) else PriceTable(prices)
-        self.upstreams = tuple(upstreams)
-        self.unpriced_price = _unpriced_price(unpriced)
-        self.unpriced: Literal["reject", "allow", "fallback"] = (
-            "reject" if unpriced == "reject" else "allow" if unpriced == "allow" else "fallback"
+        if rate_limiter is not None and not isinstance(rate_limiter, RateLimiter):
+            raise ConfigurationError("rate_limiter must implement gatewaykit.ratelimit.RateLimiter")
+        fail_open = ledger_unavailable == "fail_open"
+        self._keys = KeyAuthenticator(
+            ledger, master_key=master_key, cache_ttl=key_cache_ttl, fail_open=fail_open, clock=clock
         )
-        self.missing_usage: MissingUsagePolicy = missing_usage
-        self.disconnect: DisconnectPolicy = disconnect
-        self.hold_ttl = validate_ttl(hold_ttl)
-        self.default_max_output_tokens = default_max_output_tokens
-        self.key_cache_ttl = float(key_cache_ttl)
-        self.default_rpm = default_rpm
-        self.default_tpm = default_tpm
-        self.rate_limits = {limit.scope: limit for limit in rate_limits}
-        self._any_scope_limit = bool(self.rate_limits)
+        self._limits = LimitSelector(
+            default_rpm=default_rpm, default_tpm=default_tpm, rate_limits=rate_limits
+        )
         self.rate_limiter: RateLimiter = rate_limiter or InProcessRateLimiter(clock=clock)
-        self.user_max_concurrent = user_max_concurrent
+        self._holds = BudgetHolder(
+            ledger,
+            hold_ttl=hold_ttl,
+            missing_usage=missing_usage,
+            disconnect=disconnect,
+            over_budget=over_budget,
+            min_output_tokens=min_output_tokens,
+            user_max_concurrent=user_max_concurrent,
+            budget_headers=budget_headers,
+            fail_open=fail_open,
+            rate_limiter=self.rate_limiter,
+            clock=clock,
+        )
+        self.ledger = ledger
+        self.default_max_output_tokens = check_default_max_output_tokens(default_max_output_tokens)
         self.teams = dict(teams or {})
-        self.budget_headers = budget_headers
         self.ledger_unavailable: LedgerUnavailablePolicy = ledger_unavailable
-        self.over_budget: OverBudgetPolicy = over_budget
-        self.min_output_tokens = min_output_tokens
         self.unknown_response_context: UnknownContextPolicy = unknown_response_context
         self.response_context_ttl = validate_ttl(response_context_ttl)
-        self._master_hash = hash_key(master_key) if master_key is not None else None
-        self._clock = clock
-        # Wall time (key expiry) is read from the same clock, so one fake clock moves
-        # everything in tests.
-        self._wall_epoch = time.time() - clock()
-        #: digest -> (record or None, expiry, the ledger's key_epoch when it was looked up)
-        self._keys: OrderedDict[str, tuple[ApiKeyRecord | None, float, int | None]] = OrderedDict()
-        self._key_limits: dict[str, RateLimit] = {}
-        self._routes: dict[
-            tuple[WireFormat | None, str], tuple[tuple[Attempt, ...], ModelPrice | None]
-        ] = {}
+        # The configuration, readable on the mode as before. The parts above hold what they
+        # use: assigning to these afterwards does not reconfigure them.
+        self.prices, self.upstreams = self._routes.prices, self._routes.upstreams
+        self.unpriced, self.unpriced_price = self._routes.unpriced, self._routes.unpriced_price
+        self.key_cache_ttl = self._keys.cache_ttl
+        self.default_rpm, self.default_tpm = default_rpm, default_tpm
+        self.rate_limits = self._limits.rate_limits
+        self.missing_usage: MissingUsagePolicy = missing_usage
+        self.disconnect: DisconnectPolicy = disconnect
+        self.hold_ttl = self._holds.hold_ttl
+        self.over_budget: OverBudgetPolicy = over_budget
+        self.min_output_tokens = min_output_tokens
+        self.user_max_concurrent = user_max_concurrent
+        self.budget_headers = budget_headers
 
     def __repr__(self) -> str:
         return (
             f"StandaloneMode(ledger={type(self.ledger).__name__}, upstreams={len(self.upstreams)}, "
-            f"prices={len(self.prices)}, master_key={'set' if self._master_hash else 'unset'})"
+            f"prices={len(self.prices)}, master_key={'set' if self._keys.master_hash else 'unset'})"
         )
 
     # -- keys ------------------------------------------------------------------------
@@ -274,60 +198,17 @@ class StandaloneMode:
         self.invalidate_key(key_id)
         return revoked
 
-    def _wall_time(self) -> float:
-        return self._wall_epoch + self._clock()
-
     def invalidate_key(self, key_id: str | None = None) -> None:
         """Drop cached lookups of ``key_id`` (or of every key, and every cached miss)."""
-        if key_id is None:
-            self._keys.clear()
-            return
-        for digest in [d for d, (rec, *_) in self._keys.items() if rec and rec.key_id == key_id]:
-            del self._keys[digest]
-
-    async def _find_key(self, digest: str) -> ApiKeyRecord | None:
-        now = self._clock()
-        # A ledger that tells when keys changed (key_epoch) ends the cache at once;
-        # others rely on key_cache_ttl alone. Read before the lookup: a change landing
-        # during it leaves the entry tagged stale.
-        epoch: int | None = getattr(self.ledger, "key_epoch", None)
-        cached = self._keys.get(digest)
-        if cached is not None and cached[1] > now and cached[2] == epoch:
-            self._keys.move_to_end(digest)
-            return cached[0]
-        try:
-            record = await self.ledger.find_key(digest)
-        except LedgerUnavailableError:
-            if self.ledger_unavailable == "fail_open" and cached is not None and cached[0]:
-                return cached[0]  # a key seen recently; never admit an unknown key
-            raise
-        if self.key_cache_ttl > 0:
-            self._keys[digest] = (record, now + self.key_cache_ttl, epoch)
-            self._keys.move_to_end(digest)
-            while len(self._keys) > _KEY_CACHE_SIZE:
-                self._keys.popitem(last=False)
-        return record
+        self._keys.invalidate(key_id)
 
     async def authenticate(self, headers: Mapping[str, str]) -> ApiKeyRecord | None:
         """The key record the request's credential names, None for the master key; else 401."""
-        presented = credential(headers)
-        if presented is None:
-            raise missing_credential()
-        digest = hash_key(presented)
-        if self._master_hash is not None and hmac.compare_digest(digest, self._master_hash):
-            return None
-        record = await self._find_key(digest)
-        if record is None or not hmac.compare_digest(record.key_hash, digest):
-            raise RequestRejected(ErrorKind.AUTHENTICATION, "invalid API key")
-        if record.revoked:
-            raise RequestRejected(ErrorKind.AUTHENTICATION, "this API key has been revoked")
-        if record.expires_at is not None and record.expires_at.timestamp() <= self._wall_time():
-            raise RequestRejected(ErrorKind.AUTHENTICATION, "this API key has expired")
-        return record
+        return await self._keys.authenticate(headers)
 
     # -- admission -------------------------------------------------------------------
     async def resolve(self, request: GatewayRequest) -> GatewayContext:
-        identity = await self.authenticate(request.headers)
+        identity = await self._keys.authenticate(request.headers)
         fmt = request.format
         metered = request.parsed.metered
         user_field = "metadata.user_id" if fmt is WireFormat.ANTHROPIC_MESSAGES else "user"
@@ -351,11 +232,11 @@ class StandaloneMode:
             team = identity.team or self.teams.get(user)
 
         if metered:
-            attempts, price = self._route(fmt, request.parsed.model)
+            attempts, price = self._routes.route(fmt, request.parsed.model)
             assert user is not None  # a metered master-key request names its user
             context_plan, context_tokens = await self._stored_context(request, user, price)
         else:  # nothing is charged, so no price is needed
-            attempts = self._attempts(fmt, request.parsed.model)
+            attempts = self._routes.attempts(fmt, request.parsed.model)
 
         if isinstance(identity, ApiKeyRecord):
             if request.parsed.user is not None and request.parsed.user != identity.user:
@@ -381,7 +262,7 @@ class StandaloneMode:
             else None
         )
         headers: dict[str, str] = {}
-        limits = self._rate_limits(identity, user, team)
+        limits = self._limits.limits(identity, user, team)
         token_limits: tuple[RateLimit, ...] = ()
         if limits:
             tokens = (
@@ -406,7 +287,7 @@ class StandaloneMode:
                 )
             if held_estimate is not None:
                 assert user is not None  # a metered master-key request names its user
-                return await self._hold(
+                return await self._holds.hold(
                     request, identity, held_estimate, price, attempts, user, key_id, team,
                     context_plan, headers, token_limits,
                 )  # fmt: skip
@@ -428,166 +309,6 @@ class StandaloneMode:
             key_id=key_id,
             response_headers=headers,
         )
-
-    def _rate_limits(
-        self, identity: ApiKeyRecord | None, user: str | None, team: str | None
-    ) -> tuple[RateLimit, ...]:
-        """The limits that apply to a request: its key's, its user's, its team's."""
-        limits: tuple[RateLimit, ...] = ()
-        if identity is not None:
-            rpm = identity.rpm if identity.rpm is not None else self.default_rpm
-            tpm = identity.tpm if identity.tpm is not None else self.default_tpm
-            if rpm is not None or tpm is not None:
-                limit = self._key_limits.get(identity.key_id)
-                if limit is None or limit.rpm != rpm or limit.tpm != tpm:
-                    if len(self._key_limits) >= _KEY_CACHE_SIZE:
-                        self._key_limits.clear()
-                    limit = RateLimit(f"key:{identity.key_id}", rpm=rpm, tpm=tpm)
-                    self._key_limits[identity.key_id] = limit
-                limits = (limit,)
-        if self._any_scope_limit:
-            scopes = ([f"user:{user}"] if user else []) + ([f"team:{team}"] if team else [])
-            for scope in scopes:
-                limit = self.rate_limits.get(scope)
-                if limit is None:
-                    every = self.rate_limits.get(scope.split(":", 1)[0] + ":*")
-                    if every is not None:
-                        limit = RateLimit(scope, rpm=every.rpm, tpm=every.tpm)
-                if limit is not None:
-                    limits += (limit,)
-        return limits
-
-    async def _hold(
-        self,
-        request: GatewayRequest,
-        identity: ApiKeyRecord | None,
-        held_estimate: RequestEstimate,
-        price: ModelPrice | None,
-        attempts: tuple[Attempt, ...],
-        user: str,
-        key_id: str | None,
-        team: str | None,
-        context_plan: ContextPlan | None,
-        headers: dict[str, str],
-        token_limits: tuple[RateLimit, ...],
-    ) -> GatewayContext:
-        """After the rate limits: hold the estimate on every scope (402/429/503)."""
-        fmt = request.format
-        amount = held_estimate.amount
-        scopes = [f"user:{user}"]
-        if key_id is not None:
-            scopes.append(f"key:{key_id}")
-        if team:
-            scopes.append(f"team:{team}")
-        held = True
-        fit = (
-            output_fit(
-                held_estimate,
-                price,
-                choices=request.parsed.choices,
-                min_output_tokens=least_fitted_tokens(fmt, request.body, self.min_output_tokens),
-            )
-            if self.over_budget == "fit" and price is not None and fmt in FITTED_FORMATS
-            else None
-        )
-        body, raw_body = request.body, request.raw_body
-        caps = self._caps(identity.max_concurrent if identity else None, key_id, user)
-        try:
-            if fit is None and caps is None:
-                hold = await self.ledger.reserve(
-                    request.request_id, scopes, amount, ttl=self.hold_ttl
-                )
-            else:
-                hold = await self.ledger.reserve(
-                    request.request_id, scopes, amount, ttl=self.hold_ttl, fit=fit, max_live=caps
-                )
-        except BudgetExceeded as exc:
-            raise _budget_rejection(exc) from None
-        except ConcurrencyExceeded as exc:
-            raise RequestRejected(
-                ErrorKind.RATE_LIMIT,
-                f"too many requests in flight for {exc.scope}: its limit is {exc.limit}; "
-                "retry when one has finished",
-                headers={"retry-after": "1"},
-                details={"scope": exc.scope, "max_concurrent": exc.limit},
-            ) from None
-        except LedgerUnavailableError:
-            if self.ledger_unavailable != "fail_open":
-                logger.warning("request %s refused: ledger unavailable", request.request_id)
-                raise
-            logger.warning(
-                "request %s admitted without a hold: ledger unavailable (fail_open)",
-                request.request_id,
-            )
-            held = False
-        else:
-            if not hold.live:
-                raise RequestRejected(
-                    ErrorKind.UNAVAILABLE, "the request id was already used; retry the request"
-                )
-            if fit is not None and (
-                hold.amount < amount or request.parsed.max_output_tokens is None
-            ):
-                # Fitted, or held at the default cap for a request that named none: the
-                # body goes upstream re-encoded with the cap held for, so the provider's
-                # own default cannot spend past the hold (and the budget).
-                tokens = fit.tokens_held(hold.amount)
-                assert fmt is not None  # fitted only for FITTED_FORMATS
-                body, raw_body = with_output_limit(fmt, request.body, tokens), b""
-                headers[MAX_OUTPUT_TOKENS_HEADER] = str(tokens)
-                held_estimate = dataclasses.replace(
-                    held_estimate,
-                    max_output_tokens=tokens * request.parsed.choices,
-                    amount=hold.amount,
-                )
-        if self.budget_headers and held:
-            headers.update(_headroom(hold))
-        settlement = StandaloneSettlement(
-            self.ledger,
-            request_id=request.request_id,
-            estimate=held_estimate,
-            price=price,
-            model=request.parsed.model,
-            endpoint=endpoint_name(request),
-            key_id=key_id,
-            user=user,
-            missing_usage=self.missing_usage,
-            disconnect=self.disconnect,
-            hold_ttl=self.hold_ttl,
-            scopes=None if held else tuple(scopes),
-            context_plan=context_plan,
-            response_headers=headers if self.budget_headers and held else None,
-            clock=self._clock,
-            rate_limiter=self.rate_limiter if token_limits else None,
-            token_limits=token_limits,
-        )
-        return GatewayContext(
-            request_id=request.request_id,
-            settlement=settlement,
-            format=fmt,
-            model=request.parsed.model,
-            stream=request.parsed.stream,
-            body=body,
-            raw_body=raw_body,
-            attempts=attempts,
-            user_id=user,
-            key_id=key_id,
-            response_headers=headers,
-        )
-
-    def _caps(
-        self, key_cap: int | None, key_id: str | None, user: str | None
-    ) -> dict[str, int] | None:
-        """The caps on requests in flight this request is admitted under (None: none)."""
-        user_cap = self.user_max_concurrent if user is not None else None
-        if key_cap is None and user_cap is None:
-            return None  # the common case: nothing to build
-        caps = {}
-        if key_cap is not None and key_id is not None:
-            caps[f"key:{key_id}"] = key_cap
-        if user_cap is not None:
-            caps[f"user:{user}"] = user_cap
-        return caps
 
     async def _stored_context(
         self, request: GatewayRequest, user: str, price: ModelPrice | None
@@ -643,115 +364,4 @@ class StandaloneMode:
         upstreams' own ``models`` and the key's ``allowed_models``."""
         identity = await self.authenticate(headers)
         allowed = identity.allowed_models if identity is not None else None
-        upstreams = [u for u in self.upstreams if u.provider == provider]
-        candidates = dict.fromkeys(self.prices)
-        for upstream in upstreams:
-            candidates.update(dict.fromkeys(sorted(upstream.models or ())))
-        candidates.update(dict.fromkeys(sorted(allowed or ())))
-        listed = []
-        for model in candidates:
-            if allowed is not None and model not in allowed:
-                continue
-            serving = next((u for u in upstreams if u.serves(model)), None)
-            if serving is None:
-                continue
-            if self.unpriced == "reject" and self.prices.lookup(model, provider) is None:
-                continue
-            listed.append(ListedModel(id=model, owned_by=serving.label))
-        return listed
-
-    def _attempts(self, fmt: WireFormat | None, model: str) -> tuple[Attempt, ...]:
-        return tuple(
-            Attempt(attempt_id=str(n), upstream=u, model=model)
-            for n, u in enumerate(self._upstreams(fmt, model), start=1)
-        )
-
-    def _route(
-        self, fmt: WireFormat | None, model: str
-    ) -> tuple[tuple[Attempt, ...], ModelPrice | None]:
-        """The attempts (every configured upstream that serves ``model`` in ``fmt``, in
-        order: the adapters fall back along them) and the price; remembered per model,
-        since both follow from configuration alone."""
-        key = (fmt, model)
-        route = self._routes.get(key)
-        if route is None:
-            serving = self._upstreams(fmt, model)
-            price = self._price(model, serving[0] if serving else None)
-            attempts = tuple(
-                Attempt(attempt_id=str(n), upstream=u, model=model)
-                for n, u in enumerate(serving, start=1)
-            )
-            if len(self._routes) >= _KEY_CACHE_SIZE:
-                self._routes.clear()
-            route = self._routes[key] = (attempts, price)
-        return route
-
-    def _upstreams(self, fmt: WireFormat | None, model: str) -> list[Upstream]:
-        """The configured upstreams that serve ``model`` in ``fmt``, in order (fallbacks)."""
-        provider = PROVIDERS.get(fmt) if fmt is not None else None
-        return [
-            upstream
-            for upstream in self.upstreams
-            if (provider is None or upstream.provider == provider) and upstream.serves(model)
-        ]
-
-    def _price(self, model: str, upstream: Upstream | None) -> ModelPrice | None:
-        """The price to hold and charge at; None means unbudgeted (``allow``)."""
-        price = self.prices.lookup(model, upstream.provider if upstream else None)
-        if price is not None:
-            return price
-        if self.unpriced == "reject":
-            raise RequestRejected(
-                ErrorKind.NOT_PRICED,
-                f"model {model!r} has no price configured on this gateway",
-            )
-        return self.unpriced_price
-
-
-def _unpriced_price(policy: object) -> ModelPrice | None:
-    if policy in ("reject", "allow"):
-        return None
-    if isinstance(policy, ModelPrice):
-        return policy
-    if isinstance(policy, Decimal):
-        rate = parse_usd(policy)
-        return ModelPrice(input_per_mtok=rate, output_per_mtok=rate)
-    raise ConfigurationError(
-        "unpriced must be 'reject', 'allow', a ModelPrice or a Decimal USD per million tokens, "
-        f"not {policy!r}"
-    )
-
-
-def _headroom(hold: Hold) -> dict[str, str]:
-    """The tightest limited budget right after the hold, as the reserve saw it.
-
-    No extra ledger read: a backend that does not report ``Hold.remaining`` gets no
-    headers (ties go to the first scope in sorted order).
-    """
-    limited = [(left, scope) for scope, left in hold.remaining if left is not None]
-    if not limited:
-        return {}
-    remaining, scope = min(limited)
-    return {
-        REMAINING_HEADER: str(remaining),
-        "x-gatewaykit-budget-scope": scope,
-    }
-
-
-def _budget_rejection(exc: BudgetExceeded) -> RequestRejected:
-    details: dict[str, object] = {
-        "scope": exc.scope,
-        "limit": str(exc.limit),
-        "spent": str(exc.spent),
-        "held": str(exc.held),
-        "remaining": str(exc.remaining),
-        "requested": str(exc.requested),
-        "resets_at": exc.resets_at.isoformat() if exc.resets_at else None,
-    }
-    message = (
-        f"budget exceeded for {exc.scope}: ${exc.remaining} of ${exc.limit} remaining, "
-        f"this request needs up to ${exc.requested}"
-    )
-    if exc.resets_at is not None:
-        message += f"; the budget resets at {exc.resets_at.isoformat()}"
-    return RequestRejected(ErrorKind.BUDGET, message, details=details)
+        return self._routes.listed_models(provider, allowed)
