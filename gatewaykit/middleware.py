@@ -50,7 +50,8 @@ raises before the response started              ``on_error(exc)`` (refund), re-r
 raises after the response started               ``on_error(exc)``, re-raises
 is cancelled by a client disconnect             ``on_incomplete()`` (disconnect policy)
 is cancelled from outside (shutdown)            ``on_incomplete()``, cancellation propagates
-is cancelled while being admitted               (admission finishes) ``on_incomplete()``
+is cancelled while being admitted               (admission finishes) ``on_incomplete()``;
+                                                a ``cancel_safe`` mode undoes it itself
 =============================================  ==========================================
 
 The first non-empty body chunk of a response with status < 400 marks the settlement
@@ -192,6 +193,9 @@ class GatewayMiddleware:
         self.heartbeat_interval = heartbeat_interval
         self.request_id_factory = request_id_factory or _new_request_id
         self.models_path = models_path
+        #: The mode declares its resolve cancellation-safe (RequestModeStrategy): awaited
+        #: in the request's own task, with no task and shield of its own.
+        self.resolve_directly = getattr(mode, "cancel_safe", False) is True
         self.metrics = metrics
         self.tracing = tracing
         self._instruments: Instruments | None = None
@@ -330,21 +334,25 @@ class _GatedCall:
             return
         if request is None:
             return  # the client left before the body arrived: nothing was admitted
-        # Admission runs as its own task, awaited through asyncio.shield: a cancellation
-        # of this request (anyio's or a plain task.cancel()) between "hold written" and
-        # "context returned" cannot abandon the hold: the admission finishes and its
-        # settlement is closed as incomplete (_abandon). anyio's shielded scope would not
-        # stop a plain task.cancel().
         if self.probe is not None:
             self.probe.admitting()
-        admission = asyncio.ensure_future(self.mw.mode.resolve(request))
         try:
-            context = await asyncio.shield(admission)
-        except asyncio.CancelledError:
-            self.mw._closing.add(admission)  # kept referenced until it is done
-            admission.add_done_callback(self.mw._closing.discard)
-            admission.add_done_callback(self.mw._abandon)
-            raise
+            if self.mw.resolve_directly:  # the mode undoes a cancelled admission itself
+                context = await self.mw.mode.resolve(request)
+            else:
+                # Its own task, awaited through asyncio.shield: a cancellation of this
+                # request (anyio's or a plain task.cancel()) between "hold written" and
+                # "context returned" cannot abandon the hold: the admission finishes and
+                # its settlement is closed as incomplete (_abandon). anyio's shielded
+                # scope would not stop a plain task.cancel().
+                admission = asyncio.ensure_future(self.mw.mode.resolve(request))
+                try:
+                    context = await asyncio.shield(admission)
+                except asyncio.CancelledError:
+                    self.mw._closing.add(admission)  # kept referenced until it is done
+                    admission.add_done_callback(self.mw._closing.discard)
+                    admission.add_done_callback(self.mw._abandon)
+                    raise
         except RequestRejected as rejection:
             await self._send_error(rejection)
             return

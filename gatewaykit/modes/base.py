@@ -39,6 +39,14 @@ class RequestModeStrategy(Protocol):
     ``resolve`` authenticates, finds the user and upstream attempts, prices and holds the
     estimate, and returns the context (with its settlement) that the middleware puts in
     the scope. It raises :class:`~gatewaykit.errors.RequestRejected` to refuse.
+
+    A cancellation may reach ``resolve`` at any await (the client left, the server stops).
+    By default the middleware therefore runs it in a task of its own behind
+    ``asyncio.shield`` and closes a finished admission whose request is gone. A mode whose
+    ``resolve``, when cancelled, undoes whatever it held (as
+    :class:`~gatewaykit.modes.standalone.StandaloneMode` releases its hold) may say so
+    with a class attribute ``cancel_safe = True``: the middleware then awaits it in the
+    request's own task, a task and a shield fewer per request.
     """
 
     async def resolve(self, request: GatewayRequest) -> GatewayContext: ...

@@ -7,11 +7,18 @@ Under ``over_budget="fit"`` the ledger may hold a smaller output cap, which is w
 the body sent upstream (:mod:`gatewaykit.modes.fitting`). The admitted
 :class:`~gatewaykit.context.GatewayContext` carries a :class:`StandaloneSettlement` of the
 hold.
+
+A cancellation while the hold is being written (the client left, the server stops)
+releases it: the release follows the reserve in the ledger, or leaves a tombstone the
+late reserve finds, so nothing stays held — which is why the mode can be awaited without
+a shielding task of its own (``StandaloneMode.cancel_safe``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from typing import Literal
@@ -25,7 +32,7 @@ from gatewaykit.errors import (
     LedgerUnavailableError,
     RequestRejected,
 )
-from gatewaykit.ledger.base import ApiKeyRecord, Hold, Ledger, validate_ttl
+from gatewaykit.ledger.base import ApiKeyRecord, Hold, Ledger, UsageRecord, validate_ttl
 from gatewaykit.modes.admission import endpoint_name
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.charging import DisconnectPolicy, MissingUsagePolicy
@@ -103,6 +110,8 @@ class BudgetHolder:
         self.fail_open = fail_open
         self.rate_limiter = rate_limiter
         self._clock = clock
+        #: Releases of cancelled admissions' holds, referenced until they are done.
+        self._releasing: set[asyncio.Task[Hold]] = set()
 
     async def hold(
         self,
@@ -148,6 +157,9 @@ class BudgetHolder:
                 hold = await self.ledger.reserve(
                     request.request_id, scopes, amount, ttl=self.hold_ttl, fit=fit, max_live=caps
                 )
+        except asyncio.CancelledError:
+            self._release_abandoned(request, user, key_id)
+            raise
         except BudgetExceeded as exc:
             raise _budget_rejection(exc) from None
         except ConcurrencyExceeded as exc:
@@ -221,6 +233,32 @@ class BudgetHolder:
             key_id=key_id,
             response_headers=headers,
         )
+
+    def _release_abandoned(self, request: GatewayRequest, user: str, key_id: str | None) -> None:
+        """Release the hold of a request cancelled while it was being reserved (whether the
+        reserve committed, will, or never runs), with its usage record, in the background."""
+        record = UsageRecord(
+            request_id=request.request_id,
+            model=request.parsed.model,
+            endpoint=endpoint_name(request),
+            status="incomplete",
+            usage_source="none",
+            key_id=key_id,
+            user=user,
+        )
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self.ledger.release(request.request_id, record=record))
+        self._releasing.add(task)
+        task.add_done_callback(functools.partial(self._released, request.request_id))
+
+    def _released(self, request_id: str, task: asyncio.Task[Hold]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning(
+                "releasing the hold of cancelled request %s failed (%s); it expires after its TTL",
+                request_id,
+                type(task.exception()).__name__,
+            )
 
     def _caps(
         self, key_cap: int | None, key_id: str | None, user: str | None

@@ -96,6 +96,10 @@ class StandaloneMode:
     included) cap the requests in flight, inside the ledger's reserve (429).
     """
 
+    #: ``resolve`` undoes a cancelled admission itself (the hold is released; a token
+    #: estimate is returned to the limiter): GatewayMiddleware awaits it directly.
+    cancel_safe = True
+
     def __init__(
         self,
         ledger: Ledger,

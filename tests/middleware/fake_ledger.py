@@ -187,6 +187,8 @@ class FakeLedger:
             now = datetime.now(timezone.utc)
             hold = Hold(hold_id, (), Decimal(0), HoldState.RELEASED, now, now)
             self.hold_rows[hold_id] = hold
+            if record is not None:  # as the real ledgers: a tombstone keeps its record
+                self.records.append(record)
             return hold
         if hold.state is not HoldState.HELD:
             return hold

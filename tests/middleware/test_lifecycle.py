@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -23,7 +23,15 @@ from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.usage import Usage, UsageSource
 from tests.asgi import Exchange, call
-from tests.middleware.conftest import MakeKey, bearer, chat, open_backend
+from tests.middleware.conftest import (
+    MASTER_KEY,
+    PRICES,
+    UPSTREAMS,
+    MakeKey,
+    bearer,
+    chat,
+    open_backend,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -483,6 +491,57 @@ async def test_cancellation_while_admitting_does_not_leak_the_hold(
             break
         await anyio.sleep(0.01)
     assert await only_hold(ledger) is HoldState.RELEASED
+    await no_live_holds(ledger)
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["reserve-committed", "reserve-pending"])
+async def test_standalone_mode_releases_a_hold_whose_request_was_cancelled_mid_reserve(
+    ledger: Ledger, key: str, committed: bool
+) -> None:
+    """StandaloneMode is awaited in the request's own task (``cancel_safe``): cancelled
+    while its reserve is in flight — written already, or not yet — it releases the hold
+    itself (a tombstone when the release comes first) and records the request incomplete."""
+    reserving = anyio.Event()
+
+    class SlowReserve:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(ledger, name)
+
+        async def reserve(self, hold_id: str, *args: Any, **options: Any) -> Any:
+            if committed:
+                hold = await ledger.reserve(hold_id, *args, **options)
+            reserving.set()
+            await anyio.sleep(1)  # the client leaves here
+            return hold if committed else await ledger.reserve(hold_id, *args, **options)
+
+    mode = StandaloneMode(
+        cast(Ledger, SlowReserve()), prices=PRICES, upstreams=UPSTREAMS, master_key=MASTER_KEY
+    )
+    assert mode.cancel_safe is True
+
+    async def endpoint(request: Request) -> Response:  # pragma: no cover - never reached
+        raise AssertionError
+
+    app = gated(mode, endpoint)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: call(app, json_body=BODY, headers=bearer(key)))
+        await reserving.wait()
+        tg.cancel_scope.cancel()
+    for _ in range(500):
+        holds = await ledger.holds(live_only=False)
+        if holds and holds[0].state is not HoldState.HELD:
+            break
+        await anyio.sleep(0.01)
+    [hold] = await ledger.holds(live_only=False)
+    assert hold.state is HoldState.RELEASED
+    assert ("user:alice" in hold.scopes) is committed  # else the release's tombstone
+    [record] = await ledger.usage()
+    assert (record.request_id, record.status, record.usage_source) == (
+        hold.hold_id,
+        "incomplete",
+        "none",
+    )
+    assert record.cost == 0
     await no_live_holds(ledger)
 
 
