@@ -4,19 +4,20 @@
 (401 > 400 > 403 > 429 > 404 > 402):
 
 1. credential (``Authorization: Bearer`` or ``x-api-key``) → 401 when missing, unknown,
-   revoked or expired;
+   revoked or expired (:mod:`gatewaykit.modes.authentication`);
 2. a master key must name the user (body ``user`` / Anthropic ``metadata.user_id``) → 400;
    an unpriced model under the ``reject`` policy → 400;
 3. an ordinary key naming another user, or a model outside the key's ``allowed_models``
    → 403;
 4. the rate limits of the key, the user and the team (requests and tokens per minute;
-   :mod:`gatewaykit.ratelimit`) → 429 with ``Retry-After`` and OpenAI's
+   :mod:`gatewaykit.ratelimit.selection`) → 429 with ``Retry-After`` and OpenAI's
    ``x-ratelimit-*`` headers;
 5. no upstream serves the model → 404 (every upstream that does becomes an attempt, in
-   configuration order: the adapters fall back to the next one before the first chunk);
+   configuration order: the adapters fall back to the next one before the first chunk;
+   :mod:`gatewaykit.modes.routing`);
 6. one atomic hold of the estimate on every scope that applies (``key:<key_id>``,
    ``user:<user>``, ``team:<team>``) → 402 with the refusing budget's numbers, or 503 when
-   the ledger is unreachable.
+   the ledger is unreachable (:mod:`gatewaykit.modes.holds`).
 
 An OpenAI responses request that continues a stored response or conversation also holds
 the stored context it will be billed for, as remembered in the ledger for this user (an
