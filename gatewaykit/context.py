@@ -48,8 +48,11 @@ class GatewayContext:
 
 def get_context(conn: Any) -> GatewayContext:
     """The gateway context of a request (a Starlette ``Request``/``HTTPConnection`` or scope)."""
-    scope = conn if isinstance(conn, MutableMapping) else getattr(conn, "scope", None)
-    context = scope.get(SCOPE_KEY) if isinstance(scope, Mapping) else None
+    if type(conn) is dict:  # an ASGI scope: no ABC checks on the request path
+        context = conn.get(SCOPE_KEY)
+    else:
+        scope = conn if isinstance(conn, MutableMapping) else getattr(conn, "scope", None)
+        context = scope.get(SCOPE_KEY) if isinstance(scope, Mapping) else None
     if not isinstance(context, GatewayContext):
         raise SettlementMissingError(
             "no gatewaykit settlement on this request: GatewayMiddleware did not handle it. "
