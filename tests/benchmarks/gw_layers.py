@@ -13,7 +13,9 @@ CPU µs per request (the minimum and median of five rounds):
 5. the adapter instead of the trivial endpoint (the full gateway path).
 
 The differences between rows are what each layer adds. CPU time of the loop thread,
-not wall time: robust to the other tenants of the box.
+not wall time: robust to the other tenants of the box. The collector is tuned as
+``gatewaykit serve`` tunes it (:func:`gatewaykit.runtime.tune_gc`; ``--gc-default``
+leaves CPython's settings).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gatewaykit.context import GatewayContext, get_context
 from gatewaykit.keys import display_prefix, hash_key
 from gatewaykit.ledger.base import ApiKeyRecord
 from gatewaykit.modes.base import GatewayRequest
+from gatewaykit.runtime import tune_gc
 from gatewaykit.settlement import UnmeteredSettlement
 from gatewaykit.usage import Usage
 from tests.benchmarks import gw_fake, gw_gateway, gw_micro
@@ -154,7 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gw_layers")
     parser.add_argument("--c", type=int, default=16, help="requests in flight")
     parser.add_argument("--n", type=int, default=3000, help="requests per round")
+    parser.add_argument("--gc-default", action="store_true", help="leave the collector as is")
     args = parser.parse_args(argv)
+    if not args.gc_default:
+        tune_gc()
     key = gw_gateway.new_key()
     raw = request_bytes(gw_micro.UPSTREAM + "/chat/completions", stream=False, key=key)
     run: Callable[[Any], tuple[float, float]] = asyncio.run
