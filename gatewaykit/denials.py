@@ -61,7 +61,8 @@ class DenialCounter(BackgroundWorker):
         except GatewayKitError as exc:
             for key, n in counts.items():  # keep them for the next flush
                 self._counts[key] = self._counts.get(key, 0) + n
-            logger.warning("recording %d denials failed; retrying later: %s", sum(rows.values()), exc)
+            unsaved = sum(rows.values())
+            logger.warning("recording %d denials failed; retrying later: %s", unsaved, exc)
 
     async def _run(self) -> None:
         while True:

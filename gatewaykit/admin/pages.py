@@ -101,8 +101,9 @@ async def overview(admin: Admin, visit: Visit) -> Response:
             "month": await _spent(ledger, since=month),
             "requests": await _requests(ledger, since=now - timedelta(days=1)),
         },
-        denials=await _denials(ledger, since=now.replace(minute=0, second=0, microsecond=0)
-                               - timedelta(hours=23)),
+        denials=await _denials(
+            ledger, since=now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=23)
+        ),
         top={
             "users": await _top(ledger, "user", since=month),
             "models": await _top(ledger, "model", since=month),

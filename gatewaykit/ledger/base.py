@@ -838,9 +838,7 @@ class Ledger(Protocol):
         :func:`validate_denials`.
         """
 
-    async def denials(
-        self, *, since: datetime, until: datetime | None = None
-    ) -> list[DenialCount]:
+    async def denials(self, *, since: datetime, until: datetime | None = None) -> list[DenialCount]:
         """The stored counts of the hours starting at ``since <= hour < until``, sorted by
         hour then reason; both times timezone-aware."""
 

@@ -1361,9 +1361,7 @@ class PostgresLedger(AsyncResource):
             hours, reasons, numbers = zip(*rows, strict=True)
             await self._fetch(_DENIALS_ADD, list(hours), list(reasons), list(numbers))
 
-    async def denials(
-        self, *, since: datetime, until: datetime | None = None
-    ) -> list[DenialCount]:
+    async def denials(self, *, since: datetime, until: datetime | None = None) -> list[DenialCount]:
         """The stored refusal counts of the hours in ``[since, until)``, by hour and reason."""
         query = validate_denial_range(since, until)
         rows = await self._fetch(_DENIALS_READ, query.since, query.until, report=True)

@@ -52,8 +52,8 @@ from gatewaykit.ledger._sqlite_schema import (
     prepare,
 )
 from gatewaykit.ledger.base import (
-    ApiKeyRecord,
     DENIAL_RETENTION,
+    ApiKeyRecord,
     BudgetStatus,
     DenialCount,
     Hold,
@@ -1581,9 +1581,7 @@ class SQLiteLedger(AsyncResource):
         if rows:
             await self._call(_Store.add_denials, rows)
 
-    async def denials(
-        self, *, since: datetime, until: datetime | None = None
-    ) -> list[DenialCount]:
+    async def denials(self, *, since: datetime, until: datetime | None = None) -> list[DenialCount]:
         query = validate_denial_range(since, until)
         end = None if query.until is None else _dt_us(query.until)
         return await self._call(_Store.denials, _dt_us(since), end)

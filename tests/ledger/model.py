@@ -454,17 +454,15 @@ class ModelLedger:
         for key in [k for k, (_, expires) in self.contexts.items() if now >= expires]:
             del self.contexts[key]
         oldest = from_us(now - to_us(DENIAL_RETENTION))
-        for key in [k for k in self.denials_ if k[0] < oldest]:
-            del self.denials_[key]
+        for hour_reason in [k for k in self.denials_ if k[0] < oldest]:
+            del self.denials_[hour_reason]
         return len(due)
 
     async def add_denials(self, counts: Mapping[tuple[datetime, str], int]) -> None:
         for hour, reason, count in validate_denials(counts):
             self.denials_[hour, reason] = self.denials_.get((hour, reason), 0) + count
 
-    async def denials(
-        self, *, since: datetime, until: datetime | None = None
-    ) -> list[DenialCount]:
+    async def denials(self, *, since: datetime, until: datetime | None = None) -> list[DenialCount]:
         query = validate_denial_range(since, until)
         return [
             DenialCount(hour, reason, count)

@@ -233,9 +233,7 @@ class FakeLedger:
             key = (hour, reason)
             self.denial_counts[key] = self.denial_counts.get(key, 0) + count
 
-    async def denials(
-        self, *, since: datetime, until: datetime | None = None
-    ) -> list[DenialCount]:
+    async def denials(self, *, since: datetime, until: datetime | None = None) -> list[DenialCount]:
         self._guard("denials")
         return [
             DenialCount(hour, reason, count)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from decimal import Decimal
 
 import anyio
 import httpx
@@ -71,7 +72,7 @@ async def test_it_flushes_every_interval_and_when_it_closes() -> None:
     async with DenialCounter(ledger, interval=0.01) as counter:
         counter.refused(ErrorKind.PERMISSION)
         with anyio.fail_after(5):
-            while not ledger.denial_counts:
+            while not ledger.denial_counts:  # noqa: ASYNC110 (the flush is a timer's)
                 await anyio.sleep(0.01)
         counter.refused(ErrorKind.PERMISSION)
     hour = this_hour()
@@ -84,8 +85,6 @@ def test_the_interval_must_be_positive(interval: object) -> None:
         DenialCounter(FakeLedger(), interval=interval)  # type: ignore[arg-type]
 
 
-
-
 async def test_the_middleware_counts_refusals_and_nothing_else(
     make_mode: Callable[..., StandaloneMode], make_key: MakeKey
 ) -> None:
@@ -93,7 +92,7 @@ async def test_the_middleware_counts_refusals_and_nothing_else(
     ledger = mode.ledger
     counter = DenialCounter(ledger)
     key, record = await make_key()
-    await ledger.set_budget(f"key:{record.key_id}", limit=0, period=Period())
+    await ledger.set_budget(f"key:{record.key_id}", limit=Decimal(0), period=Period())
 
     async def endpoint(request: Request) -> Response:
         await get_settlement(request).on_success(Usage(1, 1))
