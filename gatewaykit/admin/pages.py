@@ -126,7 +126,7 @@ _REASONS = {
     "budget": "Budget exhausted (402)",
     "rate_limit": "Rate limited (429)",
     "bad_request": "Bad request (400, 404, 413)",
-    "unavailable": "Unavailable (502–504)",
+    "unavailable": "Ledger unavailable (503)",
 }
 
 
