@@ -75,6 +75,7 @@ class Settings:
     anthropic_base_url: str | None = None
     anthropic_api_key: str | None = dataclasses.field(default=None, repr=False)
     ops_port: int | None = None
+    denials_flush: float = 10.0
 
     @property
     def offline(self) -> bool:
@@ -113,6 +114,13 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         help="serve /metrics, /livez and /readyz on this port (default: not served)",
     )
     parser.add_argument(
+        "--denials-flush",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how often refusal counts are added to the ledger (default 10)",
+    )
+    parser.add_argument(
         "--redis", metavar="URL", help="share rate limits through Redis (redis://host:port/db)"
     )
     args = parser.parse_args(argv)
@@ -134,6 +142,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         anthropic_base_url=environ.get("ANTHROPIC_BASE_URL") or None,
         anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
         ops_port=args.ops_port,
+        denials_flush=args.denials_flush,
     )
 
 
@@ -164,7 +173,11 @@ def example_config(settings: Settings, fake_port: int | None) -> GatewayConfig:
         )
     data: dict[str, object] = {
         "server": {"host": settings.host, "port": settings.port},
-        "ledger": {"url": settings.db, "hold_ttl": settings.hold_ttl},
+        "ledger": {
+            "url": settings.db,
+            "hold_ttl": settings.hold_ttl,
+            "denials_flush_interval": settings.denials_flush,
+        },
         "prices": {"file": None if settings.prices is None else str(settings.prices)},
     }
     if settings.platform is not None:

@@ -118,6 +118,9 @@ class LedgerConfig(Section):
     hold_ttl: float = Field(default=600.0, gt=0)
     #: Seconds between sweeps that expire crashed requests' holds; default ``hold_ttl / 4``.
     sweep_interval: float | None = Field(default=None, gt=0)
+    #: Seconds between the additions of each process's refusal counts to the ledger
+    #: (the admin page's denials lag by up to this much).
+    denials_flush_interval: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod

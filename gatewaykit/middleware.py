@@ -92,6 +92,7 @@ from gatewaykit.parsing import Estimator, ParsedRequest, parse_body, parse_reque
 from gatewaykit.settlement import Settlement
 
 if TYPE_CHECKING:
+    from gatewaykit.denials import DenialCounter
     from gatewaykit.observability.probe import Instruments, RequestProbe
     from gatewaykit.observability.recorder import MetricsRecorder
     from gatewaykit.observability.tracing import OpenTelemetryTracing
@@ -137,7 +138,8 @@ class GatewayMiddleware:
     ``metrics`` (a :class:`~gatewaykit.observability.MetricsRecorder`, e.g.
     :class:`~gatewaykit.observability.PrometheusMetrics`) and ``tracing``
     (:class:`~gatewaykit.observability.OpenTelemetryTracing`) observe every gated request;
-    left None (the default) they cost nothing: no call, no allocation.
+    left None (the default) they cost nothing: no call, no allocation. ``denials`` (a
+    :class:`~gatewaykit.denials.DenialCounter`) counts every refusal for the admin page.
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class GatewayMiddleware:
         models_path: str | None = "/v1/models",
         metrics: MetricsRecorder | None = None,
         tracing: OpenTelemetryTracing | None = None,
+        denials: DenialCounter | None = None,
     ) -> None:
         if not isinstance(mode, RequestModeStrategy):
             raise ConfigurationError(
@@ -198,6 +201,7 @@ class GatewayMiddleware:
         self.resolve_directly = getattr(mode, "cancel_safe", False) is True
         self.metrics = metrics
         self.tracing = tracing
+        self.denials = denials
         self._instruments: Instruments | None = None
         if metrics is not None or tracing is not None:
             from gatewaykit.observability.probe import Instruments
@@ -439,6 +443,8 @@ class _GatedCall:
         self.status = rejection.status
         if self.probe is not None:
             self.probe.refused(rejection.kind)
+        if self.mw.denials is not None:
+            self.mw.denials.refused(rejection.kind)
         await self.server_send(
             {"type": "http.response.start", "status": rejection.status, "headers": headers}
         )

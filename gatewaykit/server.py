@@ -4,8 +4,8 @@
 Starlette application: the adapters behind :class:`~gatewaykit.GatewayMiddleware`,
 ``GET /healthz``, the admin page when ``[admin]`` enables it (and on a port of their own,
 if asked, ``/metrics``, ``/livez`` and ``/readyz``), and a lifespan that opens the upstream
-client, the ledger (with a periodic sweeper) or the platform mode's outbox, and closes them
-in reverse order.
+client, the ledger (with a periodic sweeper and the refusal counter's flusher) or the
+platform mode's outbox, and closes them in reverse order.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from gatewaykit.adapters import default_client, gateway_routes
 from gatewaykit.config import GatewayConfig
+from gatewaykit.denials import DenialCounter
 from gatewaykit.errors import ConfigurationError, GatewayKitError
 from gatewaykit.ledger import Ledger, open_ledger
 from gatewaykit.middleware import GatewayMiddleware
@@ -86,6 +87,7 @@ def build_app(
     client = default_client()
     prices = load_prices(config)
     ledger: Ledger | None = None
+    denials: DenialCounter | None = None
     limiter: RedisRateLimiter | None = None
     outbox: Outbox | None = None
     platform: PlatformMode | None = None
@@ -102,6 +104,7 @@ def build_app(
     else:
         options = config.standalone
         ledger = open_ledger(config.ledger.url)
+        denials = DenialCounter(ledger, interval=config.ledger.denials_flush_interval)
         limiter = redis_limiter(config)
         mode = StandaloneMode(
             ledger,
@@ -151,6 +154,8 @@ def build_app(
                 sweeper = anyio.CancelScope()
                 tasks.start_soon(sweep_periodically, ledger, sweep_interval, sweeper)
                 stack.callback(sweeper.cancel)
+            if denials is not None:  # inside the ledger: its last flush finds it open
+                await stack.enter_async_context(denials)
             if limiter is not None:
                 await stack.enter_async_context(limiter)
             if platform is not None:
@@ -176,6 +181,7 @@ def build_app(
                 mode=mode,
                 max_body_bytes=config.server.max_body_bytes,
                 metrics=metrics,
+                denials=denials,
             )
         ],
         lifespan=lifespan,

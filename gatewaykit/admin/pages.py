@@ -101,6 +101,9 @@ async def overview(admin: Admin, visit: Visit) -> Response:
             "month": await _spent(ledger, since=month),
             "requests": await _requests(ledger, since=now - timedelta(days=1)),
         },
+        denials=await _denials(
+            ledger, since=now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=23)
+        ),
         top={
             "users": await _top(ledger, "user", since=month),
             "models": await _top(ledger, "model", since=month),
@@ -114,6 +117,30 @@ async def _spent(ledger: Ledger, *, since: datetime) -> Decimal:
 
 async def _requests(ledger: Ledger, *, since: datetime) -> int:
     return sum(t.requests for t in await ledger.usage_totals(group_by=(), since=since))
+
+
+#: How the Overview names the reasons ``gatewaykit.denials`` counts under.
+_REASONS = {
+    "auth": "Bad or missing key (401)",
+    "forbidden": "Forbidden (403)",
+    "budget": "Budget exhausted (402)",
+    "rate_limit": "Rate limited (429)",
+    "bad_request": "Bad request (400, 404, 413)",
+    "unavailable": "Ledger unavailable (503)",
+}
+
+
+async def _denials(ledger: Ledger, *, since: datetime) -> dict[str, Any]:
+    """The refusals of the hours from ``since``: their total and (label, count) per reason,
+    most first."""
+    by_reason: dict[str, int] = {}
+    for row in await ledger.denials(since=since):
+        by_reason[row.reason] = by_reason.get(row.reason, 0) + row.count
+    reasons = sorted(by_reason.items(), key=lambda item: (-item[1], item[0]))
+    return {
+        "total": sum(by_reason.values()),
+        "reasons": [(_REASONS.get(reason, reason), count) for reason, count in reasons],
+    }
 
 
 async def _top(ledger: Ledger, group: UsageGroup, *, since: datetime) -> list[UsageTotal]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from gatewaykit.ledger.base import (
     ApiKeyRecord,
     BudgetStatus,
+    DenialCount,
     Hold,
     HoldState,
     Ledger,
@@ -19,6 +20,7 @@ from gatewaykit.ledger.url import open_ledger
 __all__ = [
     "ApiKeyRecord",
     "BudgetStatus",
+    "DenialCount",
     "Hold",
     "HoldState",
     "Ledger",

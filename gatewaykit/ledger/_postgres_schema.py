@@ -213,8 +213,19 @@ FROM usage_records GROUP BY 1, 2, 3, 4;
 ANALYZE usage_daily;
 """
 
+# Refused requests per UTC hour and reason, added to by every gateway process's periodic
+# flush (ledger.add_denials); sweep prunes old hours.
+_V8 = r"""
+CREATE TABLE denials (
+    hour   timestamptz NOT NULL,
+    reason text NOT NULL,
+    count  bigint NOT NULL CHECK (count > 0),
+    PRIMARY KEY (hour, reason)
+);
+"""
+
 #: Migration scripts in order; never edit a released one, append a new one.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _OURS = ("budgets", "counters", "holds", "usage_records", "api_keys")

@@ -200,6 +200,16 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             SELECT {DAY_SQL}, user, key_id, model, {ROLLUP_AGGREGATES} FROM usage_records
             GROUP BY 1, 2, 3, 4""",
     ),
+    # Refused requests per UTC hour (microseconds of its start) and reason, added to by
+    # every gateway process's periodic flush (ledger.add_denials); sweep prunes old hours.
+    8: (
+        """CREATE TABLE denials (
+            hour INTEGER NOT NULL CHECK (typeof(hour) = 'integer'),
+            reason TEXT NOT NULL,
+            count INTEGER NOT NULL CHECK (typeof(count) = 'integer' AND count > 0),
+            PRIMARY KEY (hour, reason)
+        ) WITHOUT ROWID""",
+    ),
 }
 LATEST_VERSION = max(MIGRATIONS)
 

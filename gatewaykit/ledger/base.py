@@ -36,6 +36,8 @@ from gatewaykit.usage import MAX_TOKENS
 __all__ = [
     "ApiKeyRecord",
     "BudgetStatus",
+    "DENIAL_RETENTION",
+    "DenialCount",
     "Hold",
     "MAX_LIMIT",
     "HoldState",
@@ -51,6 +53,8 @@ __all__ = [
     "UsageTotal",
     "sort_totals",
     "validate_context_id",
+    "validate_denial_range",
+    "validate_denials",
     "validate_fit",
     "validate_hold_id",
     "validate_key_limits",
@@ -586,6 +590,58 @@ def whole_days(query: UsageFilter) -> tuple[date | None, date | None] | None:
     return first, end
 
 
+#: How long the ledger keeps refusal counts (seconds): ``sweep`` prunes older hours.
+DENIAL_RETENTION = 30 * 24 * 3600
+_REASON = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+#: The most one ``add_denials`` may add to one (hour, reason): far beyond any real flood,
+#: so that sums stay well inside a signed 64-bit column.
+_MAX_DENIALS = 2**40
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DenialCount:
+    """How many requests were refused for ``reason`` in the UTC hour starting at ``hour``."""
+
+    hour: datetime
+    reason: str
+    count: int
+
+
+def validate_denials(counts: Mapping[tuple[datetime, str], int]) -> list[tuple[datetime, str, int]]:
+    """Check ``add_denials``' counts; return them as sorted ``(hour in UTC, reason, count)``.
+
+    An hour is a timezone-aware datetime on the hour; a reason is a short lower-case
+    word (``auth``, ``budget``…); a count a positive int.
+    """
+    if not isinstance(counts, Mapping):
+        raise ConfigurationError("denial counts must map (hour, reason) to a count")
+    rows: list[tuple[datetime, str, int]] = []
+    for key, count in counts.items():
+        if not isinstance(key, tuple) or len(key) != 2:
+            raise ConfigurationError(f"a denial count's key must be (hour, reason), not {key!r}")
+        hour, reason = key
+        if not isinstance(hour, datetime) or hour.utcoffset() is None:
+            raise ConfigurationError(f"a denial hour must be a timezone-aware datetime: {hour!r}")
+        hour = hour.astimezone(timezone.utc)
+        if hour != hour.replace(minute=0, second=0, microsecond=0):
+            raise ConfigurationError(f"a denial hour must start on the hour: {hour.isoformat()}")
+        if not isinstance(reason, str) or not _REASON.match(reason):
+            raise ConfigurationError(f"invalid denial reason {reason!r}: a short lower-case word")
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= _MAX_DENIALS:
+            raise ConfigurationError(
+                f"a denial count must be an int from 1 to {_MAX_DENIALS}, got {count!r}"
+            )
+        rows.append((hour, reason, count))
+    return sorted(rows)
+
+
+def validate_denial_range(since: datetime, until: datetime | None) -> UsageFilter:
+    """Check ``denials``' range: ``since`` is required, both timezone-aware."""
+    if since is None:
+        raise ConfigurationError("denials needs since, a timezone-aware datetime")
+    return validate_usage_filter(since, until, None, None, None)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ApiKeyRecord:
     """A stored API key: never the key itself, only its SHA-256 hash and display prefix."""
@@ -772,6 +828,19 @@ class Ledger(Protocol):
         None when the id is unknown, expired, or belongs to another owner (the three are
         indistinguishable). Written by ``settle`` from ``UsageRecord.response_context``.
         """
+
+    # -- refusals ----------------------------------------------------------------------
+    async def add_denials(self, counts: Mapping[tuple[datetime, str], int]) -> None:
+        """Add refused requests to the stored counts per (UTC hour, reason), atomically.
+
+        Counts add up (several gateway processes flush into one store); hours older than
+        :data:`DENIAL_RETENTION` are pruned by ``sweep``. Checked by
+        :func:`validate_denials`.
+        """
+
+    async def denials(self, *, since: datetime, until: datetime | None = None) -> list[DenialCount]:
+        """The stored counts of the hours starting at ``since <= hour < until``, sorted by
+        hour then reason; both times timezone-aware."""
 
     # -- API keys ------------------------------------------------------------------------
     async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord: ...

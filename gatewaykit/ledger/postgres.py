@@ -51,8 +51,10 @@ from gatewaykit.errors import (
 )
 from gatewaykit.ledger._postgres_schema import migrate
 from gatewaykit.ledger.base import (
+    DENIAL_RETENTION,
     ApiKeyRecord,
     BudgetStatus,
+    DenialCount,
     Hold,
     HoldState,
     OutputFit,
@@ -64,6 +66,8 @@ from gatewaykit.ledger.base import (
     UsageTotal,
     sort_totals,
     validate_context_id,
+    validate_denial_range,
+    validate_denials,
     validate_fit,
     validate_hold_id,
     validate_key_limits,
@@ -477,6 +481,20 @@ ON CONFLICT (context_id, owner) DO UPDATE SET
 _CONTEXT_READ = """
 SELECT tokens FROM response_contexts
 WHERE context_id = $1 AND owner = $2 AND expires_at > gk_now()
+"""
+
+# $1 hours, $2 reasons, $3 counts, sorted (so concurrent flushes lock rows in one order).
+_DENIALS_ADD = """
+INSERT INTO denials (hour, reason, count)
+SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::bigint[])
+ON CONFLICT (hour, reason) DO UPDATE SET count = denials.count + excluded.count
+"""
+_DENIALS_READ = """
+SELECT hour, reason, count FROM denials
+WHERE hour >= $1 AND ($2::timestamptz IS NULL OR hour < $2) ORDER BY hour, reason
+"""
+_DENIALS_PRUNE = f"""
+DELETE FROM denials WHERE hour < gk_now() - interval '{DENIAL_RETENTION} seconds'
 """
 
 # $1 batch size. SKIP LOCKED: a row being refreshed (or pruned elsewhere) is left alone.
@@ -1239,6 +1257,7 @@ class PostgresLedger(AsyncResource):
             if swept < self.sweep_batch:
                 break
         await self._prune_contexts()
+        await self._fetch(_DENIALS_PRUNE)
         await self._rollup()
         return total
 
@@ -1333,6 +1352,20 @@ class PostgresLedger(AsyncResource):
         (owner,) = validate_scopes([owner])
         rows = await self._fetch(_CONTEXT_READ, context_id, owner)
         return int(rows[0]["tokens"]) if rows else None
+
+    # -- refusals ----------------------------------------------------------------------
+    async def add_denials(self, counts: Mapping[tuple[datetime, str], int]) -> None:
+        """Add refusal counts per (UTC hour, reason) in one statement (an upsert)."""
+        rows = validate_denials(counts)
+        if rows:
+            hours, reasons, numbers = zip(*rows, strict=True)
+            await self._fetch(_DENIALS_ADD, list(hours), list(reasons), list(numbers))
+
+    async def denials(self, *, since: datetime, until: datetime | None = None) -> list[DenialCount]:
+        """The stored refusal counts of the hours in ``[since, until)``, by hour and reason."""
+        query = validate_denial_range(since, until)
+        rows = await self._fetch(_DENIALS_READ, query.since, query.until, report=True)
+        return [DenialCount(r["hour"], r["reason"], int(r["count"])) for r in rows]
 
     async def _prune_contexts(self) -> int:
         """Delete expired response contexts in batches of ``sweep_batch``."""

@@ -52,8 +52,10 @@ from gatewaykit.ledger._sqlite_schema import (
     prepare,
 )
 from gatewaykit.ledger.base import (
+    DENIAL_RETENTION,
     ApiKeyRecord,
     BudgetStatus,
+    DenialCount,
     Hold,
     HoldState,
     OutputFit,
@@ -65,6 +67,8 @@ from gatewaykit.ledger.base import (
     UsageTotal,
     sort_totals,
     validate_context_id,
+    validate_denial_range,
+    validate_denials,
     validate_fit,
     validate_hold_id,
     validate_key_limits,
@@ -123,6 +127,10 @@ _NEVER = 2**62
 _PRUNE_BATCH = 10_000
 #: Stored context tokens never grow past this (an integer column must not overflow).
 _MAX_CONTEXT_TOKENS = 2**53 - 1
+_DENIALS_UPSERT = (
+    "INSERT INTO denials (hour, reason, count) VALUES (?, ?, ?) "
+    "ON CONFLICT (hour, reason) DO UPDATE SET count = count + excluded.count"
+)
 # $1 id, $2 owner, $3 tokens, $4 now, $5 expires at, $6 growth. A live row of the same id
 # and owner grows: max(stored + growth, tokens); an expired one is replaced.
 _CONTEXT_UPSERT = f"""
@@ -1044,10 +1052,22 @@ class _Store:
         return cursor.rowcount
 
     def sweep_and_prune(self, now: int) -> int:
-        """``sweep``, then prune a batch of expired response contexts; return the holds."""
+        """``sweep``, then prune a batch of expired response contexts and the refusal
+        counts past their retention; return the holds."""
         swept = self.sweep(now)
         self.prune_contexts(now, _PRUNE_BATCH)
+        self.c.execute("DELETE FROM denials WHERE hour < ?", (now - _us(DENIAL_RETENTION),))
         return swept
+
+    def add_denials(self, now: int, rows: list[tuple[int, str, int]]) -> None:
+        self.c.executemany(_DENIALS_UPSERT, rows)
+
+    def denials(self, now: int, since: int, until: int | None) -> list[DenialCount]:
+        sql, args = "SELECT hour, reason, count FROM denials WHERE hour >= ?", [since]
+        if until is not None:
+            sql, args = sql + " AND hour < ?", [since, until]
+        rows = self.c.execute(sql + " ORDER BY hour, reason", args).fetchall()
+        return [DenialCount(_dt(hour), reason, count) for hour, reason, count in rows]
 
 
 _Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
@@ -1554,6 +1574,17 @@ class SQLiteLedger(AsyncResource):
         context_id = validate_context_id(context_id)
         (owner,) = validate_scopes([owner])
         return await self._call(_Store.response_context, context_id, owner)
+
+    # -- refusals ----------------------------------------------------------------------
+    async def add_denials(self, counts: Mapping[tuple[datetime, str], int]) -> None:
+        rows = [(_dt_us(hour), reason, n) for hour, reason, n in validate_denials(counts)]
+        if rows:
+            await self._call(_Store.add_denials, rows)
+
+    async def denials(self, *, since: datetime, until: datetime | None = None) -> list[DenialCount]:
+        query = validate_denial_range(since, until)
+        end = None if query.until is None else _dt_us(query.until)
+        return await self._call(_Store.denials, _dt_us(since), end)
 
     # -- API keys ------------------------------------------------------------------------
     async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord:

@@ -86,7 +86,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     log = directory / "app.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, str(ROOT / "examples" / "app.py"), "--port", str(port), "--db", db],
+            [sys.executable, str(ROOT / "examples" / "app.py"), "--port", str(port), "--db", db,
+             "--denials-flush", "0.2"],
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -218,10 +219,27 @@ def test_an_operator_creates_watches_and_revokes_a_key(
     assert page.locator(f"#key-{key_id}").inner_text().count("never") == 1  # used: expiry only
     shoot(page, "keys", tmp_path)
 
+    # A wrong key (401) and a key over its budget (402) are refused; each gateway process
+    # adds its counts to the ledger every --denials-flush seconds (0.2 here).
+    with pytest.raises(openai.AuthenticationError):
+        chat(gateway, key + "x")
+    broke = cli(gateway, "keys", "create", "--user", "bob", "--budget", "0")
+    with pytest.raises(openai.APIStatusError) as refused:
+        chat(gateway, broke["key"])
+    assert refused.value.status_code == 402
+
     page.click("nav >> text=Overview")
     assert page.inner_text("#spent-today") == shown
     assert page.inner_text("#requests-24h") == "1"
     assert "alice" in page.inner_text("main")
+    deadline = time.monotonic() + 10
+    while page.inner_text("#denials-24h") != "2":
+        assert time.monotonic() < deadline, page.inner_text("main")
+        time.sleep(0.1)  # the next flush is a timer in another process: poll the page
+        page.reload()
+    reasons = page.inner_text("#denials-by-reason")
+    assert "Bad or missing key (401): 1" in reasons
+    assert "Budget exhausted (402): 1" in reasons
     shoot(page, "overview", tmp_path)
 
     page.click("nav >> text=Budgets")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -248,3 +248,28 @@ async def test_a_failed_check_is_red_on_the_overview(ledger: Ledger) -> None:
     assert 'class="notice error check" role="alert"' in page
     assert "Ledger check failed" in page
     assert "I2: reserved 5 != live holds 3 on user:&lt;b&gt;x&lt;/b&gt;" in page
+
+
+async def test_overview_counts_denials_of_the_last_24_hours_by_reason(
+    admin: httpx.AsyncClient, ledger: Ledger
+) -> None:
+    page = (await admin.get("")).text
+    assert 'id="denials-24h">0<' in page
+    assert "none refused" in page
+    hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    await ledger.add_denials(
+        {
+            (hour, "auth"): 3,
+            (hour - timedelta(hours=23), "budget"): 1,
+            (hour - timedelta(hours=2), "auth"): 2,
+            (hour, "custom_reason"): 1,  # another writer's reason: shown as it is
+            (hour - timedelta(hours=24), "rate_limit"): 50,  # older than 24 h
+        }
+    )
+    page = (await admin.get("")).text
+    assert 'id="denials-24h">7<' in page
+    reasons = page.split('id="denials-by-reason">')[1].split("</ul>")[0]
+    assert reasons == (
+        "<li>Bad or missing key (401): 5</li><li>Budget exhausted (402): 1</li>"
+        "<li>custom_reason: 1</li>"
+    )

@@ -37,8 +37,10 @@ from gatewaykit.errors import (
     HoldNotFoundError,
 )
 from gatewaykit.ledger.base import (
+    DENIAL_RETENTION,
     ApiKeyRecord,
     BudgetStatus,
+    DenialCount,
     Hold,
     HoldState,
     OutputFit,
@@ -49,6 +51,8 @@ from gatewaykit.ledger.base import (
     UsageTotal,
     sort_totals,
     validate_context_id,
+    validate_denial_range,
+    validate_denials,
     validate_fit,
     validate_hold_id,
     validate_key_limits,
@@ -175,6 +179,8 @@ class ModelLedger:
         self.contexts: dict[tuple[str, str], tuple[int, int]] = {}
         #: The optional change signal (see ``Ledger``): bumped by every key change.
         self.key_epoch = 0
+        #: Refusals per (UTC hour, reason).
+        self.denials_: dict[tuple[datetime, str], int] = {}
 
     # -- lifecycle (so the model can stand in for a backend) ---------------------------
     async def open(self) -> None:
@@ -447,7 +453,22 @@ class ModelLedger:
             self._expire(hold, now)
         for key in [k for k, (_, expires) in self.contexts.items() if now >= expires]:
             del self.contexts[key]
+        oldest = from_us(now - to_us(DENIAL_RETENTION))
+        for hour_reason in [k for k in self.denials_ if k[0] < oldest]:
+            del self.denials_[hour_reason]
         return len(due)
+
+    async def add_denials(self, counts: Mapping[tuple[datetime, str], int]) -> None:
+        for hour, reason, count in validate_denials(counts):
+            self.denials_[hour, reason] = self.denials_.get((hour, reason), 0) + count
+
+    async def denials(self, *, since: datetime, until: datetime | None = None) -> list[DenialCount]:
+        query = validate_denial_range(since, until)
+        return [
+            DenialCount(hour, reason, count)
+            for (hour, reason), count in sorted(self.denials_.items())
+            if since <= hour and (query.until is None or hour < query.until)
+        ]
 
     async def check(self) -> list[str]:
         return self.invariants()

@@ -244,7 +244,7 @@ async def _check_migrated(ledger: Ledger, clock: FakeClock) -> None:
 
 
 async def test_a_version_6_sqlite_file_gets_its_records_rolled_up(tmp_path: Path) -> None:
-    from gatewaykit.ledger._sqlite_schema import APPLICATION_ID, MIGRATIONS
+    from gatewaykit.ledger._sqlite_schema import APPLICATION_ID, LATEST_VERSION, MIGRATIONS
     from gatewaykit.ledger.sqlite import SQLiteLedger
 
     path = tmp_path / "v6.db"
@@ -267,7 +267,8 @@ async def test_a_version_6_sqlite_file_gets_its_records_rolled_up(tmp_path: Path
     async with SQLiteLedger(str(path), clock=clock) as ledger:
         await _check_migrated(ledger, clock)
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT version FROM gatewaykit_schema").fetchall() == [(7,)]
+    versions = conn.execute("SELECT version FROM gatewaykit_schema").fetchall()
+    assert versions == [(LATEST_VERSION,)]
     conn.close()
 
 

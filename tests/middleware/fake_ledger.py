@@ -22,6 +22,7 @@ from gatewaykit.errors import (
 from gatewaykit.ledger.base import (
     ApiKeyRecord,
     BudgetStatus,
+    DenialCount,
     Hold,
     HoldState,
     OutputFit,
@@ -29,6 +30,7 @@ from gatewaykit.ledger.base import (
     UsageGroup,
     UsageRecord,
     UsageTotal,
+    validate_denials,
     validate_scopes,
     validate_usage_filter,
     validate_usage_groups,
@@ -53,6 +55,8 @@ class FakeLedger:
         self.calls: list[str] = []
         #: Remembered response contexts (no TTL here): (id, owner) -> tokens.
         self.contexts: dict[tuple[str, str], int] = {}
+        #: Refusals per (UTC hour, reason), kept forever here.
+        self.denial_counts: dict[tuple[datetime, str], int] = {}
 
     async def open(self) -> None: ...
 
@@ -222,6 +226,20 @@ class FakeLedger:
 
     async def sweep(self) -> int:
         return 0
+
+    async def add_denials(self, counts: Mapping[tuple[datetime, str], int]) -> None:
+        self._guard("add_denials")
+        for hour, reason, count in validate_denials(counts):
+            key = (hour, reason)
+            self.denial_counts[key] = self.denial_counts.get(key, 0) + count
+
+    async def denials(self, *, since: datetime, until: datetime | None = None) -> list[DenialCount]:
+        self._guard("denials")
+        return [
+            DenialCount(hour, reason, count)
+            for (hour, reason), count in sorted(self.denial_counts.items())
+            if since <= hour and (until is None or hour < until)
+        ]
 
     async def check(self) -> list[str]:
         problems = []
