@@ -5,7 +5,7 @@ process sharing the ledger. Writing one row per refusal would let a flood of bad
 become a flood of ledger writes, so :class:`DenialCounter` counts in memory per (UTC
 hour, reason) — one dict increment on the refusal path, nothing on the success path —
 and a background loop adds the aggregate to the ledger every ``interval`` seconds and
-once more when it closes (``Ledger.add_denials``: an upsert that adds). Reasons are the
+once more when it closes (``DenialStore.add_denials``: an upsert that adds). Reasons are the
 bounded ``reason`` labels of ``gatewaykit_denials_total``, so the stored rows are bounded
 too: six per hour at most.
 """
@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 import anyio
 
 from gatewaykit.errors import ConfigurationError, ErrorKind, GatewayKitError
-from gatewaykit.ledger.base import Ledger
+from gatewaykit.ledger.base import DenialStore
 from gatewaykit.observability.recorder import denial_reason
 from gatewaykit.resource import BackgroundWorker
 
@@ -36,7 +36,7 @@ class DenialCounter(BackgroundWorker):
     A flush that fails keeps its counts for the next one.
     """
 
-    def __init__(self, ledger: Ledger, *, interval: float = 10.0) -> None:
+    def __init__(self, ledger: DenialStore, *, interval: float = 10.0) -> None:
         if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
             raise ConfigurationError("the denial flush interval must be a positive number")
         self.ledger = ledger

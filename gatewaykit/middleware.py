@@ -198,7 +198,7 @@ class GatewayMiddleware:
         self.models_path = models_path
         #: The mode declares its resolve cancellation-safe (RequestModeStrategy): awaited
         #: in the request's own task, with no task and shield of its own.
-        self.resolve_directly = getattr(mode, "cancel_safe", False) is True
+        self.resolve_directly = _declares_cancel_safe(mode)
         self.metrics = metrics
         self.tracing = tracing
         self.denials = denials
@@ -254,6 +254,12 @@ class GatewayMiddleware:
         if route is None and root and path.startswith(root):
             route = self.routes.get(path[len(root) :])
         return route
+
+
+def _declares_cancel_safe(mode: object) -> bool:
+    """The mode's own class says its resolve undoes a cancelled admission. Inherited, it
+    says nothing: a subclass that overrides ``resolve`` may await after the hold."""
+    return "cancel_safe" in vars(type(mode)) and getattr(mode, "cancel_safe", False) is True
 
 
 def _new_request_id() -> str:
@@ -494,7 +500,10 @@ class _GatedCall:
         else:
             await self._settle(settlement, "no_usage", None)
         if app_error is not None:
-            raise app_error
+            try:
+                raise app_error
+            finally:  # the frame would otherwise hold its own traceback: a cycle
+                del app_error
 
     async def _settle(
         self, settlement: Settlement, path: str, error: BaseException | str | None

@@ -5,13 +5,15 @@ settlement, its records) that reference counting frees when the request ends. Wi
 requests in flight, CPython's default cyclic collector still counts them and collects the
 young generation every ~700 allocations, and a full collection now and then walks every
 object start-up created — about 15 µs per request at 16 in flight
-(docs/performance.md). Requests create no cycles of their own, so collecting less often
-only delays the rare cycle (an exception and its traceback, say).
+(docs/performance.md). A request that succeeds leaves no cycle behind, so collecting less
+often only delays the rare one (an exception and its traceback, say); with several hundred
+requests in flight young collections come back, less often.
 
-:func:`tune_gc` is what ``gatewaykit serve`` and the example app call once their app has
-started (``[server] gc_threshold``); an app that mounts the middleware itself may call it
-from its own lifespan. It changes process-wide state, which is why the library never calls
-it on its own.
+:func:`tune_gc` is what the app :func:`gatewaykit.server.build_app` makes — so
+``gatewaykit serve`` and the example app — calls once it has started (``[server]
+gc_threshold``, 0 to opt out); an app that mounts the middleware itself may call it from
+its own lifespan. It changes process-wide state, so ``GatewayMiddleware`` and the modes
+never call it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def tune_gc(threshold: int = DEFAULT_GC_THRESHOLD) -> None:
         raise ConfigurationError(f"the GC threshold must be an int ≥ 0, got {threshold!r}")
     if threshold == 0:
         return
+    gc.collect()  # start-up's garbage must not become permanent
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(threshold, older, oldest)

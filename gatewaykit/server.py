@@ -28,7 +28,7 @@ from gatewaykit.adapters import default_client, gateway_routes
 from gatewaykit.config import GatewayConfig
 from gatewaykit.denials import DenialCounter
 from gatewaykit.errors import ConfigurationError, GatewayKitError
-from gatewaykit.ledger import Ledger, open_ledger
+from gatewaykit.ledger import DenialStore, Ledger, open_ledger
 from gatewaykit.middleware import GatewayMiddleware
 from gatewaykit.modes.base import RequestModeStrategy
 from gatewaykit.modes.platform import PlatformMode
@@ -104,7 +104,8 @@ def build_app(
     else:
         options = config.standalone
         ledger = open_ledger(config.ledger.url)
-        denials = DenialCounter(ledger, interval=config.ledger.denials_flush_interval)
+        if isinstance(ledger, DenialStore):  # both built-in ledgers
+            denials = DenialCounter(ledger, interval=config.ledger.denials_flush_interval)
         limiter = redis_limiter(config)
         mode = StandaloneMode(
             ledger,

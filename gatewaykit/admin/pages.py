@@ -18,7 +18,14 @@ from gatewaykit.admin.reports import UsageQuery, usage_csv
 from gatewaykit.admin.security import Session
 from gatewaykit.errors import ConfigurationError
 from gatewaykit.keys import generate_key
-from gatewaykit.ledger.base import ApiKeyRecord, BudgetStatus, Ledger, Period, validate_scopes
+from gatewaykit.ledger.base import (
+    ApiKeyRecord,
+    BudgetStatus,
+    DenialStore,
+    Ledger,
+    Period,
+    validate_scopes,
+)
 
 if TYPE_CHECKING:
     from gatewaykit.ledger.base import UsageGroup, UsageTotal
@@ -130,9 +137,11 @@ _REASONS = {
 }
 
 
-async def _denials(ledger: Ledger, *, since: datetime) -> dict[str, Any]:
+async def _denials(ledger: Ledger, *, since: datetime) -> dict[str, Any] | None:
     """The refusals of the hours from ``since``: their total and (label, count) per reason,
-    most first."""
+    most first; None for a ledger that does not count them (no ``DenialStore``)."""
+    if not isinstance(ledger, DenialStore):
+        return None
     by_reason: dict[str, int] = {}
     for row in await ledger.denials(since=since):
         by_reason[row.reason] = by_reason.get(row.reason, 0) + row.count

@@ -38,9 +38,10 @@ __all__ = [
     "BudgetStatus",
     "DENIAL_RETENTION",
     "DenialCount",
+    "DenialStore",
     "Hold",
-    "MAX_LIMIT",
     "HoldState",
+    "MAX_LIMIT",
     "Ledger",
     "OutputFit",
     "Period",
@@ -829,19 +830,6 @@ class Ledger(Protocol):
         indistinguishable). Written by ``settle`` from ``UsageRecord.response_context``.
         """
 
-    # -- refusals ----------------------------------------------------------------------
-    async def add_denials(self, counts: Mapping[tuple[datetime, str], int]) -> None:
-        """Add refused requests to the stored counts per (UTC hour, reason), atomically.
-
-        Counts add up (several gateway processes flush into one store); hours older than
-        :data:`DENIAL_RETENTION` are pruned by ``sweep``. Checked by
-        :func:`validate_denials`.
-        """
-
-    async def denials(self, *, since: datetime, until: datetime | None = None) -> list[DenialCount]:
-        """The stored counts of the hours starting at ``since <= hour < until``, sorted by
-        hour then reason; both times timezone-aware."""
-
     # -- API keys ------------------------------------------------------------------------
     async def create_key(self, record: ApiKeyRecord) -> ApiKeyRecord: ...
 
@@ -858,3 +846,24 @@ class Ledger(Protocol):
         """
 
     async def list_keys(self, *, user: str | None = None) -> list[ApiKeyRecord]: ...
+
+
+@runtime_checkable
+class DenialStore(Protocol):
+    """Optional ledger capability: counts of refused requests per (UTC hour, reason), for
+    the admin page (:class:`gatewaykit.denials.DenialCounter` writes them). Both built-in
+    ledgers offer it; a ledger of your own need not — it is no part of :class:`Ledger`,
+    and without it no refusals are counted.
+    """
+
+    async def add_denials(self, counts: Mapping[tuple[datetime, str], int]) -> None:
+        """Add refused requests to the stored counts per (UTC hour, reason), atomically.
+
+        Counts add up (several gateway processes flush into one store); hours older than
+        :data:`DENIAL_RETENTION` are pruned by ``sweep``. Checked by
+        :func:`validate_denials`.
+        """
+
+    async def denials(self, *, since: datetime, until: datetime | None = None) -> list[DenialCount]:
+        """The stored counts of the hours starting at ``since <= hour < until``, sorted by
+        hour then reason; both times timezone-aware."""

@@ -580,13 +580,18 @@ UPDATE usage_rollup u SET seq = span.hi FROM span RETURNING span.hi - span.lo AS
 """
 
 # (day, user, key, model) groups whose usage_daily sums differ from their records.
+# Yesterday and today (UTC) only: check() stays cheap on a ledger of millions of records.
 _CHECK_ROLLUP = f"""
-WITH raw AS (
+WITH since AS (SELECT (gk_now() AT TIME ZONE 'UTC')::date - 1 AS day),
+raw AS (
     SELECT (created_at AT TIME ZONE 'UTC')::date, user_id, key_id, model, {_RECORD_SUMS}
-    FROM usage_records WHERE seq <= (SELECT seq FROM usage_rollup) GROUP BY 1, 2, 3, 4
-)
-SELECT count(*) FROM ((SELECT * FROM raw EXCEPT SELECT {_DAILY_COLUMNS} FROM usage_daily)
-    UNION ALL (SELECT {_DAILY_COLUMNS} FROM usage_daily EXCEPT SELECT * FROM raw)) x
+    FROM usage_records WHERE seq <= (SELECT seq FROM usage_rollup)
+    AND created_at >= (SELECT day FROM since)::timestamp AT TIME ZONE 'UTC'
+    GROUP BY 1, 2, 3, 4
+),
+daily AS (SELECT {_DAILY_COLUMNS} FROM usage_daily WHERE day >= (SELECT day FROM since))
+SELECT count(*) FROM ((SELECT * FROM raw EXCEPT SELECT * FROM daily)
+    UNION ALL (SELECT * FROM daily EXCEPT SELECT * FROM raw)) x
 """
 
 

@@ -726,6 +726,8 @@ class _Store:
     def check(self, now: int) -> list[str]:
         self.flush()
         c = self.c
+        since_day = now // _DAY_US - 1  # integers: formatted into the SQL below
+        since_us = since_day * _DAY_US
         problems: list[str] = []
         expected: dict[tuple[str, int], tuple[int, int, int]] = {
             (scope, key): (live, charged, count)
@@ -779,14 +781,18 @@ class _Store:
                 "OR typeof(reserved) != 'integer') + (SELECT count(*) FROM holds WHERE "
                 "typeof(amount) != 'integer' OR typeof(charged) != 'integer')"
             ),
+            # Yesterday and today (UTC) only: cheap on a ledger of millions of records.
             "rollup: {} (day, user, key, model) sums in usage_daily differ from their records": (
                 "SELECT count(*) FROM (SELECT * FROM (SELECT "
                 f"{DAY_SQL}, user, key_id, model, {ROLLUP_AGGREGATES} FROM usage_records "
-                "WHERE seq <= (SELECT seq FROM usage_rollup) GROUP BY 1, 2, 3, 4 "
-                f"EXCEPT SELECT {_DAILY_COLUMNS} FROM usage_daily) UNION ALL "
-                f"SELECT * FROM (SELECT {_DAILY_COLUMNS} FROM usage_daily EXCEPT SELECT "
+                f"WHERE seq <= (SELECT seq FROM usage_rollup) AND created_at >= {since_us} "
+                f"GROUP BY 1, 2, 3, 4 EXCEPT SELECT {_DAILY_COLUMNS} FROM usage_daily "
+                f"WHERE day >= {since_day}) UNION ALL "
+                f"SELECT * FROM (SELECT {_DAILY_COLUMNS} FROM usage_daily "
+                f"WHERE day >= {since_day} EXCEPT SELECT "
                 f"{DAY_SQL}, user, key_id, model, {ROLLUP_AGGREGATES} FROM usage_records "
-                "WHERE seq <= (SELECT seq FROM usage_rollup) GROUP BY 1, 2, 3, 4))"
+                f"WHERE seq <= (SELECT seq FROM usage_rollup) AND created_at >= {since_us} "
+                "GROUP BY 1, 2, 3, 4))"
             ),
         }
         for message, sql in checks.items():
@@ -1380,6 +1386,12 @@ class SQLiteLedger(AsyncResource):
     ``clock`` is the store clock (seconds since the epoch; default :func:`time.time`):
     callers never pass time into operations. Use asyncio.
     """
+
+    #: An operation whose caller is cancelled still runs to its end, or not at all, in
+    #: submission order on the one writer: a release submitted after a cancelled reserve
+    #: finds the hold, or leaves the tombstone that reserve then finds. Callers may await
+    #: operations without shielding them (``StandaloneMode.cancel_safe``).
+    cancel_safe = True
 
     def __init__(
         self,

@@ -20,8 +20,8 @@ import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
 
 from gatewaykit.context import GatewayContext
 from gatewaykit.errors import (
@@ -43,7 +43,11 @@ from gatewaykit.modes.fitting import (
     output_fit,
     with_output_limit,
 )
-from gatewaykit.modes.standalone_settlement import REMAINING_HEADER, StandaloneSettlement
+from gatewaykit.modes.standalone_settlement import (
+    REMAINING_HEADER,
+    RETRY_DELAYS,
+    StandaloneSettlement,
+)
 from gatewaykit.pricing import ModelPrice
 from gatewaykit.ratelimit import RateLimit, RateLimiter
 from gatewaykit.settlement import RequestEstimate
@@ -110,8 +114,8 @@ class BudgetHolder:
         self.fail_open = fail_open
         self.rate_limiter = rate_limiter
         self._clock = clock
-        #: Releases of cancelled admissions' holds, referenced until they are done.
-        self._releasing: set[asyncio.Task[Hold]] = set()
+        #: Cancelled admissions' releases and token returns, referenced until done.
+        self._background: set[asyncio.Task[None]] = set()
 
     async def hold(
         self,
@@ -246,16 +250,42 @@ class BudgetHolder:
             key_id=key_id,
             user=user,
         )
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self.ledger.release(request.request_id, record=record))
-        self._releasing.add(task)
-        task.add_done_callback(functools.partial(self._released, request.request_id))
+        self._in_background(request.request_id, "releasing the hold", self._release(record))
 
-    def _released(self, request_id: str, task: asyncio.Task[Hold]) -> None:
-        self._releasing.discard(task)
+    async def _release(self, record: UsageRecord) -> None:
+        """The release, retried while the ledger is briefly unreachable (as a settle is):
+        a hold left to its TTL would block its budgets until then."""
+        delays = iter(RETRY_DELAYS)
+        while True:
+            try:
+                await self.ledger.release(record.request_id, record=record)
+                return
+            except LedgerUnavailableError:
+                delay = next(delays, None)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+
+    def return_tokens(self, request_id: str, limits: tuple[RateLimit, ...]) -> None:
+        """A cancelled admission's token estimate leaves the limiter's window (settled at 0
+        tokens; settling an estimate never counted changes nothing)."""
+        self._in_background(
+            request_id,
+            "returning the token estimate",
+            self.rate_limiter.settle(request_id, limits, 0),
+        )
+
+    def _in_background(self, request_id: str, what: str, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(functools.partial(self._done, request_id, what))
+
+    def _done(self, request_id: str, what: str, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.warning(
-                "releasing the hold of cancelled request %s failed (%s); it expires after its TTL",
+                "%s of cancelled request %s failed (%s)",
+                what,
                 request_id,
                 type(task.exception()).__name__,
             )

@@ -31,6 +31,7 @@ the usage record in the same ledger call.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -97,9 +98,13 @@ class StandaloneMode:
     included) cap the requests in flight, inside the ledger's reserve (429).
     """
 
-    #: ``resolve`` undoes a cancelled admission itself (the hold is released; a token
-    #: estimate is returned to the limiter): GatewayMiddleware awaits it directly.
-    cancel_safe = True
+    @property
+    def cancel_safe(self) -> bool:
+        """``resolve`` undoes a cancelled admission itself — the hold is released, a token
+        estimate returned to the limiter — on a ledger whose operations survive a plain
+        ``task.cancel()`` of their caller (``SQLiteLedger.cancel_safe``); GatewayMiddleware
+        then awaits it without a shielding task."""
+        return getattr(self.ledger, "cancel_safe", False) is True
 
     def __init__(
         self,
@@ -275,7 +280,11 @@ class StandaloneMode:
                 if held_estimate is not None
                 else 0  # unmetered: counted as a request, never as tokens
             )
-            decision = await self.rate_limiter.acquire(request.request_id, limits, tokens)
+            try:
+                decision = await self.rate_limiter.acquire(request.request_id, limits, tokens)
+            except asyncio.CancelledError:  # the estimate may be counted already
+                self._holds.return_tokens(request.request_id, limits)
+                raise
             headers.update(decision.headers)
             if not decision.allowed:
                 raise RequestRejected(
@@ -296,6 +305,10 @@ class StandaloneMode:
                     request, identity, held_estimate, price, attempts, user, key_id, team,
                     context_plan, headers, token_limits,
                 )  # fmt: skip
+        except asyncio.CancelledError:
+            if token_limits:  # cancelled: no await may run here, so in the background
+                self._holds.return_tokens(request.request_id, token_limits)
+            raise
         except BaseException:
             if token_limits:  # admitted by the limiter, refused here: no tokens were used
                 with contextlib.suppress(Exception):  # the refusal matters, not the count

@@ -29,14 +29,15 @@ from gatewaykit.settlement import (
 from gatewaykit.stored_context import ContextPlan, context_to_remember
 from gatewaykit.usage import Usage, UsageSource
 
-__all__ = ["REMAINING_HEADER", "StandaloneSettlement"]
+__all__ = ["REMAINING_HEADER", "RETRY_DELAYS", "StandaloneSettlement"]
 
 logger = logging.getLogger("gatewaykit.standalone")
 
 #: The tightest limited budget's remaining USD after the hold (StandaloneMode's header).
 REMAINING_HEADER = "x-gatewaykit-budget-remaining"
 
-_SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0)
+#: Pauses between attempts to write to a briefly unreachable ledger (about 1.3 s in all).
+RETRY_DELAYS = (0.05, 0.25, 1.0)
 
 
 class StandaloneSettlement(Settlement):
@@ -208,7 +209,7 @@ class StandaloneSettlement(Settlement):
         A store that is briefly unreachable is retried (every call is idempotent by hold
         id): a hold left to expire would never be charged at all.
         """
-        delays = iter(_SETTLE_RETRY_DELAYS)
+        delays = iter(RETRY_DELAYS)
         while True:
             try:
                 return await self._write_once(amount, record)

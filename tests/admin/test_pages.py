@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gatewaykit.admin import admin_app
-from gatewaykit.ledger.base import Ledger, Period, UsageRecord
+from gatewaykit.ledger.base import DenialStore, Ledger, Period, UsageRecord
 from tests.admin.helpers import MASTER_KEY, log_in, post_form
 from tests.ledger.backends import FakeClock
 
@@ -257,6 +257,7 @@ async def test_overview_counts_denials_of_the_last_24_hours_by_reason(
     assert 'id="denials-24h">0<' in page
     assert "none refused" in page
     hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    assert isinstance(ledger, DenialStore)
     await ledger.add_denials(
         {
             (hour, "auth"): 3,

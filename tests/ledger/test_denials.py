@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta, timezone
+from typing import Protocol, cast
 
 import pytest
 
 from gatewaykit.errors import ConfigurationError
-from gatewaykit.ledger.base import DENIAL_RETENTION, DenialCount, Ledger
+from gatewaykit.ledger.base import DENIAL_RETENTION, DenialCount, DenialStore, Ledger
 from tests.ledger.backends import Backend, FakeClock, Opener
+
+
+class DenialLedger(Ledger, DenialStore, Protocol):
+    """The built-in ledgers: a Ledger that also counts refusals."""
+
+
+def test_refusal_counts_are_an_optional_capability_of_a_ledger() -> None:
+    """A ledger of one's own stays a Ledger without them; both built-in ones have them."""
+    from gatewaykit.ledger.postgres import PostgresLedger
+    from gatewaykit.ledger.sqlite import SQLiteLedger
+
+    assert not hasattr(Ledger, "add_denials")
+    assert not hasattr(Ledger, "denials")
+    assert issubclass(SQLiteLedger, DenialStore)
+    assert issubclass(PostgresLedger, DenialStore)
+
 
 pytestmark = pytest.mark.anyio
 
@@ -17,7 +34,7 @@ NOON = datetime(2026, 1, 15, 12, tzinfo=timezone.utc)  # the suite's store clock
 HOUR = timedelta(hours=1)
 
 
-async def test_counts_add_up_per_hour_and_reason(ledger: Ledger) -> None:
+async def test_counts_add_up_per_hour_and_reason(ledger: DenialLedger) -> None:
     assert await ledger.denials(since=NOON - 24 * HOUR) == []
     await ledger.add_denials({(NOON, "auth"): 3, (NOON - HOUR, "budget"): 1})
     await ledger.add_denials({(NOON, "auth"): 2, (NOON, "rate_limit"): 4})
@@ -37,7 +54,7 @@ async def test_counts_add_up_per_hour_and_reason(ledger: Ledger) -> None:
     ]
 
 
-async def test_hours_in_other_zones_are_stored_in_utc(ledger: Ledger) -> None:
+async def test_hours_in_other_zones_are_stored_in_utc(ledger: DenialLedger) -> None:
     plus_two = timezone(timedelta(hours=2))
     await ledger.add_denials({(NOON.astimezone(plus_two), "auth"): 1})
     [row] = await ledger.denials(since=NOON.astimezone(plus_two))
@@ -49,7 +66,7 @@ async def test_concurrent_flushes_lose_nothing(backend: Backend, opener: Opener)
     """Several processes (here: connections) flush into one store at once."""
     if not backend.persistent:
         pytest.skip("each connection to this backend is a store of its own")
-    stores = [opener() for _ in range(3)]
+    stores = [cast(DenialLedger, opener()) for _ in range(3)]
     for store in stores:
         await store.open()
     try:
@@ -69,7 +86,7 @@ async def test_concurrent_flushes_lose_nothing(backend: Backend, opener: Opener)
             await store.aclose()
 
 
-async def test_sweep_prunes_hours_past_retention(ledger: Ledger, clock: FakeClock) -> None:
+async def test_sweep_prunes_hours_past_retention(ledger: DenialLedger, clock: FakeClock) -> None:
     old = NOON - timedelta(seconds=DENIAL_RETENTION) - HOUR
     await ledger.add_denials({(old, "auth"): 1, (NOON, "auth"): 1})
     await ledger.sweep()
@@ -96,13 +113,15 @@ async def test_sweep_prunes_hours_past_retention(ledger: Ledger, clock: FakeCloc
         [((NOON, "auth"), 1)],
     ],
 )
-async def test_bad_counts_are_refused_and_store_nothing(ledger: Ledger, counts: object) -> None:
+async def test_bad_counts_are_refused_and_store_nothing(
+    ledger: DenialLedger, counts: object
+) -> None:
     with pytest.raises(ConfigurationError):
         await ledger.add_denials(counts)  # type: ignore[arg-type]
     assert await ledger.denials(since=NOON - 24 * HOUR) == []
 
 
-async def test_a_read_needs_aware_times(ledger: Ledger) -> None:
+async def test_a_read_needs_aware_times(ledger: DenialLedger) -> None:
     with pytest.raises(ConfigurationError):
         await ledger.denials(since=NOON.replace(tzinfo=None))
     with pytest.raises(ConfigurationError):

@@ -337,3 +337,59 @@ async def test_a_record_committed_late_is_never_lost_from_the_totals() -> None:
             await ledger.sweep()
             await assert_exact(ledger, ("day", "model"), since=DAY0 - timedelta(days=1))
             assert await ledger.check() == []
+
+
+# -- check() looks at the recent rollup ----------------------------------------------------
+
+_DIFFER = "sums in usage_daily differ from their records"
+
+
+async def _two_days_apart(ledger: Ledger, clock: FakeClock) -> None:
+    await put(ledger, clock, "old", DAY0 + timedelta(hours=1), user="alice")
+    await put(ledger, clock, "new", DAY0 + timedelta(days=3, hours=1), user="bob")
+    await ledger.sweep()  # both folded; the store clock is on day 3
+    assert await ledger.check() == []
+
+
+async def test_check_compares_yesterdays_and_todays_rollup_with_the_records(
+    tmp_path: Path,
+) -> None:
+    """Only the recent days: a hand-edited old day goes unreported (it was compared when
+    it was recent), today's is reported — so check() stays cheap on a large ledger."""
+    from gatewaykit.ledger.sqlite import SQLiteLedger
+
+    path = str(tmp_path / "ledger.db")
+    clock = FakeClock()
+    async with SQLiteLedger(path, clock=clock) as ledger:
+        await _two_days_apart(ledger, clock)
+    for user, reported in (("alice", False), ("bob", True)):
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE usage_daily SET requests = requests + 1 WHERE user = ?", (user,))
+        async with SQLiteLedger(path, clock=clock) as ledger:
+            problems = await ledger.check()
+        assert any(_DIFFER in problem for problem in problems) is reported, problems
+
+
+@pytest.mark.postgres
+async def test_check_compares_yesterdays_and_todays_rollup_on_postgres() -> None:
+    import asyncpg
+
+    from gatewaykit.ledger.postgres import PostgresLedger
+    from tests.ledger.backend_postgres import DSN, fresh_schema
+
+    async with fresh_schema("gk_chk") as schema:
+        clock = FakeClock()
+        async with PostgresLedger(DSN, schema=schema, clock=clock) as ledger:
+            await _two_days_apart(ledger, clock)
+            for user, reported in (("alice", False), ("bob", True)):
+                admin: Any = await asyncpg.connect(DSN)
+                try:
+                    await admin.execute(
+                        f'UPDATE "{schema}".usage_daily SET requests = requests + 1 '
+                        "WHERE user_id = $1",
+                        user,
+                    )
+                finally:
+                    await admin.close()
+                problems = await ledger.check()
+                assert any(_DIFFER in problem for problem in problems) is reported, problems

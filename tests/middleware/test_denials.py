@@ -19,7 +19,7 @@ from starlette.routing import Route
 from gatewaykit import GatewayMiddleware, get_settlement
 from gatewaykit.denials import DenialCounter
 from gatewaykit.errors import ConfigurationError, ErrorKind
-from gatewaykit.ledger.base import DenialCount, Period
+from gatewaykit.ledger.base import DenialCount, DenialStore, Period
 from gatewaykit.modes.standalone import StandaloneMode
 from gatewaykit.usage import Usage
 from tests.middleware.conftest import MakeKey, bearer, chat
@@ -90,6 +90,7 @@ async def test_the_middleware_counts_refusals_and_nothing_else(
 ) -> None:
     mode = make_mode()
     ledger = mode.ledger
+    assert isinstance(ledger, DenialStore)
     counter = DenialCounter(ledger)
     key, record = await make_key()
     await ledger.set_budget(f"key:{record.key_id}", limit=Decimal(0), period=Period())

@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
 import pytest
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -21,6 +22,7 @@ from gatewaykit.context import SCOPE_KEY, GatewayContext
 from gatewaykit.ledger.base import Hold, HoldState, Ledger
 from gatewaykit.modes.base import GatewayRequest
 from gatewaykit.modes.standalone import StandaloneMode
+from gatewaykit.ratelimit import InProcessRateLimiter, RateLimit, RateLimiter
 from gatewaykit.usage import Usage, UsageSource
 from tests.asgi import Exchange, call
 from tests.middleware.conftest import (
@@ -494,6 +496,32 @@ async def test_cancellation_while_admitting_does_not_leak_the_hold(
     await no_live_holds(ledger)
 
 
+async def _no_app(scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no cover
+    raise AssertionError
+
+
+async def test_only_a_modes_own_class_vouches_for_a_direct_resolve(ledger: Ledger) -> None:
+    """A subclass may await after the hold: it gets the shielded admission task, as does
+    StandaloneMode over a ledger whose operations a plain cancel may cut (PostgreSQL's
+    batches, the fake)."""
+    mode = StandaloneMode(ledger, prices=PRICES, upstreams=UPSTREAMS, master_key=MASTER_KEY)
+    expected = getattr(ledger, "cancel_safe", False) is True
+    assert mode.cancel_safe is expected
+    assert GatewayMiddleware(_no_app, mode=mode).resolve_directly is expected
+
+    class Wrapped(StandaloneMode):
+        async def resolve(self, request: GatewayRequest) -> GatewayContext:
+            context = await super().resolve(request)
+            await anyio.lowlevel.checkpoint()  # a cancellation here would leak the hold
+            return context
+
+    wrapped = Wrapped(ledger, prices=PRICES, upstreams=UPSTREAMS, master_key=MASTER_KEY)
+    assert GatewayMiddleware(_no_app, mode=wrapped).resolve_directly is False
+    from gatewaykit.ledger.postgres import PostgresLedger
+
+    assert getattr(PostgresLedger, "cancel_safe", False) is False
+
+
 @pytest.mark.parametrize("committed", [True, False], ids=["reserve-committed", "reserve-pending"])
 async def test_standalone_mode_releases_a_hold_whose_request_was_cancelled_mid_reserve(
     ledger: Ledger, key: str, committed: bool
@@ -514,10 +542,13 @@ async def test_standalone_mode_releases_a_hold_whose_request_was_cancelled_mid_r
             await anyio.sleep(1)  # the client leaves here
             return hold if committed else await ledger.reserve(hold_id, *args, **options)
 
+    if not getattr(ledger, "cancel_safe", False):
+        pytest.skip("only a ledger whose operations survive cancellation is awaited directly")
     mode = StandaloneMode(
         cast(Ledger, SlowReserve()), prices=PRICES, upstreams=UPSTREAMS, master_key=MASTER_KEY
     )
     assert mode.cancel_safe is True
+    assert GatewayMiddleware(_no_app, mode=mode).resolve_directly
 
     async def endpoint(request: Request) -> Response:  # pragma: no cover - never reached
         raise AssertionError
@@ -543,6 +574,54 @@ async def test_standalone_mode_releases_a_hold_whose_request_was_cancelled_mid_r
     )
     assert record.cost == 0
     await no_live_holds(ledger)
+
+
+async def test_a_token_estimate_counted_before_a_cancellation_is_returned(
+    ledger: Ledger, make_key: MakeKey
+) -> None:
+    """Cancelled while the limiter counts its token estimate (a Redis round trip, say),
+    the admission gives the estimate back: the key's whole TPM is free again."""
+    if not getattr(ledger, "cancel_safe", False):
+        pytest.skip("only a ledger whose operations survive cancellation is awaited directly")
+    key, record = await make_key("alice")
+    inner = InProcessRateLimiter()
+    counting = anyio.Event()
+
+    class SlowLimiter:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(inner, name)
+
+        async def acquire(self, request_id: str, limits: Any, tokens: int) -> Any:
+            decision = await inner.acquire(request_id, limits, tokens)
+            counting.set()
+            await anyio.sleep(1)  # the answer is on its way back when the client leaves
+            return decision
+
+    mode = StandaloneMode(
+        ledger,
+        prices=PRICES,
+        upstreams=UPSTREAMS,
+        master_key=MASTER_KEY,
+        default_tpm=100_000,
+        rate_limiter=cast(RateLimiter, SlowLimiter()),
+    )
+
+    async def endpoint(request: Request) -> Response:  # pragma: no cover - never reached
+        raise AssertionError
+
+    app = gated(mode, endpoint)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: call(app, json_body=BODY, headers=bearer(key)))
+        await counting.wait()
+        tg.cancel_scope.cancel()
+    whole = [RateLimit(f"key:{record.key_id}", tpm=100_000)]
+    for _ in range(200):
+        if (await inner.acquire("probe", whole, 100_000)).allowed:
+            break
+        await anyio.sleep(0.01)
+    else:
+        raise AssertionError("the cancelled request's token estimate stayed counted")
+    assert await ledger.holds(live_only=False) == []  # nothing was reserved
 
 
 class _Lines:

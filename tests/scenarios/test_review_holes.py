@@ -542,7 +542,7 @@ FINAL_EVENTS = {CHAT: b"[DONE]", MESSAGES: b"message_stop", RESPONSES: b"respons
 @pytest.fixture
 def quick_settle_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """StandaloneSettlement's settle retries, minus most of their waiting."""
-    monkeypatch.setattr(standalone_settlement, "_SETTLE_RETRY_DELAYS", (0.01, 0.01, 0.01))
+    monkeypatch.setattr(standalone_settlement, "RETRY_DELAYS", (0.01, 0.01, 0.01))
 
 
 async def expire_the_hold(ledger: Ledger, hold_id: str) -> None:
