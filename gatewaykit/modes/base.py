@@ -44,8 +44,9 @@ class RequestModeStrategy(Protocol):
     By default the middleware therefore runs it in a task of its own behind
     ``asyncio.shield`` and closes a finished admission whose request is gone. A mode whose
     ``resolve``, when cancelled, undoes whatever it held (as
-    :class:`~gatewaykit.modes.standalone.StandaloneMode` releases its hold) may say so
-    with a class attribute ``cancel_safe = True``: the middleware then awaits it in the
+    :class:`~gatewaykit.modes.standalone.StandaloneMode` releases its hold over SQLite)
+    may say so with a ``cancel_safe`` attribute or property that is true, defined on its
+    own class (a subclass inherits nothing): the middleware then awaits it in the
     request's own task, a task and a shield fewer per request.
     """
 
