@@ -72,6 +72,7 @@ VARIANTS = {
     "normal": "synchronous=NORMAL",
     "nohdr": "budget_headers=False",
     "gcdefault": "CPython's default collector settings",
+    "limits": "RPM + TPM limits in process",
 }
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
