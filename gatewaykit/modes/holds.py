@@ -45,8 +45,8 @@ from gatewaykit.modes.fitting import (
 )
 from gatewaykit.modes.standalone_settlement import (
     REMAINING_HEADER,
-    RETRY_DELAYS,
     StandaloneSettlement,
+    while_unavailable,
 )
 from gatewaykit.pricing import ModelPrice
 from gatewaykit.ratelimit import RateLimit, RateLimiter
@@ -115,7 +115,7 @@ class BudgetHolder:
         self.rate_limiter = rate_limiter
         self._clock = clock
         #: Cancelled admissions' releases and token returns, referenced until done.
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[object]] = set()
 
     async def hold(
         self,
@@ -250,21 +250,14 @@ class BudgetHolder:
             key_id=key_id,
             user=user,
         )
-        self._in_background(request.request_id, "releasing the hold", self._release(record))
-
-    async def _release(self, record: UsageRecord) -> None:
-        """The release, retried while the ledger is briefly unreachable (as a settle is):
-        a hold left to its TTL would block its budgets until then."""
-        delays = iter(RETRY_DELAYS)
-        while True:
-            try:
-                await self.ledger.release(record.request_id, record=record)
-                return
-            except LedgerUnavailableError:
-                delay = next(delays, None)
-                if delay is None:
-                    raise
-                await asyncio.sleep(delay)
+        # Retried while the ledger is briefly unreachable, as a settle is: a hold left to
+        # its TTL would block its budgets until then.
+        release = while_unavailable(
+            lambda: self.ledger.release(request.request_id, record=record),
+            "releasing the hold of cancelled",
+            request.request_id,
+        )
+        self._in_background(request.request_id, "releasing the hold", release)
 
     def return_tokens(self, request_id: str, limits: tuple[RateLimit, ...]) -> None:
         """A cancelled admission's token estimate leaves the limiter's window (settled at 0
@@ -275,12 +268,12 @@ class BudgetHolder:
             self.rate_limiter.settle(request_id, limits, 0),
         )
 
-    def _in_background(self, request_id: str, what: str, work: Coroutine[Any, Any, None]) -> None:
+    def _in_background(self, request_id: str, what: str, work: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(functools.partial(self._done, request_id, what))
 
-    def _done(self, request_id: str, what: str, task: asyncio.Task[None]) -> None:
+    def _done(self, request_id: str, what: str, task: asyncio.Task[object]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.warning(

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from decimal import Decimal
+from typing import TypeVar
 
 import anyio
 
@@ -29,9 +30,11 @@ from gatewaykit.settlement import (
 from gatewaykit.stored_context import ContextPlan, context_to_remember
 from gatewaykit.usage import Usage, UsageSource
 
-__all__ = ["REMAINING_HEADER", "RETRY_DELAYS", "StandaloneSettlement"]
+__all__ = ["REMAINING_HEADER", "StandaloneSettlement", "while_unavailable"]
 
 logger = logging.getLogger("gatewaykit.standalone")
+
+T = TypeVar("T")
 
 #: The tightest limited budget's remaining USD after the hold (StandaloneMode's header).
 REMAINING_HEADER = "x-gatewaykit-budget-remaining"
@@ -209,20 +212,9 @@ class StandaloneSettlement(Settlement):
         A store that is briefly unreachable is retried (every call is idempotent by hold
         id): a hold left to expire would never be charged at all.
         """
-        delays = iter(RETRY_DELAYS)
-        while True:
-            try:
-                return await self._write_once(amount, record)
-            except LedgerUnavailableError:
-                delay = next(delays, None)
-                if delay is None:
-                    raise
-                logger.warning(
-                    "ledger unavailable while settling request %s; retrying in %ss",
-                    self.request_id,
-                    delay,
-                )
-                await anyio.sleep(delay)
+        return await while_unavailable(
+            lambda: self._write_once(amount, record), "settling", self.request_id
+        )
 
     async def _write_once(self, amount: Decimal | None, record: UsageRecord) -> Decimal | None:
         if amount is None:
@@ -235,3 +227,20 @@ class StandaloneSettlement(Settlement):
         hold = await self.ledger.settle(self.request_id, amount, record=record)
         charged: Decimal = hold.charged
         return charged
+
+
+async def while_unavailable(write: Callable[[], Awaitable[T]], doing: str, request_id: str) -> T:
+    """``write()``, tried again after each of :data:`RETRY_DELAYS` while the ledger is
+    unreachable (the writes are idempotent by hold id); its last failure is raised."""
+    delays = iter(RETRY_DELAYS)
+    while True:
+        try:
+            return await write()
+        except LedgerUnavailableError:
+            delay = next(delays, None)
+            if delay is None:
+                raise
+            logger.warning(
+                "ledger unavailable while %s request %s; retrying in %ss", doing, request_id, delay
+            )
+            await anyio.sleep(delay)
